@@ -1,0 +1,146 @@
+#include "shoal/kernels/mla_attention.hpp"
+
+#include "shoal/kernels/thread_pool.hpp"
+
+#include "blas.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace shoal::kernels {
+namespace {
+
+// Queries processed together per head in the absorbed path; bounds the score buffer.
+constexpr std::int64_t kQueryChunk = 256;
+
+void softmax_causal_row(float* scores, std::int64_t visible) {
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (std::int64_t t = 0; t < visible; ++t) max_score = std::max(max_score, scores[t]);
+  float sum = 0.0f;
+  for (std::int64_t t = 0; t < visible; ++t) {
+    scores[t] = std::exp(scores[t] - max_score);
+    sum += scores[t];
+  }
+  const float inv = 1.0f / sum;
+  for (std::int64_t t = 0; t < visible; ++t) scores[t] *= inv;
+}
+
+// One head, all queries: absorb W_k into the queries, attend over latents, decompress with W_v.
+void absorbed_head(const mla_params& p, std::int64_t head, std::vector<float>& w_head,
+                   std::vector<float>& q_cat, std::vector<float>& scores,
+                   std::vector<float>& o_latent) {
+  const std::int64_t rank = p.kv_lora_rank;
+  const std::int64_t rope = p.qk_rope_dim;
+  const std::int64_t latent_stride = rank + rope;
+  const std::int64_t qk_dim = p.qk_nope_dim + rope;
+  const std::int64_t head_rows = p.qk_nope_dim + p.v_head_dim;
+
+  // Exact fp32 copy of this head's [k rows; v rows] x rank slice of kv_b.
+  w_head.resize(static_cast<std::size_t>(head_rows * rank));
+  for (std::int64_t r = 0; r < head_rows; ++r)
+    dequantize_row(p.kv_b, head * head_rows + r, 0, rank, w_head.data() + r * rank);
+  const float* w_k = w_head.data();
+  const float* w_v = w_head.data() + p.qk_nope_dim * rank;
+
+  for (std::int64_t q0 = 0; q0 < p.queries; q0 += kQueryChunk) {
+    const std::int64_t nq = std::min(kQueryChunk, p.queries - q0);
+    const std::int64_t visible_max = p.first_position + q0 + nq;
+    q_cat.resize(static_cast<std::size_t>(nq * latent_stride));
+    scores.resize(static_cast<std::size_t>(nq * visible_max));
+    o_latent.resize(static_cast<std::size_t>(nq * rank));
+    const float* q_head = p.q + (q0 * p.heads + head) * qk_dim;
+    const std::int64_t q_stride = p.heads * qk_dim;
+    // q_cat[:, :rank] = q_nope W_k ; q_cat[:, rank:] = q_pe.
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(nq),
+                static_cast<int>(rank), static_cast<int>(p.qk_nope_dim), 1.0f, q_head,
+                static_cast<int>(q_stride), w_k, static_cast<int>(rank), 0.0f, q_cat.data(),
+                static_cast<int>(latent_stride));
+    for (std::int64_t i = 0; i < nq; ++i)
+      std::copy_n(q_head + i * q_stride + p.qk_nope_dim, rope,
+                  q_cat.data() + i * latent_stride + rank);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq),
+                static_cast<int>(visible_max), static_cast<int>(latent_stride), p.softmax_scale,
+                q_cat.data(), static_cast<int>(latent_stride), p.latent,
+                static_cast<int>(latent_stride), 0.0f, scores.data(),
+                static_cast<int>(visible_max));
+    for (std::int64_t i = 0; i < nq; ++i) {
+      float* row = scores.data() + i * visible_max;
+      const std::int64_t visible = p.first_position + q0 + i + 1;
+      softmax_causal_row(row, visible);
+      std::fill(row + visible, row + visible_max, 0.0f);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(nq),
+                static_cast<int>(rank), static_cast<int>(visible_max), 1.0f, scores.data(),
+                static_cast<int>(visible_max), p.latent, static_cast<int>(latent_stride), 0.0f,
+                o_latent.data(), static_cast<int>(rank));
+    float* out = p.out + (q0 * p.heads + head) * p.v_head_dim;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq),
+                static_cast<int>(p.v_head_dim), static_cast<int>(rank), 1.0f, o_latent.data(),
+                static_cast<int>(rank), w_v, static_cast<int>(rank), 0.0f, out,
+                static_cast<int>(p.heads * p.v_head_dim));
+  }
+}
+
+}  // namespace
+
+void mla_attention(thread_pool& pool, const mla_params& params) {
+  detail::ensure_blas_single_threaded();
+  pool.parallel_for(params.heads, [&](std::int64_t begin, std::int64_t end) {
+    thread_local std::vector<float> w_head, q_cat, scores, o_latent;
+    for (std::int64_t h = begin; h < end; ++h)
+      absorbed_head(params, h, w_head, q_cat, scores, o_latent);
+  });
+}
+
+namespace reference {
+void mla_attention(const mla_params& p) {
+  const std::int64_t rank = p.kv_lora_rank;
+  const std::int64_t rope = p.qk_rope_dim;
+  const std::int64_t latent_stride = rank + rope;
+  const std::int64_t qk_dim = p.qk_nope_dim + rope;
+  const std::int64_t head_rows = p.qk_nope_dim + p.v_head_dim;
+  const std::int64_t context = p.first_position + p.queries;
+  // Decompress per-head keys and values for every cached position.
+  std::vector<float> keys(static_cast<std::size_t>(context * p.heads * p.qk_nope_dim));
+  std::vector<float> values(static_cast<std::size_t>(context * p.heads * p.v_head_dim));
+  for (std::int64_t t = 0; t < context; ++t) {
+    const float* latent = p.latent + t * latent_stride;
+    for (std::int64_t h = 0; h < p.heads; ++h)
+      for (std::int64_t r = 0; r < head_rows; ++r) {
+        float sum = 0.0f;
+        for (std::int64_t c = 0; c < rank; ++c) sum += p.kv_b.at(h * head_rows + r, c) * latent[c];
+        if (r < p.qk_nope_dim)
+          keys[(t * p.heads + h) * p.qk_nope_dim + r] = sum;
+        else
+          values[(t * p.heads + h) * p.v_head_dim + (r - p.qk_nope_dim)] = sum;
+      }
+  }
+  std::vector<float> scores(static_cast<std::size_t>(context));
+  for (std::int64_t i = 0; i < p.queries; ++i) {
+    const std::int64_t visible = p.first_position + i + 1;
+    for (std::int64_t h = 0; h < p.heads; ++h) {
+      const float* q = p.q + (i * p.heads + h) * qk_dim;
+      for (std::int64_t t = 0; t < visible; ++t) {
+        const float* k = keys.data() + (t * p.heads + h) * p.qk_nope_dim;
+        const float* k_pe = p.latent + t * latent_stride + rank;
+        float dot = 0.0f;
+        for (std::int64_t d = 0; d < p.qk_nope_dim; ++d) dot += q[d] * k[d];
+        for (std::int64_t d = 0; d < rope; ++d) dot += q[p.qk_nope_dim + d] * k_pe[d];
+        scores[t] = dot * p.softmax_scale;
+      }
+      softmax_causal_row(scores.data(), visible);
+      float* out = p.out + (i * p.heads + h) * p.v_head_dim;
+      for (std::int64_t d = 0; d < p.v_head_dim; ++d) {
+        float sum = 0.0f;
+        for (std::int64_t t = 0; t < visible; ++t)
+          sum += scores[t] * values[(t * p.heads + h) * p.v_head_dim + d];
+        out[d] = sum;
+      }
+    }
+  }
+}
+}  // namespace reference
+
+}  // namespace shoal::kernels

@@ -1,0 +1,109 @@
+#pragma once
+/// \file
+/// Safetensors checkpoints: single files and sharded sets with `model.safetensors.index.json`,
+/// memory-mapped and validated before any tensor is used.
+
+#include "shoal/kernels/dtype.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace shoal::runtime {
+
+/// One tensor's entry in a safetensors header.
+struct tensor_entry {
+  std::string name;                         ///< Tensor name.
+  std::string dtype_name;                   ///< As written ("BF16", "I64", ...).
+  std::optional<kernels::dtype> type;       ///< Set for the types the runtime computes with.
+  std::vector<std::int64_t> shape;          ///< Dimensions.
+  std::uint64_t begin = 0;                  ///< Offset of the data from the end of the header.
+  std::uint64_t end = 0;                    ///< One past the last byte.
+  std::uint64_t elements() const noexcept;  ///< Product of the shape.
+};
+
+/// Parses and validates a safetensors header: `data` holds the whole file's first `size` bytes
+/// (at least the 8-byte length and the JSON header). `data_size` is the size of the data area
+/// that follows the header (file size - 8 - header length). Every entry's dtype and shape
+/// must agree with its byte range, ranges must lie inside the data area and not overlap.
+/// Errors name `source` and the tensor. Throws `shoal::error(errc::invalid_argument)`.
+std::vector<tensor_entry> parse_safetensors_header(const std::byte* data, std::size_t size,
+                                                   std::string_view source);
+
+/// A memory-mapped safetensors file.
+class safetensors_file {
+ public:
+  /// Maps and validates `path`; throws with the file name on any inconsistency.
+  static std::unique_ptr<safetensors_file> open(const std::filesystem::path& path);
+  ~safetensors_file();
+  safetensors_file(const safetensors_file&) = delete;
+  safetensors_file& operator=(const safetensors_file&) = delete;
+
+  /// The file's path.
+  const std::filesystem::path& path() const noexcept { return path_; }
+  /// All entries, by name.
+  const std::map<std::string, tensor_entry, std::less<>>& entries() const noexcept { return entries_; }
+  /// Pointer to a tensor's bytes inside the mapping.
+  const std::byte* data(const tensor_entry& entry) const noexcept { return data_ + entry.begin; }
+  /// Size of the mapping in bytes.
+  std::size_t file_size() const noexcept { return size_; }
+
+ private:
+  safetensors_file() = default;
+  std::filesystem::path path_;
+  const std::byte* base_ = nullptr;
+  const std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+  std::map<std::string, tensor_entry, std::less<>> entries_;
+};
+
+/// A tensor found in a checkpoint, with the file that holds it.
+struct tensor_ref {
+  const tensor_entry* entry = nullptr;
+  const safetensors_file* file = nullptr;
+  const std::byte* bytes() const noexcept { return file->data(*entry); }
+};
+
+/// A checkpoint directory: `model.safetensors`, or shards listed by
+/// `model.safetensors.index.json` (every listed tensor must be in the shard the index names).
+class checkpoint {
+ public:
+  /// Opens every shard. `progress` (if set) is called after each shard with (done, total, path).
+  static checkpoint open(const std::filesystem::path& dir,
+                         const std::function<void(std::size_t, std::size_t,
+                                                  const std::filesystem::path&)>& progress = {});
+
+  /// The tensor called `name`, or an empty ref.
+  tensor_ref find(std::string_view name) const;
+  /// All tensor names.
+  std::vector<std::string> names() const;
+  /// The directory.
+  const std::filesystem::path& directory() const noexcept { return dir_; }
+  /// The shard files.
+  const std::vector<std::unique_ptr<safetensors_file>>& files() const noexcept { return files_; }
+
+ private:
+  std::filesystem::path dir_;
+  std::vector<std::unique_ptr<safetensors_file>> files_;
+  std::map<std::string, tensor_ref, std::less<>> tensors_;
+};
+
+/// A tensor to write: name, dtype and raw little-endian bytes.
+struct tensor_blob {
+  std::string name;
+  kernels::dtype type = kernels::dtype::f32;
+  std::vector<std::int64_t> shape;
+  std::vector<std::byte> bytes;
+};
+
+/// Writes tensors as one safetensors file (entries sorted by name, data 8-byte aligned).
+void write_safetensors(const std::filesystem::path& path, const std::vector<const tensor_blob*>& tensors);
+
+}  // namespace shoal::runtime

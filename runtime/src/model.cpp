@@ -1,0 +1,257 @@
+#include "shoal/runtime/model.hpp"
+
+#include "shoal/base/error.hpp"
+#include "shoal/kernels/linear.hpp"
+#include "shoal/kernels/mla_attention.hpp"
+#include "shoal/kernels/moe.hpp"
+#include "shoal/kernels/rmsnorm.hpp"
+#include "shoal/kernels/rope.hpp"
+#include "shoal/kernels/thread_pool.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace shoal::runtime {
+
+using kernels::linear_params;
+
+latent_cache::latent_cache(const config::model_config& config, std::int64_t capacity)
+    : capacity_(capacity), latent_dim_(config.latent_dim()),
+      data_(static_cast<std::size_t>(config.num_hidden_layers * capacity * config.latent_dim())) {}
+
+model::model(const model_weights& weights, kernels::thread_pool& pool, kernel_mode mode)
+    : weights_(weights), pool_(pool), mode_(mode) {
+  const auto& c = weights.config();
+  kernels::yarn_params yarn;
+  if (c.rope_scaling) {
+    yarn.factor = c.rope_scaling->factor;
+    yarn.original_max_position = static_cast<double>(c.rope_scaling->original_max_position);
+    yarn.beta_fast = c.rope_scaling->beta_fast;
+    yarn.beta_slow = c.rope_scaling->beta_slow;
+  }
+  rope_frequencies_ = kernels::rope_frequencies(c.qk_rope_head_dim, c.rope_theta, yarn);
+  softmax_scale_ = static_cast<float>(c.softmax_scale());
+}
+
+void model::embed(std::span<const std::int32_t> tokens, float* hidden) const {
+  const auto& table = weights_.embedding();
+  SHOAL_REQUIRE(table.data, "this process does not hold the embedding");
+  for (std::size_t t = 0; t < tokens.size(); ++t) {
+    if (tokens[t] < 0 || tokens[t] >= table.rows)
+      shoal::fail(errc::invalid_argument, "token id {} at position {} is outside the vocabulary [0, {})",
+                  tokens[t], t, table.rows);
+    kernels::dequantize_row(table, tokens[t], 0, table.cols, hidden + t * table.cols);
+  }
+}
+
+namespace {
+
+void do_linear(kernel_mode mode, kernels::thread_pool& pool, const linear_params& p) {
+  if (mode == kernel_mode::reference)
+    kernels::reference::linear(p);
+  else
+    kernels::linear(pool, p);
+}
+
+void do_rmsnorm(kernel_mode mode, kernels::thread_pool& pool, const kernels::rmsnorm_params& p) {
+  if (mode == kernel_mode::reference)
+    kernels::reference::rmsnorm(p);
+  else
+    kernels::rmsnorm(pool, p);
+}
+
+}  // namespace
+
+void model::run_mlp(const kernels::expert_weights& mlp, const float* x, std::int64_t tokens, float* y) {
+  // A dense MLP or the shared experts: one expert that every token uses with weight 1.
+  std::vector<std::int32_t> indices(tokens, 0);
+  std::vector<float> ones(tokens, 1.0f);
+  kernels::moe_experts_params p;
+  p.x = x;
+  p.tokens = tokens;
+  p.hidden = config().hidden_size;
+  p.top_k = 1;
+  p.indices = indices.data();
+  p.weights = ones.data();
+  p.experts = std::span<const kernels::expert_weights>(&mlp, 1);
+  p.y = y;
+  if (mode_ == kernel_mode::reference)
+    kernels::reference::moe_experts(p);
+  else
+    kernels::moe_experts(pool_, p);
+}
+
+void model::attention(std::int64_t layer_index, std::span<const sequence_step> steps, const float* x,
+                      std::int64_t tokens, float* hidden) {
+  const auto& c = config();
+  const layer_weights& w = weights_.layers()[layer_index];
+  const std::int64_t heads = c.num_attention_heads;
+  const std::int64_t qk = c.qk_head_dim();
+  const std::int64_t latent_dim = c.latent_dim();
+
+  std::vector<std::int64_t> positions;
+  positions.reserve(tokens);
+  for (const auto& step : steps)
+    for (std::size_t i = 0; i < step.tokens.size(); ++i)
+      positions.push_back(step.cache->length() + static_cast<std::int64_t>(i));
+
+  std::vector<float> q(static_cast<std::size_t>(tokens * heads * qk));
+  if (c.q_lora_rank > 0) {
+    std::vector<float> q_latent(static_cast<std::size_t>(tokens * c.q_lora_rank));
+    do_linear(mode_, pool_, {.x = x, .weight = w.q_a, .y = q_latent.data(), .tokens = tokens});
+    do_rmsnorm(mode_, pool_, {.x = q_latent.data(), .weight = w.q_a_norm.data(), .y = q_latent.data(),
+                              .rows = tokens, .dim = c.q_lora_rank, .eps = static_cast<float>(c.rms_norm_eps)});
+    do_linear(mode_, pool_, {.x = q_latent.data(), .weight = w.q_b, .y = q.data(), .tokens = tokens});
+  } else {
+    do_linear(mode_, pool_, {.x = x, .weight = w.q_b, .y = q.data(), .tokens = tokens});
+  }
+  std::vector<float> kv(static_cast<std::size_t>(tokens * latent_dim));
+  do_linear(mode_, pool_, {.x = x, .weight = w.kv_a, .y = kv.data(), .tokens = tokens});
+  do_rmsnorm(mode_, pool_, {.x = kv.data(), .weight = w.kv_a_norm.data(), .y = kv.data(), .rows = tokens,
+                            .dim = c.kv_lora_rank, .x_stride = latent_dim, .y_stride = latent_dim,
+                            .eps = static_cast<float>(c.rms_norm_eps)});
+  kernels::rope_params q_rope{.x = q.data(), .tokens = tokens, .heads = heads, .token_stride = heads * qk,
+                              .head_stride = qk, .offset = c.qk_nope_head_dim,
+                              .rope_dim = c.qk_rope_head_dim, .positions = positions.data(),
+                              .frequencies = rope_frequencies_.data()};
+  kernels::rope_params k_rope{.x = kv.data(), .tokens = tokens, .heads = 1, .token_stride = latent_dim,
+                              .head_stride = latent_dim, .offset = c.kv_lora_rank,
+                              .rope_dim = c.qk_rope_head_dim, .positions = positions.data(),
+                              .frequencies = rope_frequencies_.data()};
+  if (mode_ == kernel_mode::reference) {
+    kernels::reference::rope(q_rope);
+    kernels::reference::rope(k_rope);
+  } else {
+    kernels::rope(q_rope);
+    kernels::rope(k_rope);
+  }
+
+  std::vector<float> attn(static_cast<std::size_t>(tokens * heads * c.v_head_dim));
+  std::int64_t row = 0;
+  for (const auto& step : steps) {
+    const auto n = static_cast<std::int64_t>(step.tokens.size());
+    const std::int64_t start = step.cache->length();
+    SHOAL_REQUIRE(start + n <= step.cache->capacity(), "cache of {} positions cannot take {} more after {}",
+                  step.cache->capacity(), n, start);
+    float* cache_rows = step.cache->layer(layer_index);
+    std::memcpy(cache_rows + start * latent_dim, kv.data() + row * latent_dim,
+                static_cast<std::size_t>(n * latent_dim) * sizeof(float));
+    kernels::mla_params p{.heads = heads, .qk_nope_dim = c.qk_nope_head_dim, .qk_rope_dim = c.qk_rope_head_dim,
+                          .v_head_dim = c.v_head_dim, .kv_lora_rank = c.kv_lora_rank,
+                          .softmax_scale = softmax_scale_, .q = q.data() + row * heads * qk, .queries = n,
+                          .first_position = start, .latent = cache_rows, .kv_b = w.kv_b,
+                          .out = attn.data() + row * heads * c.v_head_dim};
+    if (mode_ == kernel_mode::reference)
+      kernels::reference::mla_attention(p);
+    else
+      kernels::mla_attention(pool_, p);
+    row += n;
+  }
+  do_linear(mode_, pool_, {.x = attn.data(), .weight = w.o, .y = hidden, .tokens = tokens, .accumulate = true});
+}
+
+void model::feed_forward(std::int64_t layer_index, const float* x, std::int64_t tokens, float* hidden,
+                         expert_backend* experts) {
+  const auto& c = config();
+  const layer_weights& w = weights_.layers()[layer_index];
+  if (!w.moe) {
+    run_mlp(w.dense, x, tokens, hidden);
+    return;
+  }
+  std::vector<float> router_logits(static_cast<std::size_t>(tokens * c.n_routed_experts));
+  do_linear(mode_, pool_, {.x = x, .weight = w.router, .y = router_logits.data(), .tokens = tokens});
+  std::vector<std::int32_t> indices(static_cast<std::size_t>(tokens * c.num_experts_per_tok));
+  std::vector<float> weights(indices.size());
+  kernels::moe_route_params route{.logits = router_logits.data(), .bias = w.router_bias.data(),
+                                  .tokens = tokens, .experts = c.n_routed_experts, .groups = c.n_group,
+                                  .top_groups = c.topk_group, .top_k = c.num_experts_per_tok,
+                                  .normalize = c.norm_topk_prob,
+                                  .scaling_factor = static_cast<float>(c.routed_scaling_factor),
+                                  .indices = indices.data(), .weights = weights.data()};
+  if (mode_ == kernel_mode::reference)
+    kernels::reference::moe_route(route);
+  else
+    kernels::moe_route(route);
+
+  std::vector<float> y(static_cast<std::size_t>(tokens * c.hidden_size), 0.0f);
+  if (experts) {
+    experts->run(layer_index, x, tokens, c.num_experts_per_tok, indices.data(), weights.data(), y.data());
+  } else {
+    kernels::moe_experts_params p{.x = x, .tokens = tokens, .hidden = c.hidden_size,
+                                  .top_k = c.num_experts_per_tok, .indices = indices.data(),
+                                  .weights = weights.data(), .experts = w.experts, .y = y.data()};
+    if (mode_ == kernel_mode::reference)
+      kernels::reference::moe_experts(p);
+    else
+      kernels::moe_experts(pool_, p);
+  }
+  if (c.n_shared_experts > 0) run_mlp(w.shared, x, tokens, y.data());
+  for (std::size_t i = 0; i < y.size(); ++i) hidden[i] += y[i];
+}
+
+void model::run_layers(std::int64_t first, std::int64_t last, std::span<const sequence_step> steps,
+                       float* hidden, expert_backend* experts) {
+  const auto& c = config();
+  std::int64_t tokens = 0;
+  for (const auto& step : steps) tokens += static_cast<std::int64_t>(step.tokens.size());
+  if (tokens == 0) return;
+  std::vector<float> x(static_cast<std::size_t>(tokens * c.hidden_size));
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  for (std::int64_t i = first; i < last; ++i) {
+    const layer_weights& w = weights_.layers()[i];
+    SHOAL_REQUIRE(!w.input_norm.empty(), "layer {} is not held by this process", i);
+    do_rmsnorm(mode_, pool_, {.x = hidden, .weight = w.input_norm.data(), .y = x.data(), .rows = tokens,
+                              .dim = c.hidden_size, .eps = eps});
+    attention(i, steps, x.data(), tokens, hidden);
+    do_rmsnorm(mode_, pool_, {.x = hidden, .weight = w.post_attention_norm.data(), .y = x.data(),
+                              .rows = tokens, .dim = c.hidden_size, .eps = eps});
+    feed_forward(i, x.data(), tokens, hidden, experts);
+  }
+}
+
+void model::logits(const float* hidden, std::int64_t rows, float* out) {
+  const auto& c = config();
+  SHOAL_REQUIRE(weights_.lm_head().data, "this process does not hold the lm_head");
+  std::vector<float> normed(static_cast<std::size_t>(rows * c.hidden_size));
+  do_rmsnorm(mode_, pool_, {.x = hidden, .weight = weights_.final_norm().data(), .y = normed.data(),
+                            .rows = rows, .dim = c.hidden_size, .eps = static_cast<float>(c.rms_norm_eps)});
+  do_linear(mode_, pool_, {.x = normed.data(), .weight = weights_.lm_head(), .y = out, .tokens = rows});
+}
+
+void model::advance(std::span<const sequence_step> steps) {
+  for (const auto& step : steps)
+    step.cache->set_length(step.cache->length() + static_cast<std::int64_t>(step.tokens.size()));
+}
+
+std::vector<float> model::forward(std::span<const sequence_step> steps, bool all_positions) {
+  const auto& c = config();
+  std::vector<std::int32_t> tokens;
+  for (const auto& step : steps) tokens.insert(tokens.end(), step.tokens.begin(), step.tokens.end());
+  const auto n = static_cast<std::int64_t>(tokens.size());
+  std::vector<float> hidden(static_cast<std::size_t>(n * c.hidden_size));
+  embed(tokens, hidden.data());
+  run_layers(0, c.num_hidden_layers, steps, hidden.data());
+  advance(steps);
+  std::vector<float> selected;
+  if (all_positions) {
+    selected = std::move(hidden);
+  } else {
+    std::int64_t row = 0;
+    for (const auto& step : steps) {
+      row += static_cast<std::int64_t>(step.tokens.size());
+      if (step.tokens.empty()) continue;
+      selected.insert(selected.end(), hidden.begin() + (row - 1) * c.hidden_size,
+                      hidden.begin() + row * c.hidden_size);
+    }
+  }
+  const std::int64_t rows = static_cast<std::int64_t>(selected.size()) / c.hidden_size;
+  std::vector<float> out(static_cast<std::size_t>(rows * c.vocab_size));
+  logits(selected.data(), rows, out.data());
+  return out;
+}
+
+std::int32_t argmax(std::span<const float> logits) {
+  return static_cast<std::int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+}
+
+}  // namespace shoal::runtime

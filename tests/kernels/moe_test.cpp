@@ -1,0 +1,128 @@
+#include "shoal/kernels/moe.hpp"
+#include "shoal/kernels/thread_pool.hpp"
+
+#include "random_weights.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <numeric>
+#include <random>
+#include <set>
+
+using namespace shoal;
+using kernels::dtype;
+
+namespace {
+
+struct expert_set {
+  std::vector<test::owned_matrix> storage;
+  std::vector<kernels::expert_weights> experts;
+};
+
+expert_set random_experts(dtype type, std::int64_t count, std::int64_t hidden, std::int64_t inter, std::mt19937& rng) {
+  expert_set set;
+  set.storage.reserve(count * 3);
+  for (std::int64_t e = 0; e < count; ++e) {
+    set.storage.push_back(test::random_matrix(type, inter, hidden, rng, 0.1f));
+    set.storage.push_back(test::random_matrix(type, inter, hidden, rng, 0.1f));
+    set.storage.push_back(test::random_matrix(type, hidden, inter, rng, 0.1f));
+  }
+  for (std::int64_t e = 0; e < count; ++e)
+    set.experts.push_back({set.storage[3 * e].view, set.storage[3 * e + 1].view, set.storage[3 * e + 2].view});
+  return set;
+}
+
+}  // namespace
+
+TEST_CASE("fused routed experts match the per-token reference", "[moe]") {
+  std::mt19937 rng(11);
+  kernels::thread_pool pool(2);
+  const dtype type = GENERATE(dtype::bf16, dtype::f8_e4m3);
+  const std::int64_t tokens = GENERATE(1, 5, 40);
+  const std::int64_t experts = 8, top_k = 3, hidden = 136, inter = 200;
+  CAPTURE(kernels::dtype_name(type), tokens);
+  auto set = random_experts(type, experts, hidden, inter, rng);
+  const auto x = test::random_vector(tokens * hidden, rng);
+  // Experts 6 and 7 are never chosen: zero-token experts must be skipped cleanly.
+  std::vector<std::int32_t> indices(tokens * top_k);
+  std::vector<float> weights(tokens * top_k);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    std::vector<std::int32_t> ids(6);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    for (std::int64_t k = 0; k < top_k; ++k) {
+      indices[t * top_k + k] = ids[k];
+      weights[t * top_k + k] = 0.5f + 0.1f * static_cast<float>(k);
+    }
+  }
+  auto base = test::random_vector(tokens * hidden, rng);
+  std::vector<float> expected = base, actual = base;
+  kernels::moe_experts_params p{.x = x.data(), .tokens = tokens, .hidden = hidden, .top_k = top_k,
+                                .indices = indices.data(), .weights = weights.data(),
+                                .experts = set.experts, .y = expected.data()};
+  kernels::reference::moe_experts(p);
+  p.y = actual.data();
+  kernels::moe_experts(pool, p);
+  CHECK(test::relative_error(actual, expected) < 1e-5);
+
+  SECTION("experts not held here are skipped, and the held halves add up to the whole") {
+    std::vector<kernels::expert_weights> even = set.experts, odd = set.experts;
+    for (std::int64_t e = 0; e < experts; ++e) (e % 2 ? even : odd)[e] = {};
+    std::vector<float> split = base;
+    p.y = split.data();
+    p.experts = even;
+    kernels::moe_experts(pool, p);
+    p.experts = odd;
+    kernels::moe_experts(pool, p);
+    CHECK(test::relative_error(split, expected) < 1e-5);
+  }
+}
+
+TEST_CASE("router selects within the best groups by biased score and weights by unbiased score", "[moe]") {
+  // 8 experts in 4 groups of 2; keep 2 groups; choose 2 experts.
+  const std::vector<float> logits = {0.0f, 0.1f, 2.0f, -1.0f, 1.0f, 1.0f, -2.0f, 3.0f};
+  // Bias lifts group 0 (experts 0, 1) above group 1 (experts 2, 3).
+  const std::vector<float> bias = {1.0f, 1.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  std::vector<std::int32_t> indices(2);
+  std::vector<float> weights(2);
+  kernels::moe_route_params p{.logits = logits.data(), .bias = bias.data(), .tokens = 1, .experts = 8,
+                              .groups = 4, .top_groups = 2, .top_k = 2, .normalize = true,
+                              .scaling_factor = 2.5f, .indices = indices.data(), .weights = weights.data()};
+  kernels::moe_route(p);
+  const auto sigmoid = [](float x) { return 1.0f / (1.0f + std::exp(-x)); };
+  // Group sums of biased scores: g0 = s(0)+1 + s(.1)+1 = 3.02, g1 = s(2)+s(-1) = 1.15,
+  // g2 = 2 s(1) = 1.46, g3 = s(-2)+s(3) = 1.07. Kept: g0 and g2. Best biased: 1 then 0.
+  CHECK(std::set<int>(indices.begin(), indices.end()) == std::set<int>{0, 1});
+  CHECK(indices[0] == 1);  // descending biased score
+  const float sum = sigmoid(0.1f) + sigmoid(0.0f);
+  CHECK(weights[0] == Approx(sigmoid(0.1f) / sum * 2.5f));
+  CHECK(weights[1] == Approx(sigmoid(0.0f) / sum * 2.5f));
+  CHECK(weights[0] + weights[1] == Approx(2.5f));
+  // Expert 7 has the highest raw score but its group loses: it must not be chosen.
+  CHECK(std::find(indices.begin(), indices.end(), 7) == indices.end());
+}
+
+TEST_CASE("router never picks outside the kept groups (random)", "[moe]") {
+  std::mt19937 rng(21);
+  const std::int64_t tokens = 200, experts = 64, groups = 8, top_groups = 3, top_k = 6;
+  const auto logits = test::random_vector(tokens * experts, rng, 2.0f);
+  const auto bias = test::random_vector(experts, rng, 0.1f);
+  std::vector<std::int32_t> indices(tokens * top_k);
+  std::vector<float> weights(tokens * top_k);
+  kernels::moe_route({.logits = logits.data(), .bias = bias.data(), .tokens = tokens, .experts = experts,
+                      .groups = groups, .top_groups = top_groups, .top_k = top_k, .normalize = true,
+                      .scaling_factor = 1.0f, .indices = indices.data(), .weights = weights.data()});
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    std::set<int> chosen_groups, chosen;
+    float sum = 0.0f;
+    for (std::int64_t k = 0; k < top_k; ++k) {
+      chosen.insert(indices[t * top_k + k]);
+      chosen_groups.insert(indices[t * top_k + k] / (experts / groups));
+      sum += weights[t * top_k + k];
+    }
+    REQUIRE(chosen.size() == static_cast<std::size_t>(top_k));
+    REQUIRE(chosen_groups.size() <= static_cast<std::size_t>(top_groups));
+    REQUIRE(sum == Approx(1.0f));
+  }
+}

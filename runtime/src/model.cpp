@@ -173,6 +173,7 @@ void model::feed_forward(std::int64_t layer_index, const float* x, std::int64_t 
   else
     kernels::moe_route(route);
 
+  if (route_observer_) route_observer_(layer_index, tokens, c.num_experts_per_tok, indices.data(), weights.data());
   std::vector<float> y(static_cast<std::size_t>(tokens * c.hidden_size), 0.0f);
   if (experts) {
     experts->run(layer_index, x, tokens, c.num_experts_per_tok, indices.data(), weights.data(), y.data());

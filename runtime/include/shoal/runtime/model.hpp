@@ -5,6 +5,7 @@
 #include "shoal/runtime/weights.hpp"
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -83,6 +84,12 @@ class model {
   /// Final norm and lm_head for `rows` hidden rows, into `logits` `[rows][vocab]`.
   void logits(const float* hidden, std::int64_t rows, float* logits);
 
+  /// Called after routing in every MoE layer with the chosen experts `[tokens][top_k]` and
+  /// their weights: per-expert load metrics and routing checks hang off it.
+  using route_observer = std::function<void(std::int64_t layer, std::int64_t tokens, std::int64_t top_k,
+                                            const std::int32_t* indices, const float* weights)>;
+  void set_route_observer(route_observer observer) { route_observer_ = std::move(observer); }
+
   /// Marks the steps' tokens as cached.
   static void advance(std::span<const sequence_step> steps);
 
@@ -101,6 +108,7 @@ class model {
   const model_weights& weights_;
   kernels::thread_pool& pool_;
   kernel_mode mode_;
+  route_observer route_observer_;
   std::vector<float> rope_frequencies_;
   float softmax_scale_;
 };

@@ -1,0 +1,137 @@
+#pragma once
+/// \file
+/// `node`: one per process. Owns the UCX context and worker, a listener on host:port, the
+/// endpoints to peers and a progress thread; delivers decoded envelopes with their bulk buffers
+/// and reports failed peers through callbacks.
+///
+/// Wire protocol (private to this library): a connection starts with a hello in each direction
+/// (node name and schema version; another version is refused). Each message is one UCX active
+/// message carrying the Cap'n Proto envelope, followed by one active message per bulk buffer;
+/// UCX moves large bulk messages by rendezvous (zero-copy over RDMA and shared memory where the
+/// transport supports it). The receiver assembles each envelope with its buffers and delivers
+/// messages of one peer in the order that peer sent them.
+///
+/// Threading:
+///  - All UCX calls happen on the node's progress thread; the worker runs in single-thread mode.
+///  - `connect`, `send`, `disconnect`, `peer_name`, `in_flight` and `stop` are thread-safe.
+///    `send` only queues and wakes the progress thread (called from a callback it skips the
+///    queue). Messages sent to one peer from one thread arrive in that order.
+///  - Callbacks run on the progress thread, one at a time. They must not block (hand the message
+///    to an actor and return); they may call `send` and `disconnect`, but not `connect` or
+///    `stop`. An exception escaping a callback is logged and swallowed.
+///  - The progress thread spins briefly after activity, then sleeps on the worker's event fd.
+///
+/// Failures: endpoints use UCX peer error handling; a peer whose process dies or whose link
+/// drops is reported once through `on_peer_failed` and forgotten (its `peer_id` is never reused).
+/// A peer that sends malformed bytes is treated as failed too (`errc::invalid_argument`).
+
+#include <shoal/base/error.hpp>
+#include <shoal/transport/codec.hpp>
+#include <shoal/transport/message.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+namespace shoal::transport {
+
+/// A connection to another node, local to this node; never reused within a node's life.
+using peer_id = std::uint64_t;
+
+/// How a node starts.
+struct node_options {
+  /// Name announced to peers in the hello (the node name from the cluster config).
+  std::string name = "node";
+  /// Address to listen on; empty means do not listen (a pure client).
+  std::string listen_host = "127.0.0.1";
+  /// Port to listen on; 0 picks a free one (see `node::port()`).
+  std::uint16_t listen_port = 0;
+  /// UCX transports (the value of UCX_TLS, e.g. "tcp" or "sm,self,tcp"); empty keeps UCX's
+  /// default or the UCX_TLS environment variable.
+  std::string transports;
+  /// How long `connect` waits for the peer's hello.
+  std::chrono::milliseconds connect_timeout{10000};
+  /// How long the progress thread busy-polls after the last activity before sleeping.
+  std::chrono::microseconds spin{200};
+  /// Limits applied to every received envelope.
+  decode_limits limits;
+};
+
+/// What a node reports. Every callback may be empty. All run on the progress thread.
+struct node_callbacks {
+  /// A connection finished its hello (both for `connect` and for accepted connections).
+  std::function<void(peer_id peer, const std::string& peer_name)> on_peer_connected;
+  /// A complete message (envelope plus all its bulk buffers) from `peer`.
+  std::function<void(peer_id peer, incoming_message message)> on_message;
+  /// `peer` failed (process died, link dropped, protocol violation); `reason.code()` is
+  /// `unavailable` for lost peers and `invalid_argument` for malformed traffic.
+  std::function<void(peer_id peer, const error& reason)> on_peer_failed;
+  /// `peer` closed the connection in an orderly way (`disconnect` or node destruction).
+  std::function<void(peer_id peer)> on_peer_closed;
+};
+
+/// Counters since the node started; read with `node::stats()`.
+struct node_stats {
+  std::uint64_t messages_sent = 0;      ///< Envelopes whose sends completed.
+  std::uint64_t messages_received = 0;  ///< Envelopes delivered to `on_message`.
+  std::uint64_t bulk_bytes_sent = 0;    ///< Bulk payload bytes whose sends completed.
+  std::uint64_t bulk_bytes_received = 0;///< Bulk payload bytes delivered.
+  std::uint64_t messages_rejected = 0;  ///< Malformed messages that failed their peer.
+};
+
+/// One per process: see the file comment for the threading and failure model.
+class node {
+ public:
+  /// Creates the UCX context and worker, starts listening (unless `listen_host` is empty) and
+  /// starts the progress thread. Throws `error(unavailable)` when UCX cannot start or the
+  /// address cannot be bound, `error(invalid_argument)` for a bad address.
+  node(node_options options, node_callbacks callbacks);
+  /// Stops (see `stop`).
+  ~node();
+  node(const node&) = delete;
+  node& operator=(const node&) = delete;
+
+  /// The name given in the options.
+  const std::string& name() const noexcept;
+  /// The port the listener is bound to (0 when not listening).
+  std::uint16_t port() const noexcept;
+
+  /// Connects to a node listening on host:port and waits for its hello. Thread-safe; must not
+  /// be called from a callback. Throws `error(unavailable)` when the peer cannot be reached
+  /// within `connect_timeout`, `error(failed_precondition)` when it speaks another schema
+  /// version, `error(invalid_argument)` for a bad address.
+  peer_id connect(std::string_view host, std::uint16_t port);
+
+  /// Queues `message` for `peer` and returns at once. Bulk buffers are read in place and their
+  /// owners released when the send completes. Throws `error(unavailable)` when `peer` is not
+  /// connected (unknown, failed or closed); failures after queueing are reported through
+  /// `on_peer_failed`.
+  void send(peer_id peer, outgoing_message message);
+
+  /// Closes the connection to `peer` after flushing queued sends; no callback reports it
+  /// locally, the peer sees `on_peer_closed`. Unknown peers are ignored.
+  void disconnect(peer_id peer);
+
+  /// Name the peer announced in its hello; throws `error(not_found)` for unknown peers.
+  std::string peer_name(peer_id peer) const;
+
+  /// Messages queued or being sent (all peers), for flow control by the caller.
+  std::size_t in_flight() const noexcept;
+
+  /// Counters since start.
+  node_stats stats() const noexcept;
+
+  /// Closes all connections (orderly, bounded in time), stops the progress thread and releases
+  /// UCX. Idempotent; no callback runs after it returns. Must not be called from a callback.
+  void stop();
+
+ private:
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace shoal::transport

@@ -1,0 +1,61 @@
+# Client <-> router: requests in, tokens out.
+@0xf6b3f6b2469a64cb;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("shoal::transport::schema");
+
+using Common = import "common.capnp";
+
+struct SamplingOptions {
+  temperature @0 :Float32;            # 0 = greedy.
+  topP @1 :Float32 = 1.0;
+  topK @2 :UInt32;                    # 0 = no top-k cut.
+  seed @3 :UInt64;
+  maxTokens @4 :UInt32 = 256;
+  stopTokens @5 :List(Int32);
+  stop @6 :List(Text);                # Stop strings.
+}
+
+struct ChatMessage {
+  role @0 :Text;                      # "system", "user", "assistant".
+  content @1 :Text;
+}
+
+struct GenerateRequest {
+  requestId @0 :UInt64;               # Chosen by the client, unique per connection.
+  prompt :union {
+    text @1 :Text;
+    tokens @2 :List(Int32);
+    chat @3 :List(ChatMessage);
+  }
+  sampling @4 :SamplingOptions;
+  deadlineUnixMs @5 :UInt64;          # 0 = no deadline.
+  model @6 :Text;                     # "" = the default model.
+}
+
+enum FinishReason {
+  none @0;                            # More chunks follow.
+  stop @1;
+  length @2;
+  cancelled @3;
+  error @4;
+}
+
+# Router -> client: tokens as they are generated.
+struct TokenChunk {
+  requestId @0 :UInt64;
+  tokens @1 :List(Int32);
+  text @2 :Text;                      # Detokenized text of `tokens`.
+  finish @3 :FinishReason;
+}
+
+struct Cancel {
+  requestId @0 :UInt64;
+  reason @1 :Text;
+}
+
+# Router -> client: the request failed; `status.code` says whether to retry.
+struct Error {
+  requestId @0 :UInt64;
+  status @1 :Common.Status;
+}

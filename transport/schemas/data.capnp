@@ -1,0 +1,70 @@
+# Data path of one decode/prefill iteration: router -> stages -> experts -> stages -> router.
+@0x86cda6794e1d1646;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("shoal::transport::schema");
+
+using Common = import "common.capnp";
+
+# One request's share of an iteration.
+struct BatchEntry {
+  requestId @0 :UInt64;
+  tokens @1 :List(Int32);     # New tokens to process (a prefill chunk, or one decode token).
+  position @2 :UInt32;        # Sequence position of tokens[0].
+  sampleAfter @3 :Bool;       # Whether the last stage samples a token after this chunk.
+}
+
+# Router -> first stage: an iteration's batch.
+struct StepBatch {
+  step @0 :UInt64;
+  entries @1 :List(BatchEntry);
+  sampling @2 :List(SamplingParams);  # Parallel to entries.
+}
+
+# Per-request sampling parameters carried with the batch to the last stage.
+struct SamplingParams {
+  temperature @0 :Float32;    # 0 = greedy.
+  topP @1 :Float32 = 1.0;
+  topK @2 :UInt32;            # 0 = no top-k cut.
+  seed @3 :UInt64;
+}
+
+# Stage i -> stage i+1: hidden states after the sender's last layer.
+struct Activations {
+  step @0 :UInt64;
+  nextLayer @1 :UInt32;
+  hidden @2 :Common.TensorRef;        # [tokens, hidden_size].
+  entries @3 :List(BatchEntry);       # Layout of the token rows, as in StepBatch.
+  sampling @4 :List(SamplingParams);
+}
+
+# Stage -> expert actor: only the token rows routed to that actor's experts in one layer.
+struct ExpertDispatch {
+  step @0 :UInt64;
+  layer @1 :UInt32;
+  hidden @2 :Common.TensorRef;        # [rows, hidden_size] inputs of the experts.
+  expertIds @3 :Common.TensorRef;     # [rows, k] i32 routed expert ids; -1 = not this actor.
+  weights @4 :Common.TensorRef;       # [rows, k] f32 gate weights.
+}
+
+# Expert actor -> stage: the weighted sum of its experts' outputs per dispatched row.
+struct ExpertCombine {
+  step @0 :UInt64;
+  layer @1 :UInt32;
+  output @2 :Common.TensorRef;        # [rows, hidden_size], rows as in ExpertDispatch.
+  status @3 :Common.Status;
+}
+
+struct SampledToken {
+  requestId @0 :UInt64;
+  token @1 :Int32;
+  logprob @2 :Float32;
+}
+
+# Last stage -> router: the tokens sampled in one iteration.
+struct SampledTokens {
+  step @0 :UInt64;
+  tokens @1 :List(SampledToken);
+  hasLogits @2 :Bool;
+  logits @3 :Common.TensorRef;        # [sampled, vocab] f32 when hasLogits (tests, eval).
+}

@@ -1,0 +1,38 @@
+# Membership: nodes join the supervisor, prove they are alive, and leave.
+@0xe5fdae14d38d67c2;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("shoal::transport::schema");
+
+using Common = import "common.capnp";
+
+# Node -> supervisor, first message after connecting.
+struct Join {
+  node @0 :Text;                        # Name from the cluster config.
+  host @1 :Text;                        # Address other nodes use to reach it.
+  port @2 :UInt16;
+  pid @3 :UInt32;
+  devices @4 :List(Common.Device);
+  schemaVersion @5 :UInt16;             # Common.schemaVersion of the joining binary.
+}
+
+# Supervisor -> node, answer to Join.
+struct JoinReply {
+  status @0 :Common.Status;             # ok, or why the node is refused.
+  epoch @1 :UInt64;                     # Current placement epoch.
+  heartbeatIntervalMs @2 :UInt32;       # How often the node must send Heartbeat.
+}
+
+# Node -> supervisor, periodically; a few missed ones mark the node failed.
+struct Heartbeat {
+  node @0 :Text;
+  sequence @1 :UInt64;                  # Increments by one per heartbeat.
+  sentUnixNanos @2 :UInt64;
+  load @3 :Float32;                     # Busy fraction in [0, 1] since the previous heartbeat.
+}
+
+# Node -> supervisor, before an orderly shutdown (drain finished).
+struct Leave {
+  node @0 :Text;
+  reason @1 :Text;
+}

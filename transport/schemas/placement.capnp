@@ -1,0 +1,57 @@
+# Placement: the supervisor tells nodes which stages and experts to run.
+@0x8941528f671264b4;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("shoal::transport::schema");
+
+using Common = import "common.capnp";
+
+# Supervisor -> node agent: start a pipeline stage over layers [firstLayer, endLayer).
+struct SpawnStage {
+  actor @0 :UInt64;           # Actor id the node must give it.
+  stage @1 :UInt32;           # Position in the pipeline, from 0.
+  stageCount @2 :UInt32;      # The first stage embeds, the last samples.
+  firstLayer @3 :UInt32;
+  endLayer @4 :UInt32;        # Exclusive.
+  device @5 :Common.Device;
+  modelPath @6 :Text;
+  kvBlocks @7 :UInt32;        # KV cache blocks to allocate; 0 = derive from device memory.
+}
+
+# Supervisor -> node agent: start an expert actor holding `experts` of every MoE layer in
+# [firstLayer, endLayer).
+struct SpawnExpert {
+  actor @0 :UInt64;
+  experts @1 :List(UInt32);   # Routed expert ids.
+  firstLayer @2 :UInt32;
+  endLayer @3 :UInt32;        # Exclusive.
+  device @4 :Common.Device;
+  modelPath @5 :Text;
+}
+
+# Node agent -> supervisor: the result of SpawnStage/SpawnExpert.
+struct SpawnReply {
+  actor @0 :UInt64;
+  status @1 :Common.Status;
+}
+
+struct StagePlacement {
+  stage @0 :UInt32;
+  firstLayer @1 :UInt32;
+  endLayer @2 :UInt32;        # Exclusive.
+  address @3 :Common.ActorAddress;
+}
+
+struct ExpertPlacement {
+  experts @0 :List(UInt32);   # Routed expert ids this actor serves (replicas may overlap).
+  firstLayer @1 :UInt32;
+  endLayer @2 :UInt32;        # Exclusive.
+  address @3 :Common.ActorAddress;
+}
+
+# Supervisor -> everyone: the placement valid for `epoch`; older epochs are fenced off.
+struct PlacementTable {
+  epoch @0 :UInt64;
+  stages @1 :List(StagePlacement);
+  experts @2 :List(ExpertPlacement);
+}

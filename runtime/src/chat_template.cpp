@@ -1,0 +1,108 @@
+#include "shoal/runtime/chat_template.hpp"
+
+#include "shoal/base/error.hpp"
+#include "shoal/runtime/embedded_tokenizer.hpp"
+
+#include <nlohmann/json.hpp>
+
+namespace shoal::runtime {
+namespace {
+
+// The reference text of the DeepSeek-V3 template is the one embedded with the tokenizer.
+std::string deepseek_v3_template_source() {
+  return nlohmann::json::parse(deepseek_v3_tokenizer_config_json()).at("chat_template").get<std::string>();
+}
+
+const std::string& required_content(const chat_message& m, std::size_t index) {
+  if (!m.content)
+    shoal::fail(errc::invalid_argument, "chat message {} ({}) has no content; only an assistant message with "
+                "tool_calls may have null content", index, m.role);
+  return *m.content;
+}
+
+// A line-by-line transcription of the DeepSeek-V3 Jinja template; the quirks (a single tool
+// call gets no <｜tool▁calls▁end｜>, `is_first` never resets between assistant turns) are the
+// template's and are kept so that prompts match what the model was trained and served with.
+std::string render_deepseek_v3(std::span<const chat_message> messages, bool add_generation_prompt, const std::string& bos) {
+  bool is_first = false, is_tool = false, is_output_first = true, is_first_sp = true;
+  std::string system_prompt;
+  for (std::size_t i = 0; i < messages.size(); ++i) {
+    const auto& m = messages[i];
+    if (m.role != "system") continue;
+    if (is_first_sp) {
+      system_prompt += required_content(m, i);
+      is_first_sp = false;
+    } else {
+      system_prompt += "\n\n" + required_content(m, i);
+    }
+  }
+  std::string out = bos + system_prompt;
+  for (std::size_t i = 0; i < messages.size(); ++i) {
+    const auto& m = messages[i];
+    if (m.role == "user") {
+      is_tool = false;
+      out += "<｜User｜>" + required_content(m, i);
+    }
+    if (m.role == "assistant" && !m.content) {
+      is_tool = false;
+      for (const auto& tool : m.tool_calls) {
+        if (!is_first) {
+          out += "<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>" + tool.type + "<｜tool▁sep｜>" + tool.name +
+                 "\n```json\n" + tool.arguments + "\n```<｜tool▁call▁end｜>";
+          is_first = true;
+        } else {
+          out += "\n<｜tool▁call▁begin｜>" + tool.type + "<｜tool▁sep｜>" + tool.name + "\n```json\n" + tool.arguments +
+                 "\n```<｜tool▁call▁end｜>";
+          out += "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>";
+        }
+      }
+    }
+    if (m.role == "assistant" && m.content) {
+      if (is_tool) {
+        out += "<｜tool▁outputs▁end｜>" + *m.content + "<｜end▁of▁sentence｜>";
+        is_tool = false;
+      } else {
+        out += "<｜Assistant｜>" + *m.content + "<｜end▁of▁sentence｜>";
+      }
+    }
+    if (m.role == "tool") {
+      is_tool = true;
+      if (is_output_first) {
+        out += "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>" + required_content(m, i) + "<｜tool▁output▁end｜>";
+        is_output_first = false;
+      } else {
+        out += "\n<｜tool▁output▁begin｜>" + required_content(m, i) + "<｜tool▁output▁end｜>";
+      }
+    }
+  }
+  if (is_tool) out += "<｜tool▁outputs▁end｜>";
+  if (add_generation_prompt && !is_tool) out += "<｜Assistant｜>";
+  return out;
+}
+
+}  // namespace
+
+chat_template chat_template::from_source(std::string_view source, std::string bos_token) {
+  if (source.empty())
+    shoal::fail(errc::failed_precondition, "the tokenizer has no chat_template (tokenizer_config.json); use a plain "
+                "prompt instead of chat messages");
+  if (source == deepseek_v3_template_source()) return chat_template(chat_template_kind::deepseek_v3, std::move(bos_token));
+  shoal::fail(errc::failed_precondition,
+              "the checkpoint's chat_template ({} bytes) is not one Shoal can render (known: the DeepSeek-V3 "
+              "template); rendering it differently would silently change the prompt. Use a plain prompt, or "
+              "replace chat_template in tokenizer_config.json with the DeepSeek-V3 one if the model uses that format",
+              source.size());
+}
+
+chat_template chat_template::for_tokenizer(const tokenizer& tok) {
+  return from_source(tok.chat_template_source(), tok.bos_token());
+}
+
+std::string chat_template::render(std::span<const chat_message> messages, bool add_generation_prompt) const {
+  switch (kind_) {
+    case chat_template_kind::deepseek_v3: return render_deepseek_v3(messages, add_generation_prompt, bos_);
+  }
+  SHOAL_REQUIRE(false, "unhandled chat template kind {}", static_cast<int>(kind_));
+}
+
+}  // namespace shoal::runtime

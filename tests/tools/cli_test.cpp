@@ -78,6 +78,11 @@ TEST_CASE("make-model writes a loadable, deterministic tiny checkpoint", "[cli]"
   REQUIRE(gen.exit_code == 0);
   CHECK(json::parse(gen.out)["tokens"].size() == 6);
   CHECK_THAT(gen.err, Catch::Contains("tokens/s"));
+
+  const auto bench = run("bench --model " + (dir.path / "a").string() +
+                         " --prompt-tokens 16 --decode-tokens 4 --repeats 1 --triad-mb 16 --threads 2");
+  REQUIRE(bench.exit_code == 0);
+  CHECK_THAT(bench.out, Catch::Contains("% of roofline") && Catch::Contains("| 1 |") && Catch::Contains("| 2 |"));
 }
 
 TEST_CASE("eval and generate on a golden checkpoint match DeepSeek's reference", "[cli][golden]") {

@@ -7,7 +7,10 @@ class App;
 
 namespace shoal::tools {
 
-/// make-model, eval, generate, bench.
+/// make-model, eval, generate.
 void add_model_commands(CLI::App& app);
+
+/// bench: CPU model speed against the measured memory roofline.
+void add_bench_command(CLI::App& app);
 
 }  // namespace shoal::tools

@@ -19,6 +19,8 @@ namespace {
 constexpr std::int64_t kGemmMinTokens = 16;
 // Tokens handled per pass over a weight row in the streaming path (accumulators in registers).
 constexpr int kMaxTokensPerPass = 8;
+// Below this many multiply-adds a parallel region costs more than it saves.
+constexpr std::int64_t kMinParallelWork = 1 << 16;
 // Rows dequantized per GEMM tile.
 constexpr std::int64_t kGemmTileRows = 64;
 
@@ -229,6 +231,10 @@ void linear_rows(const linear_params& p, std::int64_t row_begin, std::int64_t ro
 
 void linear(thread_pool& pool, const linear_params& params) {
   if (params.tokens <= 0 || params.weight.rows <= 0) return;
+  if (params.tokens * params.weight.rows * params.weight.cols < kMinParallelWork) {
+    linear_rows(params, 0, params.weight.rows);
+    return;
+  }
   // Split rows in multiples of 16 so FP8 blocks and cache lines are not shared across threads.
   const std::int64_t granules = (params.weight.rows + 15) / 16;
   pool.parallel_for(granules, [&](std::int64_t begin, std::int64_t end) {

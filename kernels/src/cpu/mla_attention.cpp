@@ -87,11 +87,19 @@ void absorbed_head(const mla_params& p, std::int64_t head, std::vector<float>& w
 
 void mla_attention(thread_pool& pool, const mla_params& params) {
   detail::ensure_blas_single_threaded();
-  pool.parallel_for(params.heads, [&](std::int64_t begin, std::int64_t end) {
+  const auto heads = [&](std::int64_t begin, std::int64_t end) {
     thread_local std::vector<float> w_head, q_cat, scores, o_latent;
     for (std::int64_t h = begin; h < end; ++h)
       absorbed_head(params, h, w_head, q_cat, scores, o_latent);
-  });
+  };
+  // Small problems (tiny models, short contexts) are cheaper on one thread.
+  const std::int64_t work = params.heads * (params.queries * (params.first_position + params.queries) +
+                                            (params.qk_nope_dim + params.v_head_dim) * (params.queries + 1)) *
+                            (params.kv_lora_rank + params.qk_rope_dim);
+  if (work < (1 << 16))
+    heads(0, params.heads);
+  else
+    pool.parallel_for(params.heads, heads);
 }
 
 namespace reference {

@@ -79,9 +79,16 @@ struct work_item {
   std::int64_t row_end;
 };
 
+// Below this many multiply-adds per phase, one thread is faster than a parallel region.
+constexpr std::int64_t kMinParallelWork = 1 << 16;
+
 // Runs items on the pool with a shared counter, so uneven experts balance across threads.
 template <typename Body>
-void run_items(thread_pool& pool, const std::vector<work_item>& items, const Body& body) {
+void run_items(thread_pool& pool, const std::vector<work_item>& items, std::int64_t work, const Body& body) {
+  if (work < kMinParallelWork) {
+    for (const auto& item : items) body(item);
+    return;
+  }
   std::atomic<std::size_t> next{0};
   pool.run([&](int) {
     for (std::size_t i = next.fetch_add(1); i < items.size(); i = next.fetch_add(1)) body(items[i]);
@@ -130,7 +137,8 @@ void moe_experts(thread_pool& pool, const moe_experts_params& p) {
   std::vector<float> expert_out(static_cast<std::size_t>(assignments * p.hidden));
 
   // Phase 1: gate and up projections of each expert's tokens, SwiGLU fused per row block.
-  run_items(pool, up_items, [&](const work_item& item) {
+  const std::int64_t phase_work = assignments * max_inter * p.hidden;
+  run_items(pool, up_items, phase_work, [&](const work_item& item) {
     const expert_weights& w = p.experts[item.expert];
     const std::int64_t first = offsets[item.expert];
     const std::int64_t n = offsets[item.expert + 1] - first;
@@ -153,7 +161,7 @@ void moe_experts(thread_pool& pool, const moe_experts_params& p) {
     }
   });
   // Phase 2: down projections.
-  run_items(pool, down_items, [&](const work_item& item) {
+  run_items(pool, down_items, phase_work, [&](const work_item& item) {
     const expert_weights& w = p.experts[item.expert];
     const std::int64_t first = offsets[item.expert];
     linear_params lp;
@@ -167,7 +175,7 @@ void moe_experts(thread_pool& pool, const moe_experts_params& p) {
   });
   // Phase 3: weighted combine, each token summing its choices in expert-id order (as the
   // reference does), so the result does not depend on thread timing.
-  pool.parallel_for(p.tokens, [&](std::int64_t begin, std::int64_t end) {
+  const auto combine = [&](std::int64_t begin, std::int64_t end) {
     std::vector<std::int64_t> choice(p.top_k);
     for (std::int64_t t = begin; t < end; ++t) {
       std::iota(choice.begin(), choice.end(), 0);
@@ -183,7 +191,11 @@ void moe_experts(thread_pool& pool, const moe_experts_params& p) {
         for (std::int64_t d = 0; d < p.hidden; ++d) y[d] += weight * out[d];
       }
     }
-  });
+  };
+  if (p.tokens * p.top_k * p.hidden < kMinParallelWork)
+    combine(0, p.tokens);
+  else
+    pool.parallel_for(p.tokens, combine);
 }
 
 namespace reference {

@@ -49,7 +49,14 @@ void thread_pool::run(const std::function<void(int)>& body) {
   }
   wake_.notify_all();
   body(0);
-  while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+  // Spin first (the common case: workers finish within microseconds), then yield so that a
+  // worker preempted by another process can run on this core instead of us burning it.
+  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < 4096)
+      cpu_relax();
+    else
+      std::this_thread::yield();
+  }
 }
 
 void thread_pool::parallel_for(std::int64_t count,

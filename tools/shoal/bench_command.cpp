@@ -1,0 +1,192 @@
+// shoal bench: prefill and decode speed of the CPU model next to the memory roofline measured
+// in the same run.
+
+#include "commands.hpp"
+
+#include "shoal/base/error.hpp"
+#include "shoal/kernels/thread_pool.hpp"
+#include "shoal/runtime/model.hpp"
+#include "shoal/runtime/weights.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace shoal::tools {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+double seconds_since(clock_type::time_point start) {
+  return std::chrono::duration<double>(clock_type::now() - start).count();
+}
+
+// STREAM triad a = b + s*c over arrays far larger than the caches; best of several passes.
+double triad_bandwidth(kernels::thread_pool& pool, std::size_t bytes_per_array) {
+  const std::size_t n = bytes_per_array / sizeof(float);
+  std::vector<float> a(n), b(n, 1.0f), c(n, 2.0f);
+  pool.parallel_for(static_cast<std::int64_t>(n), [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) a[i] = 0.0f;  // first touch on the thread that uses it
+  });
+  double best = 0.0;
+  for (int pass = 0; pass < 5; ++pass) {
+    const auto start = clock_type::now();
+    pool.parallel_for(static_cast<std::int64_t>(n), [&](std::int64_t begin, std::int64_t end) {
+      for (std::int64_t i = begin; i < end; ++i) a[i] = b[i] + 3.0f * c[i];
+    });
+    const double seconds = seconds_since(start);
+    best = std::max(best, 3.0 * static_cast<double>(n * sizeof(float)) / seconds / 1e9);
+  }
+  if (a[n / 2] != 7.0f) fmt::print(stderr, "triad check failed\n");
+  return best;
+}
+
+// Bytes one decode step must read, counted as BENCHMARKING.md asks: lm_head, every attention
+// projection, dense MLPs, per MoE layer the gate, shared experts and top_k average experts, one
+// embedding row, and the latent cache at the given context length.
+double decode_bytes(const runtime::model_weights& w, std::int64_t context) {
+  const auto& c = w.config();
+  double bytes = static_cast<double>(w.lm_head().bytes()) +
+                 static_cast<double>(w.embedding().bytes()) / static_cast<double>(c.vocab_size);
+  for (const auto& layer : w.layers()) {
+    for (const auto* m : {&layer.q_a, &layer.q_b, &layer.kv_a, &layer.kv_b, &layer.o})
+      if (m->data) bytes += static_cast<double>(m->bytes());
+    bytes += 4.0 * static_cast<double>(context * c.latent_dim());
+    const auto mlp_bytes = [](const kernels::expert_weights& e) {
+      return static_cast<double>(e.gate.bytes() + e.up.bytes() + e.down.bytes());
+    };
+    if (!layer.moe) {
+      bytes += mlp_bytes(layer.dense);
+      continue;
+    }
+    bytes += static_cast<double>(layer.router.bytes()) + mlp_bytes(layer.shared);
+    double experts = 0.0;
+    for (const auto& e : layer.experts) experts += mlp_bytes(e);
+    bytes += experts / static_cast<double>(layer.experts.size()) * static_cast<double>(c.num_experts_per_tok);
+  }
+  return bytes;
+}
+
+struct speed {
+  double prefill_tokens_per_s = 0;
+  double decode_tokens_per_s = 0;
+};
+
+speed run_model(runtime::model& net, const std::vector<std::int32_t>& prompt, int decode_tokens) {
+  runtime::latent_cache cache(net.config(), static_cast<std::int64_t>(prompt.size()) + decode_tokens);
+  runtime::sequence_step step{&cache, prompt};
+  auto start = clock_type::now();
+  auto logits = net.forward(std::span(&step, 1));
+  speed s;
+  s.prefill_tokens_per_s = static_cast<double>(prompt.size()) / seconds_since(start);
+  std::int32_t token = runtime::argmax(logits);
+  start = clock_type::now();
+  for (int i = 0; i < decode_tokens; ++i) {
+    step.tokens = std::span(&token, 1);
+    logits = net.forward(std::span(&step, 1));
+    token = runtime::argmax(logits);
+  }
+  s.decode_tokens_per_s = decode_tokens / seconds_since(start);
+  return s;
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app) {
+  struct options {
+    std::vector<std::string> models;
+    int prompt_tokens = 512;
+    int decode_tokens = 64;
+    int threads = 0;
+    int repeats = 2;
+    std::size_t triad_mb = 256;
+  };
+  auto o = std::make_shared<options>();
+  auto* cmd = app.add_subcommand("bench", "Prefill and decode speed against the memory roofline of this machine");
+  cmd->add_option("--model", o->models, "Checkpoint directory; repeat to compare models in one run (runs interleave)")
+      ->required();
+  cmd->add_option("--prompt-tokens", o->prompt_tokens, "Prefill length")->capture_default_str()->check(CLI::Range(1, 1 << 16));
+  cmd->add_option("--decode-tokens", o->decode_tokens, "Tokens decoded after the prompt")
+      ->capture_default_str()->check(CLI::Range(1, 1 << 16));
+  cmd->add_option("--threads", o->threads, "Threads for the multi-threaded rows (0: all cores)");
+  cmd->add_option("--repeats", o->repeats, "Interleaved rounds per configuration (best is reported)")
+      ->capture_default_str()->check(CLI::Range(1, 100));
+  cmd->add_option("--triad-mb", o->triad_mb, "Size of each triad array in MB")->capture_default_str();
+  cmd->callback([o] {
+    std::vector<std::unique_ptr<runtime::model_weights>> weights;
+    for (const auto& dir : o->models) {
+      fmt::print(stderr, "[bench] loading {} into memory\n", dir);
+      weights.push_back(runtime::model_weights::load(dir, {}, runtime::weight_residency::copy));
+    }
+    const int all = o->threads > 0 ? o->threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    std::vector<int> thread_counts = {1};
+    if (all > 1) thread_counts.push_back(all);
+    std::mt19937 rng(1);
+    struct row {
+      std::string model;
+      int threads;
+      double bytes;
+      speed best;
+      double bandwidth_before = 0, bandwidth_after = 0;
+    };
+    std::vector<row> rows;
+    for (int threads : thread_counts) {
+      kernels::thread_pool pool(threads);
+      fmt::print(stderr, "[bench] {} thread(s): measuring memory bandwidth\n", threads);
+      const double before = triad_bandwidth(pool, o->triad_mb << 20);
+      std::vector<std::unique_ptr<runtime::model>> nets;
+      std::vector<row> these;
+      for (std::size_t m = 0; m < weights.size(); ++m) {
+        nets.push_back(std::make_unique<runtime::model>(*weights[m], pool));
+        const auto& c = weights[m]->config();
+        these.push_back({o->models[m], threads, decode_bytes(*weights[m], o->prompt_tokens + o->decode_tokens / 2), {}, before, 0});
+        (void)c;
+      }
+      // A B A B: bandwidth drifts over minutes, so variants alternate instead of running in blocks.
+      for (int round = 0; round < o->repeats; ++round)
+        for (std::size_t m = 0; m < nets.size(); ++m) {
+          std::vector<std::int32_t> prompt(o->prompt_tokens);
+          for (auto& t : prompt) t = static_cast<std::int32_t>(rng() % weights[m]->config().vocab_size);
+          fmt::print(stderr, "[bench] {} thread(s), round {}: {}\n", threads, round + 1, o->models[m]);
+          const speed s = run_model(*nets[m], prompt, o->decode_tokens);
+          these[m].best.prefill_tokens_per_s = std::max(these[m].best.prefill_tokens_per_s, s.prefill_tokens_per_s);
+          these[m].best.decode_tokens_per_s = std::max(these[m].best.decode_tokens_per_s, s.decode_tokens_per_s);
+        }
+      const double after = triad_bandwidth(pool, o->triad_mb << 20);
+      for (auto& r : these) {
+        r.bandwidth_after = after;
+        rows.push_back(r);
+      }
+    }
+    fmt::print("\nprefill {} tokens, decode {} tokens after it; roofline = triad bandwidth / bytes a decode step reads\n\n",
+               o->prompt_tokens, o->decode_tokens);
+    fmt::print("| model | threads | prefill tok/s | decode tok/s | MB read per token | triad GB/s (before/after) | decode roofline tok/s | % of roofline |\n");
+    fmt::print("|---|---|---|---|---|---|---|---|\n");
+    for (const auto& r : rows) {
+      const double bandwidth = (r.bandwidth_before + r.bandwidth_after) / 2.0;
+      const double roofline = bandwidth * 1e9 / r.bytes;
+      fmt::print("| {} | {} | {:.1f} | {:.2f} | {:.1f} | {:.1f} / {:.1f} | {:.2f} | {:.0f}% |\n", r.model, r.threads,
+                 r.best.prefill_tokens_per_s, r.best.decode_tokens_per_s, r.bytes / 1e6, r.bandwidth_before,
+                 r.bandwidth_after, roofline, 100.0 * r.best.decode_tokens_per_s / roofline);
+    }
+    if (rows.size() >= 2 && weights.size() >= 2) {
+      fmt::print("\nsame-run decode ratios against the first model:\n");
+      for (const auto& r : rows)
+        for (const auto& base : rows)
+          if (base.threads == r.threads && base.model == o->models[0] && r.model != base.model)
+            fmt::print("  {} threads: {} / {} = {:.2f}x\n", r.threads, r.model, base.model,
+                       r.best.decode_tokens_per_s / base.best.decode_tokens_per_s);
+    }
+  });
+}
+
+}  // namespace shoal::tools

@@ -1,0 +1,66 @@
+#pragma once
+/// \file
+/// The C++ client API: submit requests to a router and receive tokens as they are generated.
+/// No CAF in this header.
+
+#include "shoal/actors/messages.hpp"
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace shoal {
+
+namespace actors {
+class local_cluster;
+}
+
+/// What to generate.
+struct generate_options {
+  std::vector<std::int32_t> prompt;          ///< Prompt token ids.
+  std::uint32_t max_tokens = 16;             ///< Tokens to generate at most.
+  std::vector<std::int32_t> stop_tokens;     ///< Stop after one of these.
+  bool want_logits = false;                  ///< Also return the logits each token was sampled from.
+  std::chrono::milliseconds deadline{0};     ///< From submission; 0: none.
+};
+
+/// Tokens of one request, as they arrive.
+using token_event = actors::token_chunk;
+
+/// A finished request.
+struct generate_result {
+  std::vector<std::int32_t> tokens;          ///< Generated tokens.
+  std::vector<float> logits;                 ///< `[tokens][vocab]` when wanted.
+  actors::finish_reason finish = actors::finish_reason::none; ///< Why it ended.
+};
+
+/// A connection to a router. Thread-safe; requests are independent streams.
+class client {
+ public:
+  /// A client of the router of a cluster in this process.
+  explicit client(actors::local_cluster& cluster);
+  ~client();
+  client(const client&) = delete;
+  client& operator=(const client&) = delete;
+
+  /// Submits a request; returns its id. Tokens then arrive through `next`.
+  std::uint64_t submit(const generate_options& options);
+  /// The next chunk of request `id`, or nothing when none arrived within `timeout`. The last
+  /// chunk has `finish != none`.
+  std::optional<token_event> next(std::uint64_t id, std::chrono::milliseconds timeout);
+  /// Cancels request `id`; its stream ends with `finish_reason::cancelled` (idempotent).
+  void cancel(std::uint64_t id);
+  /// Submits and collects until the request finishes. Throws `shoal::error` with the
+  /// router's error, or `deadline_exceeded` naming the wait when no chunk came in `timeout`.
+  generate_result generate(const generate_options& options, std::chrono::milliseconds timeout);
+
+  class impl;
+
+ private:
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace shoal

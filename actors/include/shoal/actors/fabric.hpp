@@ -1,0 +1,51 @@
+#pragma once
+/// \file
+/// How actors find each other by address. Local actors register under their id; an address
+/// on another node resolves to a proxy that carries messages over the transport. In the
+/// embedded mode every node lives in one process and resolution is a map lookup.
+
+#include "shoal/actors/messages.hpp"
+
+#include <caf/actor.hpp>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+
+namespace shoal::actors {
+
+class expert_engine;
+
+/// Address book of one process. Thread-safe.
+class fabric {
+ public:
+  virtual ~fabric() = default;
+
+  /// Makes a local actor reachable under `address` (replacing any earlier one).
+  void register_actor(const actor_address& address, caf::actor handle);
+  /// Makes an expert engine of this process callable directly by stages of `address.node`.
+  void register_engine(const actor_address& address, std::shared_ptr<expert_engine> engine);
+  /// Removes an address (idempotent).
+  void unregister(const actor_address& address);
+
+  /// The actor at `address`: a local handle, or a proxy for a remote one. A null handle when
+  /// nothing is known there (`not_found` for the caller to report).
+  virtual caf::actor resolve(const actor_address& address);
+  /// The engine registered at `address`, or null.
+  std::shared_ptr<expert_engine> engine(const actor_address& address);
+  /// Every local actor (for shutdown).
+  std::map<std::pair<std::string, std::uint64_t>, caf::actor> local_actors();
+
+ protected:
+  /// The locally registered actor at `address`, or null.
+  caf::actor find_local(const actor_address& address);
+
+ private:
+  std::mutex mutex_;
+  std::map<std::pair<std::string, std::uint64_t>, caf::actor> actors_;
+  std::map<std::pair<std::string, std::uint64_t>, std::shared_ptr<expert_engine>> engines_;
+};
+
+}  // namespace shoal::actors

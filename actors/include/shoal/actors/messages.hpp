@@ -1,0 +1,226 @@
+#pragma once
+/// \file
+/// The values actors exchange. Plain structs without CAF, one per Cap'n Proto message kind of
+/// transport/schemas (field names follow the schemas); `inspect` overloads let CAF carry them
+/// between local actors. Bulk tensors are plain vectors here and separate UCX messages on the
+/// wire.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace shoal::actors {
+
+/// Version of the messages this binary speaks (the wire schemas' `schemaVersion`); a node
+/// that speaks another one is refused when it joins.
+inline constexpr std::uint16_t schema_version = 1;
+
+/// Identifies a request for its whole life, including replays after a failure.
+using request_id = std::uint64_t;
+
+/// Well-known actor ids within a node (the schemas' ActorAddress.actor).
+namespace actor_ids {
+inline constexpr std::uint64_t node_agent = 0;   ///< Every node's agent.
+inline constexpr std::uint64_t supervisor = 1;   ///< On the head node.
+inline constexpr std::uint64_t router = 2;       ///< On the head node.
+inline constexpr std::uint64_t first_stage = 100;   ///< Stage i has id first_stage + i.
+inline constexpr std::uint64_t first_expert = 1000; ///< Expert group j has id first_expert + j.
+inline constexpr std::uint64_t first_client = 1u << 20; ///< Clients get ids from here on.
+}  // namespace actor_ids
+
+/// An actor somewhere in the cluster.
+struct actor_address {
+  std::string node;       ///< Node name from the cluster config.
+  std::uint64_t actor = 0; ///< Id within the node (see `actor_ids`).
+  friend bool operator==(const actor_address&, const actor_address&) = default;
+};
+
+/// One request's share of a pipeline step.
+struct batch_entry {
+  request_id request = 0;             ///< Whose tokens these are.
+  std::vector<std::int32_t> tokens;   ///< New tokens (a prompt, or one decode token).
+  std::uint32_t position = 0;         ///< Sequence position of tokens[0]; 0 restarts the cache.
+  bool sample_after = true;           ///< Whether the last stage samples after these tokens.
+};
+
+/// A pipeline step travelling through the stages: router -> first stage (`hidden` empty),
+/// stage i -> stage i+1 (`hidden` holds the activations after layer `next_layer - 1`).
+struct step_batch {
+  std::uint64_t step = 0;             ///< Router's iteration number.
+  std::uint32_t next_layer = 0;       ///< First layer the receiver runs.
+  std::vector<batch_entry> entries;   ///< Token rows, in order.
+  std::vector<float> hidden;          ///< `[rows][hidden_size]`, rows as in `entries`.
+  bool want_logits = false;           ///< The last stage returns the logits it sampled from.
+};
+
+/// A token chosen by the last stage.
+struct sampled_token {
+  request_id request = 0;  ///< Whose token.
+  std::int32_t token = 0;  ///< The token id.
+};
+
+/// Last stage -> router: the tokens of one step.
+struct sampled_batch {
+  std::uint64_t step = 0;              ///< As in the step_batch.
+  std::vector<sampled_token> tokens;   ///< One per entry with `sample_after`, in entry order.
+  std::vector<float> logits;           ///< `[tokens][vocab]` when the step wanted logits.
+};
+
+/// Stage -> expert actor: token rows routed to the receiver's experts in one layer. One row
+/// per (token, choice) so the expert returns each choice's output unweighted and the stage
+/// sums them in expert-id order, exactly as the single-process kernel does.
+struct expert_dispatch {
+  std::uint64_t step = 0;               ///< Step it belongs to.
+  std::uint32_t layer = 0;              ///< Decoder layer.
+  std::vector<float> hidden;            ///< `[rows][hidden_size]` expert inputs.
+  std::vector<std::int32_t> expert_ids; ///< `[rows]` routed expert of each row.
+};
+
+/// Expert actor -> stage: each dispatched row's expert output, unweighted.
+struct expert_combine {
+  std::uint64_t step = 0;       ///< As dispatched.
+  std::uint32_t layer = 0;      ///< As dispatched.
+  std::vector<float> output;    ///< `[rows][hidden_size]`.
+};
+
+/// A pipeline stage in the placement table.
+struct stage_placement {
+  std::uint32_t stage = 0;        ///< Position in the pipeline.
+  std::uint32_t first_layer = 0;  ///< First layer.
+  std::uint32_t end_layer = 0;    ///< One past the last.
+  actor_address address;          ///< Where it runs.
+};
+
+/// An expert actor in the placement table.
+struct expert_placement {
+  std::vector<std::uint32_t> experts;  ///< Routed expert ids it serves (every MoE layer).
+  actor_address address;               ///< Where it runs.
+};
+
+/// Where everything runs, valid for one epoch; messages of older epochs are dropped.
+struct placement_table {
+  std::uint64_t epoch = 0;                  ///< Bumped on every change.
+  std::vector<stage_placement> stages;      ///< Pipeline order.
+  std::vector<expert_placement> experts;    ///< Empty: stages compute their experts.
+  actor_address router;                     ///< The router.
+};
+
+/// Supervisor -> node agent: start stage `stage` of `stage_count` over [first, end) layers.
+struct spawn_stage_cmd {
+  std::uint64_t actor = 0;          ///< Id it gets on the node.
+  std::uint32_t stage = 0;          ///< Position in the pipeline.
+  std::uint32_t stage_count = 0;    ///< Stages in the pipeline.
+  std::uint32_t first_layer = 0;    ///< First layer.
+  std::uint32_t end_layer = 0;      ///< One past the last.
+  bool hold_experts = true;         ///< Compute routed experts itself (no expert actors).
+  std::string model_path;           ///< Checkpoint directory on that node.
+};
+
+/// Supervisor -> node agent: start an expert actor holding `experts` of every MoE layer.
+struct spawn_expert_cmd {
+  std::uint64_t actor = 0;             ///< Id it gets on the node.
+  std::vector<std::uint32_t> experts;  ///< Routed expert ids.
+  std::string model_path;              ///< Checkpoint directory on that node.
+};
+
+/// Node -> supervisor: the first message of a node.
+struct join_request {
+  std::string node;                    ///< Name from the cluster config.
+  std::string host;                    ///< Address others reach it at.
+  std::uint16_t port = 0;              ///< Port it listens on.
+  std::uint32_t pid = 0;               ///< Process id, for operators.
+  std::uint16_t schema_version = 0;    ///< Wire schema version it speaks.
+};
+
+/// Client -> router: generate tokens after a prompt (greedy).
+struct generate_request {
+  request_id request = 0;              ///< Chosen by the client, unique per client.
+  std::vector<std::int32_t> prompt;    ///< Prompt token ids.
+  std::uint32_t max_tokens = 16;       ///< Tokens to generate at most.
+  std::vector<std::int32_t> stop_tokens; ///< Generation ends after one of these.
+  bool want_logits = false;            ///< Return the logits of each sampled token too.
+  std::uint64_t deadline_unix_ms = 0;  ///< 0: none.
+};
+
+/// Why a request's stream ended (the schema's FinishReason).
+enum class finish_reason : std::uint8_t {
+  none = 0,       ///< More chunks follow.
+  stop = 1,       ///< A stop token was generated.
+  length = 2,     ///< `max_tokens` reached.
+  cancelled = 3,  ///< The client cancelled.
+  error = 4,      ///< Failed; `error` says why.
+};
+
+/// Router -> client: tokens as they are generated; the last chunk has `finish != none`.
+struct token_chunk {
+  request_id request = 0;             ///< Which request.
+  std::vector<std::int32_t> tokens;   ///< New tokens, in order.
+  std::vector<float> logits;          ///< `[tokens][vocab]` when the request wanted logits.
+  finish_reason finish = finish_reason::none; ///< Whether and why the stream ended.
+  std::uint8_t error_code = 0;        ///< `shoal::errc` value when finish == error.
+  std::string error;                  ///< What went wrong, when finish == error.
+};
+
+// CAF 0.17 inspection: lets local actors pass these by value and prints them in logs.
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, actor_address& x) {
+  return f(x.node, x.actor);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, batch_entry& x) {
+  return f(x.request, x.tokens, x.position, x.sample_after);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, step_batch& x) {
+  return f(x.step, x.next_layer, x.entries, x.hidden, x.want_logits);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, sampled_token& x) {
+  return f(x.request, x.token);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, sampled_batch& x) {
+  return f(x.step, x.tokens, x.logits);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, expert_dispatch& x) {
+  return f(x.step, x.layer, x.hidden, x.expert_ids);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, expert_combine& x) {
+  return f(x.step, x.layer, x.output);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, stage_placement& x) {
+  return f(x.stage, x.first_layer, x.end_layer, x.address);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, expert_placement& x) {
+  return f(x.experts, x.address);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, placement_table& x) {
+  return f(x.epoch, x.stages, x.experts, x.router);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, spawn_stage_cmd& x) {
+  return f(x.actor, x.stage, x.stage_count, x.first_layer, x.end_layer, x.hold_experts, x.model_path);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, spawn_expert_cmd& x) {
+  return f(x.actor, x.experts, x.model_path);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, join_request& x) {
+  return f(x.node, x.host, x.port, x.pid, x.schema_version);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, generate_request& x) {
+  return f(x.request, x.prompt, x.max_tokens, x.stop_tokens, x.want_logits, x.deadline_unix_ms);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, token_chunk& x) {
+  return f(x.request, x.tokens, x.logits, x.finish, x.error_code, x.error);
+}
+
+}  // namespace shoal::actors

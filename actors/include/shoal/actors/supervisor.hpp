@@ -1,0 +1,102 @@
+#pragma once
+/// \file
+/// The supervisor: membership and the epoch-numbered placement table.
+///
+/// Lifecycle of a placed stage or expert actor (one per entry of the placement table):
+///
+/// ```
+///                (1) every node joined
+///   +---------+ ---------------------> +----------+  (2) node agent: ok   +---------+
+///   | pending |                        | spawning | --------------------> | running |
+///   +---------+                        +----------+                       +---------+
+///        ^                                  | (3) spawn error                  | (4) wired
+///        |                                  |     or deadline                  v
+///        |                                  v                            +---------+
+///        |     (7) re-placed           +--------+   (5) its node down     | serving |
+///        +---------------------------- | failed | <---------------------- +---------+
+///                                      +--------+
+///   (6) stop: any state -> stopped (idempotent)
+/// ```
+///
+/// 1. When the last node of the config has joined, every expert actor is requested from its
+///    node agent, then (once all are running) every stage, so stages can be wired to experts.
+/// 2. The node agent loaded the weights and registered the actor under its address.
+/// 3. Loading failed (the error names the node and what) or the agent did not answer within
+///    the ready deadline: the cluster cannot become ready; waiters get the error.
+/// 4. Once all are running the supervisor bumps the epoch and sends the placement table to
+///    every stage and the router (`wire_atom`); when all acknowledged, the cluster serves and
+///    `ready_atom` waiters get the table.
+/// 5. A node agent went down (monitor): its actors fail, the epoch is bumped so messages of
+///    the old placement are fenced, and status reports the cluster as degraded.
+/// 6. Stop is idempotent and goes through the node agents.
+/// 7. Not implemented yet: re-placing failed actors on survivors or a restarted node, after
+///    which the router replays in-flight requests from their prompt and streamed tokens.
+
+#include "shoal/actors/protocols.hpp"
+#include "shoal/config/cluster_config.hpp"
+#include "shoal/config/model_config.hpp"
+
+#include <caf/stateful_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
+#include <caf/typed_response_promise.hpp>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace shoal::actors {
+
+class fabric;
+
+/// Where a placed actor is in its lifecycle (see the diagram above).
+enum class placement_phase { pending, spawning, running, serving, failed, stopped };
+
+/// Name of a phase ("pending", ...).
+const char* placement_phase_name(placement_phase phase) noexcept;
+
+/// Supervisor settings.
+struct supervisor_options {
+  config::cluster_config cluster;                  ///< Validated against `model`.
+  config::model_config model;                      ///< The model's architecture.
+  std::chrono::milliseconds ready_timeout{120000}; ///< Joins, loads and wiring must finish by then.
+};
+
+/// State of the supervisor.
+struct supervisor_state {
+  static inline const char* name = "shoal.supervisor";  ///< Actor name in CAF logs.
+
+  /// A node of the config.
+  struct member {
+    node_agent_actor agent;  ///< Null until joined.
+    join_request info;       ///< What it said when joining.
+    bool down = false;       ///< Its agent terminated.
+  };
+  /// A stage or expert actor of the placement.
+  struct placed {
+    actor_address address;                      ///< Where it runs.
+    placement_phase phase = placement_phase::pending; ///< Lifecycle state.
+    std::string error;                          ///< Why it failed.
+  };
+
+  supervisor_options options;                    ///< Settings.
+  std::shared_ptr<fabric> book;                  ///< Resolves addresses.
+  router_actor router;                           ///< The router on this node.
+  std::map<std::string, member> members;         ///< By node name.
+  std::vector<placed> stages;                    ///< Pipeline order.
+  std::vector<placed> experts;                   ///< Expert actors.
+  std::uint64_t epoch = 0;                       ///< Current placement epoch.
+  placement_table table;                         ///< The placement of `epoch`.
+  bool serving = false;                          ///< Every actor serves.
+  std::string failure;                           ///< Why the cluster cannot serve, if so.
+  std::chrono::steady_clock::time_point started; ///< For the ready deadline.
+  std::vector<caf::typed_response_promise<placement_table>> waiting; ///< `ready_atom` callers.
+};
+
+/// The supervisor. `router` runs on the head node and is wired with the stages.
+supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_pointer<supervisor_state> self,
+                                                supervisor_options options, std::shared_ptr<fabric> book,
+                                                router_actor router);
+
+}  // namespace shoal::actors

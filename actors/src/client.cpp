@@ -1,0 +1,111 @@
+#include "shoal/actors/client.hpp"
+
+#include "cluster_impl.hpp"
+
+#include <caf/exit_reason.hpp>
+#include <caf/scoped_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
+
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+
+namespace shoal {
+namespace {
+
+// Chunks that arrived, per request, until `next` takes them.
+struct inbox {
+  std::mutex mutex;
+  std::condition_variable arrived;
+  std::map<std::uint64_t, std::deque<actors::token_chunk>> chunks;
+};
+
+actors::token_sink_actor::behavior_type make_sink(actors::token_sink_actor::pointer self, std::shared_ptr<inbox> box) {
+  (void)self;
+  return {
+      [box](actors::token_chunk& chunk) {
+        {
+          std::lock_guard lock(box->mutex);
+          box->chunks[chunk.request].push_back(std::move(chunk));
+        }
+        box->arrived.notify_all();
+      },
+  };
+}
+
+}  // namespace
+
+class client::impl {
+ public:
+  caf::actor_system* system = nullptr;
+  actors::router_actor router;
+  actors::token_sink_actor sink;
+  std::shared_ptr<inbox> box = std::make_shared<inbox>();
+  std::mutex ids_mutex;
+  std::uint64_t next_id = 1;
+};
+
+client::client(actors::local_cluster& cluster) : impl_(std::make_unique<impl>()) {
+  auto& c = cluster.internals();
+  impl_->system = c.system.get();
+  impl_->router = c.router;
+  impl_->sink = impl_->system->spawn(make_sink, impl_->box);
+}
+
+client::~client() {
+  if (impl_ && impl_->sink) caf::anon_send_exit(impl_->sink, caf::exit_reason::user_shutdown);
+}
+
+std::uint64_t client::submit(const generate_options& options) {
+  std::uint64_t id;
+  {
+    std::lock_guard lock(impl_->ids_mutex);
+    id = impl_->next_id++;
+  }
+  actors::generate_request request{.request = id, .prompt = options.prompt, .max_tokens = options.max_tokens,
+                                   .stop_tokens = options.stop_tokens, .want_logits = options.want_logits,
+                                   .deadline_unix_ms = 0};
+  if (options.deadline.count() > 0)
+    request.deadline_unix_ms = static_cast<std::uint64_t>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch() +
+                                                              options.deadline)
+            .count());
+  caf::anon_send(impl_->router, std::move(request), impl_->sink);
+  return id;
+}
+
+std::optional<token_event> client::next(std::uint64_t id, std::chrono::milliseconds timeout) {
+  std::unique_lock lock(impl_->box->mutex);
+  auto& queue = impl_->box->chunks[id];
+  if (!impl_->box->arrived.wait_for(lock, timeout, [&] { return !queue.empty(); })) return std::nullopt;
+  auto chunk = std::move(queue.front());
+  queue.pop_front();
+  if (chunk.finish != actors::finish_reason::none && queue.empty()) impl_->box->chunks.erase(id);
+  return chunk;
+}
+
+void client::cancel(std::uint64_t id) { caf::anon_send(impl_->router, actors::cancel_atom::value, id, impl_->sink); }
+
+generate_result client::generate(const generate_options& options, std::chrono::milliseconds timeout) {
+  const auto id = submit(options);
+  generate_result result;
+  while (true) {
+    auto chunk = next(id, timeout);
+    if (!chunk) {
+      cancel(id);
+      shoal::fail(errc::deadline_exceeded, "no tokens from the router for {} ms (request {}, {} tokens so far)",
+                  timeout.count(), id, result.tokens.size());
+    }
+    if (chunk->finish == actors::finish_reason::error)
+      throw shoal::error(static_cast<errc>(chunk->error_code), chunk->error);
+    result.tokens.insert(result.tokens.end(), chunk->tokens.begin(), chunk->tokens.end());
+    result.logits.insert(result.logits.end(), chunk->logits.begin(), chunk->logits.end());
+    if (chunk->finish != actors::finish_reason::none) {
+      result.finish = chunk->finish;
+      return result;
+    }
+  }
+}
+
+}  // namespace shoal

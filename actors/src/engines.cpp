@@ -1,0 +1,165 @@
+#include "shoal/actors/engines.hpp"
+
+#include "shoal/base/error.hpp"
+#include "shoal/kernels/moe.hpp"
+#include "shoal/kernels/thread_pool.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace shoal::actors {
+
+expert_engine::expert_engine(const std::filesystem::path& model, std::vector<std::uint32_t> experts, int threads)
+    : experts_(std::move(experts)) {
+  std::sort(experts_.begin(), experts_.end());
+  runtime::weight_selection selection;
+  selection.embedding = false;
+  selection.head = false;
+  selection.attention = false;
+  // The filter runs before the config is known, so it checks ids against the list directly.
+  selection.expert_filter = [list = experts_](std::int64_t, std::int64_t e) {
+    return std::binary_search(list.begin(), list.end(), static_cast<std::uint32_t>(e));
+  };
+  weights_ = runtime::model_weights::load(model, selection, runtime::weight_residency::copy);
+  held_.assign(static_cast<std::size_t>(weights_->config().n_routed_experts), false);
+  for (auto e : experts_) {
+    if (e >= held_.size())
+      shoal::fail(errc::invalid_argument, "expert {} does not exist (the model has {} routed experts)", e,
+                  held_.size());
+    held_[e] = true;
+  }
+  pool_ = std::make_unique<kernels::thread_pool>(threads);
+}
+
+expert_engine::~expert_engine() = default;
+
+bool expert_engine::holds(std::int64_t id) const noexcept {
+  return id >= 0 && id < static_cast<std::int64_t>(held_.size()) && held_[static_cast<std::size_t>(id)];
+}
+
+void expert_engine::compute(std::int64_t layer, const float* x, const std::int32_t* ids, std::int64_t rows,
+                            float* out) {
+  const auto& c = config();
+  if (layer < 0 || layer >= c.num_hidden_layers || !c.is_moe_layer(layer))
+    shoal::fail(errc::invalid_argument, "expert dispatch for layer {}, which is not a MoE layer", layer);
+  for (std::int64_t r = 0; r < rows; ++r)
+    if (!holds(ids[r]))
+      shoal::fail(errc::invalid_argument, "expert dispatch for layer {} names expert {}, which this actor does not hold",
+                  layer, ids[r]);
+  std::fill_n(out, rows * c.hidden_size, 0.0f);
+  if (rows == 0) return;
+  // Each row is one choice with weight 1: the kernel adds 1 * output to zero, which is the
+  // output exactly, and groups rows by expert in row order like the single-process call.
+  const std::vector<float> ones(static_cast<std::size_t>(rows), 1.0f);
+  kernels::moe_experts_params p{.x = x, .tokens = rows, .hidden = c.hidden_size, .top_k = 1, .indices = ids,
+                                .weights = ones.data(), .experts = weights_->layers()[layer].experts, .y = out};
+  kernels::moe_experts(*pool_, p);
+}
+
+stage_engine::stage_engine(const options& o) : options_(o) {
+  runtime::weight_selection selection;
+  selection.layer_begin = o.first_layer;
+  selection.layer_end = o.end_layer;
+  selection.embedding = o.first;
+  selection.head = o.last;
+  if (!o.hold_experts) selection.expert_filter = [](std::int64_t, std::int64_t) { return false; };
+  weights_ = runtime::model_weights::load(o.model, selection, runtime::weight_residency::copy);
+  const auto& c = weights_->config();
+  if (o.first_layer < 0 || o.end_layer > c.num_hidden_layers || o.first_layer >= o.end_layer)
+    shoal::fail(errc::invalid_argument, "stage layers [{}, {}) are not within the model's {} layers", o.first_layer,
+                o.end_layer, c.num_hidden_layers);
+  pool_ = std::make_unique<kernels::thread_pool>(o.threads);
+  model_ = std::make_unique<runtime::model>(*weights_, *pool_);
+}
+
+stage_engine::~stage_engine() = default;
+
+runtime::latent_cache& stage_engine::cache_for(const batch_entry& entry) {
+  const auto& c = config();
+  const auto needed = static_cast<std::int64_t>(entry.position + entry.tokens.size());
+  if (needed > c.max_position_embeddings)
+    shoal::fail(errc::invalid_argument, "request {}: position {} exceeds the model's context of {}", entry.request,
+                needed, c.max_position_embeddings);
+  auto& slot = caches_[entry.request];
+  if (!slot) {
+    if (entry.position != 0)
+      shoal::fail(errc::failed_precondition,
+                  "request {}: step at position {} but this stage holds no cache for it (replay from position 0)",
+                  entry.request, entry.position);
+    slot = std::make_unique<runtime::latent_cache>(c, std::min(c.max_position_embeddings, std::max<std::int64_t>(64, 2 * needed)));
+  }
+  if (entry.position > slot->length())
+    shoal::fail(errc::failed_precondition, "request {}: step at position {} but only {} positions are cached",
+                entry.request, entry.position, slot->length());
+  // A replay rewinds: positions past `position` are recomputed and overwritten.
+  slot->set_length(entry.position);
+  if (needed > slot->capacity()) {
+    auto grown = std::make_unique<runtime::latent_cache>(
+        c, std::min(c.max_position_embeddings, std::max(needed, 2 * slot->capacity())));
+    const auto row = c.latent_dim();
+    for (auto layer = options_.first_layer; layer < options_.end_layer; ++layer)
+      std::memcpy(grown->layer(layer), slot->layer(layer),
+                  static_cast<std::size_t>(slot->length() * row) * sizeof(float));
+    grown->set_length(slot->length());
+    slot = std::move(grown);
+  }
+  return *slot;
+}
+
+void stage_engine::run(step_batch& batch, runtime::expert_backend* experts) {
+  const auto& c = config();
+  if (batch.next_layer != options_.first_layer)
+    shoal::fail(errc::failed_precondition, "step {} arrives for layer {} but this stage starts at layer {}", batch.step,
+                batch.next_layer, options_.first_layer);
+  std::vector<runtime::sequence_step> steps;
+  std::vector<std::int32_t> tokens;
+  steps.reserve(batch.entries.size());
+  for (const auto& entry : batch.entries) {
+    if (entry.tokens.empty())
+      shoal::fail(errc::invalid_argument, "step {}: request {} has no tokens", batch.step, entry.request);
+    steps.push_back({&cache_for(entry), entry.tokens});
+    tokens.insert(tokens.end(), entry.tokens.begin(), entry.tokens.end());
+  }
+  const auto rows = static_cast<std::int64_t>(tokens.size());
+  if (options_.first) {
+    batch.hidden.resize(static_cast<std::size_t>(rows * c.hidden_size));
+    model_->embed(tokens, batch.hidden.data());
+  } else if (static_cast<std::int64_t>(batch.hidden.size()) != rows * c.hidden_size) {
+    shoal::fail(errc::invalid_argument, "step {}: {} activation values for {} tokens of width {}", batch.step,
+                batch.hidden.size(), rows, c.hidden_size);
+  }
+  model_->run_layers(options_.first_layer, options_.end_layer, steps, batch.hidden.data(),
+                     options_.hold_experts ? nullptr : experts);
+  runtime::model::advance(steps);
+  batch.next_layer = static_cast<std::uint32_t>(options_.end_layer);
+}
+
+sampled_batch stage_engine::sample(const step_batch& batch) {
+  SHOAL_REQUIRE(options_.last, "only the last stage samples");
+  const auto& c = config();
+  std::vector<float> last_rows;
+  sampled_batch out;
+  out.step = batch.step;
+  std::int64_t row = 0;
+  for (const auto& entry : batch.entries) {
+    row += static_cast<std::int64_t>(entry.tokens.size());
+    if (!entry.sample_after) continue;
+    last_rows.insert(last_rows.end(), batch.hidden.begin() + (row - 1) * c.hidden_size,
+                     batch.hidden.begin() + row * c.hidden_size);
+    out.tokens.push_back({entry.request, 0});
+  }
+  const auto n = static_cast<std::int64_t>(out.tokens.size());
+  std::vector<float> logits(static_cast<std::size_t>(n * c.vocab_size));
+  if (n > 0) model_->logits(last_rows.data(), n, logits.data());
+  for (std::int64_t i = 0; i < n; ++i)
+    out.tokens[static_cast<std::size_t>(i)].token =
+        runtime::argmax(std::span<const float>(logits.data() + i * c.vocab_size, static_cast<std::size_t>(c.vocab_size)));
+  if (batch.want_logits) out.logits = std::move(logits);
+  return out;
+}
+
+void stage_engine::release(std::span<const request_id> requests) {
+  for (auto id : requests) caches_.erase(id);
+}
+
+}  // namespace shoal::actors

@@ -1,0 +1,42 @@
+#include "shoal/actors/fabric.hpp"
+
+#include "shoal/actors/engines.hpp"
+
+namespace shoal::actors {
+
+void fabric::register_actor(const actor_address& address, caf::actor handle) {
+  std::lock_guard lock(mutex_);
+  actors_[{address.node, address.actor}] = std::move(handle);
+}
+
+void fabric::register_engine(const actor_address& address, std::shared_ptr<expert_engine> engine) {
+  std::lock_guard lock(mutex_);
+  engines_[{address.node, address.actor}] = std::move(engine);
+}
+
+void fabric::unregister(const actor_address& address) {
+  std::lock_guard lock(mutex_);
+  actors_.erase({address.node, address.actor});
+  engines_.erase({address.node, address.actor});
+}
+
+caf::actor fabric::find_local(const actor_address& address) {
+  std::lock_guard lock(mutex_);
+  const auto it = actors_.find({address.node, address.actor});
+  return it == actors_.end() ? caf::actor() : it->second;
+}
+
+caf::actor fabric::resolve(const actor_address& address) { return find_local(address); }
+
+std::shared_ptr<expert_engine> fabric::engine(const actor_address& address) {
+  std::lock_guard lock(mutex_);
+  const auto it = engines_.find({address.node, address.actor});
+  return it == engines_.end() ? nullptr : it->second;
+}
+
+std::map<std::pair<std::string, std::uint64_t>, caf::actor> fabric::local_actors() {
+  std::lock_guard lock(mutex_);
+  return actors_;
+}
+
+}  // namespace shoal::actors

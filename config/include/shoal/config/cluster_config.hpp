@@ -1,0 +1,84 @@
+#pragma once
+/// \file
+/// The cluster config (YAML): which processes exist, where they listen, and the parallel plan
+/// that places pipeline stages (layer ranges) and routed experts on them. Every error names
+/// the file and line of the offending entry.
+
+#include "shoal/config/model_config.hpp"
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace shoal::config {
+
+/// One process of the cluster.
+struct node_spec {
+  std::string name;                  ///< Unique name, used by the plan.
+  std::string host = "127.0.0.1";    ///< Address it listens on and is reached at.
+  std::uint16_t port = 0;            ///< Port it listens on.
+  std::vector<std::string> devices;  ///< `cpu` or `cuda:N`; empty means `cpu`.
+  int line = 0;                      ///< 1-based line of the entry in the config file.
+};
+
+/// A pipeline stage: a contiguous range of decoder layers on one node.
+struct stage_spec {
+  std::string node;               ///< Node it runs on.
+  std::int64_t layer_begin = 0;   ///< First layer held.
+  std::int64_t layer_end = 0;     ///< One past the last layer held.
+  int line = 0;                   ///< 1-based line of the entry.
+};
+
+/// An expert actor: a set of routed expert ids (the same ids in every MoE layer) on one node.
+struct expert_group_spec {
+  std::string node;                   ///< Node it runs on.
+  std::vector<std::int64_t> experts;  ///< Routed expert ids, ascending.
+  int line = 0;                       ///< 1-based line of the entry.
+};
+
+/// A parsed cluster config. `expert_groups` empty means every stage computes the routed
+/// experts of its own layers itself (no expert actors).
+struct cluster_config {
+  std::filesystem::path source;                  ///< File it was read from (for errors).
+  std::filesystem::path model;                   ///< Checkpoint directory, resolved.
+  std::vector<node_spec> nodes;                  ///< In file order.
+  std::string head;                              ///< Node hosting the supervisor and router.
+  std::vector<stage_spec> stages;                ///< Pipeline order.
+  std::vector<expert_group_spec> expert_groups;  ///< Expert actors.
+  /// Expert placement by policy, resolved against the model by `validate_against_model`:
+  /// `split` divides the routed experts into contiguous, equal halves/thirds/... over
+  /// `expert_policy_nodes`. Empty when experts are placed explicitly or with the stages.
+  std::string expert_policy;
+  std::vector<std::string> expert_policy_nodes;  ///< Nodes the policy spreads experts over.
+  int expert_policy_line = 0;                    ///< Line of the policy entry.
+  int threads = 0;                               ///< Compute threads per process (0: cores).
+  int max_batch = 8;                             ///< Requests per pipeline step at most.
+  int ready_timeout_s = 120;                     ///< How long launch waits for every node.
+
+  /// The node named `name`, or null.
+  const node_spec* find_node(std::string_view name) const noexcept;
+  /// "file:line" for error messages.
+  std::string where(int line) const;
+};
+
+/// Parses YAML text. Relative `model` paths are resolved against `base_dir`. Checks what can
+/// be checked without the model: keys, types, names, ports, node references, duplicate expert
+/// ids, layer ranges that leave gaps or overlap. Throws `shoal::error(errc::invalid_argument)`
+/// whose message starts with "source:line: ".
+cluster_config parse_cluster_config(std::string_view yaml_text, const std::filesystem::path& source,
+                                    const std::filesystem::path& base_dir);
+
+/// Reads and parses a config file.
+cluster_config load_cluster_config(const std::filesystem::path& path);
+
+/// Checks the plan against the model (layers covered exactly, every routed expert placed
+/// exactly once, ids in range) and resolves an expert policy into `expert_groups`.
+void validate_against_model(cluster_config& cluster, const model_config& model);
+
+/// The embedded default: one node, one stage holding every layer and expert.
+cluster_config embedded_cluster_config(const std::filesystem::path& model, std::int64_t num_layers,
+                                       int threads = 0);
+
+}  // namespace shoal::config

@@ -1,0 +1,295 @@
+#include "shoal/config/cluster_config.hpp"
+
+#include "shoal/base/error.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <charconv>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+
+namespace shoal::config {
+namespace {
+
+int line_of(const YAML::Node& node) { return node.Mark().line + 1; }
+
+// Parsing state shared by the helpers: only the source name, for messages.
+struct parser {
+  std::string source;
+
+  [[noreturn]] void error(int line, const std::string& message) const {
+    shoal::fail(errc::invalid_argument, "{}:{}: {}", source, line, message);
+  }
+
+  void require_map(const YAML::Node& node, std::string_view what) const {
+    if (!node.IsMap()) error(line_of(node), fmt::format("{} must be a mapping", what));
+  }
+
+  // Unknown keys are errors: a misspelt key would otherwise silently fall back to a default.
+  void allow_keys(const YAML::Node& node, std::string_view what, std::initializer_list<std::string_view> keys) const {
+    for (const auto& item : node) {
+      const auto key = item.first.as<std::string>();
+      if (std::find(keys.begin(), keys.end(), key) == keys.end())
+        error(line_of(item.first), fmt::format("unknown key '{}' in {} (known: {})", key, what, fmt::join(keys, ", ")));
+    }
+  }
+
+  std::string string_at(const YAML::Node& node, std::string_view what) const {
+    if (!node.IsScalar()) error(line_of(node), fmt::format("{} must be a string", what));
+    return node.Scalar();
+  }
+
+  std::int64_t integer_at(const YAML::Node& node, std::string_view what, std::int64_t lo, std::int64_t hi) const {
+    const std::string text = node.IsScalar() ? node.Scalar() : std::string();
+    std::int64_t value = 0;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (!node.IsScalar() || ec != std::errc() || end != text.data() + text.size())
+      error(line_of(node), fmt::format("{} must be an integer, got '{}'", what, text));
+    if (value < lo || value > hi)
+      error(line_of(node), fmt::format("{} = {} is out of range [{}, {}]", what, value, lo, hi));
+    return value;
+  }
+
+  // "a-b" (inclusive), "a", or an integer: a list of ids.
+  std::vector<std::int64_t> range_at(const YAML::Node& node, std::string_view what) const {
+    std::vector<std::int64_t> ids;
+    auto add_text = [&](const YAML::Node& item) {
+      const std::string text = string_at(item, what);
+      const auto dash = text.find('-');
+      auto number = [&](std::string_view part) {
+        std::int64_t value = 0;
+        const auto [end, ec] = std::from_chars(part.data(), part.data() + part.size(), value);
+        if (part.empty() || ec != std::errc() || end != part.data() + part.size() || value < 0)
+          error(line_of(item), fmt::format("{}: '{}' is not an id or an inclusive range like 0-15", what, text));
+        return value;
+      };
+      if (dash == std::string::npos) {
+        ids.push_back(number(text));
+      } else {
+        const auto first = number(std::string_view(text).substr(0, dash));
+        const auto last = number(std::string_view(text).substr(dash + 1));
+        if (last < first) error(line_of(item), fmt::format("{}: range '{}' is empty", what, text));
+        for (auto i = first; i <= last; ++i) ids.push_back(i);
+      }
+    };
+    if (node.IsSequence()) {
+      for (const auto& item : node) add_text(item);
+    } else {
+      add_text(node);
+    }
+    return ids;
+  }
+};
+
+}  // namespace
+
+const node_spec* cluster_config::find_node(std::string_view name) const noexcept {
+  for (const auto& n : nodes)
+    if (n.name == name) return &n;
+  return nullptr;
+}
+
+std::string cluster_config::where(int line) const { return fmt::format("{}:{}", source.string(), line); }
+
+cluster_config parse_cluster_config(std::string_view yaml_text, const std::filesystem::path& source,
+                                    const std::filesystem::path& base_dir) {
+  parser p{source.string()};
+  YAML::Node root;
+  try {
+    root = YAML::Load(std::string(yaml_text));
+  } catch (const YAML::Exception& e) {
+    p.error(e.mark.line + 1, fmt::format("not valid YAML: {}", e.msg));
+  }
+  if (!root.IsMap()) p.error(1, "the cluster config must be a mapping with keys model, nodes, plan");
+  p.allow_keys(root, "the cluster config", {"model", "nodes", "head", "plan", "threads", "max_batch", "ready_timeout_s"});
+
+  cluster_config c;
+  c.source = source;
+  if (!root["model"]) p.error(1, "missing key 'model' (the checkpoint directory)");
+  std::filesystem::path model = p.string_at(root["model"], "model");
+  c.model = model.is_absolute() ? model : (base_dir / model).lexically_normal();
+  if (root["threads"]) c.threads = static_cast<int>(p.integer_at(root["threads"], "threads", 0, 4096));
+  if (root["max_batch"]) c.max_batch = static_cast<int>(p.integer_at(root["max_batch"], "max_batch", 1, 65536));
+  if (root["ready_timeout_s"])
+    c.ready_timeout_s = static_cast<int>(p.integer_at(root["ready_timeout_s"], "ready_timeout_s", 1, 86400));
+
+  const YAML::Node nodes = root["nodes"];
+  if (!nodes || !nodes.IsSequence() || nodes.size() == 0)
+    p.error(nodes ? line_of(nodes) : 1, "'nodes' must be a non-empty list of {name, host, port, devices}");
+  std::set<std::pair<std::string, std::uint16_t>> endpoints;
+  for (const auto& n : nodes) {
+    p.require_map(n, "a node");
+    p.allow_keys(n, "a node", {"name", "host", "port", "devices"});
+    node_spec spec;
+    spec.line = line_of(n);
+    if (!n["name"]) p.error(spec.line, "node without a 'name'");
+    spec.name = p.string_at(n["name"], "node name");
+    if (spec.name.empty() || spec.name.find_first_of(" \t/:") != std::string::npos)
+      p.error(spec.line, fmt::format("node name '{}' must be non-empty without spaces, '/' or ':'", spec.name));
+    if (c.find_node(spec.name)) p.error(spec.line, fmt::format("node '{}' is defined twice", spec.name));
+    if (n["host"]) spec.host = p.string_at(n["host"], "host");
+    if (!n["port"]) p.error(spec.line, fmt::format("node '{}' has no 'port'", spec.name));
+    spec.port = static_cast<std::uint16_t>(p.integer_at(n["port"], "port", 1, 65535));
+    if (!endpoints.emplace(spec.host, spec.port).second)
+      p.error(line_of(n["port"]), fmt::format("node '{}': {}:{} is already used by another node", spec.name,
+                                              spec.host, spec.port));
+    if (n["devices"]) {
+      if (!n["devices"].IsSequence()) p.error(line_of(n["devices"]), "devices must be a list like [cpu] or [cuda:0]");
+      for (const auto& d : n["devices"]) {
+        const auto device = p.string_at(d, "device");
+        const bool cuda = device.rfind("cuda:", 0) == 0 && device.size() > 5 &&
+                          device.find_first_not_of("0123456789", 5) == std::string::npos;
+        if (device != "cpu" && !cuda)
+          p.error(line_of(d), fmt::format("device '{}' is neither 'cpu' nor 'cuda:N'", device));
+        spec.devices.push_back(device);
+      }
+    }
+    c.nodes.push_back(std::move(spec));
+  }
+
+  auto node_ref = [&](const YAML::Node& n, std::string_view what) {
+    const auto name = p.string_at(n, what);
+    if (!c.find_node(name)) {
+      std::vector<std::string> names;
+      for (const auto& spec : c.nodes) names.push_back(spec.name);
+      p.error(line_of(n), fmt::format("{}: unknown node '{}' (nodes: {})", what, name, fmt::join(names, ", ")));
+    }
+    return name;
+  };
+  c.head = root["head"] ? node_ref(root["head"], "head") : c.nodes.front().name;
+
+  const YAML::Node plan = root["plan"];
+  if (!plan) p.error(1, "missing key 'plan' (pipeline stages and expert placement)");
+  p.require_map(plan, "plan");
+  p.allow_keys(plan, "plan", {"stages", "experts"});
+  const YAML::Node stages = plan["stages"];
+  if (!stages || !stages.IsSequence() || stages.size() == 0)
+    p.error(line_of(plan), "plan.stages must be a non-empty list of {node, layers}");
+  for (const auto& s : stages) {
+    p.require_map(s, "a stage");
+    p.allow_keys(s, "a stage", {"node", "layers"});
+    stage_spec spec;
+    spec.line = line_of(s);
+    if (!s["node"]) p.error(spec.line, "stage without a 'node'");
+    spec.node = node_ref(s["node"], "stage node");
+    if (!s["layers"]) p.error(spec.line, "stage without 'layers' (an inclusive range like 0-2)");
+    const auto layers = p.range_at(s["layers"], "stage layers");
+    for (std::size_t i = 1; i < layers.size(); ++i)
+      if (layers[i] != layers[i - 1] + 1)
+        p.error(line_of(s["layers"]), "stage layers must be one contiguous range like 0-2");
+    spec.layer_begin = layers.front();
+    spec.layer_end = layers.back() + 1;
+    if (!c.stages.empty()) {
+      const auto& prev = c.stages.back();
+      if (spec.layer_begin > prev.layer_end)
+        p.error(spec.line, fmt::format("layers {}-{} are held by no stage (gap between the stage at line {} and this one)",
+                                       prev.layer_end, spec.layer_begin - 1, prev.line));
+      if (spec.layer_begin < prev.layer_end)
+        p.error(spec.line, fmt::format("layers {}-{} overlap the stage at line {} (stages list layers in pipeline order)",
+                                       spec.layer_begin, std::min(spec.layer_end, prev.layer_end) - 1, prev.line));
+    } else if (spec.layer_begin != 0) {
+      p.error(spec.line, fmt::format("layers 0-{} are held by no stage (the first stage must start at layer 0)",
+                                     spec.layer_begin - 1));
+    }
+    c.stages.push_back(spec);
+  }
+
+  if (const YAML::Node experts = plan["experts"]) {
+    if (experts.IsMap()) {
+      p.allow_keys(experts, "plan.experts", {"policy", "nodes"});
+      c.expert_policy_line = line_of(experts);
+      c.expert_policy = experts["policy"] ? p.string_at(experts["policy"], "policy") : "";
+      if (c.expert_policy != "split")
+        p.error(c.expert_policy_line, fmt::format("plan.experts.policy '{}' is unknown (known: split)", c.expert_policy));
+      if (!experts["nodes"] || !experts["nodes"].IsSequence() || experts["nodes"].size() == 0)
+        p.error(c.expert_policy_line, "plan.experts.nodes must list the nodes that hold experts");
+      for (const auto& n : experts["nodes"]) c.expert_policy_nodes.push_back(node_ref(n, "expert node"));
+    } else if (experts.IsSequence()) {
+      std::map<std::int64_t, int> owner_line;
+      for (const auto& g : experts) {
+        p.require_map(g, "an expert group");
+        p.allow_keys(g, "an expert group", {"node", "experts"});
+        expert_group_spec spec;
+        spec.line = line_of(g);
+        if (!g["node"]) p.error(spec.line, "expert group without a 'node'");
+        spec.node = node_ref(g["node"], "expert node");
+        if (!g["experts"]) p.error(spec.line, "expert group without 'experts' (ids or ranges like 0-15)");
+        spec.experts = p.range_at(g["experts"], "experts");
+        for (auto id : spec.experts) {
+          const auto [it, inserted] = owner_line.emplace(id, spec.line);
+          if (!inserted)
+            p.error(line_of(g["experts"]),
+                    fmt::format("expert {} is assigned twice (also at line {})", id, it->second));
+        }
+        std::sort(spec.experts.begin(), spec.experts.end());
+        c.expert_groups.push_back(std::move(spec));
+      }
+    } else {
+      p.error(line_of(experts), "plan.experts must be a list of {node, experts} or {policy: split, nodes: [...]}");
+    }
+  }
+  return c;
+}
+
+cluster_config load_cluster_config(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  if (!in) shoal::fail(errc::not_found, "{}: cannot open the cluster config", path.string());
+  std::stringstream text;
+  text << in.rdbuf();
+  return parse_cluster_config(text.str(), path, path.parent_path());
+}
+
+void validate_against_model(cluster_config& c, const model_config& model) {
+  const auto& last = c.stages.back();
+  if (last.layer_end != model.num_hidden_layers)
+    shoal::fail(errc::invalid_argument, "{}: the last stage ends at layer {} but the model has {} layers (0-{})",
+                c.where(last.line), last.layer_end - 1, model.num_hidden_layers, model.num_hidden_layers - 1);
+  if (!c.expert_policy.empty()) {
+    const auto parts = static_cast<std::int64_t>(c.expert_policy_nodes.size());
+    if (parts > model.n_routed_experts)
+      shoal::fail(errc::invalid_argument, "{}: {} expert nodes for only {} routed experts",
+                  c.where(c.expert_policy_line), parts, model.n_routed_experts);
+    c.expert_groups.clear();
+    for (std::int64_t i = 0; i < parts; ++i) {
+      expert_group_spec g{.node = c.expert_policy_nodes[static_cast<std::size_t>(i)], .experts = {},
+                          .line = c.expert_policy_line};
+      for (auto e = model.n_routed_experts * i / parts; e < model.n_routed_experts * (i + 1) / parts; ++e)
+        g.experts.push_back(e);
+      c.expert_groups.push_back(std::move(g));
+    }
+    c.expert_policy.clear();
+  }
+  if (c.expert_groups.empty()) return;
+  std::vector<bool> placed(static_cast<std::size_t>(model.n_routed_experts), false);
+  for (const auto& g : c.expert_groups)
+    for (auto id : g.experts) {
+      if (id >= model.n_routed_experts)
+        shoal::fail(errc::invalid_argument, "{}: expert {} does not exist (the model has {} routed experts, 0-{})",
+                    c.where(g.line), id, model.n_routed_experts, model.n_routed_experts - 1);
+      placed[static_cast<std::size_t>(id)] = true;
+    }
+  std::vector<std::int64_t> missing;
+  for (std::size_t i = 0; i < placed.size(); ++i)
+    if (!placed[i]) missing.push_back(static_cast<std::int64_t>(i));
+  if (!missing.empty())
+    shoal::fail(errc::invalid_argument, "{}: routed experts {} are placed on no expert group",
+                c.where(c.expert_groups.front().line), fmt::join(missing, ","));
+}
+
+cluster_config embedded_cluster_config(const std::filesystem::path& model, std::int64_t num_layers, int threads) {
+  cluster_config c;
+  c.source = "<embedded>";
+  c.model = model;
+  c.nodes.push_back({.name = "local", .host = "127.0.0.1", .port = 0, .devices = {"cpu"}, .line = 0});
+  c.head = "local";
+  c.stages.push_back({.node = "local", .layer_begin = 0, .layer_end = num_layers, .line = 0});
+  c.threads = threads;
+  return c;
+}
+
+}  // namespace shoal::config

@@ -1,0 +1,155 @@
+// Cluster configs: what parses, and that every mistake is refused naming file and line.
+
+#include "shoal/base/error.hpp"
+#include "shoal/config/cluster_config.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <string>
+
+using shoal::config::parse_cluster_config;
+
+namespace {
+
+const char* const kGood = R"(model: ckpt
+nodes:
+  - name: a
+    port: 7000
+  - name: b
+    host: 10.0.0.2
+    port: 7000
+    devices: [cpu, cuda:1]
+  - name: c
+    port: 7001
+plan:
+  stages:
+    - node: a
+      layers: 0-2
+    - node: b
+      layers: 3-5
+  experts:
+    - node: b
+      experts: 0-15
+    - node: c
+      experts: [16-30, 31]
+)";
+
+// The error message of parsing `text`, or "" when it parses.
+std::string error_of(const std::string& text) {
+  try {
+    parse_cluster_config(text, "cluster.yaml", "/base");
+  } catch (const shoal::error& e) {
+    CHECK(e.code() == shoal::errc::invalid_argument);
+    return e.what();
+  }
+  return "";
+}
+
+std::string replace(std::string text, const std::string& from, const std::string& to) {
+  const auto pos = text.find(from);
+  REQUIRE(pos != std::string::npos);
+  return text.replace(pos, from.size(), to);
+}
+
+shoal::config::model_config model(std::int64_t layers, std::int64_t experts) {
+  shoal::config::model_config m;
+  m.num_hidden_layers = layers;
+  m.n_routed_experts = experts;
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("a good cluster config parses with everything in place") {
+  const auto c = parse_cluster_config(kGood, "cluster.yaml", "/base");
+  CHECK(c.model == "/base/ckpt");
+  REQUIRE(c.nodes.size() == 3);
+  CHECK(c.nodes[0].host == "127.0.0.1");
+  CHECK(c.nodes[1].host == "10.0.0.2");
+  CHECK(c.nodes[1].devices == std::vector<std::string>{"cpu", "cuda:1"});
+  CHECK(c.nodes[2].line == 9);
+  CHECK(c.head == "a");
+  REQUIRE(c.stages.size() == 2);
+  CHECK(c.stages[1].layer_begin == 3);
+  CHECK(c.stages[1].layer_end == 6);
+  REQUIRE(c.expert_groups.size() == 2);
+  CHECK(c.expert_groups[1].experts.size() == 16);
+  CHECK(c.expert_groups[1].experts.back() == 31);
+  auto copy = c;
+  CHECK_NOTHROW(shoal::config::validate_against_model(copy, model(6, 32)));
+}
+
+TEST_CASE("cluster config mistakes are refused with file and line") {
+  CHECK(error_of(replace(kGood, "    - node: b\n      layers: 3-5", "    - node: x\n      layers: 3-5"))
+            .find("cluster.yaml:15: stage node: unknown node 'x' (nodes: a, b, c)") != std::string::npos);
+  CHECK(error_of(replace(kGood, "layers: 3-5", "layers: 4-5")).find("cluster.yaml:15: layers 3-3 are held by no stage") !=
+        std::string::npos);
+  CHECK(error_of(replace(kGood, "layers: 3-5", "layers: 2-5")).find("cluster.yaml:15: layers 2-2 overlap") !=
+        std::string::npos);
+  CHECK(error_of(replace(kGood, "layers: 0-2", "layers: 1-2")).find("cluster.yaml:13: layers 0-0 are held by no stage") !=
+        std::string::npos);
+  CHECK(error_of(replace(kGood, "[16-30, 31]", "[15-31]")).find("cluster.yaml:21: expert 15 is assigned twice (also at line 18)") !=
+        std::string::npos);
+  CHECK(error_of(replace(kGood, "port: 7001", "port: 70000")).find("cluster.yaml:10: port = 70000 is out of range") !=
+        std::string::npos);
+  CHECK(error_of(replace(kGood, "port: 7001", "port: 7000")).find("cluster.yaml:10: node 'c': 127.0.0.1:7000 is already used") !=
+        std::string::npos);
+  CHECK(error_of(replace(kGood, "  - name: c", "  - name: a")).find("cluster.yaml:9: node 'a' is defined twice") !=
+        std::string::npos);
+  CHECK(error_of(replace(kGood, "cuda:1", "gpu1")).find("cluster.yaml:8: device 'gpu1'") != std::string::npos);
+  CHECK(error_of(replace(kGood, "      layers: 0-2", "      layer: 0-2")).find("cluster.yaml:14: unknown key 'layer'") !=
+        std::string::npos);
+  CHECK(error_of(replace(kGood, "model: ckpt", "model: [ckpt")).find("cluster.yaml:") != std::string::npos);
+  CHECK(error_of(replace(kGood, "experts: 0-15", "experts: 15-0")).find("cluster.yaml:19: experts: range '15-0' is empty") !=
+        std::string::npos);
+}
+
+TEST_CASE("cluster configs are checked against the model") {
+  auto c = parse_cluster_config(kGood, "cluster.yaml", "/base");
+  try {
+    shoal::config::validate_against_model(c, model(8, 32));
+    FAIL("8 layers accepted");
+  } catch (const shoal::error& e) {
+    CHECK(std::string(e.what()).find("cluster.yaml:15: the last stage ends at layer 5 but the model has 8 layers") !=
+          std::string::npos);
+  }
+  auto missing = parse_cluster_config(replace(kGood, "[16-30, 31]", "[16-30]"), "cluster.yaml", "/base");
+  try {
+    shoal::config::validate_against_model(missing, model(6, 32));
+    FAIL("expert 31 missing accepted");
+  } catch (const shoal::error& e) {
+    CHECK(std::string(e.what()).find("routed experts 31 are placed on no expert group") != std::string::npos);
+  }
+  auto extra = parse_cluster_config(replace(kGood, "[16-30, 31]", "[16-31, 40]"), "cluster.yaml", "/base");
+  CHECK_THROWS_WITH(shoal::config::validate_against_model(extra, model(6, 32)),
+                    Catch::Contains("cluster.yaml:20: expert 40 does not exist"));
+}
+
+TEST_CASE("the split policy divides experts into contiguous, disjoint groups") {
+  auto c = parse_cluster_config(replace(kGood, R"(  experts:
+    - node: b
+      experts: 0-15
+    - node: c
+      experts: [16-30, 31]
+)", "  experts: {policy: split, nodes: [b, c, a]}\n"),
+                                "cluster.yaml", "/base");
+  shoal::config::validate_against_model(c, model(6, 32));
+  REQUIRE(c.expert_groups.size() == 3);
+  CHECK(c.expert_groups[0].experts.front() == 0);
+  CHECK(c.expert_groups[0].experts.back() == 9);
+  CHECK(c.expert_groups[1].experts.front() == 10);
+  CHECK(c.expert_groups[2].experts.back() == 31);
+  CHECK(c.expert_groups[0].experts.size() + c.expert_groups[1].experts.size() + c.expert_groups[2].experts.size() == 32);
+  CHECK(error_of(replace(kGood, R"(    - node: b
+      experts: 0-15
+    - node: c
+      experts: [16-30, 31]
+)", "    policy: even\n")).find("cluster.yaml:18: plan.experts.policy 'even' is unknown") != std::string::npos);
+}
+
+TEST_CASE("the example configs parse and fit the golden model") {
+  for (const char* name : {"embedded.yaml", "local-4.yaml"}) {
+    auto c = shoal::config::load_cluster_config(std::string(SHOAL_SOURCE_DIR) + "/config/examples/" + name);
+    CHECK_NOTHROW(shoal::config::validate_against_model(c, model(6, 32)));
+  }
+}

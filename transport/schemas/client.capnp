@@ -31,6 +31,7 @@ struct GenerateRequest {
   sampling @4 :SamplingOptions;
   deadlineUnixMs @5 :UInt64;          # 0 = no deadline.
   model @6 :Text;                     # "" = the default model.
+  wantLogits @7 :Bool;                # Return each token's logits with it (tests, eval).
 }
 
 enum FinishReason {
@@ -47,6 +48,8 @@ struct TokenChunk {
   tokens @1 :List(Int32);
   text @2 :Text;                      # Detokenized text of `tokens`.
   finish @3 :FinishReason;
+  hasLogits @4 :Bool;
+  logits @5 :Common.TensorRef;        # [tokens, vocab] f32 when the request wanted logits.
 }
 
 struct Cancel {

@@ -19,6 +19,7 @@ struct StepBatch {
   step @0 :UInt64;
   entries @1 :List(BatchEntry);
   sampling @2 :List(SamplingParams);  # Parallel to entries.
+  wantLogits @3 :Bool;                # The last stage returns the logits it sampled from.
 }
 
 # Per-request sampling parameters carried with the batch to the last stage.
@@ -36,6 +37,7 @@ struct Activations {
   hidden @2 :Common.TensorRef;        # [tokens, hidden_size].
   entries @3 :List(BatchEntry);       # Layout of the token rows, as in StepBatch.
   sampling @4 :List(SamplingParams);
+  wantLogits @5 :Bool;                # As in StepBatch.
 }
 
 # Stage -> expert actor: only the token rows routed to that actor's experts in one layer.

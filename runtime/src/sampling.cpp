@@ -86,7 +86,8 @@ token_id sampler::sample(std::span<const float> logits) {
       in_order = false;
     }
 
-    const float max_logit = std::max_element(candidates_.begin(), candidates_.end(), better)->first;
+    // `better` orders best first, so the best candidate is the minimum under it.
+    const float max_logit = std::min_element(candidates_.begin(), candidates_.end(), better)->first;
     double total = 0.0;
     for (const auto& c : candidates_) total += std::exp(static_cast<double>(c.first - max_logit));
 

@@ -18,8 +18,8 @@ namespace shoal::runtime {
 /// When a completion ends.
 struct completion_limits {
   std::int64_t max_tokens = 256;          ///< Generated tokens at most (>= 1).
-  std::vector<std::string> stop;          ///< Stop strings (non-empty); the text ends before the first one.
-  std::vector<token_id> stop_token_ids;   ///< Ids that end generation and are not shown (EOS).
+  std::vector<std::string> stop{};        ///< Stop strings (non-empty); the text ends before the first one.
+  std::vector<token_id> stop_token_ids{}; ///< Ids that end generation and are not shown (EOS).
 };
 
 /// Why a completion ended.

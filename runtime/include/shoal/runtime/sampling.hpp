@@ -27,7 +27,7 @@ struct sampling_params {
   float repetition_penalty = 1.0f;  ///< >1 discourages any token already in prompt or output.
   float frequency_penalty = 0.0f;   ///< Subtracted from a logit once per earlier occurrence in the output.
   float presence_penalty = 0.0f;    ///< Subtracted from a logit if the token occurred in the output.
-  std::optional<std::uint64_t> seed;  ///< Same seed, same logits: same tokens. None: random.
+  std::optional<std::uint64_t> seed{};  ///< Same seed, same logits: same tokens. None: random.
 };
 
 /// Throws `invalid_argument` naming the parameter when `p` is out of range (negative

@@ -1,0 +1,176 @@
+#include "shoal/runtime/chat_template.hpp"
+
+#include "shoal/base/error.hpp"
+#include "shoal/runtime/tokenizer.hpp"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+using namespace shoal;
+using namespace shoal::runtime;
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kData = fs::path(SHOAL_TEST_DATA_DIR) / "tokenizer";
+// Debian's interpreter with python3-jinja2; a python3 earlier on PATH may lack Jinja2.
+constexpr const char* kPython = "/usr/bin/python3";
+
+struct chat_case {
+  std::vector<chat_message> messages;
+  bool add_generation_prompt = true;
+};
+
+chat_message msg(std::string role, std::string content) { return {std::move(role), std::move(content), {}}; }
+chat_message calls(std::vector<chat_tool_call> tool_calls) { return {"assistant", std::nullopt, std::move(tool_calls)}; }
+chat_tool_call call(std::string name, std::string arguments) { return {"function", std::move(name), std::move(arguments)}; }
+
+nlohmann::json to_json(const chat_case& c) {
+  nlohmann::json messages = nlohmann::json::array();
+  for (const auto& m : c.messages) {
+    nlohmann::json j{{"role", m.role}, {"content", m.content ? nlohmann::json(*m.content) : nlohmann::json(nullptr)}};
+    if (!m.tool_calls.empty()) {
+      j["tool_calls"] = nlohmann::json::array();
+      for (const auto& t : m.tool_calls)
+        j["tool_calls"].push_back({{"type", t.type}, {"function", {{"name", t.name}, {"arguments", t.arguments}}}});
+    }
+    messages.push_back(std::move(j));
+  }
+  return {{"messages", messages}, {"add_generation_prompt", c.add_generation_prompt}};
+}
+
+std::vector<std::string> render_with_jinja(const std::vector<chat_case>& cases) {
+  const auto dir = fs::temp_directory_path() / ("shoal-chat-" + std::to_string(std::random_device{}()));
+  fs::create_directories(dir);
+  nlohmann::json all = nlohmann::json::array();
+  for (const auto& c : cases) all.push_back(to_json(c));
+  std::ofstream(dir / "cases.json") << all.dump();
+  const std::string script = fs::path(__FILE__).parent_path() / "render_chat_template.py";
+  const std::string command = std::string(kPython) + " " + script + " " + (kData / "tokenizer_config.json").string() + " " +
+                              (dir / "cases.json").string() + " > " + (dir / "out.json").string();
+  const int rc = std::system(command.c_str());
+  INFO("command: " << command << " (needs Debian's python3-jinja2, see tools/setup/install-deps.sh)");
+  REQUIRE(rc == 0);
+  std::ifstream in(dir / "out.json");
+  const auto rendered = nlohmann::json::parse(in).get<std::vector<std::string>>();
+  fs::remove_all(dir);
+  return rendered;
+}
+
+std::vector<chat_case> handwritten_cases() {
+  const auto weather = call("get_weather", R"({"city": "Paris", "unit": "celsius"})");
+  const auto time = call("get_time", R"({"tz": "Europe/Paris"})");
+  return {
+      {{msg("user", "Hello!")}, true},
+      {{msg("user", "Hello!")}, false},
+      {{}, true},
+      {{msg("system", "You are terse.")}, true},
+      {{msg("system", "You are terse."), msg("user", "What is 2+2?")}, true},
+      {{msg("system", "First."), msg("system", "Second."), msg("user", "hi")}, true},
+      {{msg("user", "hi"), msg("system", "late system prompt"), msg("assistant", "hello")}, false},
+      {{msg("user", "Hi"), msg("assistant", "Hello! How can I help?"), msg("user", "Tell me a joke."),
+        msg("assistant", "Why did the chicken cross the road?"), msg("user", "Why?")},
+       true},
+      {{msg("user", "Weather in Paris?"), calls({weather}), msg("tool", R"({"temp": 21})"),
+        msg("assistant", "It is 21 °C in Paris."), msg("user", "Thanks")},
+       true},
+      {{msg("user", "Weather and time?"), calls({weather, time}), msg("tool", R"({"temp": 21})"),
+        msg("tool", R"({"time": "12:00"})"), msg("assistant", "21 °C, noon.")},
+       true},
+      {{msg("user", "Three calls"), calls({weather, time, weather}), msg("tool", "a"), msg("tool", "b"), msg("tool", "c")}, true},
+      {{msg("user", "Weather?"), calls({weather}), msg("tool", "sunny")}, true},
+      {{msg("user", "Weather?"), calls({weather}), msg("tool", "sunny")}, false},
+      {{msg("user", "a"), calls({weather}), msg("tool", "x"), msg("assistant", "b"), msg("user", "again"), calls({time}),
+        msg("tool", "y"), msg("assistant", "c")},
+       true},
+      {{msg("user", "empty answer"), msg("assistant", "")}, true},
+      {{msg("user", "no calls"), calls({})}, true},
+      {{msg("developer", "ignored role"), msg("user", "hi")}, true},
+      {{msg("user", "中文：你好，世界！😀 <｜User｜> </think> \n\n trailing  ")}, true},
+      {{msg("user", "think"), msg("assistant", "<think>\nreasoning\n</think>\n\nanswer")}, true},
+  };
+}
+
+std::vector<chat_case> random_cases(int count) {
+  std::mt19937 rng(1234);
+  const std::vector<std::string> texts = {"hi", "Hello, world!", "", "line\nbreak", "中文", "😀", "{\"a\": 1}",
+                                          "  spaced  ", "<｜Assistant｜>", "```json\n{}\n```"};
+  auto text = [&] { return texts[rng() % texts.size()]; };
+  std::vector<chat_case> cases;
+  for (int i = 0; i < count; ++i) {
+    chat_case c;
+    c.add_generation_prompt = rng() % 2 == 0;
+    const int n = static_cast<int>(rng() % 9);
+    for (int k = 0; k < n; ++k) {
+      switch (rng() % 5) {
+        case 0: c.messages.push_back(msg("system", text())); break;
+        case 1: c.messages.push_back(msg("user", text())); break;
+        case 2: c.messages.push_back(msg("assistant", text())); break;
+        case 3: {
+          std::vector<chat_tool_call> tc;
+          for (int t = 0, m = 1 + static_cast<int>(rng() % 3); t < m; ++t) tc.push_back(call("f" + std::to_string(t), text()));
+          c.messages.push_back(calls(tc));
+          break;
+        }
+        default: c.messages.push_back(msg("tool", text())); break;
+      }
+    }
+    cases.push_back(std::move(c));
+  }
+  return cases;
+}
+
+}  // namespace
+
+TEST_CASE("chat template: renders exactly like Jinja2 on every test conversation", "[chat]") {
+  const auto tok = tokenizer::load(kData);
+  const auto tmpl = chat_template::for_tokenizer(tok);
+  CHECK(tmpl.kind() == chat_template_kind::deepseek_v3);
+  auto cases = handwritten_cases();
+  const auto extra = random_cases(300);
+  cases.insert(cases.end(), extra.begin(), extra.end());
+  const auto want = render_with_jinja(cases);
+  REQUIRE(want.size() == cases.size());
+  int mismatches = 0;
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    const auto got = tmpl.render(cases[i].messages, cases[i].add_generation_prompt);
+    if (got != want[i]) {
+      ++mismatches;
+      UNSCOPED_INFO("case " << i << " " << to_json(cases[i]).dump() << "\n got: " << nlohmann::json(got).dump()
+                            << "\nwant: " << nlohmann::json(want[i]).dump());
+    }
+  }
+  CHECK(mismatches == 0);
+}
+
+TEST_CASE("chat template: the prompt starts with BOS and ends with the assistant opener", "[chat]") {
+  const auto tok = tokenizer::load(kData);
+  const auto tmpl = chat_template::for_tokenizer(tok);
+  const std::vector<chat_message> conversation = {msg("user", "Hello")};
+  const auto ids = tok.encode(tmpl.render(conversation, true));
+  REQUIRE(ids.size() >= 3);
+  CHECK(ids.front() == *tok.bos_id());
+  CHECK(ids[1] == *tok.find_token("<｜User｜>"));
+  CHECK(ids.back() == *tok.find_token("<｜Assistant｜>"));
+}
+
+TEST_CASE("chat template: unknown templates and invalid messages are refused", "[chat]") {
+  const auto tok = tokenizer::load(kData);
+  try {
+    (void)chat_template::from_source(tok.chat_template_source() + " ", tok.bos_token());
+    FAIL("an altered template was accepted");
+  } catch (const shoal::error& e) {
+    CHECK(e.code() == errc::failed_precondition);
+    CHECK_THAT(e.what(), Catch::Contains("chat_template"));
+  }
+  CHECK_THROWS_AS(chat_template::from_source("", tok.bos_token()), shoal::error);
+  const auto tmpl = chat_template::for_tokenizer(tok);
+  const std::vector<chat_message> bad = {{"user", std::nullopt, {}}};
+  CHECK_THROWS_AS(tmpl.render(bad, true), shoal::error);
+}

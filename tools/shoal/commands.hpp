@@ -13,4 +13,7 @@ void add_model_commands(CLI::App& app);
 /// bench: CPU model speed against the measured memory roofline.
 void add_bench_command(CLI::App& app);
 
+/// tokenize, detokenize, bench-tokenizer: the checkpoint's tokenizer.
+void add_text_commands(CLI::App& app);
+
 }  // namespace shoal::tools

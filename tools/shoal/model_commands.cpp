@@ -4,8 +4,14 @@
 
 #include "shoal/base/error.hpp"
 #include "shoal/kernels/thread_pool.hpp"
+#include "shoal/runtime/chat_template.hpp"
+#include "shoal/runtime/completion.hpp"
+#include "shoal/runtime/embedded_tokenizer.hpp"
 #include "shoal/runtime/make_model.hpp"
 #include "shoal/runtime/model.hpp"
+#include "shoal/runtime/reasoning.hpp"
+#include "shoal/runtime/sampling.hpp"
+#include "shoal/runtime/tokenizer.hpp"
 #include "shoal/runtime/weights.hpp"
 
 #include <CLI/CLI.hpp>
@@ -13,6 +19,9 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -109,6 +118,8 @@ void add_make_model(CLI::App& app) {
     const auto config = runtime::model_preset(o->preset, o->fp8);
     runtime::write_random_model(config, o->out, o->seed,
                                 [](const std::string& line) { fmt::print(stderr, "[make-model] {}\n", line); });
+    // The presets use DeepSeek-V3's vocabulary, so the checkpoint gets its tokenizer and text works.
+    runtime::write_deepseek_v3_tokenizer(o->out);
     fmt::print(stderr, "[make-model] {} model written to {} in {:.1f} s\n", o->preset, o->out, seconds_since(start));
   });
 }
@@ -156,56 +167,206 @@ void add_eval(CLI::App& app) {
   });
 }
 
-void add_generate(CLI::App& app) {
-  struct options {
-    model_options model;
-    std::string tokens;
-    int max_new_tokens = 16;
-    double temperature = 0.0;
-    bool json = false;
+struct generate_options {
+  model_options model;
+  std::string tokens;
+  std::string prompt;
+  std::string chat;
+  std::string system;
+  int max_new_tokens = 0;  // 0: the mode's default
+  runtime::sampling_params sampling;
+  std::uint64_t seed = 0;
+  bool seeded = false;
+  std::vector<std::string> stop;
+  bool ignore_eos = false;
+  bool hide_reasoning = false;
+  bool json = false;
+};
+
+// Token ids in, token ids out: the mode golden tests use; greedy unless sampling is asked for.
+void generate_tokens(const generate_options& o) {
+  if (!o.stop.empty()) shoal::fail(errc::invalid_argument, "--stop needs text: use --prompt or --chat instead of --tokens");
+  const auto prompt = parse_token_list(o.tokens);
+  const int max_new_tokens = o.max_new_tokens > 0 ? o.max_new_tokens : 16;
+  auto m = load(o.model);
+  const auto& config = m.net->config();
+  const std::int64_t capacity = static_cast<std::int64_t>(prompt.size()) + max_new_tokens;
+  if (capacity > config.max_position_embeddings)
+    shoal::fail(errc::invalid_argument, "prompt ({}) + --max-new-tokens ({}) exceeds the model's context of {}",
+                prompt.size(), max_new_tokens, config.max_position_embeddings);
+  runtime::sampler sampler(o.sampling, prompt);
+  runtime::latent_cache cache(config, capacity);
+  std::vector<std::int32_t> generated;
+  auto start = clock_type::now();
+  runtime::sequence_step step{&cache, prompt};
+  auto logits = m.net->forward(std::span(&step, 1));
+  const double prefill_seconds = seconds_since(start);
+  generated.push_back(sampler.sample(logits));
+  start = clock_type::now();
+  while (static_cast<int>(generated.size()) < max_new_tokens) {
+    step.tokens = std::span(&generated.back(), 1);
+    logits = m.net->forward(std::span(&step, 1));
+    generated.push_back(sampler.sample(logits));
+  }
+  const double decode_seconds = seconds_since(start);
+  if (!o.model.quiet) {
+    fmt::print(stderr, "[generate] prefill {} tokens in {:.3f} s ({:.1f} tokens/s)\n", prompt.size(),
+               prefill_seconds, static_cast<double>(prompt.size()) / prefill_seconds);
+    if (generated.size() > 1)
+      fmt::print(stderr, "[generate] decoded {} tokens in {:.3f} s ({:.1f} tokens/s)\n", generated.size() - 1,
+                 decode_seconds, static_cast<double>(generated.size() - 1) / decode_seconds);
+  }
+  if (o.json)
+    fmt::print("{}\n", nlohmann::json{{"tokens", generated}}.dump());
+  else
+    fmt::print("{}\n", fmt::join(generated, ","));
+}
+
+// Text in, text out, streamed as it is produced. With --chat, R1-style reasoning goes to
+// stderr (dimmed on a terminal) so that stdout carries only the answer.
+void generate_text(const generate_options& o, bool chat) {
+  const auto tok = runtime::tokenizer::load(o.model.dir);  // before the weights: fail fast
+  std::vector<runtime::token_id> prompt;
+  std::string prompt_text;
+  if (chat) {
+    std::vector<runtime::chat_message> messages;
+    if (!o.system.empty()) messages.push_back({"system", o.system, {}});
+    messages.push_back({"user", o.chat, {}});
+    prompt_text = runtime::chat_template::for_tokenizer(tok).render(messages, /*add_generation_prompt=*/true);
+  } else {
+    prompt_text = o.prompt;
+    if (tok.add_bos_token() && tok.bos_id()) prompt.push_back(*tok.bos_id());
+  }
+  tok.encode_into(prompt_text, prompt);
+  if (prompt.empty()) shoal::fail(errc::invalid_argument, "the prompt is empty");
+
+  auto m = load(o.model);
+  const auto& config = m.net->config();
+  for (const auto id : prompt)
+    if (id >= config.vocab_size)
+      shoal::fail(errc::failed_precondition, "the tokenizer's id {} is outside the model's vocabulary ({} ids); "
+                  "tokenizer.json does not belong to this checkpoint", id, config.vocab_size);
+  const auto prompt_tokens = static_cast<std::int64_t>(prompt.size());
+  if (prompt_tokens >= config.max_position_embeddings)
+    shoal::fail(errc::invalid_argument, "the prompt has {} tokens; the model's context is {}", prompt_tokens,
+                config.max_position_embeddings);
+  std::int64_t max_new_tokens = o.max_new_tokens > 0 ? o.max_new_tokens : 256;
+  if (prompt_tokens + max_new_tokens > config.max_position_embeddings) {
+    max_new_tokens = config.max_position_embeddings - prompt_tokens;
+    if (!o.model.quiet)
+      fmt::print(stderr, "[generate] generating at most {} tokens: the model's context is {}\n", max_new_tokens,
+                 config.max_position_embeddings);
+  }
+
+  runtime::sampling_params params = o.sampling;
+  if (o.seeded) params.seed = o.seed;
+  runtime::sampler sampler(params, prompt, std::min<std::int64_t>(tok.id_limit(), config.vocab_size));
+  runtime::completion_limits limits;
+  limits.max_tokens = max_new_tokens;
+  limits.stop = o.stop;
+  if (!o.ignore_eos && tok.eos_id()) limits.stop_token_ids.push_back(*tok.eos_id());
+  runtime::completion_stream stream(tok, limits);
+  const bool opened_think = prompt_text.ends_with("<think>\n") || prompt_text.ends_with("<think>");
+  runtime::reasoning_parser reasoning(opened_think);
+  std::string content, reasoning_text;
+  const bool dim = isatty(fileno(stderr)) != 0;
+  bool reasoning_shown = false;
+  auto show = [&](const runtime::reasoning_split& part) {
+    content += part.content;
+    reasoning_text += part.reasoning;
+    if (o.json) return;
+    if (!part.reasoning.empty() && !o.hide_reasoning) {
+      fmt::print(stderr, "{}{}{}", dim ? "\x1b[2m" : "", part.reasoning, dim ? "\x1b[0m" : "");
+      std::fflush(stderr);
+      reasoning_shown = true;
+    }
+    if (!part.content.empty()) {
+      if (reasoning_shown && !o.hide_reasoning) {
+        fmt::print(stderr, "\n");  // the answer starts below the reasoning
+        reasoning_shown = false;
+      }
+      fmt::print("{}", part.content);
+      std::fflush(stdout);
+    }
   };
-  auto o = std::make_shared<options>();
-  auto* cmd = app.add_subcommand("generate", "Continue a token sequence (greedy, with the latent KV cache)");
+  auto emit = [&](const std::string& text) {
+    if (text.empty()) return;
+    show(chat ? reasoning.push(text) : runtime::reasoning_split{{}, text});
+  };
+
+  runtime::latent_cache cache(config, prompt_tokens + max_new_tokens);
+  auto start = clock_type::now();
+  runtime::sequence_step step{&cache, prompt};
+  auto logits = m.net->forward(std::span(&step, 1));
+  const double prefill_seconds = seconds_since(start);
+  start = clock_type::now();
+  for (;;) {
+    const runtime::token_id next = sampler.sample(logits);
+    emit(stream.push(next));
+    if (stream.finished()) break;
+    step.tokens = std::span(&next, 1);
+    logits = m.net->forward(std::span(&step, 1));
+  }
+  if (chat) show(reasoning.finish());
+  const double decode_seconds = seconds_since(start);
+  const auto completion_tokens = stream.tokens().size();
+
+  if (o.json) {
+    nlohmann::json out{{"text", stream.text()},
+                       {"finish_reason", runtime::finish_reason_name(stream.reason())},
+                       {"tokens", stream.tokens()},
+                       {"usage", {{"prompt_tokens", prompt_tokens}, {"completion_tokens", completion_tokens}}},
+                       {"seed", sampler.seed()}};
+    if (chat) {
+      out["content"] = content;
+      out["reasoning_content"] = reasoning_text.empty() ? nlohmann::json(nullptr) : nlohmann::json(reasoning_text);
+    }
+    if (!stream.matched_stop().empty()) out["stop"] = stream.matched_stop();
+    fmt::print("{}\n", out.dump());
+  } else {
+    fmt::print("\n");
+  }
+  if (!o.model.quiet)
+    fmt::print(stderr, "[generate] prompt {} tokens in {:.3f} s; {} tokens in {:.3f} s ({:.1f} tokens/s); finish: {}; seed {}\n",
+               prompt_tokens, prefill_seconds, completion_tokens, decode_seconds,
+               static_cast<double>(completion_tokens) / decode_seconds, runtime::finish_reason_name(stream.reason()),
+               sampler.seed());
+}
+
+void add_generate(CLI::App& app) {
+  auto o = std::make_shared<generate_options>();
+  auto* cmd = app.add_subcommand("generate", "Generate from token ids, a text prompt or a chat message (streamed)");
   add_model_options(cmd, o->model);
-  cmd->add_option("--tokens", o->tokens, "Comma-separated prompt token ids")->required();
-  cmd->add_option("--max-new-tokens", o->max_new_tokens, "Tokens to generate")->capture_default_str()->check(CLI::Range(1, 1 << 20));
-  cmd->add_option("--temperature", o->temperature, "0: greedy")->capture_default_str()->check(CLI::Range(0.0, 100.0));
-  cmd->add_flag("--json", o->json, "Print {\"tokens\": [...]}");
-  cmd->callback([o] {
-    if (o->temperature != 0.0)
-      shoal::fail(errc::invalid_argument, "--temperature {}: token-id generation is greedy only; use 0", o->temperature);
-    const auto prompt = parse_token_list(o->tokens);
-    auto m = load(o->model);
-    const auto& config = m.net->config();
-    const std::int64_t capacity = static_cast<std::int64_t>(prompt.size()) + o->max_new_tokens;
-    if (capacity > config.max_position_embeddings)
-      shoal::fail(errc::invalid_argument, "prompt ({}) + --max-new-tokens ({}) exceeds the model's context of {}",
-                  prompt.size(), o->max_new_tokens, config.max_position_embeddings);
-    runtime::latent_cache cache(config, capacity);
-    std::vector<std::int32_t> generated;
-    auto start = clock_type::now();
-    runtime::sequence_step step{&cache, prompt};
-    auto logits = m.net->forward(std::span(&step, 1));
-    const double prefill_seconds = seconds_since(start);
-    generated.push_back(runtime::argmax(logits));
-    start = clock_type::now();
-    while (static_cast<int>(generated.size()) < o->max_new_tokens) {
-      step.tokens = std::span(&generated.back(), 1);
-      logits = m.net->forward(std::span(&step, 1));
-      generated.push_back(runtime::argmax(logits));
-    }
-    const double decode_seconds = seconds_since(start);
-    if (!o->model.quiet) {
-      fmt::print(stderr, "[generate] prefill {} tokens in {:.3f} s ({:.1f} tokens/s)\n", prompt.size(),
-                 prefill_seconds, static_cast<double>(prompt.size()) / prefill_seconds);
-      if (generated.size() > 1)
-        fmt::print(stderr, "[generate] decoded {} tokens in {:.3f} s ({:.1f} tokens/s)\n", generated.size() - 1,
-                   decode_seconds, static_cast<double>(generated.size() - 1) / decode_seconds);
-    }
-    if (o->json)
-      fmt::print("{}\n", nlohmann::json{{"tokens", generated}}.dump());
-    else
-      fmt::print("{}\n", fmt::join(generated, ","));
+  auto* tokens = cmd->add_option("--tokens", o->tokens, "Comma-separated prompt token ids; prints token ids");
+  auto* prompt = cmd->add_option("--prompt", o->prompt, "Text to continue (BOS added as tokenizer_config.json says)");
+  auto* chat = cmd->add_option("--chat", o->chat, "A user message, sent through the checkpoint's chat template");
+  tokens->excludes(prompt)->excludes(chat);
+  prompt->excludes(chat);
+  cmd->add_option("--system", o->system, "System message for --chat")->needs(chat);
+  cmd->add_option("--max-new-tokens", o->max_new_tokens, "Tokens to generate at most (default: 16 with --tokens, 256 with text)")
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--temperature", o->sampling.temperature, "0: greedy")->capture_default_str()->check(CLI::Range(0.0, 100.0));
+  cmd->add_option("--top-k", o->sampling.top_k, "Sample among the k most likely tokens (0: off)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--top-p", o->sampling.top_p, "Nucleus sampling: smallest set with this probability (1: off)");
+  cmd->add_option("--min-p", o->sampling.min_p, "Drop tokens below min-p times the most likely (0: off)");
+  cmd->add_option("--repetition-penalty", o->sampling.repetition_penalty, "> 1 discourages tokens of prompt and output (1: off)");
+  cmd->add_option("--frequency-penalty", o->sampling.frequency_penalty, "Per occurrence in the output, -2..2 (0: off)");
+  cmd->add_option("--presence-penalty", o->sampling.presence_penalty, "Once per token present in the output, -2..2 (0: off)");
+  auto* seed = cmd->add_option("--seed", o->seed, "Random seed: the same seed gives the same text (default: random)");
+  cmd->add_option("--stop", o->stop, "Stop before this text (repeatable; not printed)");
+  cmd->add_flag("--ignore-eos", o->ignore_eos, "Keep generating after the end-of-sentence token");
+  cmd->add_flag("--hide-reasoning", o->hide_reasoning, "With --chat, do not show <think> reasoning on stderr");
+  cmd->add_flag("--json", o->json,
+                "Print the result at the end as JSON ({\"tokens\": [...]} with --tokens; text, content, "
+                "reasoning_content, finish_reason, tokens, usage with text)");
+  cmd->callback([o, tokens, prompt, chat, seed] {
+    o->seeded = seed->count() > 0;
+    if (o->seeded) o->sampling.seed = o->seed;
+    runtime::validate(o->sampling);
+    if (tokens->count() > 0) return generate_tokens(*o);
+    if (prompt->count() > 0) return generate_text(*o, /*chat=*/false);
+    if (chat->count() > 0) return generate_text(*o, /*chat=*/true);
+    shoal::fail(errc::invalid_argument, "generate needs a prompt: --tokens IDS, --prompt TEXT or --chat MESSAGE");
   });
 }
 

@@ -1,6 +1,8 @@
 #include "shoal/actors/client.hpp"
 
+#include "client_impl.hpp"
 #include "cluster_impl.hpp"
+#include "remote.hpp"
 
 #include <caf/exit_reason.hpp>
 #include <caf/scoped_actor.hpp>
@@ -12,16 +14,9 @@
 #include <mutex>
 
 namespace shoal {
-namespace {
 
-// Chunks that arrived, per request, until `next` takes them.
-struct inbox {
-  std::mutex mutex;
-  std::condition_variable arrived;
-  std::map<std::uint64_t, std::deque<actors::token_chunk>> chunks;
-};
-
-actors::token_sink_actor::behavior_type make_sink(actors::token_sink_actor::pointer self, std::shared_ptr<inbox> box) {
+actors::token_sink_actor::behavior_type make_client_sink(actors::token_sink_actor::pointer self,
+                                                         std::shared_ptr<client_inbox> box) {
   (void)self;
   return {
       [box](actors::token_chunk& chunk) {
@@ -34,28 +29,24 @@ actors::token_sink_actor::behavior_type make_sink(actors::token_sink_actor::poin
   };
 }
 
-}  // namespace
-
-class client::impl {
- public:
-  caf::actor_system* system = nullptr;
-  actors::router_actor router;
-  actors::token_sink_actor sink;
-  std::shared_ptr<inbox> box = std::make_shared<inbox>();
-  std::mutex ids_mutex;
-  std::uint64_t next_id = 1;
-};
-
 client::client(actors::local_cluster& cluster) : impl_(std::make_unique<impl>()) {
   auto& c = cluster.internals();
   impl_->system = c.system.get();
   impl_->router = c.router;
-  impl_->sink = impl_->system->spawn(make_sink, impl_->box);
+  impl_->sink = impl_->system->spawn(make_client_sink, impl_->box);
 }
 
-client::~client() {
-  if (impl_ && impl_->sink) caf::anon_send_exit(impl_->sink, caf::exit_reason::user_shutdown);
+client::client(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
+
+client::impl::~impl() {
+  if (sink) caf::anon_send_exit(sink, caf::exit_reason::user_shutdown);
+  sink = nullptr;
+  router = nullptr;
+  if (remote) remote->stop();
+  remote.reset();
 }
+
+client::~client() = default;
 
 std::uint64_t client::submit(const generate_options& options) {
   std::uint64_t id;

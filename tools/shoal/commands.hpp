@@ -16,4 +16,7 @@ void add_bench_command(CLI::App& app);
 /// tokenize, detokenize, bench-tokenizer: the checkpoint's tokenizer.
 void add_text_commands(CLI::App& app);
 
+/// node, launch: run a cluster config as processes.
+void add_cluster_commands(CLI::App& app);
+
 }  // namespace shoal::tools

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "shoal 0.1.0");
   shoal::tools::add_model_commands(app);
   shoal::tools::add_bench_command(app);
+  shoal::tools::add_cluster_commands(app);
   shoal::tools::add_text_commands(app);
   try {
     app.parse(argc, argv);

@@ -42,6 +42,11 @@ class client {
  public:
   /// A client of the router of a cluster in this process.
   explicit client(actors::local_cluster& cluster);
+  /// A client of the router of the cluster whose head node listens on `host:port`
+  /// (`shoal launch` prints it). Throws `unavailable` when it cannot connect within
+  /// `timeout`, `failed_precondition` when the head speaks another schema version.
+  static std::unique_ptr<client> connect(const std::string& host, std::uint16_t port,
+                                         std::chrono::milliseconds timeout = std::chrono::seconds(10));
   ~client();
   client(const client&) = delete;
   client& operator=(const client&) = delete;
@@ -60,6 +65,7 @@ class client {
   class impl;
 
  private:
+  explicit client(std::unique_ptr<impl> state);
   std::unique_ptr<impl> impl_;
 };
 

@@ -1,0 +1,54 @@
+#pragma once
+/// \file
+/// One node of a multi-process cluster: its transport endpoint, its node agent, and on the
+/// head node the supervisor and router. `shoal node` runs one; `shoal launch` starts one per
+/// node of a config. No CAF in this header.
+
+#include "shoal/actors/cluster.hpp"
+#include "shoal/actors/messages.hpp"
+#include "shoal/config/cluster_config.hpp"
+
+#include <memory>
+#include <string>
+
+namespace shoal::actors {
+
+/// How a node process starts.
+struct node_process_options {
+  config::cluster_config cluster;    ///< The whole cluster's config (validated on start).
+  std::string node;                  ///< Which of its nodes this process is.
+  cluster_options timeouts;          ///< Deadlines (ready, step, expert round trip).
+  std::string transports;            ///< UCX transports (UCX_TLS); empty: UCX's default.
+  std::string model_override;        ///< Checkpoint path on this machine, if not the config's.
+};
+
+/// A running node. The head node listens for the others' joins and for clients; every other
+/// node joins the head, retrying until the ready deadline (the head may start later).
+class node_process {
+ public:
+  /// Starts listening on the node's host:port and joins (or, on the head, waits for joins).
+  /// Throws `invalid_argument` for a node the config does not name, `unavailable` when the
+  /// port cannot be bound, the supervisor's refusal when it refuses the join, and
+  /// `deadline_exceeded` when the head could not be reached before the ready deadline.
+  explicit node_process(node_process_options options);
+  /// Stops the local actors and the transport.
+  ~node_process();
+  node_process(const node_process&) = delete;
+  node_process& operator=(const node_process&) = delete;
+
+  /// Whether this is the head node (supervisor and router).
+  bool is_head() const noexcept;
+  /// Head only: blocks until the cluster serves; returns the placement or throws what failed.
+  placement_table wait_ready();
+  /// Head only: membership and placement as JSON.
+  std::string status();
+  /// Whether the head is still reachable (non-head nodes exit when it is gone).
+  bool head_alive() const;
+
+  struct impl;
+
+ private:
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace shoal::actors

@@ -1,0 +1,87 @@
+#pragma once
+// Private: the cross-process fabric. Addresses on other nodes resolve to proxy actors that
+// turn CAF messages into Cap'n Proto envelopes on the transport; a bridge actor turns
+// incoming envelopes into requests to local actors and sends their replies back.
+
+#include "shoal/actors/fabric.hpp"
+#include "shoal/actors/protocols.hpp"
+#include "shoal/config/cluster_config.hpp"
+
+#include <shoal/transport/node.hpp>
+
+#include <caf/actor_system.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+
+namespace shoal::actors {
+
+/// Settings of a process's fabric.
+struct remote_options {
+  std::string node;                                  ///< This process's node name.
+  std::string listen_host;                           ///< Empty: do not listen (clients).
+  std::uint16_t listen_port = 0;                     ///< Port to listen on.
+  std::string transports;                            ///< UCX_TLS value; empty: UCX default.
+  std::map<std::string, std::pair<std::string, std::uint16_t>> addresses; ///< Node -> host:port.
+  std::chrono::milliseconds call_timeout{60000};     ///< Local calls made for remote callers.
+  std::chrono::milliseconds connect_timeout{10000};  ///< One connection attempt.
+  bool stages_hold_experts = true;                   ///< Stages spawned here compute their experts.
+};
+
+class remote_fabric final : public fabric, public std::enable_shared_from_this<remote_fabric> {
+ public:
+  remote_fabric(caf::actor_system& system, remote_options options);
+  ~remote_fabric() override;
+
+  /// Starts the transport node and the bridge; must be called once after construction.
+  void start();
+  /// Stops the transport (idempotent); proxies fail their pending calls.
+  void stop();
+
+  caf::actor resolve(const actor_address& address) override;
+  /// Whether a connection to `node` is up.
+  bool connected(const std::string& node);
+  /// Connects to `host:port` now and records the peer under the name it announced.
+  std::string connect(const std::string& host, std::uint16_t port);
+
+  // Used by proxies and the bridge.
+  std::uint64_t next_correlation() noexcept { return ++correlation_; }
+  void track(std::uint64_t correlation, caf::actor proxy);
+  void untrack(std::uint64_t correlation);
+  /// Sends to the node named `node`, connecting first if needed; throws `unavailable`.
+  void send_to(const std::string& node, transport::outgoing_message message);
+  /// Sends on a known peer (replies go back on the connection the call came in on).
+  void send_to_peer(transport::peer_id peer, transport::outgoing_message message);
+  /// Address of a local actor, for envelopes' sender field (registers it if unknown).
+  actor_address address_of(const caf::actor& handle);
+  const remote_options& options() const noexcept { return options_; }
+  caf::actor_system& system() noexcept { return system_; }
+  std::uint64_t epoch() const noexcept { return epoch_.load(); }
+  void observe_epoch(std::uint64_t epoch) noexcept;
+
+ private:
+  void on_message(transport::peer_id peer, transport::incoming_message message);
+  void on_peer_lost(transport::peer_id peer, const shoal::error& reason);
+  transport::peer_id peer_for(const std::string& node);
+
+  caf::actor_system& system_;
+  remote_options options_;
+  std::unique_ptr<transport::node> node_;
+  caf::actor bridge_;
+  std::mutex mutex_;
+  std::map<std::string, transport::peer_id> peers_;   // by node name
+  std::map<transport::peer_id, std::string> names_;
+  std::map<std::pair<std::string, std::uint64_t>, caf::actor> proxies_;
+  std::map<std::uint64_t, caf::actor> pending_;       // correlation -> proxy
+  std::mutex connect_mutex_;
+  std::atomic<std::uint64_t> correlation_{0};
+  std::atomic<std::uint64_t> epoch_{0};
+  std::uint64_t next_local_id_ = actor_ids::first_client;
+};
+
+}  // namespace shoal::actors

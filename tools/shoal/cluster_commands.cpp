@@ -1,0 +1,292 @@
+// node and launch: running a cluster config as processes.
+
+#include "commands.hpp"
+
+#include "shoal/actors/node_process.hpp"
+#include "shoal/base/error.hpp"
+#include "shoal/config/cluster_config.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+#include <nlohmann/json.hpp>
+
+#include <csignal>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <poll.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace shoal::tools {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+// SIGINT and SIGTERM are blocked in every thread (the mask is inherited by threads started
+// later) and taken synchronously, so shutdown runs on the main thread, not in a handler.
+sigset_t block_stop_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  return set;
+}
+
+// Waits up to `timeout` for SIGINT/SIGTERM; returns the signal or 0.
+int wait_stop_signal(const sigset_t& set, std::chrono::milliseconds timeout) {
+  timespec ts{static_cast<time_t>(timeout.count() / 1000), static_cast<long>((timeout.count() % 1000) * 1000000)};
+  const int sig = sigtimedwait(&set, nullptr, &ts);
+  return sig > 0 ? sig : 0;
+}
+
+struct timeout_options {
+  int ready_s = 0;
+  int step_s = 60;
+  int expert_s = 30;
+};
+
+void add_timeout_options(CLI::App* cmd, timeout_options& t) {
+  cmd->add_option("--ready-timeout", t.ready_s, "Seconds to wait for every node to join and load (0: the config's)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--step-timeout", t.step_s, "Seconds one pipeline step may take")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--expert-timeout", t.expert_s, "Seconds one expert round trip may take")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+}
+
+actors::cluster_options to_cluster_options(const timeout_options& t, const config::cluster_config& c) {
+  return {.ready_timeout = std::chrono::seconds(t.ready_s > 0 ? t.ready_s : c.ready_timeout_s),
+          .step_timeout = std::chrono::seconds(t.step_s), .expert_timeout = std::chrono::seconds(t.expert_s),
+          .scheduler_threads = 2};
+}
+
+void add_node(CLI::App& app) {
+  struct options {
+    std::string config;
+    std::string name;
+    std::string model;
+    std::string transports;
+    timeout_options timeouts;
+  };
+  auto o = std::make_shared<options>();
+  auto* cmd = app.add_subcommand("node", "Run one node of a cluster config (until SIGINT/SIGTERM)");
+  cmd->add_option("--config", o->config, "Cluster config (YAML)")->required();
+  cmd->add_option("--name", o->name, "Which node of the config this process is")->required();
+  cmd->add_option("--model", o->model, "Checkpoint directory on this machine, if not the config's");
+  cmd->add_option("--transports", o->transports, "UCX transports, e.g. tcp or sm,self,tcp (default: UCX's)");
+  add_timeout_options(cmd, o->timeouts);
+  cmd->callback([o] {
+    const auto signals = block_stop_signals();
+    auto cluster = config::load_cluster_config(o->config);
+    const auto timeouts = to_cluster_options(o->timeouts, cluster);
+    const auto* spec = cluster.find_node(o->name);
+    actors::node_process node({.cluster = cluster, .node = o->name, .timeouts = timeouts,
+                               .transports = o->transports, .model_override = o->model});
+    fmt::print(stderr, "[node {}] listening on {}:{}{}\n", o->name, spec->host, spec->port,
+               node.is_head() ? " (head: supervisor and router)" : "");
+    if (node.is_head()) {
+      const auto table = node.wait_ready();
+      // One line on stdout that `shoal launch` (and scripts) wait for.
+      fmt::print("{}\n", nlohmann::json{{"ready", true}, {"connect", fmt::format("{}:{}", spec->host, spec->port)},
+                                        {"epoch", table.epoch}, {"stages", table.stages.size()},
+                                        {"expert_actors", table.experts.size()}}
+                             .dump());
+      std::fflush(stdout);
+    }
+    while (true) {
+      if (const int sig = wait_stop_signal(signals, std::chrono::milliseconds(200))) {
+        fmt::print(stderr, "[node {}] {}: stopping\n", o->name, sig == SIGINT ? "SIGINT" : "SIGTERM");
+        break;
+      }
+      if (!node.head_alive()) {
+        fmt::print(stderr, "[node {}] the head node {} is gone: stopping\n", o->name, cluster.head);
+        break;
+      }
+    }
+  });
+}
+
+bool is_local_host(const std::string& host) {
+  if (host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1") return true;
+  char name[256] = {};
+  return ::gethostname(name, sizeof(name) - 1) == 0 && host == name;
+}
+
+struct child {
+  std::string node;
+  pid_t pid = -1;
+  int out = -1;  // stdout of the head, read for the ready line
+};
+
+child start_node(const std::string& self_exe, const std::string& config, const config::node_spec& node,
+                 const std::vector<std::string>& extra, bool read_stdout) {
+  std::vector<std::string> args;
+  if (!is_local_host(node.host)) {
+    // Remote hosts: the same command over ssh; the config path and binary must exist there.
+    args = {"ssh", "-o", "BatchMode=yes", node.host, "shoal"};
+  } else {
+    args = {self_exe};
+  }
+  for (const auto& a : std::vector<std::string>{"node", "--config", config, "--name", node.name}) args.push_back(a);
+  args.insert(args.end(), extra.begin(), extra.end());
+  int pipe_fds[2] = {-1, -1};
+  if (read_stdout && ::pipe(pipe_fds) != 0) shoal::fail(errc::unavailable, "pipe: {}", std::strerror(errno));
+  const pid_t pid = ::fork();
+  if (pid < 0) shoal::fail(errc::unavailable, "fork: {}", std::strerror(errno));
+  if (pid == 0) {
+    sigset_t none;
+    sigemptyset(&none);
+    pthread_sigmask(SIG_SETMASK, &none, nullptr);
+    if (read_stdout) {
+      ::dup2(pipe_fds[1], STDOUT_FILENO);
+      ::close(pipe_fds[0]);
+      ::close(pipe_fds[1]);
+    }
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execvp(argv[0], argv.data());
+    std::fprintf(stderr, "shoal launch: cannot run %s: %s\n", argv[0], std::strerror(errno));
+    ::_exit(127);
+  }
+  child c{node.name, pid, -1};
+  if (read_stdout) {
+    ::close(pipe_fds[1]);
+    c.out = pipe_fds[0];
+  }
+  return c;
+}
+
+void stop_children(std::vector<child>& children) {
+  for (auto& c : children)
+    if (c.pid > 0) ::kill(c.pid, SIGTERM);
+  const auto deadline = clock_type::now() + std::chrono::seconds(10);
+  for (auto& c : children) {
+    while (c.pid > 0) {
+      if (::waitpid(c.pid, nullptr, WNOHANG) == c.pid) {
+        c.pid = -1;
+      } else if (clock_type::now() > deadline) {
+        fmt::print(stderr, "[launch] node {} did not stop within 10 s: killing it\n", c.node);
+        ::kill(c.pid, SIGKILL);
+        ::waitpid(c.pid, nullptr, 0);
+        c.pid = -1;
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+    }
+    if (c.out >= 0) ::close(c.out);
+  }
+}
+
+// Which child exited, if any (reaps it).
+const child* exited_child(std::vector<child>& children, int& status) {
+  for (auto& c : children)
+    if (c.pid > 0 && ::waitpid(c.pid, &status, WNOHANG) == c.pid) {
+      c.pid = -1;
+      return &c;
+    }
+  return nullptr;
+}
+
+void add_launch(CLI::App& app) {
+  struct options {
+    std::string config;
+    std::string transports;
+    timeout_options timeouts;
+  };
+  auto o = std::make_shared<options>();
+  auto* cmd = app.add_subcommand("launch", "Start every node of a cluster config, wait until it serves, stop all on Ctrl-C");
+  cmd->add_option("config", o->config, "Cluster config (YAML)")->required();
+  cmd->add_option("--transports", o->transports, "UCX transports for every node, e.g. tcp");
+  add_timeout_options(cmd, o->timeouts);
+  cmd->callback([o] {
+    const auto signals = block_stop_signals();
+    auto cluster = config::load_cluster_config(o->config);
+    const auto timeouts = to_cluster_options(o->timeouts, cluster);
+    const auto config_path = std::filesystem::absolute(o->config).string();
+    const auto self_exe = std::filesystem::read_symlink("/proc/self/exe").string();
+    std::vector<std::string> extra{"--ready-timeout", std::to_string(timeouts.ready_timeout.count() / 1000),
+                                   "--step-timeout", std::to_string(o->timeouts.step_s), "--expert-timeout",
+                                   std::to_string(o->timeouts.expert_s)};
+    if (!o->transports.empty()) {
+      extra.push_back("--transports");
+      extra.push_back(o->transports);
+    }
+    std::vector<child> children;
+    try {
+      for (const auto& node : cluster.nodes)
+        children.push_back(start_node(self_exe, config_path, node, extra, node.name == cluster.head));
+    } catch (...) {
+      stop_children(children);
+      throw;
+    }
+    int head_out = -1;
+    for (const auto& c : children)
+      if (c.node == cluster.head) head_out = c.out;
+    fmt::print(stderr, "[launch] started {} nodes; waiting up to {} s for the cluster\n", children.size(),
+               timeouts.ready_timeout.count() / 1000);
+    // Wait for the head's ready line, a node dying, a signal, or the deadline.
+    const auto deadline = clock_type::now() + timeouts.ready_timeout + std::chrono::seconds(5);
+    std::string line;
+    bool ready = false;
+    while (!ready) {
+      int status = 0;
+      if (const auto* dead = exited_child(children, status)) {
+        const std::string node = dead->node;
+        stop_children(children);
+        shoal::fail(errc::unavailable, "node {} exited (status {}) before the cluster was ready; see its messages above",
+                    node, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+      }
+      if (wait_stop_signal(signals, std::chrono::milliseconds(0))) {
+        stop_children(children);
+        fmt::print(stderr, "[launch] interrupted before the cluster was ready; stopped all nodes\n");
+        return;
+      }
+      if (clock_type::now() > deadline) {
+        stop_children(children);
+        shoal::fail(errc::deadline_exceeded, "the cluster was not ready within {} s (waited for the head node {}'s ready line)",
+                    timeouts.ready_timeout.count() / 1000, cluster.head);
+      }
+      pollfd p{head_out, POLLIN, 0};
+      if (::poll(&p, 1, 100) > 0) {
+        char buffer[4096];
+        const auto n = ::read(head_out, buffer, sizeof(buffer));
+        if (n > 0) line.append(buffer, static_cast<std::size_t>(n));
+        if (line.find('\n') != std::string::npos) ready = line.find("\"ready\":true") != std::string::npos;
+      }
+    }
+    const auto info = nlohmann::json::parse(line.substr(0, line.find('\n')));
+    fmt::print("{}\n", info.dump());
+    std::fflush(stdout);
+    fmt::print(stderr, "[launch] cluster ready: connect with `shoal generate --cluster {} --tokens ...`; Ctrl-C stops all nodes\n",
+               info["connect"].get<std::string>());
+    while (true) {
+      if (wait_stop_signal(signals, std::chrono::milliseconds(200))) break;
+      int status = 0;
+      if (const auto* dead = exited_child(children, status)) {
+        fmt::print(stderr, "[launch] node {} exited (status {}); stopping the cluster\n", dead->node,
+                   WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+        break;
+      }
+    }
+    stop_children(children);
+    fmt::print(stderr, "[launch] all nodes stopped\n");
+  });
+}
+
+}  // namespace
+
+void add_cluster_commands(CLI::App& app) {
+  add_node(app);
+  add_launch(app);
+}
+
+}  // namespace shoal::tools

@@ -4,6 +4,7 @@
 #include "commands.hpp"
 
 #include "shoal/base/error.hpp"
+#include "shoal/kernels/linear.hpp"
 #include "shoal/kernels/thread_pool.hpp"
 #include "shoal/runtime/model.hpp"
 #include "shoal/runtime/weights.hpp"
@@ -76,6 +77,53 @@ double decode_bytes(const runtime::model_weights& w, std::int64_t context) {
   return bytes;
 }
 
+// Multiply-adds of a prefill of `tokens` tokens: every weight a token touches (routed experts
+// at top_k of their average size), plus causal absorbed attention over the latents.
+double prefill_flops(const runtime::model_weights& w, std::int64_t tokens) {
+  const auto& c = w.config();
+  const auto elements = [](const kernels::matrix_view& m) { return static_cast<double>(m.rows * m.cols); };
+  const auto mlp = [&](const kernels::expert_weights& e) { return elements(e.gate) + elements(e.up) + elements(e.down); };
+  double per_token = elements(w.lm_head()) / static_cast<double>(tokens);  // logits of the last token only
+  double attention = 0.0;
+  const double n = static_cast<double>(tokens);
+  for (const auto& layer : w.layers()) {
+    for (const auto* m : {&layer.q_a, &layer.q_b, &layer.kv_a, &layer.o}) per_token += elements(*m);
+    const double heads = static_cast<double>(c.num_attention_heads);
+    attention += heads * n * static_cast<double>(c.qk_nope_head_dim + c.v_head_dim) * static_cast<double>(c.kv_lora_rank);
+    attention += heads * n * (n + 1) / 2.0 * static_cast<double>(c.latent_dim() + c.kv_lora_rank);
+    if (!layer.moe) {
+      per_token += mlp(layer.dense);
+      continue;
+    }
+    double experts = 0.0;
+    for (const auto& e : layer.experts) experts += mlp(e);
+    per_token += elements(layer.router) + mlp(layer.shared) +
+                 experts / static_cast<double>(layer.experts.size()) * static_cast<double>(c.num_experts_per_tok);
+  }
+  return 2.0 * (per_token * n + attention);
+}
+
+// FP32 GEMM rate of this machine through the same OpenBLAS the prefill uses, one tile per
+// thread, as the ceiling prefill is compared with.
+double gemm_gflops(kernels::thread_pool& pool) {
+  constexpr std::int64_t kSize = 1024;
+  std::vector<float> a(kSize * kSize, 0.5f), b(kSize * kSize * pool.size(), 0.25f), c(kSize * kSize * pool.size());
+  double best = 0.0;
+  for (int pass = 0; pass < 3; ++pass) {
+    const auto start = clock_type::now();
+    pool.run([&](int t) {
+      kernels::linear_params p;
+      p.x = a.data();
+      p.tokens = kSize;
+      p.weight = {kernels::dtype::f32, kSize, kSize, b.data() + t * kSize * kSize, nullptr};
+      p.y = c.data() + t * kSize * kSize;
+      kernels::linear_serial(p);
+    });
+    best = std::max(best, 2.0 * kSize * kSize * kSize * pool.size() / seconds_since(start) / 1e9);
+  }
+  return best;
+}
+
 struct speed {
   double prefill_tokens_per_s = 0;
   double decode_tokens_per_s = 0;
@@ -137,19 +185,21 @@ void add_bench_command(CLI::App& app) {
       double bytes;
       speed best;
       double bandwidth_before = 0, bandwidth_after = 0;
+      double flops = 0, gemm_gflops = 0;
     };
     std::vector<row> rows;
     for (int threads : thread_counts) {
       kernels::thread_pool pool(threads);
       fmt::print(stderr, "[bench] {} thread(s): measuring memory bandwidth\n", threads);
       const double before = triad_bandwidth(pool, o->triad_mb << 20);
+      fmt::print(stderr, "[bench] {} thread(s): measuring the FP32 GEMM rate\n", threads);
+      const double gemm = gemm_gflops(pool);
       std::vector<std::unique_ptr<runtime::model>> nets;
       std::vector<row> these;
       for (std::size_t m = 0; m < weights.size(); ++m) {
         nets.push_back(std::make_unique<runtime::model>(*weights[m], pool));
-        const auto& c = weights[m]->config();
-        these.push_back({o->models[m], threads, decode_bytes(*weights[m], o->prompt_tokens + o->decode_tokens / 2), {}, before, 0});
-        (void)c;
+        these.push_back({o->models[m], threads, decode_bytes(*weights[m], o->prompt_tokens + o->decode_tokens / 2), {},
+                         before, 0, prefill_flops(*weights[m], o->prompt_tokens), gemm});
       }
       // A B A B: bandwidth drifts over minutes, so variants alternate instead of running in blocks.
       for (int round = 0; round < o->repeats; ++round)
@@ -167,16 +217,20 @@ void add_bench_command(CLI::App& app) {
         rows.push_back(r);
       }
     }
-    fmt::print("\nprefill {} tokens, decode {} tokens after it; roofline = triad bandwidth / bytes a decode step reads\n\n",
+    fmt::print("\nprefill {} tokens, decode {} tokens after it; decode roofline = triad bandwidth / bytes a decode "
+               "step reads; prefill is compared with the FP32 GEMM rate of the same run\n\n",
                o->prompt_tokens, o->decode_tokens);
-    fmt::print("| model | threads | prefill tok/s | decode tok/s | MB read per token | triad GB/s (before/after) | decode roofline tok/s | % of roofline |\n");
-    fmt::print("|---|---|---|---|---|---|---|---|\n");
+    fmt::print("| model | threads | prefill tok/s | prefill GFLOP/s | GEMM GFLOP/s | % of GEMM | decode tok/s | MB read "
+               "per token | triad GB/s (before/after) | decode roofline tok/s | % of roofline |\n");
+    fmt::print("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const auto& r : rows) {
       const double bandwidth = (r.bandwidth_before + r.bandwidth_after) / 2.0;
       const double roofline = bandwidth * 1e9 / r.bytes;
-      fmt::print("| {} | {} | {:.1f} | {:.2f} | {:.1f} | {:.1f} / {:.1f} | {:.2f} | {:.0f}% |\n", r.model, r.threads,
-                 r.best.prefill_tokens_per_s, r.best.decode_tokens_per_s, r.bytes / 1e6, r.bandwidth_before,
-                 r.bandwidth_after, roofline, 100.0 * r.best.decode_tokens_per_s / roofline);
+      const double prefill_gflops = r.flops * r.best.prefill_tokens_per_s / o->prompt_tokens / 1e9;
+      fmt::print("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.0f}% | {:.2f} | {:.1f} | {:.1f} / {:.1f} | {:.2f} | {:.0f}% |\n",
+                 r.model, r.threads, r.best.prefill_tokens_per_s, prefill_gflops, r.gemm_gflops,
+                 100.0 * prefill_gflops / r.gemm_gflops, r.best.decode_tokens_per_s, r.bytes / 1e6,
+                 r.bandwidth_before, r.bandwidth_after, roofline, 100.0 * r.best.decode_tokens_per_s / roofline);
     }
     if (rows.size() >= 2 && weights.size() >= 2) {
       fmt::print("\nsame-run decode ratios against the first model:\n");

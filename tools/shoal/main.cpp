@@ -7,10 +7,16 @@
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
+#include <malloc.h>
+
 #include <cstdio>
 #include <exception>
 
 int main(int argc, char** argv) {
+  // Per-step activation buffers are megabytes; by default glibc maps and unmaps each one,
+  // and the kernel zeroes fresh pages on every decode step. Keep freed memory for reuse.
+  mallopt(M_MMAP_THRESHOLD, 512 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   CLI::App app{"Shoal: a cluster runtime for DeepSeek-V3/R1 mixture-of-experts models"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "shoal 0.1.0");

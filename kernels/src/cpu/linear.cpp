@@ -3,6 +3,7 @@
 #include "shoal/kernels/thread_pool.hpp"
 
 #include "blas.hpp"
+#include "simd.hpp"
 
 #include <algorithm>
 #include <vector>
@@ -29,13 +30,6 @@ constexpr std::int64_t kGemmTileRows = 64;
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define SHOAL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
-
-bool cpu_has_avx512() {
-  static const bool supported = __builtin_cpu_supports("avx512f") &&
-                                __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl");
-  return supported;
-}
 
 // Loads 16 weights as fp32. FP8 comes back as its value times 2^-8: e4m3 bits are moved into
 // an f16 layout, which converts exactly; the 2^8 is folded into the block scale.
@@ -181,7 +175,7 @@ void stream_rows_portable(const linear_params& p, std::int64_t row_begin, std::i
 void stream_rows(const linear_params& p, std::int64_t row_begin, std::int64_t row_end,
                  std::int64_t xs, std::int64_t ys) {
 #if defined(__x86_64__)
-  if (cpu_has_avx512()) {
+  if (detail::cpu_has_avx512()) {
     switch (p.weight.type) {
       case dtype::f32: return stream_rows_avx512<dtype::f32>(p, row_begin, row_end, xs, ys);
       case dtype::bf16: return stream_rows_avx512<dtype::bf16>(p, row_begin, row_end, xs, ys);

@@ -1,5 +1,7 @@
 #include "shoal/kernels/matrix.hpp"
 
+#include "simd.hpp"
+
 #include <array>
 #include <cstring>
 
@@ -15,6 +17,18 @@ const std::array<float, 256>& fp8_table() {
   }();
   return table;
 }
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void bf16_row_avx512(const std::uint16_t* in, std::int64_t count,
+                                                                          float* out) {
+  std::int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i));
+    _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+  }
+  for (; i < count; ++i) out[i] = bf16_to_f32(in[i]);
+}
+#endif
 
 }  // namespace
 
@@ -36,6 +50,9 @@ void dequantize_row(const matrix_view& matrix, std::int64_t row, std::int64_t co
       return;
     case dtype::bf16: {
       const auto* in = static_cast<const std::uint16_t*>(matrix.data) + base;
+#if defined(__x86_64__)
+      if (detail::cpu_has_avx512()) return bf16_row_avx512(in, count, out);
+#endif
       for (std::int64_t i = 0; i < count; ++i) out[i] = bf16_to_f32(in[i]);
       return;
     }

@@ -3,6 +3,7 @@
 #include "shoal/kernels/thread_pool.hpp"
 
 #include "blas.hpp"
+#include "simd.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -83,14 +84,60 @@ void absorbed_head(const mla_params& p, std::int64_t head, std::vector<float>& w
   }
 }
 
+// Decode: a few queries against a long cache. BLAS would pack the whole cache for a
+// one-row product, reading it twice; direct dot products and axpys read it once.
+void absorbed_head_decode(const mla_params& p, std::int64_t head, std::vector<float>& row,
+                          std::vector<float>& q_cat, std::vector<float>& scores, std::vector<float>& o_latent) {
+  const std::int64_t rank = p.kv_lora_rank;
+  const std::int64_t rope = p.qk_rope_dim;
+  const std::int64_t latent_stride = rank + rope;
+  const std::int64_t qk_dim = p.qk_nope_dim + rope;
+  const std::int64_t head_rows = p.qk_nope_dim + p.v_head_dim;
+  const std::int64_t nq = p.queries;
+  row.resize(static_cast<std::size_t>(rank));
+  q_cat.assign(static_cast<std::size_t>(nq * latent_stride), 0.0f);
+  o_latent.assign(static_cast<std::size_t>(nq * rank), 0.0f);
+  // q_cat[i][:rank] = sum_d q_nope[i][d] * W_k[d]: each key row is dequantized once.
+  for (std::int64_t d = 0; d < p.qk_nope_dim; ++d) {
+    dequantize_row(p.kv_b, head * head_rows + d, 0, rank, row.data());
+    for (std::int64_t i = 0; i < nq; ++i)
+      detail::axpy(q_cat.data() + i * latent_stride, p.q[(i * p.heads + head) * qk_dim + d], row.data(), rank);
+  }
+  for (std::int64_t i = 0; i < nq; ++i) {
+    const float* q_head = p.q + (i * p.heads + head) * qk_dim;
+    std::copy_n(q_head + p.qk_nope_dim, rope, q_cat.data() + i * latent_stride + rank);
+    const std::int64_t visible = p.first_position + i + 1;
+    scores.resize(static_cast<std::size_t>(visible));
+    for (std::int64_t t = 0; t < visible; ++t)
+      scores[t] = detail::dot(q_cat.data() + i * latent_stride, p.latent + t * latent_stride, latent_stride) *
+                  p.softmax_scale;
+    softmax_causal_row(scores.data(), visible);
+    float* o = o_latent.data() + i * rank;
+    for (std::int64_t t = 0; t < visible; ++t) detail::axpy(o, scores[t], p.latent + t * latent_stride, rank);
+  }
+  // out[i][j] = W_v[j] . o_latent[i]
+  for (std::int64_t j = 0; j < p.v_head_dim; ++j) {
+    dequantize_row(p.kv_b, head * head_rows + p.qk_nope_dim + j, 0, rank, row.data());
+    for (std::int64_t i = 0; i < nq; ++i)
+      p.out[(i * p.heads + head) * p.v_head_dim + j] = detail::dot(row.data(), o_latent.data() + i * rank, rank);
+  }
+}
+
+// Up to this many queries per sequence take the direct path.
+constexpr std::int64_t kDecodeMaxQueries = 4;
+
 }  // namespace
 
 void mla_attention(thread_pool& pool, const mla_params& params) {
   detail::ensure_blas_single_threaded();
   const auto heads = [&](std::int64_t begin, std::int64_t end) {
     thread_local std::vector<float> w_head, q_cat, scores, o_latent;
-    for (std::int64_t h = begin; h < end; ++h)
-      absorbed_head(params, h, w_head, q_cat, scores, o_latent);
+    for (std::int64_t h = begin; h < end; ++h) {
+      if (params.queries <= kDecodeMaxQueries)
+        absorbed_head_decode(params, h, w_head, q_cat, scores, o_latent);
+      else
+        absorbed_head(params, h, w_head, q_cat, scores, o_latent);
+    }
   };
   // Small problems (tiny models, short contexts) are cheaper on one thread.
   const std::int64_t work = params.heads * (params.queries * (params.first_position + params.queries) +

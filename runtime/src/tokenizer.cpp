@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <fstream>
 #include <mutex>
 #include <sstream>
@@ -176,6 +177,12 @@ std::string token_text(const nlohmann::json& value) {
 
 }  // namespace
 
+// Lets the piece cache be probed with a string_view, without building a std::string per piece.
+struct string_hash {
+  using is_transparent = void;
+  std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+};
+
 struct tokenizer::impl {
   std::vector<std::string> bytes;  // id -> raw bytes
   std::vector<char> special;       // id -> special added token
@@ -189,13 +196,48 @@ struct tokenizer::impl {
   bool add_bos = false;
 
   static constexpr std::size_t kCacheLimit = 1 << 16;
+  static constexpr std::size_t kShortPiece = 96;  // bytes; longer pieces use the heap version
   mutable std::mutex cache_mutex;
-  mutable std::unordered_map<std::string, std::vector<token_id>> cache;
+  mutable std::unordered_map<std::string, std::vector<token_id>, string_hash, std::equal_to<>> cache;
 
   void bpe(std::string_view piece, std::vector<token_id>& out) const;
+  void bpe_short(std::string_view piece, std::vector<token_id>& out) const;
   void bpe_cached(std::string_view piece, std::vector<token_id>& out) const;
   void split(std::size_t level, std::string_view text, pcre2_match_data* md, std::vector<token_id>& out) const;
 };
+
+// The same merge order as `bpe` (best rank first, leftmost on ties) with the ranks of
+// adjacent pairs kept in a flat array: for short pieces a linear scan for the minimum beats a
+// heap, and the scratch buffers are reused instead of allocated per piece.
+void tokenizer::impl::bpe_short(std::string_view piece, std::vector<token_id>& out) const {
+  constexpr std::int32_t kNone = INT32_MAX;
+  thread_local std::vector<token_id> ids, merged;
+  thread_local std::vector<std::int32_t> ranks;
+  ids.resize(piece.size());
+  for (std::size_t i = 0; i < piece.size(); ++i) ids[i] = byte_id[static_cast<unsigned char>(piece[i])];
+  ranks.resize(piece.size() - 1);
+  merged.resize(piece.size() - 1);
+  auto lookup = [&](std::size_t i) {
+    if (const auto* m = merges.find(ids[i], ids[i + 1])) {
+      ranks[i] = m->rank;
+      merged[i] = m->merged;
+    } else {
+      ranks[i] = kNone;
+    }
+  };
+  for (std::size_t i = 0; i + 1 < ids.size(); ++i) lookup(i);
+  while (!ranks.empty()) {
+    const auto best = static_cast<std::size_t>(std::min_element(ranks.begin(), ranks.end()) - ranks.begin());
+    if (ranks[best] == kNone) break;
+    ids[best] = merged[best];
+    ids.erase(ids.begin() + static_cast<std::ptrdiff_t>(best) + 1);
+    ranks.erase(ranks.begin() + static_cast<std::ptrdiff_t>(best));
+    merged.erase(merged.begin() + static_cast<std::ptrdiff_t>(best));
+    if (best > 0) lookup(best - 1);
+    if (best < ranks.size()) lookup(best);
+  }
+  out.insert(out.end(), ids.begin(), ids.end());
+}
 
 void tokenizer::impl::bpe(std::string_view piece, std::vector<token_id>& out) const {
   struct symbol {
@@ -249,23 +291,23 @@ void tokenizer::impl::bpe_cached(std::string_view piece, std::vector<token_id>& 
     out.push_back(byte_id[static_cast<unsigned char>(piece[0])]);
     return;
   }
-  // Hashing a std::string key needs a copy; the piece is short, so this is cheap next to
-  // the lock and the lookup.
-  std::string key(piece);
   {
     std::lock_guard lock(cache_mutex);
-    if (const auto it = cache.find(key); it != cache.end()) {
+    if (const auto it = cache.find(piece); it != cache.end()) {
       out.insert(out.end(), it->second.begin(), it->second.end());
       return;
     }
   }
   const auto first = out.size();
-  bpe(piece, out);
+  if (piece.size() <= kShortPiece)
+    bpe_short(piece, out);
+  else
+    bpe(piece, out);
   std::vector<token_id> ids(out.begin() + static_cast<std::ptrdiff_t>(first), out.end());
   std::lock_guard lock(cache_mutex);
   // TODO(perf): an LRU would keep hot entries across the reset; rare enough not to matter yet.
   if (cache.size() >= kCacheLimit) cache.clear();
-  cache.emplace(std::move(key), std::move(ids));
+  cache.emplace(std::string(piece), std::move(ids));
 }
 
 void tokenizer::impl::split(std::size_t level, std::string_view text, pcre2_match_data* md, std::vector<token_id>& out) const {

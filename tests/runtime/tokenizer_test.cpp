@@ -188,3 +188,17 @@ TEST_CASE("detokenizer: a character split over byte tokens is emitted once compl
   CHECK(detok.push(ids[3]) == emoji);
   CHECK(detok.finish().empty());
 }
+
+TEST_CASE("tokenizer: long pieces (the heap merge path) round trip and are stable", "[tokenizer]") {
+  const auto& tok = deepseek();
+  std::string zh;
+  for (int i = 0; i < 200; ++i) zh += (i % 3 == 0) ? "中文" : (i % 3 == 1) ? "的一是" : "不了人";
+  const std::string letters(3000, 'q');
+  const std::string spaces = std::string(500, ' ') + "x";
+  for (const auto& text : {zh, letters, spaces, letters + zh}) {
+    const auto ids = tok.encode(text);
+    CHECK(tok.decode(ids) == text);
+    CHECK(ids.size() < text.size());
+    CHECK(tok.encode(text) == ids);  // a second call is served from the piece cache
+  }
+}

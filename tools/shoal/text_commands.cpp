@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cctype>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -97,8 +98,9 @@ void add_detokenize(CLI::App& app) {
 }
 
 // A reproducible mixed corpus when no files are given: English-like prose, C++-like code and
-// Chinese, each drawn word by word from the vocabulary's own entries so that the BPE piece
-// cache sees a realistic spread of words rather than one repeated paragraph.
+// Chinese, drawn word by word from the vocabulary's own entries with a Zipf law over their
+// ids (BPE ids follow merge order, which roughly follows frequency), so that the piece cache
+// sees a natural-language-like spread of words rather than one repeated paragraph.
 std::string synthetic_corpus(const runtime::tokenizer& tok, std::size_t bytes, std::uint64_t seed) {
   std::vector<std::string> english, chinese;
   for (runtime::token_id id = 0; id < tok.id_limit(); ++id) {
@@ -117,12 +119,18 @@ std::string synthetic_corpus(const runtime::tokenizer& tok, std::size_t bytes, s
   const std::vector<std::string> zh_punct = {"，", "。", "、", "：", "“", "”", "（", "）"};
   std::mt19937_64 rng(seed);
   auto pick = [&](const std::vector<std::string>& v) -> const std::string& { return v[rng() % v.size()]; };
+  // Zipf(1) over ranks 1..n by inverting the continuous approximation: rank = n^u.
+  auto zipf = [&](const std::vector<std::string>& v) -> const std::string& {
+    const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53;
+    const auto rank = static_cast<std::size_t>(std::pow(static_cast<double>(v.size()), u));
+    return v[std::min(rank, v.size()) - 1];
+  };
   std::string out;
   out.reserve(bytes + 256);
   while (out.size() < bytes) {
     switch (rng() % 3) {
       case 0:  // a sentence
-        for (int w = 0, n = 6 + static_cast<int>(rng() % 14); w < n; ++w) out += pick(english);
+        for (int w = 0, n = 6 + static_cast<int>(rng() % 14); w < n; ++w) out += zipf(english);
         out += rng() % 4 == 0 ? ", " + std::to_string(rng() % 2000) + " of them.\n" : ".\n";
         break;
       case 1:  // a line of code
@@ -135,7 +143,7 @@ std::string synthetic_corpus(const runtime::tokenizer& tok, std::size_t bytes, s
         break;
       default:  // a Chinese sentence
         for (int w = 0, n = 5 + static_cast<int>(rng() % 12); w < n; ++w) {
-          out += pick(chinese);
+          out += zipf(chinese);
           if (rng() % 5 == 0) out += pick(zh_punct);
         }
         out += "。\n";

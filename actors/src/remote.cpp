@@ -9,8 +9,10 @@
 #include <caf/exit_reason.hpp>
 #include <caf/response_promise.hpp>
 #include <caf/scoped_actor.hpp>
+#include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 #include <unistd.h>
@@ -21,6 +23,15 @@ namespace {
 namespace schema = transport::schema;
 using reply_atom = caf::atom_constant<caf::atom("reply")>;
 using lost_atom = caf::atom_constant<caf::atom("lost")>;
+
+// Logs go to stderr: stdout of `shoal node` carries the ready line that launch waits for.
+spdlog::logger& wire_log() {
+  static const std::shared_ptr<spdlog::logger> logger = [] {
+    if (auto existing = spdlog::get("shoal.wire")) return existing;
+    return spdlog::stderr_logger_mt("shoal.wire");
+  }();
+  return *logger;
+}
 
 static_assert(schema_version == transport::schema_version, "actors and transport must speak one schema version");
 
@@ -304,7 +315,7 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
     try {
       book->send_to(target.node, std::move(m));
     } catch (const shoal::error& e) {
-      spdlog::warn("message to {}/{} dropped: {}", target.node, target.actor, e.what());
+      wire_log().warn("message to {}/{} dropped: {}", target.node, target.actor, e.what());
     }
   };
   auto answer = [self, book](std::uint64_t correlation, auto&& value) {
@@ -363,7 +374,7 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
     try {
       book->send_to_peer(in.peer, std::move(m));
     } catch (const shoal::error& e) {
-      spdlog::warn("reply to {}/{} dropped: {}", in.sender.node, in.sender.actor, e.what());
+      wire_log().warn("reply to {}/{} dropped: {}", in.sender.node, in.sender.actor, e.what());
     }
   };
   auto local = [weak](const inbound& in) {
@@ -472,7 +483,7 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
 // --- remote_fabric --------------------------------------------------------------------------
 
 remote_fabric::remote_fabric(caf::actor_system& system, remote_options options)
-    : system_(system), options_(std::move(options)) {}
+    : system_(system), options_(std::move(options)), trace_(std::getenv("SHOAL_TRACE_WIRE") != nullptr) {}
 
 remote_fabric::~remote_fabric() { stop(); }
 
@@ -582,11 +593,17 @@ transport::peer_id remote_fabric::peer_for(const std::string& node) {
 
 void remote_fabric::send_to(const std::string& node, transport::outgoing_message message) {
   const auto peer = peer_for(node);
+  if (trace_)
+    wire_log().info("[{}] -> {} (peer {}): {} call {}", options_.node, node, peer,
+                 transport::message_kind_name(message.envelope().getBody().which()), message.envelope().getBatchId());
   if (!node_) shoal::fail(errc::unavailable, "the transport is stopped");
   node_->send(peer, std::move(message));
 }
 
 void remote_fabric::send_to_peer(transport::peer_id peer, transport::outgoing_message message) {
+  if (trace_)
+    wire_log().info("[{}] -> peer {}: {} call {}", options_.node, peer,
+                 transport::message_kind_name(message.envelope().getBody().which()), message.envelope().getBatchId());
   if (!node_) shoal::fail(errc::unavailable, "the transport is stopped");
   node_->send(peer, std::move(message));
 }
@@ -635,7 +652,7 @@ void remote_fabric::on_peer_lost(transport::peer_id peer, const shoal::error& re
     }
   }
   const auto message = fmt::format("node {} failed: {}", name, reason.what());
-  if (reason.code() != errc::unavailable || !lost.empty()) spdlog::warn("{}", message);
+  if (reason.code() != errc::unavailable || !lost.empty()) wire_log().warn("{}", message);
   for (auto& proxy : lost) caf::anon_send(proxy, lost_atom::value, message);
 }
 
@@ -646,6 +663,9 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
     inbound in{.peer = peer, .sender = get_address(env.getSender()), .receiver = env.getReceiver().getActor(),
                .correlation = env.getBatchId()};
     const auto body = env.getBody();
+    if (trace_)
+      wire_log().info("[{}] <- {} (peer {}): {} call {}", options_.node, in.sender.node, peer,
+                   transport::message_kind_name(body.which()), in.correlation);
     auto answer = [&](auto&& value) {
       caf::actor proxy;
       {
@@ -803,7 +823,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
     }
     shoal::fail(errc::invalid_argument, "unknown message kind {}", static_cast<int>(body.which()));
   } catch (const shoal::error& e) {
-    spdlog::warn("dropped a message from peer {}: {}", peer, e.what());
+    wire_log().warn("dropped a message from peer {}: {}", peer, e.what());
   }
 }
 

@@ -82,6 +82,8 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   std::atomic<std::uint64_t> correlation_{0};
   std::atomic<std::uint64_t> epoch_{0};
   std::uint64_t next_local_id_ = actor_ids::first_client;
+  bool trace_ = false;  // SHOAL_TRACE_WIRE set: log every envelope
+
 };
 
 }  // namespace shoal::actors

@@ -10,6 +10,8 @@
 #include "shoal/runtime/model.hpp"
 #include "shoal/runtime/weights.hpp"
 
+#include "reference.hpp"
+
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
@@ -20,38 +22,10 @@
 
 namespace {
 
-const std::string kModelDir = std::string(SHOAL_TEST_DATA_DIR) + "/golden/tiny-b-bf16";
-
-struct reference_run {
-  std::vector<std::int32_t> tokens;
-  std::vector<float> logits;  // [tokens][vocab]
-};
-
-// The single-process greedy loop of `shoal generate`: prefill, then one token per step.
-reference_run single_process(const std::vector<std::int32_t>& prompt, int new_tokens) {
-  auto weights = shoal::runtime::model_weights::load(kModelDir + "/ckpt", {}, shoal::runtime::weight_residency::mapped);
-  shoal::kernels::thread_pool pool(1);
-  shoal::runtime::model net(*weights, pool);
-  shoal::runtime::latent_cache cache(net.config(), static_cast<std::int64_t>(prompt.size()) + new_tokens);
-  reference_run out;
-  shoal::runtime::sequence_step step{&cache, prompt};
-  for (int i = 0; i < new_tokens; ++i) {
-    const auto logits = net.forward(std::span(&step, 1));
-    out.logits.insert(out.logits.end(), logits.begin(), logits.end());
-    out.tokens.push_back(shoal::runtime::argmax(logits));
-    step.tokens = std::span(&out.tokens.back(), 1);
-  }
-  return out;
-}
-
-std::vector<std::vector<std::int32_t>> golden_prompts() {
-  std::ifstream in(kModelDir + "/golden.json");
-  const auto golden = nlohmann::json::parse(in);
-  std::vector<std::vector<std::int32_t>> prompts;
-  for (const auto& p : golden["prompts"])
-    if (p["tokens"].size() <= 64) prompts.push_back(p["tokens"].get<std::vector<std::int32_t>>());
-  return prompts;
-}
+using shoal::testing::check_same;
+using shoal::testing::golden_prompts;
+using shoal::testing::single_process;
+const std::string kModelDir = shoal::testing::kClusterModelDir;
 
 shoal::config::cluster_config four_nodes() {
   return shoal::config::parse_cluster_config(R"(model: ckpt
@@ -72,14 +46,8 @@ plan:
                                              "four-nodes.yaml", kModelDir);
 }
 
-void check_same(const reference_run& want, const shoal::generate_result& got) {
-  REQUIRE(got.tokens == want.tokens);
-  REQUIRE(got.logits.size() == want.logits.size());
-  double max_diff = 0;
-  for (std::size_t i = 0; i < got.logits.size(); ++i)
-    max_diff = std::max(max_diff, std::abs(static_cast<double>(got.logits[i]) - want.logits[i]));
-  INFO("largest logit difference " << max_diff);
-  CHECK(std::memcmp(got.logits.data(), want.logits.data(), got.logits.size() * sizeof(float)) == 0);
+void check_same(const shoal::testing::reference_run& want, const shoal::generate_result& got) {
+  check_same(want, got.tokens, got.logits);
 }
 
 }  // namespace

@@ -1,0 +1,256 @@
+// Real processes: `shoal launch` of a 4-node config on loopback, and 4 `shoal node`
+// processes in separate network namespaces joined by veth pairs, give the single-process
+// logits bit for bit and its greedy tokens through `shoal::client::connect`.
+
+#include "shoal/actors/client.hpp"
+#include "shoal/base/error.hpp"
+
+#include "reference.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+constexpr int kNewTokens = 8;
+
+std::uint16_t free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+  socklen_t len = sizeof(addr);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::string four_node_config(const std::vector<std::string>& hosts, const std::vector<std::uint16_t>& ports) {
+  const char* names[] = {"stage0", "stage1", "experts0", "experts1"};
+  std::string text = "model: " + shoal::testing::kClusterModelDir + "/ckpt\nthreads: 1\nready_timeout_s: 60\nnodes:\n";
+  for (int i = 0; i < 4; ++i)
+    text += std::string("  - {name: ") + names[i] + ", host: " + hosts[i] + ", port: " + std::to_string(ports[i]) + "}\n";
+  text += R"(head: stage0
+plan:
+  stages:
+    - {node: stage0, layers: 0-2}
+    - {node: stage1, layers: 3-5}
+  experts:
+    - {node: experts0, experts: 0-15}
+    - {node: experts1, experts: 16-31}
+)";
+  return text;
+}
+
+struct temp_dir {
+  std::filesystem::path path;
+  temp_dir() {
+    char pattern[] = "/tmp/shoal-actors-XXXXXX";
+    path = ::mkdtemp(pattern);
+  }
+  ~temp_dir() { std::filesystem::remove_all(path); }
+};
+
+// A child process; SIGTERM, then SIGKILL after a bounded wait, when it goes out of scope.
+struct process {
+  pid_t pid = -1;
+  int out = -1;
+  std::string name;
+
+  process(std::vector<std::string> args, bool capture_stdout, std::string label) : name(std::move(label)) {
+    int fds[2] = {-1, -1};
+    if (capture_stdout) REQUIRE(::pipe(fds) == 0);
+    pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      if (capture_stdout) {
+        ::dup2(fds[1], STDOUT_FILENO);
+        ::close(fds[0]);
+        ::close(fds[1]);
+      }
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execvp(argv[0], argv.data());
+      ::_exit(127);
+    }
+    if (capture_stdout) {
+      ::close(fds[1]);
+      out = fds[0];
+    }
+  }
+
+  // Exit status after SIGTERM, or -1 when it had to be killed.
+  int stop(std::chrono::seconds grace = std::chrono::seconds(15)) {
+    if (pid <= 0) return 0;
+    ::kill(pid, SIGTERM);
+    const auto deadline = clock_type::now() + grace;
+    int status = 0;
+    while (::waitpid(pid, &status, WNOHANG) != pid) {
+      if (clock_type::now() > deadline) {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, &status, 0);
+        pid = -1;
+        return -1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    pid = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+
+  // The first stdout line, waiting at most `timeout`; "" when none came.
+  std::string read_line(std::chrono::seconds timeout) {
+    std::string line;
+    const auto deadline = clock_type::now() + timeout;
+    while (clock_type::now() < deadline) {
+      pollfd p{out, POLLIN, 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      char c;
+      if (::read(out, &c, 1) != 1) break;
+      if (c == '\n') return line;
+      line += c;
+    }
+    return "";
+  }
+
+  ~process() {
+    stop();
+    if (out >= 0) ::close(out);
+  }
+};
+
+void check_cluster(const std::string& host, std::uint16_t port) {
+  auto client = shoal::client::connect(host, port, std::chrono::seconds(10));
+  for (const auto& prompt : shoal::testing::golden_prompts()) {
+    INFO("prompt of " << prompt.size() << " tokens");
+    const auto want = shoal::testing::single_process(prompt, kNewTokens);
+    const auto got = client->generate({.prompt = prompt, .max_tokens = kNewTokens, .stop_tokens = {},
+                                       .want_logits = true, .deadline = {}},
+                                      std::chrono::seconds(30));
+    CHECK(got.finish == shoal::actors::finish_reason::length);
+    shoal::testing::check_same(want, got.tokens, got.logits);
+  }
+  // A bad request comes back as an error, over the wire too.
+  CHECK_THROWS_WITH(client->generate({.prompt = {3, 5000}, .max_tokens = 2, .stop_tokens = {}, .want_logits = false,
+                                      .deadline = {}},
+                                     std::chrono::seconds(10)),
+                    Catch::Contains("prompt token 5000 is outside the vocabulary"));
+}
+
+bool run(const std::string& command) { return std::system((command + " >/dev/null 2>&1").c_str()) == 0; }
+
+}  // namespace
+
+TEST_CASE("shoal launch: 2 stages and 2 expert nodes as 4 processes match the single process") {
+  temp_dir dir;
+  std::vector<std::uint16_t> ports;
+  for (int i = 0; i < 4; ++i) ports.push_back(free_port());
+  const auto config = dir.path / "cluster.yaml";
+  std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports);
+  process launch({SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"}, true, "launch");
+  const auto ready = launch.read_line(std::chrono::seconds(70));
+  INFO("launch printed: " << ready);
+  REQUIRE(ready.find("\"ready\":true") != std::string::npos);
+  CHECK(ready.find("\"connect\":\"127.0.0.1:" + std::to_string(ports[0]) + "\"") != std::string::npos);
+  check_cluster("127.0.0.1", ports[0]);
+  CHECK(launch.stop() == 0);
+}
+
+TEST_CASE("shoal launch refuses a bad config naming file and line") {
+  temp_dir dir;
+  const auto config = dir.path / "bad.yaml";
+  auto text = four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, {7001, 7002, 7003, 7004});
+  text.replace(text.find("layers: 3-5"), 11, "layers: 4-5");
+  std::ofstream(config) << text;
+  process launch({SHOAL_BINARY, "launch", config.string()}, false, "launch");
+  int status = 0;
+  const auto deadline = clock_type::now() + std::chrono::seconds(20);
+  while (::waitpid(launch.pid, &status, WNOHANG) != launch.pid) {
+    REQUIRE(clock_type::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  launch.pid = -1;
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 2);
+}
+
+TEST_CASE("4 nodes in separate network namespaces joined by veth match the single process") {
+  // Namespaces need CAP_NET_ADMIN; without it the test says so and passes vacuously.
+  const std::string tag = "shl" + std::to_string(::getpid() % 100000);
+  if (!run("ip netns add " + tag + "probe")) {
+    WARN("SKIPPED: cannot create network namespaces here (needs root / CAP_NET_ADMIN and iproute2)");
+    return;
+  }
+  run("ip netns del " + tag + "probe");
+  const std::string hub = tag + "hub";
+  const std::string subnet = "10.213." + std::to_string(::getpid() % 200 + 20);
+  std::vector<std::string> namespaces;
+  struct cleanup {
+    std::string hub, tag;
+    std::vector<std::string>* namespaces;
+    ~cleanup() {
+      for (const auto& ns : *namespaces) run("ip netns del " + ns);
+      run("ip link del " + tag + "r0");
+      run("ip netns del " + hub);
+    }
+  } guard{hub, tag, &namespaces};
+  // A bridge in a hub namespace; each node namespace and the test's own namespace (for the
+  // client) hang off it through a veth pair.
+  REQUIRE(run("ip netns add " + hub));
+  REQUIRE(run("ip -n " + hub + " link add br0 type bridge && ip -n " + hub + " link set br0 up"));
+  std::vector<std::string> hosts;
+  for (int i = 0; i < 4; ++i) {
+    const std::string ns = tag + "n" + std::to_string(i);
+    const std::string a = tag + "a" + std::to_string(i), b = tag + "b" + std::to_string(i);
+    const std::string ip = subnet + "." + std::to_string(i + 1);
+    REQUIRE(run("ip netns add " + ns));
+    namespaces.push_back(ns);
+    REQUIRE(run("ip link add " + a + " type veth peer name " + b));
+    REQUIRE(run("ip link set " + a + " netns " + ns + " && ip link set " + b + " netns " + hub));
+    REQUIRE(run("ip -n " + ns + " addr add " + ip + "/24 dev " + a + " && ip -n " + ns + " link set " + a +
+                " up && ip -n " + ns + " link set lo up"));
+    REQUIRE(run("ip -n " + hub + " link set " + b + " master br0 && ip -n " + hub + " link set " + b + " up"));
+    hosts.push_back(ip);
+  }
+  REQUIRE(run("ip link add " + tag + "r0 type veth peer name " + tag + "r1"));
+  REQUIRE(run("ip link set " + tag + "r1 netns " + hub + " && ip -n " + hub + " link set " + tag +
+              "r1 master br0 && ip -n " + hub + " link set " + tag + "r1 up"));
+  REQUIRE(run("ip addr add " + subnet + ".100/24 dev " + tag + "r0 && ip link set " + tag + "r0 up"));
+
+  temp_dir dir;
+  const std::vector<std::uint16_t> ports{7700, 7701, 7702, 7703};
+  const auto config = dir.path / "cluster.yaml";
+  std::ofstream(config) << four_node_config(hosts, ports);
+  const char* names[] = {"stage0", "stage1", "experts0", "experts1"};
+  std::vector<std::unique_ptr<process>> nodes;
+  for (int i = 0; i < 4; ++i)
+    nodes.push_back(std::make_unique<process>(
+        std::vector<std::string>{"ip", "netns", "exec", namespaces[static_cast<std::size_t>(i)], SHOAL_BINARY, "node",
+                                 "--config", config.string(), "--name", names[i], "--transports", "tcp",
+                                 "--ready-timeout", "60"},
+        i == 0, names[i]));
+  const auto ready = nodes[0]->read_line(std::chrono::seconds(70));
+  INFO("head printed: " << ready);
+  REQUIRE(ready.find("\"ready\":true") != std::string::npos);
+  check_cluster(hosts[0], ports[0]);
+  for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) CHECK((*it)->stop() == 0);
+}

@@ -197,6 +197,7 @@ struct tokenizer::impl {
 
   static constexpr std::size_t kCacheLimit = 1 << 16;
   static constexpr std::size_t kShortPiece = 96;  // bytes; longer pieces use the heap version
+  static constexpr std::size_t kCachedPiece = 24;  // bytes; longer pieces are not cached
   mutable std::mutex cache_mutex;
   mutable std::unordered_map<std::string, std::vector<token_id>, string_hash, std::equal_to<>> cache;
 
@@ -289,6 +290,15 @@ void tokenizer::impl::bpe(std::string_view piece, std::vector<token_id>& out) co
 void tokenizer::impl::bpe_cached(std::string_view piece, std::vector<token_id>& out) const {
   if (piece.size() == 1) {
     out.push_back(byte_id[static_cast<unsigned char>(piece[0])]);
+    return;
+  }
+  // Long pieces (runs of CJK text, long identifiers) rarely repeat: caching them only churns
+  // the cache and the allocator.
+  if (piece.size() > kCachedPiece) {
+    if (piece.size() <= kShortPiece)
+      bpe_short(piece, out);
+    else
+      bpe(piece, out);
     return;
   }
   {

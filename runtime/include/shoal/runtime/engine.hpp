@@ -4,6 +4,7 @@
 /// Requests arrive as token ids with sampling options and leave as streamed text deltas.
 /// One engine thread owns the model; `submit` and `cancel` may be called from any thread.
 
+#include "shoal/base/error.hpp"
 #include "shoal/runtime/completion.hpp"
 #include "shoal/runtime/sampling.hpp"
 #include "shoal/runtime/tokenizer.hpp"

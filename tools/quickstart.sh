@@ -9,7 +9,7 @@ cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build_dir" -j "$(nproc)" --target shoal
 shoal="$build_dir/tools/shoal"
 model_dir=${SHOAL_MODEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal/models/tiny}
-if [ ! -f "$model_dir/config.json" ]; then
+if [ ! -f "$model_dir/config.json" ] || [ ! -f "$model_dir/tokenizer.json" ]; then
   "$shoal" make-model --preset tiny --out "$model_dir"
 fi
 echo "model: $model_dir"

@@ -1,1 +1,1036 @@
 #include "shoal/transport/node.hpp"
+
+#include "buffer_pool.hpp"
+#include "message_impl.hpp"
+#include "ucx_status.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <unordered_map>
+#include <variant>
+#include <vector>
+
+namespace shoal::transport {
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+// Every transport message is one UCX active message with this id and a wire_header.
+constexpr unsigned kAmId = 17;
+constexpr std::uint32_t kMagic = 0x4c414f53;  // "SOAL" little-endian; cheap garbage filter.
+
+enum class wire_kind : std::uint16_t {
+  hello = 1,      // Data: sender's node name. Client -> server after connecting.
+  hello_ack = 2,  // Data: server's node name. The reply; `version` tells compatibility.
+  envelope = 3,   // Data: Cap'n Proto envelope; `count` bulk messages with the same seq follow.
+  bulk = 4,       // Data: bulk buffer `index` of envelope `seq`.
+  bye = 5,        // Orderly close: no more messages follow.
+};
+
+struct wire_header {
+  std::uint32_t magic;
+  std::uint16_t version;  // schema_version of the sender.
+  wire_kind kind;
+  std::uint64_t seq;      // Per-connection message number, from 0.
+  std::uint32_t count;    // envelope: number of bulk buffers.
+  std::uint32_t index;    // bulk: its index.
+};
+static_assert(sizeof(wire_header) == 24);
+
+// A peer may announce at most this many messages beyond the next one to deliver; more means
+// it is broken or hostile, and it would otherwise make us buffer without bound.
+constexpr std::uint64_t kMaxPendingMessages = 4096;
+constexpr std::size_t kMaxNameBytes = 256;
+constexpr std::size_t kPoolCacheBytes = 256u << 20;
+
+enum class peer_phase { connecting, accepting, connected };
+
+struct connect_waiter {
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool done = false;
+  peer_id peer = 0;
+  std::optional<error> failure;
+
+  void finish(peer_id id, std::optional<error> why) {
+    {
+      std::lock_guard lock(mutex);
+      if (done) return;
+      done = true;
+      peer = id;
+      failure = std::move(why);
+    }
+    cv.notify_all();
+  }
+};
+
+// One envelope being received with its bulk buffers.
+struct assembly {
+  std::optional<incoming_message> message;  // Set once the envelope arrived and decoded.
+  std::uint32_t expected = 0;               // Bulk buffers announced by the envelope header.
+  std::vector<byte_buffer> bulk;
+  std::vector<bool> bulk_done;
+  std::vector<bool> bulk_started;
+  std::uint32_t bulk_remaining = 0;         // Valid once `message` is set.
+  bool envelope_arrived = false;
+};
+
+struct peer_state {
+  peer_id id = 0;
+  ucp_ep_h ep = nullptr;
+  std::string name;
+  peer_phase phase = peer_phase::connecting;
+  std::shared_ptr<connect_waiter> waiter;  // Client side until the hello_ack.
+  std::uint64_t next_send_seq = 0;
+  std::uint64_t next_deliver_seq = 0;
+  std::map<std::uint64_t, assembly> pending;
+};
+
+// Sockaddr of host:port; throws error(invalid_argument) when it does not resolve.
+sockaddr_storage resolve(std::string_view host, std::uint16_t port, socklen_t& length) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV | AI_PASSIVE;
+  addrinfo* result = nullptr;
+  std::string host_string(host);
+  std::string port_string = std::to_string(port);
+  int rc = getaddrinfo(host_string.empty() ? nullptr : host_string.c_str(), port_string.c_str(),
+                       &hints, &result);
+  if (rc != 0 || result == nullptr)
+    fail(errc::invalid_argument, "cannot resolve '{}:{}': {}", host, port, gai_strerror(rc));
+  sockaddr_storage storage{};
+  std::memcpy(&storage, result->ai_addr, result->ai_addrlen);
+  length = result->ai_addrlen;
+  freeaddrinfo(result);
+  return storage;
+}
+
+struct fd_closer {
+  int fd = -1;
+  ~fd_closer() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+}  // namespace
+
+struct node::impl {
+  // A send that a caller queued; the envelope is encoded on the caller's thread.
+  struct send_command {
+    peer_id peer;
+    byte_buffer envelope;
+    std::vector<bulk_view> bulk;
+  };
+  struct connect_command {
+    sockaddr_storage address;
+    socklen_t length;
+    std::string target;  // host:port, for messages.
+    std::shared_ptr<connect_waiter> waiter;
+  };
+  struct abandon_command {
+    std::shared_ptr<connect_waiter> waiter;
+  };
+  struct disconnect_command {
+    peer_id peer;
+  };
+  using command = std::variant<send_command, connect_command, abandon_command, disconnect_command>;
+
+  // Events are handed to the application outside UCX callbacks, so the application may send
+  // from its callback without re-entering UCX.
+  struct message_event {
+    peer_id peer;
+    incoming_message message;
+  };
+  struct connected_event {
+    peer_id peer;
+    std::string name;
+  };
+  struct failed_event {
+    peer_id peer;
+    error reason;
+  };
+  struct closed_event {
+    peer_id peer;
+  };
+  using event = std::variant<message_event, connected_event, failed_event, closed_event>;
+
+  // Everything an outgoing message holds until UCX is done with all its parts.
+  struct send_record {
+    impl* self;
+    wire_header envelope_header;
+    byte_buffer envelope;
+    std::vector<bulk_view> bulk;
+    std::vector<wire_header> bulk_headers;
+    std::uint64_t bulk_bytes = 0;
+    std::uint32_t remaining = 0;  // UCX operations not yet complete.
+    bool failed = false;
+  };
+  // A control message (hello, hello_ack, bye).
+  struct control_record {
+    wire_header header;
+    std::string payload;
+  };
+  // A rendezvous receive in progress. It owns the target buffer, not the assembly: if the
+  // peer is dropped meanwhile, UCX may still write into the buffer until it completes the
+  // request.
+  struct recv_record {
+    impl* self;
+    peer_id peer;
+    std::uint64_t seq;
+    std::uint32_t index;
+    byte_buffer buffer;
+  };
+
+  node_options options;
+  node_callbacks callbacks;
+  detail::ucp_context_ptr context;
+  detail::ucp_worker_ptr worker;
+  detail::ucp_listener_ptr listener;
+  std::uint16_t port = 0;
+  int worker_fd = -1;
+  fd_closer wake_fd;
+  fd_closer epoll_fd;
+  detail::buffer_pool* pool = nullptr;
+
+  // Shared with callers; guarded by `mutex`.
+  mutable std::mutex mutex;
+  std::vector<command> queue;
+  std::unordered_map<peer_id, std::string> live;  // Connected peers and their names.
+  std::atomic<bool> sleeping{false};
+  std::atomic<bool> stopping{false};
+  std::atomic<std::size_t> in_flight{0};
+  std::atomic<std::uint64_t> stat_sent{0}, stat_received{0}, stat_bulk_sent{0},
+      stat_bulk_received{0}, stat_rejected{0};
+
+  // Progress thread only.
+  std::thread thread;
+  std::thread::id thread_id;
+  peer_id next_peer = 1;
+  std::unordered_map<peer_id, peer_state> peers;
+  std::unordered_map<ucp_ep_h, peer_id> by_ep;
+  std::vector<ucp_ep_h> to_close;       // Endpoints to force-close outside UCX callbacks.
+  std::vector<void*> closing;           // Close requests in progress.
+  std::deque<event> events;
+  bool stopped = false;
+
+  impl(node_options opts, node_callbacks cbs)
+      : options(std::move(opts)), callbacks(std::move(cbs)) {}
+
+  // ---- Setup ---------------------------------------------------------------------------------
+
+  void start() {
+    ucp_config_t* raw_config = nullptr;
+    SHOAL_UCS_CHECK(ucp_config_read(nullptr, nullptr, &raw_config), "reading UCX configuration");
+    detail::ucp_config_ptr config(raw_config);
+    if (!options.transports.empty())
+      SHOAL_UCS_CHECK(ucp_config_modify(config.get(), "TLS", options.transports.c_str()),
+                      fmt::format("setting UCX transports to '{}'", options.transports));
+
+    ucp_params_t params{};
+    params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED |
+                        UCP_PARAM_FIELD_NAME;
+    params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+    params.mt_workers_shared = 0;
+    params.name = "shoal";
+    ucp_context_h raw_context = nullptr;
+    SHOAL_UCS_CHECK(ucp_init(&params, config.get(), &raw_context), "initializing UCX");
+    context.reset(raw_context);
+
+    ucp_worker_params_t worker_params{};
+    worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    // Only the progress thread touches the worker.
+    worker_params.thread_mode = UCS_THREAD_MODE_SINGLE;
+    ucp_worker_h raw_worker = nullptr;
+    SHOAL_UCS_CHECK(ucp_worker_create(context.get(), &worker_params, &raw_worker),
+                    "creating the UCX worker");
+    worker.reset(raw_worker);
+
+    ucp_am_handler_param_t handler{};
+    handler.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
+                         UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    handler.id = kAmId;
+    handler.flags = UCP_AM_FLAG_WHOLE_MSG;
+    handler.cb = &impl::on_am;
+    handler.arg = this;
+    SHOAL_UCS_CHECK(ucp_worker_set_am_recv_handler(worker.get(), &handler),
+                    "registering the active message handler");
+
+    if (ucp_worker_get_efd(worker.get(), &worker_fd) != UCS_OK) worker_fd = -1;
+    wake_fd.fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    epoll_fd.fd = ::epoll_create1(EPOLL_CLOEXEC);
+    if (wake_fd.fd < 0 || epoll_fd.fd < 0)
+      fail(errc::unavailable, "cannot create the progress thread's event fds: {}",
+           std::strerror(errno));
+    for (int fd : {worker_fd, wake_fd.fd}) {
+      if (fd < 0) continue;
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.fd = fd;
+      if (::epoll_ctl(epoll_fd.fd, EPOLL_CTL_ADD, fd, &ev) != 0)
+        fail(errc::unavailable, "epoll_ctl: {}", std::strerror(errno));
+    }
+
+    if (!options.listen_host.empty()) {
+      socklen_t length = 0;
+      sockaddr_storage address = resolve(options.listen_host, options.listen_port, length);
+      ucp_listener_params_t listener_params{};
+      listener_params.field_mask =
+          UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+      listener_params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&address);
+      listener_params.sockaddr.addrlen = length;
+      listener_params.conn_handler.cb = &impl::on_connection_request;
+      listener_params.conn_handler.arg = this;
+      ucp_listener_h raw_listener = nullptr;
+      SHOAL_UCS_CHECK(ucp_listener_create(worker.get(), &listener_params, &raw_listener),
+                      fmt::format("listening on {}:{}", options.listen_host, options.listen_port));
+      listener.reset(raw_listener);
+      ucp_listener_attr_t attr{};
+      attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+      SHOAL_UCS_CHECK(ucp_listener_query(listener.get(), &attr), "querying the listener");
+      if (attr.sockaddr.ss_family == AF_INET)
+        port = ntohs(reinterpret_cast<const sockaddr_in*>(&attr.sockaddr)->sin_port);
+      else if (attr.sockaddr.ss_family == AF_INET6)
+        port = ntohs(reinterpret_cast<const sockaddr_in6*>(&attr.sockaddr)->sin6_port);
+    }
+
+    pool = detail::buffer_pool::create(kPoolCacheBytes);
+    thread = std::thread([this] { run(); });
+  }
+
+  ~impl() {
+    if (pool != nullptr) pool->release_owner();
+  }
+
+  // ---- Caller side ---------------------------------------------------------------------------
+
+  bool on_progress_thread() const { return std::this_thread::get_id() == thread_id; }
+
+  void push(command cmd) {
+    {
+      std::lock_guard lock(mutex);
+      queue.push_back(std::move(cmd));
+    }
+    // Paired with the progress thread's store of `sleeping` before its last queue check: one
+    // of the two sees the other, so a command never waits for the poll timeout.
+    if (sleeping.load()) wake();
+  }
+
+  void wake() {
+    std::uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(wake_fd.fd, &one, sizeof(one));
+  }
+
+  // ---- Progress thread -----------------------------------------------------------------------
+
+  void run() {
+    thread_id = std::this_thread::get_id();
+    auto last_activity = clock::now();
+    std::vector<command> batch;
+    while (!stopping.load(std::memory_order_relaxed)) {
+      bool busy = false;
+      {
+        std::lock_guard lock(mutex);
+        batch.swap(queue);
+      }
+      if (!batch.empty()) {
+        busy = true;
+        for (auto& cmd : batch) execute(std::move(cmd));
+        batch.clear();
+      }
+      while (ucp_worker_progress(worker.get()) != 0) busy = true;
+      flush_closes();
+      if (!events.empty()) {
+        busy = true;
+        dispatch_events();
+      }
+      auto now = clock::now();
+      if (busy) {
+        last_activity = now;
+        continue;
+      }
+      if (now - last_activity < options.spin) continue;
+      sleep();
+      last_activity = clock::now();
+    }
+    shutdown();
+  }
+
+  void sleep() {
+    sleeping.store(true);
+    bool has_work;
+    {
+      std::lock_guard lock(mutex);
+      has_work = !queue.empty();
+    }
+    if (has_work || stopping.load()) {
+      sleeping.store(false);
+      return;
+    }
+    if (worker_fd >= 0) {
+      ucs_status_t status = ucp_worker_arm(worker.get());
+      if (status == UCS_ERR_BUSY) {
+        sleeping.store(false);
+        return;
+      }
+    }
+    epoll_event ready[2];
+    // Without a worker fd (a transport without wakeup support) poll UCX every millisecond.
+    int timeout_ms = worker_fd >= 0 ? 100 : 1;
+    int n = ::epoll_wait(epoll_fd.fd, ready, 2, timeout_ms);
+    for (int i = 0; i < n; ++i) {
+      if (ready[i].data.fd == wake_fd.fd) {
+        std::uint64_t value;
+        [[maybe_unused]] auto r = ::read(wake_fd.fd, &value, sizeof(value));
+      }
+    }
+    sleeping.store(false);
+  }
+
+  void execute(command&& cmd) {
+    std::visit([this](auto&& c) { handle(std::move(c)); }, std::move(cmd));
+  }
+
+  void handle(connect_command&& cmd) {
+    ucp_ep_params_t params{};
+    params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                        UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    params.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+    params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&cmd.address);
+    params.sockaddr.addrlen = cmd.length;
+    params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    params.err_handler.cb = &impl::on_ep_error;
+    params.err_handler.arg = this;
+    ucp_ep_h ep = nullptr;
+    ucs_status_t status = ucp_ep_create(worker.get(), &params, &ep);
+    if (status != UCS_OK) {
+      cmd.waiter->finish(0, error(detail::to_errc(status),
+                                  fmt::format("connecting to {}: {}", cmd.target,
+                                              ucs_status_string(status))));
+      return;
+    }
+    peer_state& peer = add_peer(ep, peer_phase::connecting);
+    peer.waiter = std::move(cmd.waiter);
+    peer.name = cmd.target;
+    send_control(peer, wire_kind::hello, options.name);
+  }
+
+  void handle(abandon_command&& cmd) {
+    for (auto& [id, peer] : peers) {
+      if (peer.waiter == cmd.waiter && peer.phase == peer_phase::connecting) {
+        drop_peer(id, /*force=*/true);
+        return;
+      }
+    }
+  }
+
+  void handle(disconnect_command&& cmd) {
+    auto it = peers.find(cmd.peer);
+    if (it == peers.end()) return;
+    if (it->second.phase == peer_phase::connected) send_control(it->second, wire_kind::bye, {});
+    drop_peer(cmd.peer, /*force=*/false);
+  }
+
+  void handle(send_command&& cmd) {
+    auto it = peers.find(cmd.peer);
+    if (it == peers.end() || it->second.phase != peer_phase::connected) {
+      // The peer failed after the caller checked; the failure was or will be reported.
+      in_flight.fetch_sub(1);
+      return;
+    }
+    peer_state& peer = it->second;
+    auto* record = new send_record{this, {}, std::move(cmd.envelope), std::move(cmd.bulk), {}, 0,
+                                   0, false};
+    std::uint64_t seq = peer.next_send_seq++;
+    auto count = static_cast<std::uint32_t>(record->bulk.size());
+    record->envelope_header = {kMagic, schema_version, wire_kind::envelope, seq, count, 0};
+    record->bulk_headers.resize(count);
+    for (std::uint32_t i = 0; i < count; ++i) {
+      record->bulk_headers[i] = {kMagic, schema_version, wire_kind::bulk, seq, count, i};
+      record->bulk_bytes += record->bulk[i].size;
+    }
+    // One extra reference while posting so that immediate completions cannot free the record.
+    record->remaining = 1 + count + 1;
+    post(peer.ep, record, &record->envelope_header, record->envelope.data(),
+         record->envelope.size());
+    for (std::uint32_t i = 0; i < count; ++i)
+      post(peer.ep, record, &record->bulk_headers[i], record->bulk[i].data,
+           record->bulk[i].size);
+    part_done(record, UCS_OK);
+  }
+
+  void post(ucp_ep_h ep, send_record* record, const wire_header* header, const void* data,
+            std::size_t size) {
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                         UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_DATATYPE;
+    param.cb.send = &impl::on_send_done;
+    param.user_data = record;
+    param.flags = UCP_AM_SEND_FLAG_REPLY;
+    param.datatype = ucp_dt_make_contig(1);
+    ucs_status_ptr_t request =
+        ucp_am_send_nbx(ep, kAmId, header, sizeof(wire_header), data, size, &param);
+    if (request == nullptr) {
+      part_done(record, UCS_OK);
+    } else if (UCS_PTR_IS_ERR(request)) {
+      part_done(record, UCS_PTR_STATUS(request));
+    } else {
+      ucp_request_free(request);  // The callback still runs; UCX frees the request after it.
+    }
+  }
+
+  static void on_send_done(void*, ucs_status_t status, void* user_data) {
+    auto* record = static_cast<send_record*>(user_data);
+    record->self->part_done(record, status);
+  }
+
+  void part_done(send_record* record, ucs_status_t status) {
+    if (status != UCS_OK) record->failed = true;
+    if (--record->remaining != 0) return;
+    if (!record->failed) {
+      stat_sent.fetch_add(1, std::memory_order_relaxed);
+      stat_bulk_sent.fetch_add(record->bulk_bytes, std::memory_order_relaxed);
+    }
+    in_flight.fetch_sub(1);
+    delete record;  // Releases the bulk owners.
+  }
+
+  void send_control(peer_state& peer, wire_kind kind, std::string_view payload) {
+    auto* record = new control_record{{kMagic, schema_version, kind, 0, 0, 0},
+                                      std::string(payload)};
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                         UCP_OP_ATTR_FIELD_FLAGS;
+    param.cb.send = [](void*, ucs_status_t, void* user_data) {
+      delete static_cast<control_record*>(user_data);
+    };
+    param.user_data = record;
+    param.flags = UCP_AM_SEND_FLAG_REPLY;
+    ucs_status_ptr_t request =
+        ucp_am_send_nbx(peer.ep, kAmId, &record->header, sizeof(wire_header),
+                        record->payload.data(), record->payload.size(), &param);
+    if (request == nullptr || UCS_PTR_IS_ERR(request))
+      delete record;  // Errors surface through the endpoint's error handler.
+    else
+      ucp_request_free(request);
+  }
+
+  peer_state& add_peer(ucp_ep_h ep, peer_phase phase) {
+    peer_id id = next_peer++;
+    peer_state& peer = peers[id];
+    peer.id = id;
+    peer.ep = ep;
+    peer.phase = phase;
+    by_ep[ep] = id;
+    return peer;
+  }
+
+  // Forgets a peer and closes its endpoint; `force` skips flushing (the peer is dead or lying).
+  void drop_peer(peer_id id, bool force) {
+    auto it = peers.find(id);
+    if (it == peers.end()) return;
+    ucp_ep_h ep = it->second.ep;
+    by_ep.erase(ep);
+    peers.erase(it);
+    {
+      std::lock_guard lock(mutex);
+      live.erase(id);
+    }
+    if (force) {
+      to_close.push_back(ep);
+    } else {
+      close_ep(ep, 0);
+    }
+  }
+
+  void close_ep(ucp_ep_h ep, std::uint32_t flags) {
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = flags;
+    ucs_status_ptr_t request = ucp_ep_close_nbx(ep, &param);
+    if (request != nullptr && !UCS_PTR_IS_ERR(request)) closing.push_back(request);
+  }
+
+  void flush_closes() {
+    if (!to_close.empty()) {
+      auto eps = std::move(to_close);
+      to_close.clear();
+      for (ucp_ep_h ep : eps) close_ep(ep, UCP_EP_CLOSE_FLAG_FORCE);
+    }
+    for (std::size_t i = 0; i < closing.size();) {
+      if (ucp_request_check_status(closing[i]) != UCS_INPROGRESS) {
+        ucp_request_free(closing[i]);
+        closing[i] = closing.back();
+        closing.pop_back();
+      } else {
+        ++i;
+      }
+    }
+  }
+
+  // Reports a connected peer as failed (or fails its pending connect) and drops it.
+  void fail_peer(peer_id id, error reason) {
+    auto it = peers.find(id);
+    if (it == peers.end()) return;
+    peer_state& peer = it->second;
+    if (reason.code() == errc::invalid_argument)
+      stat_rejected.fetch_add(1, std::memory_order_relaxed);
+    if (peer.phase == peer_phase::connecting) {
+      if (peer.waiter) peer.waiter->finish(0, std::move(reason));
+    } else if (peer.phase == peer_phase::connected) {
+      spdlog::warn("transport: peer '{}' ({}) failed: {}", peer.name, id, reason.what());
+      events.push_back(failed_event{id, std::move(reason)});
+    }
+    drop_peer(id, /*force=*/true);
+  }
+
+  void dispatch_events() {
+    while (!events.empty()) {
+      event ev = std::move(events.front());
+      events.pop_front();
+      try {
+        std::visit([this](auto& e) { deliver(e); }, ev);
+      } catch (const std::exception& e) {
+        spdlog::error("transport: a callback of node '{}' threw: {}", options.name, e.what());
+      }
+    }
+  }
+
+  void deliver(message_event& e) {
+    if (callbacks.on_message) callbacks.on_message(e.peer, std::move(e.message));
+  }
+  void deliver(connected_event& e) {
+    if (callbacks.on_peer_connected) callbacks.on_peer_connected(e.peer, e.name);
+  }
+  void deliver(failed_event& e) {
+    if (callbacks.on_peer_failed) callbacks.on_peer_failed(e.peer, e.reason);
+  }
+  void deliver(closed_event& e) {
+    if (callbacks.on_peer_closed) callbacks.on_peer_closed(e.peer);
+  }
+
+  // ---- UCX callbacks (progress thread, inside ucp_worker_progress) ---------------------------
+
+  static void on_connection_request(ucp_conn_request_h request, void* arg) {
+    auto* self = static_cast<impl*>(arg);
+    if (self->stopping.load()) {
+      ucp_listener_reject(self->listener.get(), request);
+      return;
+    }
+    ucp_ep_params_t params{};
+    params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
+                        UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    params.conn_request = request;
+    params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    params.err_handler.cb = &impl::on_ep_error;
+    params.err_handler.arg = self;
+    ucp_ep_h ep = nullptr;
+    ucs_status_t status = ucp_ep_create(self->worker.get(), &params, &ep);
+    if (status != UCS_OK) {
+      spdlog::warn("transport: node '{}' could not accept a connection: {}", self->options.name,
+                   ucs_status_string(status));
+      return;
+    }
+    self->add_peer(ep, peer_phase::accepting);
+  }
+
+  static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t status) {
+    auto* self = static_cast<impl*>(arg);
+    auto it = self->by_ep.find(ep);
+    if (it == self->by_ep.end()) return;  // Already dropped; its close is under way.
+    peer_id id = it->second;
+    std::string name = self->peers[id].name;
+    self->fail_peer(id, error(errc::unavailable,
+                              fmt::format("connection to '{}' lost: {}", name,
+                                          ucs_status_string(status))));
+  }
+
+  static ucs_status_t on_am(void* arg, const void* header, std::size_t header_length, void* data,
+                            std::size_t length, const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<impl*>(arg);
+    bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    if (!(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) return UCS_OK;
+    auto it = self->by_ep.find(param->reply_ep);
+    if (it == self->by_ep.end()) return UCS_OK;  // A peer we dropped; ignore its stragglers.
+    peer_id id = it->second;
+    try {
+      return self->receive(self->peers.at(id), header, header_length, data, length, rndv);
+    } catch (const error& e) {
+      self->fail_peer(id, e);
+    } catch (const std::exception& e) {
+      self->fail_peer(id, error(errc::internal, e.what()));
+    }
+    // The data descriptor (if any) is dropped by UCX when we return an error status.
+    return rndv ? UCS_ERR_REJECTED : UCS_OK;
+  }
+
+  ucs_status_t receive(peer_state& peer, const void* header, std::size_t header_length,
+                       void* data, std::size_t length, bool rndv) {
+    if (header_length != sizeof(wire_header))
+      fail(errc::invalid_argument, "peer '{}' sent a {}-byte header, expected {}", peer.name,
+           header_length, sizeof(wire_header));
+    wire_header h;
+    std::memcpy(&h, header, sizeof(h));
+    if (h.magic != kMagic)
+      fail(errc::invalid_argument, "peer '{}' sent a message without the Shoal magic",
+           peer.name);
+    if (rndv && h.kind != wire_kind::bulk)
+      fail(errc::invalid_argument, "peer '{}' sent a {}-byte control message", peer.name, length);
+
+    switch (h.kind) {
+      case wire_kind::hello: return receive_hello(peer, h, data, length);
+      case wire_kind::hello_ack: return receive_hello_ack(peer, h, data, length);
+      case wire_kind::bye: {
+        if (peer.phase != peer_phase::connected)
+          fail(errc::invalid_argument, "peer '{}' said bye before hello", peer.name);
+        events.push_back(closed_event{peer.id});
+        drop_peer(peer.id, /*force=*/false);
+        return UCS_OK;
+      }
+      case wire_kind::envelope: return receive_envelope(peer, h, data, length);
+      case wire_kind::bulk: return receive_bulk(peer, h, data, length, rndv);
+    }
+    fail(errc::invalid_argument, "peer '{}' sent unknown message kind {}", peer.name,
+         static_cast<unsigned>(h.kind));
+  }
+
+  static std::string name_from(const void* data, std::size_t length) {
+    if (length > kMaxNameBytes)
+      fail(errc::invalid_argument, "node name of {} bytes is too long", length);
+    return std::string(static_cast<const char*>(data), length);
+  }
+
+  ucs_status_t receive_hello(peer_state& peer, const wire_header& h, const void* data,
+                             std::size_t length) {
+    if (peer.phase != peer_phase::accepting)
+      fail(errc::invalid_argument, "peer '{}' sent a second hello", peer.name);
+    peer.name = name_from(data, length);
+    send_control(peer, wire_kind::hello_ack, options.name);
+    if (h.version != schema_version) {
+      // It learns our version from the ack and gives up; we just forget it.
+      spdlog::warn("transport: refused node '{}': it speaks schema version {}, this node {}",
+                   peer.name, h.version, schema_version);
+      drop_peer(peer.id, /*force=*/false);
+      return UCS_OK;
+    }
+    peer.phase = peer_phase::connected;
+    {
+      std::lock_guard lock(mutex);
+      live[peer.id] = peer.name;
+    }
+    events.push_back(connected_event{peer.id, peer.name});
+    return UCS_OK;
+  }
+
+  ucs_status_t receive_hello_ack(peer_state& peer, const wire_header& h, const void* data,
+                                 std::size_t length) {
+    if (peer.phase != peer_phase::connecting)
+      fail(errc::invalid_argument, "peer '{}' sent an unexpected hello_ack", peer.name);
+    std::string target = peer.name;
+    peer.name = name_from(data, length);
+    if (h.version != schema_version) {
+      peer.waiter->finish(0, error(errc::failed_precondition,
+                                   fmt::format("node '{}' at {} speaks schema version {}, this "
+                                               "node {}",
+                                               peer.name, target, h.version, schema_version)));
+      drop_peer(peer.id, /*force=*/false);
+      return UCS_OK;
+    }
+    peer.phase = peer_phase::connected;
+    {
+      std::lock_guard lock(mutex);
+      live[peer.id] = peer.name;
+    }
+    peer.waiter->finish(peer.id, std::nullopt);
+    peer.waiter.reset();
+    events.push_back(connected_event{peer.id, peer.name});
+    return UCS_OK;
+  }
+
+  assembly& assembly_for(peer_state& peer, std::uint64_t seq) {
+    if (peer.phase != peer_phase::connected)
+      fail(errc::invalid_argument, "peer '{}' sent data before its hello", peer.name);
+    if (seq < peer.next_deliver_seq || seq - peer.next_deliver_seq >= kMaxPendingMessages)
+      fail(errc::invalid_argument, "peer '{}' sent message {} while expecting {}", peer.name, seq,
+           peer.next_deliver_seq);
+    return peer.pending[seq];
+  }
+
+  ucs_status_t receive_envelope(peer_state& peer, const wire_header& h, const void* data,
+                                std::size_t length) {
+    assembly& a = assembly_for(peer, h.seq);
+    if (a.envelope_arrived)
+      fail(errc::invalid_argument, "peer '{}' sent envelope {} twice", peer.name, h.seq);
+    a.envelope_arrived = true;
+    if (length > options.limits.max_envelope_bytes)
+      fail(errc::invalid_argument, "peer '{}' sent a {}-byte envelope, limit {}", peer.name,
+           length, options.limits.max_envelope_bytes);
+    auto message = decode_envelope(
+        std::span<const std::byte>(static_cast<const std::byte*>(data), length), options.limits);
+    auto refs = message.envelope().getBulk();
+    if (refs.size() != h.count)
+      fail(errc::invalid_argument, "peer '{}' announced {} bulk buffers, its envelope lists {}",
+           peer.name, h.count, refs.size());
+    if (a.bulk.empty()) {
+      a.bulk.resize(h.count);
+      a.bulk_done.assign(h.count, false);
+      a.bulk_started.assign(h.count, false);
+    } else if (a.bulk.size() != h.count) {
+      fail(errc::invalid_argument, "peer '{}' disagrees with itself on bulk count of {}",
+           peer.name, h.seq);
+    }
+    a.expected = h.count;
+    a.bulk_remaining = 0;
+    for (std::uint32_t i = 0; i < h.count; ++i) {
+      if (a.bulk_done[i]) {
+        if (a.bulk[i].size() != refs[i].getBytes())
+          fail(errc::invalid_argument, "peer '{}' sent bulk {} of {} bytes, envelope says {}",
+               peer.name, i, a.bulk[i].size(), refs[i].getBytes());
+      } else {
+        ++a.bulk_remaining;
+      }
+    }
+    a.message.emplace(std::move(message));
+    try_deliver(peer);
+    return UCS_OK;
+  }
+
+  ucs_status_t receive_bulk(peer_state& peer, const wire_header& h, void* data,
+                            std::size_t length, bool rndv) {
+    assembly& a = assembly_for(peer, h.seq);
+    if (a.bulk.empty()) {
+      if (h.count == 0 || h.count > options.limits.max_bulk)
+        fail(errc::invalid_argument, "peer '{}' sent a bulk buffer of a {}-buffer message",
+             peer.name, h.count);
+      a.bulk.resize(h.count);
+      a.bulk_done.assign(h.count, false);
+      a.bulk_started.assign(h.count, false);
+    }
+    if (h.index >= a.bulk.size() || h.count != a.bulk.size())
+      fail(errc::invalid_argument, "peer '{}' sent bulk {} of {} for message {} with {}",
+           peer.name, h.index, h.count, h.seq, a.bulk.size());
+    if (a.bulk_started[h.index])
+      fail(errc::invalid_argument, "peer '{}' sent bulk {} of message {} twice", peer.name,
+           h.index, h.seq);
+    if (length > options.limits.max_bulk_bytes)
+      fail(errc::invalid_argument, "peer '{}' sent a {}-byte bulk buffer, limit {}", peer.name,
+           length, options.limits.max_bulk_bytes);
+    if (a.message) {
+      auto expected = a.message->envelope().getBulk()[h.index].getBytes();
+      if (expected != length)
+        fail(errc::invalid_argument, "peer '{}' sent bulk {} of {} bytes, envelope says {}",
+             peer.name, h.index, length, expected);
+    }
+    a.bulk_started[h.index] = true;
+    byte_buffer buffer = pool->acquire(length);
+    if (!rndv) {
+      if (length != 0) std::memcpy(buffer.data(), data, length);
+      a.bulk[h.index] = std::move(buffer);
+      bulk_arrived(peer, a, h.index);
+      return UCS_OK;
+    }
+    // Rendezvous: UCX fetches the bytes straight into our buffer (zero-copy where it can).
+    void* target = buffer.data();
+    auto* record = new recv_record{this, peer.id, h.seq, h.index, std::move(buffer)};
+    ucp_request_param_t param{};
+    param.op_attr_mask =
+        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
+    param.cb.recv_am = &impl::on_recv_done;
+    param.user_data = record;
+    param.datatype = ucp_dt_make_contig(1);
+    ucs_status_ptr_t request = ucp_am_recv_data_nbx(worker.get(), data, target, length, &param);
+    if (request == nullptr) {
+      a.bulk[h.index] = std::move(record->buffer);
+      delete record;
+      bulk_arrived(peer, a, h.index);
+    } else if (UCS_PTR_IS_ERR(request)) {
+      delete record;
+      fail(errc::unavailable, "receiving bulk {} from '{}': {}", h.index, peer.name,
+           ucs_status_string(UCS_PTR_STATUS(request)));
+    } else {
+      ucp_request_free(request);
+    }
+    return UCS_INPROGRESS;
+  }
+
+  static void on_recv_done(void*, ucs_status_t status, std::size_t, void* user_data) {
+    std::unique_ptr<recv_record> record(static_cast<recv_record*>(user_data));
+    impl* self = record->self;
+    auto it = self->peers.find(record->peer);
+    if (it == self->peers.end()) return;  // The peer was dropped; its buffers went with it.
+    if (status != UCS_OK) {
+      self->fail_peer(record->peer,
+                      error(detail::to_errc(status),
+                            fmt::format("receiving bulk {} from '{}': {}", record->index,
+                                        it->second.name, ucs_status_string(status))));
+      return;
+    }
+    auto pending = it->second.pending.find(record->seq);
+    if (pending == it->second.pending.end()) return;
+    pending->second.bulk[record->index] = std::move(record->buffer);
+    self->bulk_arrived(it->second, pending->second, record->index);
+  }
+
+  void bulk_arrived(peer_state& peer, assembly& a, std::uint32_t index) {
+    a.bulk_done[index] = true;
+    if (a.message) {
+      --a.bulk_remaining;
+      try_deliver(peer);
+    }
+  }
+
+  void try_deliver(peer_state& peer) {
+    while (true) {
+      auto it = peer.pending.find(peer.next_deliver_seq);
+      if (it == peer.pending.end()) return;
+      assembly& a = it->second;
+      if (!a.message || a.bulk_remaining != 0) return;
+      auto& state = a.message->internals();
+      std::uint64_t bytes = 0;
+      for (auto& buffer : a.bulk) {
+        bytes += buffer.size();
+        state.bulk.push_back(std::move(buffer));
+        state.taken.push_back(false);
+      }
+      stat_received.fetch_add(1, std::memory_order_relaxed);
+      stat_bulk_received.fetch_add(bytes, std::memory_order_relaxed);
+      events.push_back(message_event{peer.id, std::move(*a.message)});
+      peer.pending.erase(it);
+      ++peer.next_deliver_seq;
+    }
+  }
+
+  // ---- Shutdown ------------------------------------------------------------------------------
+
+  void shutdown() {
+    // Pending connects fail; connected peers hear bye, then every endpoint closes with a flush.
+    std::vector<peer_id> ids;
+    for (auto& [id, peer] : peers) ids.push_back(id);
+    for (peer_id id : ids) {
+      peer_state& peer = peers[id];
+      if (peer.waiter)
+        peer.waiter->finish(0, error(errc::cancelled, "the node is shutting down"));
+      if (peer.phase == peer_phase::connected) send_control(peer, wire_kind::bye, {});
+      drop_peer(id, /*force=*/false);
+    }
+    {
+      std::lock_guard lock(mutex);
+      for (auto& cmd : queue) {
+        if (auto* c = std::get_if<connect_command>(&cmd))
+          c->waiter->finish(0, error(errc::cancelled, "the node is shutting down"));
+        if (std::holds_alternative<send_command>(cmd)) in_flight.fetch_sub(1);
+      }
+      queue.clear();
+    }
+    auto deadline = clock::now() + std::chrono::seconds(2);
+    while ((!closing.empty() || !to_close.empty()) && clock::now() < deadline) {
+      ucp_worker_progress(worker.get());
+      flush_closes();
+    }
+    for (void* request : closing) ucp_request_free(request);
+    closing.clear();
+    events.clear();
+  }
+};
+
+node::node(node_options options, node_callbacks callbacks)
+    : impl_(std::make_unique<impl>(std::move(options), std::move(callbacks))) {
+  impl_->start();
+}
+
+node::~node() { stop(); }
+
+const std::string& node::name() const noexcept { return impl_->options.name; }
+
+std::uint16_t node::port() const noexcept { return impl_->port; }
+
+peer_id node::connect(std::string_view host, std::uint16_t port) {
+  SHOAL_REQUIRE(!impl_->on_progress_thread(), "node::connect called from a node callback");
+  if (impl_->stopping.load()) fail(errc::failed_precondition, "node '{}' is stopped", name());
+  impl::connect_command cmd;
+  cmd.address = resolve(host, port, cmd.length);
+  cmd.target = fmt::format("{}:{}", host, port);
+  cmd.waiter = std::make_shared<connect_waiter>();
+  auto waiter = cmd.waiter;
+  impl_->push(std::move(cmd));
+  std::unique_lock lock(waiter->mutex);
+  if (!waiter->cv.wait_for(lock, impl_->options.connect_timeout, [&] { return waiter->done; })) {
+    lock.unlock();
+    impl_->push(impl::abandon_command{waiter});
+    waiter->finish(0, std::nullopt);
+    fail(errc::unavailable, "no hello from {}:{} within {} ms", host, port,
+         impl_->options.connect_timeout.count());
+  }
+  if (waiter->failure) throw *waiter->failure;
+  return waiter->peer;
+}
+
+void node::send(peer_id peer, outgoing_message message) {
+  {
+    std::lock_guard lock(impl_->mutex);
+    if (impl_->live.find(peer) == impl_->live.end())
+      fail(errc::unavailable, "node '{}' has no connection {} (failed, closed or unknown)",
+           name(), peer);
+  }
+  impl::send_command cmd{peer, encode_envelope(message),
+                         std::move(message.internals().bulk)};
+  impl_->in_flight.fetch_add(1);
+  if (impl_->on_progress_thread()) {
+    impl_->handle(std::move(cmd));
+  } else {
+    impl_->push(std::move(cmd));
+  }
+}
+
+void node::disconnect(peer_id peer) {
+  if (impl_->on_progress_thread()) {
+    impl_->handle(impl::disconnect_command{peer});
+  } else {
+    impl_->push(impl::disconnect_command{peer});
+  }
+}
+
+std::string node::peer_name(peer_id peer) const {
+  std::lock_guard lock(impl_->mutex);
+  auto it = impl_->live.find(peer);
+  if (it == impl_->live.end()) fail(errc::not_found, "no connection {}", peer);
+  return it->second;
+}
+
+std::size_t node::in_flight() const noexcept { return impl_->in_flight.load(); }
+
+node_stats node::stats() const noexcept {
+  return {impl_->stat_sent.load(), impl_->stat_received.load(), impl_->stat_bulk_sent.load(),
+          impl_->stat_bulk_received.load(), impl_->stat_rejected.load()};
+}
+
+void node::stop() {
+  if (!impl_ || impl_->stopped) return;
+  SHOAL_REQUIRE(!impl_->on_progress_thread(), "node::stop called from a node callback");
+  impl_->stopping.store(true);
+  impl_->wake();
+  if (impl_->thread.joinable()) impl_->thread.join();
+  impl_->stopped = true;
+  impl_->listener.reset();
+  impl_->worker.reset();
+  impl_->context.reset();
+}
+
+}  // namespace shoal::transport

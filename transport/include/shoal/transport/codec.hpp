@@ -6,6 +6,7 @@
 /// version, the body kind and the bulk table; anything else is `error(invalid_argument)`
 /// (`failed_precondition` for a peer speaking another schema version).
 
+#include <shoal/base/error.hpp>
 #include <shoal/transport/buffer.hpp>
 #include <shoal/transport/message.hpp>
 

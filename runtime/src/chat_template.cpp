@@ -82,6 +82,55 @@ std::string render_deepseek_v3(std::span<const chat_message> messages, bool add_
 
 }  // namespace
 
+std::vector<chat_message> parse_chat_messages(std::string_view json) {
+  nlohmann::json root;
+  try {
+    root = nlohmann::json::parse(json);
+  } catch (const nlohmann::json::exception& e) {
+    shoal::fail(errc::invalid_argument, "chat messages are not valid JSON: {}", e.what());
+  }
+  if (root.is_object() && root.contains("messages")) root = root["messages"];
+  if (!root.is_array()) shoal::fail(errc::invalid_argument, "chat messages: expected a JSON array of messages");
+  std::vector<chat_message> messages;
+  for (std::size_t i = 0; i < root.size(); ++i) {
+    const auto& m = root[i];
+    auto bad = [&](std::string_view what) { shoal::fail(errc::invalid_argument, "chat message {}: {}", i, what); };
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) bad("expected an object with a string \"role\"");
+    chat_message out{m["role"].get<std::string>(), std::nullopt, {}};
+    if (m.contains("content") && !m["content"].is_null()) {
+      const auto& c = m["content"];
+      if (c.is_string()) {
+        out.content = c.get<std::string>();
+      } else if (c.is_array()) {
+        std::string text;
+        for (const auto& part : c)
+          if (part.is_object() && part.value("type", "") == "text" && part.contains("text") && part["text"].is_string())
+            text += part["text"].get<std::string>();
+        out.content = std::move(text);
+      } else {
+        bad("\"content\" must be a string, null or an array of parts");
+      }
+    }
+    if (m.contains("tool_calls") && !m["tool_calls"].is_null()) {
+      if (!m["tool_calls"].is_array()) bad("\"tool_calls\" must be an array");
+      for (const auto& call : m["tool_calls"]) {
+        if (!call.is_object() || !call.contains("function") || !call["function"].is_object() ||
+            !call["function"].contains("name") || !call["function"]["name"].is_string())
+          bad("a tool call needs \"function\": {\"name\": ..., \"arguments\": ...}");
+        const auto& fn = call["function"];
+        chat_tool_call tc;
+        tc.type = call.value("type", "function");
+        tc.name = fn["name"].get<std::string>();
+        if (fn.contains("arguments"))
+          tc.arguments = fn["arguments"].is_string() ? fn["arguments"].get<std::string>() : fn["arguments"].dump();
+        out.tool_calls.push_back(std::move(tc));
+      }
+    }
+    messages.push_back(std::move(out));
+  }
+  return messages;
+}
+
 chat_template chat_template::from_source(std::string_view source, std::string bos_token) {
   if (source.empty())
     shoal::fail(errc::failed_precondition, "the tokenizer has no chat_template (tokenizer_config.json); use a plain "

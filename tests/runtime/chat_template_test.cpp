@@ -174,3 +174,32 @@ TEST_CASE("chat template: unknown templates and invalid messages are refused", "
   const std::vector<chat_message> bad = {{"user", std::nullopt, {}}};
   CHECK_THROWS_AS(tmpl.render(bad, true), shoal::error);
 }
+
+TEST_CASE("chat template: OpenAI-style JSON messages parse into what the template renders", "[chat]") {
+  const auto messages = parse_chat_messages(R"({"messages": [
+      {"role": "system", "content": "sys"},
+      {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]},
+      {"role": "assistant", "content": null, "tool_calls": [
+          {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}},
+          {"type": "function", "function": {"name": "g", "arguments": {"y": 2}}}]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "out"}]})");
+  REQUIRE(messages.size() == 4);
+  CHECK(messages[0].role == "system");
+  CHECK(messages[1].content == "ab");
+  CHECK_FALSE(messages[2].content.has_value());
+  REQUIRE(messages[2].tool_calls.size() == 2);
+  CHECK(messages[2].tool_calls[0].name == "f");
+  CHECK(messages[2].tool_calls[0].arguments == R"({"x": 1})");
+  CHECK(messages[2].tool_calls[1].arguments == R"({"y":2})");
+  CHECK(messages[3].content == "out");
+  // The parsed conversation renders like Jinja renders the same JSON.
+  const chat_case c{messages, true};
+  const auto want = render_with_jinja({c});
+  const auto tok = tokenizer::load(kData);
+  CHECK(chat_template::for_tokenizer(tok).render(messages, true) == want.at(0));
+  for (const auto* bad : {"not json", "{}", R"([{"content": "no role"}])", R"([{"role": "user", "content": 5}])",
+                          R"([{"role": "assistant", "tool_calls": [{"type": "function"}]}])"}) {
+    INFO(bad);
+    CHECK_THROWS_AS(parse_chat_messages(bad), shoal::error);
+  }
+}

@@ -151,6 +151,30 @@ TEST_CASE("generate --chat streams text that equals the final result", "[cli][te
   CHECK(stopped["stop"] == stop);
 }
 
+TEST_CASE("generate --messages takes an OpenAI-style conversation with tool use", "[cli][text]") {
+  const std::string conversation = R"([{"role": "system", "content": "Use tools."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": null, "tool_calls": [{"type": "function",
+      "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "content": "{\"temp\": 21}"},
+    {"role": "assistant", "content": "21 degrees."},
+    {"role": "user", "content": "Thanks!"}])";
+  const auto r = run("generate" + tiny().model() + "--messages - --max-new-tokens 4 --json --quiet", conversation);
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  // The same conversation through tokenize: the rendered prompt's length is the prompt size.
+  const std::string rendered =
+      "<｜begin▁of▁sentence｜>Use tools.<｜User｜>Weather in Paris?<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>"
+      "function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜>"
+      "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{\"temp\": 21}<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
+      "21 degrees.<｜end▁of▁sentence｜><｜User｜>Thanks!<｜Assistant｜>";
+  const auto ids = json::parse(run("tokenize" + tiny().model(), json(rendered).dump() + "\n").out)["ids"];
+  CHECK(json::parse(r.out)["usage"]["prompt_tokens"] == ids.size());
+  const auto bad = run("generate" + tiny().model() + "--messages - --quiet", "[{\"content\": 1}]");
+  CHECK(bad.exit_code == 2);
+  CHECK_THAT(bad.err, Catch::Contains("chat message 0"));
+}
+
 TEST_CASE("generate --prompt samples reproducibly with a seed", "[cli][text]") {
   const auto args = "generate" + tiny().model() + "--prompt " + quote("Once upon a time, 中文") +
                     " --max-new-tokens 12 --temperature 0.9 --top-p 0.95 --top-k 100 --min-p 0.01 "

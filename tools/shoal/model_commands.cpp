@@ -24,6 +24,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -172,6 +175,7 @@ struct generate_options {
   std::string tokens;
   std::string prompt;
   std::string chat;
+  std::string messages_file;
   std::string system;
   int max_new_tokens = 0;  // 0: the mode's default
   runtime::sampling_params sampling;
@@ -230,8 +234,20 @@ void generate_text(const generate_options& o, bool chat) {
   std::string prompt_text;
   if (chat) {
     std::vector<runtime::chat_message> messages;
-    if (!o.system.empty()) messages.push_back({"system", o.system, {}});
-    messages.push_back({"user", o.chat, {}});
+    if (!o.messages_file.empty()) {
+      std::ostringstream text;
+      if (o.messages_file == "-") {
+        text << std::cin.rdbuf();
+      } else {
+        std::ifstream in(o.messages_file, std::ios::binary);
+        if (!in) shoal::fail(errc::not_found, "--messages {}: cannot open", o.messages_file);
+        text << in.rdbuf();
+      }
+      messages = runtime::parse_chat_messages(text.str());
+    } else {
+      if (!o.system.empty()) messages.push_back({"system", o.system, {}});
+      messages.push_back({"user", o.chat, {}});
+    }
     prompt_text = runtime::chat_template::for_tokenizer(tok).render(messages, /*add_generation_prompt=*/true);
   } else {
     prompt_text = o.prompt;
@@ -340,8 +356,11 @@ void add_generate(CLI::App& app) {
   auto* tokens = cmd->add_option("--tokens", o->tokens, "Comma-separated prompt token ids; prints token ids");
   auto* prompt = cmd->add_option("--prompt", o->prompt, "Text to continue (BOS added as tokenizer_config.json says)");
   auto* chat = cmd->add_option("--chat", o->chat, "A user message, sent through the checkpoint's chat template");
-  tokens->excludes(prompt)->excludes(chat);
-  prompt->excludes(chat);
+  auto* messages = cmd->add_option("--messages", o->messages_file,
+                                   "A conversation as OpenAI-style JSON messages in a file ('-': stdin), through the chat template");
+  tokens->excludes(prompt)->excludes(chat)->excludes(messages);
+  prompt->excludes(chat)->excludes(messages);
+  chat->excludes(messages);
   cmd->add_option("--system", o->system, "System message for --chat")->needs(chat);
   cmd->add_option("--max-new-tokens", o->max_new_tokens, "Tokens to generate at most (default: 16 with --tokens, 256 with text)")
       ->check(CLI::Range(1, 1 << 20));
@@ -359,14 +378,15 @@ void add_generate(CLI::App& app) {
   cmd->add_flag("--json", o->json,
                 "Print the result at the end as JSON ({\"tokens\": [...]} with --tokens; text, content, "
                 "reasoning_content, finish_reason, tokens, usage with text)");
-  cmd->callback([o, tokens, prompt, chat, seed] {
+  cmd->callback([o, tokens, prompt, chat, messages, seed] {
     o->seeded = seed->count() > 0;
     if (o->seeded) o->sampling.seed = o->seed;
     runtime::validate(o->sampling);
     if (tokens->count() > 0) return generate_tokens(*o);
     if (prompt->count() > 0) return generate_text(*o, /*chat=*/false);
-    if (chat->count() > 0) return generate_text(*o, /*chat=*/true);
-    shoal::fail(errc::invalid_argument, "generate needs a prompt: --tokens IDS, --prompt TEXT or --chat MESSAGE");
+    if (chat->count() > 0 || messages->count() > 0) return generate_text(*o, /*chat=*/true);
+    shoal::fail(errc::invalid_argument,
+                "generate needs a prompt: --tokens IDS, --prompt TEXT, --chat MESSAGE or --messages FILE");
   });
 }
 

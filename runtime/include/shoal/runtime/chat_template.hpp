@@ -34,6 +34,13 @@ struct chat_message {
   std::vector<chat_tool_call> tool_calls;
 };
 
+/// Messages from OpenAI-style JSON: an array of `{"role", "content", "tool_calls"}` (or an
+/// object with such a "messages" array). `content` may be a string, null, or an array of
+/// parts of which the "text" ones are joined; a tool call is `{"type", "function": {"name",
+/// "arguments"}}` with arguments as a JSON string (an object is serialised). Throws
+/// `invalid_argument` naming the message at fault.
+std::vector<chat_message> parse_chat_messages(std::string_view json);
+
 /// The chat templates Shoal can render.
 enum class chat_template_kind {
   deepseek_v3,  ///< DeepSeek-V3 (and V3-0324) as published.

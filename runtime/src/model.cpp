@@ -15,9 +15,67 @@ namespace shoal::runtime {
 
 using kernels::linear_params;
 
+kv_block_pool::kv_block_pool(const config::model_config& config, std::int64_t blocks, std::int64_t block_tokens)
+    : blocks_(blocks), block_tokens_(block_tokens), latent_dim_(config.latent_dim()),
+      data_(static_cast<std::size_t>(config.num_hidden_layers * blocks * block_tokens * config.latent_dim())),
+      references_(static_cast<std::size_t>(blocks), 0) {
+  SHOAL_REQUIRE(blocks > 0 && block_tokens > 0, "a cache pool needs blocks ({}) and block_tokens ({}) > 0", blocks,
+                block_tokens);
+  free_.reserve(static_cast<std::size_t>(blocks));
+  for (std::int64_t b = blocks - 1; b >= 0; --b) free_.push_back(static_cast<std::int32_t>(b));
+}
+
+std::int64_t kv_block_pool::block_bytes(const config::model_config& config, std::int64_t block_tokens) {
+  return config.num_hidden_layers * block_tokens * config.latent_dim() * static_cast<std::int64_t>(sizeof(float));
+}
+
+std::int32_t kv_block_pool::allocate() {
+  if (free_.empty()) return -1;
+  const std::int32_t block = free_.back();
+  free_.pop_back();
+  references_[block] = 1;
+  return block;
+}
+
+void kv_block_pool::retain(std::int32_t block) {
+  SHOAL_REQUIRE(references_[block] > 0, "retaining free block {}", block);
+  ++references_[block];
+}
+
+void kv_block_pool::release(std::int32_t block) {
+  SHOAL_REQUIRE(references_[block] > 0, "releasing free block {}", block);
+  if (--references_[block] == 0) free_.push_back(block);
+}
+
 latent_cache::latent_cache(const config::model_config& config, std::int64_t capacity)
-    : capacity_(capacity), latent_dim_(config.latent_dim()),
-      data_(static_cast<std::size_t>(config.num_hidden_layers * capacity * config.latent_dim())) {}
+    : own_pool_(std::make_unique<kv_block_pool>(config, 1, std::max<std::int64_t>(capacity, 1))), pool_(own_pool_.get()) {
+  blocks_.push_back(pool_->allocate());
+}
+
+latent_cache::latent_cache(kv_block_pool& pool) : pool_(&pool) {}
+
+latent_cache::~latent_cache() { clear(); }
+
+bool latent_cache::reserve(std::int64_t positions) {
+  const std::int64_t needed = (positions + pool_->block_tokens() - 1) / pool_->block_tokens() -
+                              static_cast<std::int64_t>(blocks_.size());
+  if (needed <= 0) return true;
+  if (needed > pool_->free_blocks()) return false;
+  for (std::int64_t i = 0; i < needed; ++i) blocks_.push_back(pool_->allocate());
+  return true;
+}
+
+void latent_cache::adopt_prefix(const std::vector<std::int32_t>& blocks, std::int64_t length) {
+  SHOAL_REQUIRE(blocks_.empty(), "adopting a prefix into a cache that holds {} blocks", blocks_.size());
+  blocks_ = blocks;
+  length_ = length;
+}
+
+void latent_cache::clear() {
+  for (auto block : blocks_) pool_->release(block);
+  blocks_.clear();
+  length_ = 0;
+}
 
 model::model(const model_weights& weights, kernels::thread_pool& pool, kernel_mode mode)
     : weights_(weights), pool_(pool), mode_(mode) {
@@ -133,13 +191,15 @@ void model::attention(std::int64_t layer_index, std::span<const sequence_step> s
     const std::int64_t start = step.cache->length();
     SHOAL_REQUIRE(start + n <= step.cache->capacity(), "cache of {} positions cannot take {} more after {}",
                   step.cache->capacity(), n, start);
-    float* cache_rows = step.cache->layer(layer_index);
-    std::memcpy(cache_rows + start * latent_dim, kv.data() + row * latent_dim,
-                static_cast<std::size_t>(n * latent_dim) * sizeof(float));
+    for (std::int64_t i = 0; i < n; ++i)
+      std::memcpy(step.cache->row(layer_index, start + i), kv.data() + (row + i) * latent_dim,
+                  static_cast<std::size_t>(latent_dim) * sizeof(float));
     kernels::mla_params p{.heads = heads, .qk_nope_dim = c.qk_nope_head_dim, .qk_rope_dim = c.qk_rope_head_dim,
                           .v_head_dim = c.v_head_dim, .kv_lora_rank = c.kv_lora_rank,
                           .softmax_scale = softmax_scale_, .q = q.data() + row * heads * qk, .queries = n,
-                          .first_position = start, .latent = cache_rows, .kv_b = w.kv_b,
+                          .first_position = start, .latent = step.cache->pool().layer_base(layer_index),
+                          .block_table = step.cache->blocks().data(),
+                          .block_tokens = step.cache->pool().block_tokens(), .kv_b = w.kv_b,
                           .out = attn.data() + row * heads * c.v_head_dim};
     if (mode_ == kernel_mode::reference)
       kernels::reference::mla_attention(p);

@@ -109,11 +109,11 @@ void absorbed_head_decode(const mla_params& p, std::int64_t head, std::vector<fl
     const std::int64_t visible = p.first_position + i + 1;
     scores.resize(static_cast<std::size_t>(visible));
     for (std::int64_t t = 0; t < visible; ++t)
-      scores[t] = detail::dot(q_cat.data() + i * latent_stride, p.latent + t * latent_stride, latent_stride) *
+      scores[t] = detail::dot(q_cat.data() + i * latent_stride, mla_latent_row(p, t), latent_stride) *
                   p.softmax_scale;
     softmax_causal_row(scores.data(), visible);
     float* o = o_latent.data() + i * rank;
-    for (std::int64_t t = 0; t < visible; ++t) detail::axpy(o, scores[t], p.latent + t * latent_stride, rank);
+    for (std::int64_t t = 0; t < visible; ++t) detail::axpy(o, scores[t], mla_latent_row(p, t), rank);
   }
   // out[i][j] = W_v[j] . o_latent[i]
   for (std::int64_t j = 0; j < p.v_head_dim; ++j) {
@@ -128,8 +128,21 @@ constexpr std::int64_t kDecodeMaxQueries = 4;
 
 }  // namespace
 
-void mla_attention(thread_pool& pool, const mla_params& params) {
+void mla_attention(thread_pool& pool, const mla_params& paged) {
   detail::ensure_blas_single_threaded();
+  // The GEMM path wants the visible cache rows contiguous; a paged cache is gathered once per
+  // call (decode reads rows in place).
+  mla_params params = paged;
+  thread_local std::vector<float> gathered;
+  if (paged.block_table && paged.queries > kDecodeMaxQueries) {
+    const std::int64_t stride = paged.kv_lora_rank + paged.qk_rope_dim;
+    const std::int64_t rows = paged.first_position + paged.queries;
+    gathered.resize(static_cast<std::size_t>(rows * stride));
+    for (std::int64_t t = 0; t < rows; ++t)
+      std::copy_n(mla_latent_row(paged, t), stride, gathered.data() + t * stride);
+    params.latent = gathered.data();
+    params.block_table = nullptr;
+  }
   const auto heads = [&](std::int64_t begin, std::int64_t end) {
     thread_local std::vector<float> w_head, q_cat, scores, o_latent;
     for (std::int64_t h = begin; h < end; ++h) {
@@ -153,7 +166,6 @@ namespace reference {
 void mla_attention(const mla_params& p) {
   const std::int64_t rank = p.kv_lora_rank;
   const std::int64_t rope = p.qk_rope_dim;
-  const std::int64_t latent_stride = rank + rope;
   const std::int64_t qk_dim = p.qk_nope_dim + rope;
   const std::int64_t head_rows = p.qk_nope_dim + p.v_head_dim;
   const std::int64_t context = p.first_position + p.queries;
@@ -161,7 +173,7 @@ void mla_attention(const mla_params& p) {
   std::vector<float> keys(static_cast<std::size_t>(context * p.heads * p.qk_nope_dim));
   std::vector<float> values(static_cast<std::size_t>(context * p.heads * p.v_head_dim));
   for (std::int64_t t = 0; t < context; ++t) {
-    const float* latent = p.latent + t * latent_stride;
+    const float* latent = mla_latent_row(p, t);
     for (std::int64_t h = 0; h < p.heads; ++h)
       for (std::int64_t r = 0; r < head_rows; ++r) {
         float sum = 0.0f;
@@ -179,7 +191,7 @@ void mla_attention(const mla_params& p) {
       const float* q = p.q + (i * p.heads + h) * qk_dim;
       for (std::int64_t t = 0; t < visible; ++t) {
         const float* k = keys.data() + (t * p.heads + h) * p.qk_nope_dim;
-        const float* k_pe = p.latent + t * latent_stride + rank;
+        const float* k_pe = mla_latent_row(p, t) + rank;
         float dot = 0.0f;
         for (std::int64_t d = 0; d < p.qk_nope_dim; ++d) dot += q[d] * k[d];
         for (std::int64_t d = 0; d < rope; ++d) dot += q[p.qk_nope_dim + d] * k_pe[d];

@@ -23,14 +23,27 @@ struct mla_params {
   const float* q = nullptr;
   std::int64_t queries = 0;        ///< Query tokens.
   std::int64_t first_position = 0; ///< Position of the first query.
-  /// Cache `[positions][kv_lora_rank + qk_rope_dim]`: normalized latent, then roped key part.
+  /// Cache rows `[kv_lora_rank + qk_rope_dim]`: normalized latent, then roped key part.
+  /// Without a block table, row t is at `latent + t * (kv_lora_rank + qk_rope_dim)`.
   const float* latent = nullptr;
+  /// Paged cache: row t is row `t % block_tokens` of block `block_table[t / block_tokens]`,
+  /// blocks being `block_tokens` consecutive rows from `latent`. Null: contiguous.
+  const std::int32_t* block_table = nullptr;
+  std::int64_t block_tokens = 0;   ///< Rows per cache block (with `block_table`).
   /// `kv_b_proj`: `[heads * (qk_nope_dim + v_head_dim)][kv_lora_rank]`, per head the key rows
   /// then the value rows.
   matrix_view kv_b;
   /// Output `[queries][heads][v_head_dim]`.
   float* out = nullptr;
 };
+
+/// Address of cache row `position` (paged or contiguous).
+inline const float* mla_latent_row(const mla_params& p, std::int64_t position) noexcept {
+  const std::int64_t stride = p.kv_lora_rank + p.qk_rope_dim;
+  if (!p.block_table) return p.latent + position * stride;
+  return p.latent + (static_cast<std::int64_t>(p.block_table[position / p.block_tokens]) * p.block_tokens +
+                     position % p.block_tokens) * stride;
+}
 
 /// Optimized MLA in the absorbed form: queries are projected into latent space, scores and
 /// weighted sums run over the 576-wide latents directly, values are decompressed once per head.

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -15,29 +16,92 @@ class thread_pool;
 
 namespace shoal::runtime {
 
+/// Fixed-size blocks of latent-cache memory shared by many sequences. Layout
+/// `[layer][block][block_tokens][latent_dim]`, so one layer's blocks form one array the
+/// attention kernel addresses through a block table. Blocks are reference-counted so that
+/// sequences with a common prompt prefix can share them.
+class kv_block_pool {
+ public:
+  /// `blocks` blocks of `block_tokens` positions for every layer of `config`.
+  kv_block_pool(const config::model_config& config, std::int64_t blocks, std::int64_t block_tokens);
+
+  /// Bytes one block takes across all layers.
+  static std::int64_t block_bytes(const config::model_config& config, std::int64_t block_tokens);
+  /// Takes a free block (reference count 1), or returns -1 when none is free.
+  std::int32_t allocate();
+  /// Adds a reference to a block in use.
+  void retain(std::int32_t block);
+  /// Drops a reference; the block is free again at zero.
+  void release(std::int32_t block);
+  /// References held on a block.
+  std::int32_t references(std::int32_t block) const { return references_[block]; }
+  std::int64_t free_blocks() const noexcept { return static_cast<std::int64_t>(free_.size()); }
+  std::int64_t total_blocks() const noexcept { return blocks_; }
+  std::int64_t block_tokens() const noexcept { return block_tokens_; }
+  std::int64_t latent_dim() const noexcept { return latent_dim_; }
+  /// First row of `layer`'s block array.
+  float* layer_base(std::int64_t layer) noexcept { return data_.data() + layer * blocks_ * block_tokens_ * latent_dim_; }
+
+ private:
+  std::int64_t blocks_;
+  std::int64_t block_tokens_;
+  std::int64_t latent_dim_;
+  std::vector<float> data_;
+  std::vector<std::int32_t> references_;
+  std::vector<std::int32_t> free_;
+};
+
 /// A sequence's cache of compressed attention latents: per layer and position,
-/// `kv_lora_rank` normalized latent values followed by `qk_rope_head_dim` roped key values.
+/// `kv_lora_rank` normalized latent values followed by `qk_rope_head_dim` roped key values,
+/// held in blocks of a `kv_block_pool`.
 class latent_cache {
  public:
-  /// A cache for up to `capacity` positions of every layer.
+  /// A standalone cache of `capacity` positions in one block of its own (contiguous rows).
   latent_cache(const config::model_config& config, std::int64_t capacity);
+  /// An empty cache drawing blocks from `pool` as it grows (see `reserve`).
+  explicit latent_cache(kv_block_pool& pool);
+  ~latent_cache();
+  latent_cache(const latent_cache&) = delete;
+  latent_cache& operator=(const latent_cache&) = delete;
 
   /// Positions filled so far (the next token goes at this position).
   std::int64_t length() const noexcept { return length_; }
-  /// Positions it can hold.
-  std::int64_t capacity() const noexcept { return capacity_; }
-  /// Rows of one layer, `[capacity][latent_dim]`.
-  float* layer(std::int64_t index) noexcept { return data_.data() + index * capacity_ * latent_dim_; }
+  /// Positions the blocks held can take.
+  std::int64_t capacity() const noexcept {
+    return static_cast<std::int64_t>(blocks_.size()) * pool_->block_tokens();
+  }
+  /// Makes room for `positions` positions in total; false (nothing changed) when the pool has
+  /// too few free blocks.
+  bool reserve(std::int64_t positions);
+  /// Starts the cache with `blocks` (already retained for this cache) holding `length`
+  /// positions of a shared prefix.
+  void adopt_prefix(const std::vector<std::int32_t>& blocks, std::int64_t length);
+  /// Returns every block to the pool and empties the cache.
+  void clear();
   /// Marks positions [0, length) as filled; positions past it are overwritten later.
   void set_length(std::int64_t length) noexcept { length_ = length; }
-  /// Bytes held.
-  std::size_t bytes() const noexcept { return data_.size() * sizeof(float); }
+  /// Row of `position` in `layer`.
+  float* row(std::int64_t layer, std::int64_t position) noexcept {
+    const auto bt = pool_->block_tokens();
+    return pool_->layer_base(layer) +
+           (static_cast<std::int64_t>(blocks_[position / bt]) * bt + position % bt) * pool_->latent_dim();
+  }
+  /// Rows of one layer of a standalone cache, `[capacity][latent_dim]` (contiguous only there).
+  float* layer(std::int64_t index) noexcept { return pool_->layer_base(index) + blocks_.front() * capacity() * pool_->latent_dim(); }
+  /// Block ids in position order.
+  const std::vector<std::int32_t>& blocks() const noexcept { return blocks_; }
+  /// The pool the blocks come from.
+  kv_block_pool& pool() noexcept { return *pool_; }
+  /// Bytes of the blocks held.
+  std::size_t bytes() const noexcept {
+    return static_cast<std::size_t>(capacity()) * static_cast<std::size_t>(pool_->latent_dim()) * sizeof(float);
+  }
 
  private:
-  std::int64_t capacity_;
-  std::int64_t latent_dim_;
+  std::unique_ptr<kv_block_pool> own_pool_;  // standalone caches only
+  kv_block_pool* pool_;
+  std::vector<std::int32_t> blocks_;
   std::int64_t length_ = 0;
-  std::vector<float> data_;
 };
 
 /// One sequence's share of a batched step: its new tokens, appended after what it has cached.

@@ -1,0 +1,35 @@
+#pragma once
+// Rope kernel: blockIdx.x = token, threads over (head, pair).
+
+#include "device_common.cuh"
+
+namespace shoal::kernels::cuda::detail {
+
+struct rope_args {
+  float* x;
+  std::int64_t heads, token_stride, head_stride, offset, pairs;
+  const std::int64_t* positions;
+  const float* frequencies;
+};
+
+// Rotates one interleaved pair like the reference: fp32 angle, then full-precision sincosf.
+__device__ __forceinline__ void rotate_pair(float* v, float position, float frequency) {
+  const float angle = position * frequency;
+  float s, c;
+  sincosf(angle, &s, &c);
+  const float a = v[0], b = v[1];
+  v[0] = a * c - b * s;
+  v[1] = a * s + b * c;
+}
+
+__global__ void rope_kernel(rope_args a) {
+  const std::int64_t token = blockIdx.x;
+  const float position = static_cast<float>(a.positions[token]);
+  for (std::int64_t i = threadIdx.x; i < a.heads * a.pairs; i += blockDim.x) {
+    const std::int64_t head = i / a.pairs, pair = i % a.pairs;
+    rotate_pair(a.x + token * a.token_stride + head * a.head_stride + a.offset + 2 * pair,
+                position, a.frequencies[pair]);
+  }
+}
+
+}  // namespace shoal::kernels::cuda::detail

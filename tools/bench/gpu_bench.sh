@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One command on a GPU machine (CUDA 13, PyTorch; no internet needed): configure, build the
+# CUDA kernels and their tests, run the GPU tests, then the kernel benchmark and the PyTorch
+# baseline on the same shapes and routing. Output goes to the terminal and to $OUT_DIR.
+#
+#   tools/bench/gpu_bench.sh [--quick]        (BUILD_DIR, OUT_DIR override the defaults)
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+build="${BUILD_DIR:-$root/build-gpu}"
+out="${OUT_DIR:-$build/bench-results}"
+quick=()
+[[ "${1:-}" == "--quick" ]] && quick=(--quick)
+jobs="$(nproc)"
+mkdir -p "$out"
+
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "gpu_bench.sh: no GPU visible (nvidia-smi -L failed); nothing to measure" >&2
+  exit 2
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
+
+cuda_compiler=()
+[[ -x /usr/local/cuda/bin/nvcc ]] && cuda_compiler=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHOAL_CUDA=ON \
+  -DCMAKE_CUDA_ARCHITECTURES=90a "${cuda_compiler[@]}"
+cmake --build "$build" -j "$jobs" --target shoal_kernels_cuda cuda_kernels_test cuda_golden_test shoal_cuda_bench
+
+echo "== GPU tests"
+(cd "$build" && ctest -L cuda --output-on-failure) 2>&1 | tee "$out/tests.txt"
+
+echo "== Shoal kernels"
+"$build/kernels/cuda/shoal_cuda_bench" --dump "$out" "${quick[@]}" 2>&1 | tee "$out/shoal_bench.txt"
+
+echo "== PyTorch baseline"
+if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  python3 "$root/tools/bench/torch_baseline.py" --dump "$out" "${quick[@]}" 2>&1 | tee "$out/torch_baseline.txt"
+else
+  echo "PyTorch with CUDA not importable: baseline skipped" | tee "$out/torch_baseline.txt"
+fi
+echo "results in $out"

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <thread>
 
 using namespace shoal;
 using namespace shoal::runtime;
@@ -201,4 +202,24 @@ TEST_CASE("tokenizer: long pieces (the heap merge path) round trip and are stabl
     CHECK(ids.size() < text.size());
     CHECK(tok.encode(text) == ids);  // a second call is served from the piece cache
   }
+}
+
+TEST_CASE("tokenizer: one instance encodes from many threads at once", "[tokenizer]") {
+  const auto& tok = deepseek();
+  std::vector<std::string> texts;
+  for (const auto& row : vectors()) texts.push_back(row.at("text").get<std::string>());
+  std::vector<std::vector<token_id>> want;
+  for (const auto& t : texts) want.push_back(tok.encode(t));
+  std::vector<int> mismatches(4, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < 20; ++round)
+        for (std::size_t i = static_cast<std::size_t>(t); i < texts.size(); i += 1 + static_cast<std::size_t>(round % 3))
+          if (tok.encode(texts[i] + std::to_string(round)) != tok.encode(texts[i] + std::to_string(round)) ||
+              tok.encode(texts[i]) != want[i])
+            ++mismatches[static_cast<std::size_t>(t)];
+    });
+  for (auto& th : threads) th.join();
+  CHECK(mismatches == std::vector<int>(4, 0));
 }

@@ -1,0 +1,33 @@
+#pragma once
+/// \file
+/// What the HTTP gateway needs from whatever generates tokens. The embedded server passes an
+/// adapter over `runtime::engine`; tests pass a scripted fake, which keeps HTTP tests fast and
+/// lets them stage hangs and overloads that a real engine produces only by accident.
+
+#include "shoal/runtime/engine.hpp"
+
+#include <cstdint>
+#include <memory>
+
+namespace shoal::gateway {
+
+/// A token generator as seen from the gateway. All members may be called from any thread.
+class backend {
+ public:
+  virtual ~backend() = default;
+  /// Queues a request (see `runtime::engine::submit`). Throws `shoal::error`:
+  /// `invalid_argument`, `resource_exhausted` (queue full) or `unavailable` (shutting down).
+  /// Events may arrive on another thread before this returns.
+  virtual std::uint64_t submit(runtime::generation_request request) = 0;
+  /// Cancels a request if it is still known; its last event carries `errc::cancelled`.
+  virtual void cancel(std::uint64_t request_id) = 0;
+  /// A snapshot for /metrics and /ready.
+  virtual runtime::engine_stats stats() const = 0;
+  /// Longest prompt plus completion one request may have.
+  virtual std::int64_t max_sequence_tokens() const = 0;
+};
+
+/// A backend over an engine that must outlive it.
+std::unique_ptr<backend> make_engine_backend(runtime::engine& engine);
+
+}  // namespace shoal::gateway

@@ -491,14 +491,15 @@ struct node::impl {
       part_done(record, UCS_OK);
     } else if (UCS_PTR_IS_ERR(request)) {
       part_done(record, UCS_PTR_STATUS(request));
-    } else {
-      ucp_request_free(request);  // The callback still runs; UCX frees the request after it.
     }
+    // Otherwise the callback completes the part and frees the request: freeing it here would
+    // suppress the callback.
   }
 
-  static void on_send_done(void*, ucs_status_t status, void* user_data) {
+  static void on_send_done(void* request, ucs_status_t status, void* user_data) {
     auto* record = static_cast<send_record*>(user_data);
     record->self->part_done(record, status);
+    ucp_request_free(request);
   }
 
   void part_done(send_record* record, ucs_status_t status) {
@@ -518,8 +519,9 @@ struct node::impl {
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
                          UCP_OP_ATTR_FIELD_FLAGS;
-    param.cb.send = [](void*, ucs_status_t, void* user_data) {
+    param.cb.send = [](void* request, ucs_status_t, void* user_data) {
       delete static_cast<control_record*>(user_data);
+      ucp_request_free(request);
     };
     param.user_data = record;
     param.flags = UCP_AM_SEND_FLAG_REPLY;
@@ -528,8 +530,6 @@ struct node::impl {
                         record->payload.data(), record->payload.size(), &param);
     if (request == nullptr || UCS_PTR_IS_ERR(request))
       delete record;  // Errors surface through the endpoint's error handler.
-    else
-      ucp_request_free(request);
   }
 
   peer_state& add_peer(ucp_ep_h ep, peer_phase phase) {
@@ -864,13 +864,12 @@ struct node::impl {
       delete record;
       fail(errc::unavailable, "receiving bulk {} from '{}': {}", h.index, peer.name,
            ucs_status_string(UCS_PTR_STATUS(request)));
-    } else {
-      ucp_request_free(request);
     }
     return UCS_INPROGRESS;
   }
 
-  static void on_recv_done(void*, ucs_status_t status, std::size_t, void* user_data) {
+  static void on_recv_done(void* request, ucs_status_t status, std::size_t, void* user_data) {
+    ucp_request_free(request);
     std::unique_ptr<recv_record> record(static_cast<recv_record*>(user_data));
     impl* self = record->self;
     auto it = self->peers.find(record->peer);

@@ -5,8 +5,8 @@
 #include <fstream>
 
 // .incbin keeps the 7.8 MB file out of the C++ front end: compiling it as a char array
-// literal would take minutes and gigabytes. ccache cannot see the included files, so the
-// build marks them as OBJECT_DEPENDS and they change only with a tokenizer update.
+// literal would take minutes and gigabytes. The build names the files as OBJECT_DEPENDS and
+// passes their hash as a definition, so neither Ninja nor ccache keeps a stale object.
 asm(R"(
   .pushsection .rodata
   .balign 16

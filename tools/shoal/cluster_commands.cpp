@@ -2,6 +2,7 @@
 
 #include "commands.hpp"
 
+#include "shoal/actors/client.hpp"
 #include "shoal/actors/node_process.hpp"
 #include "shoal/base/error.hpp"
 #include "shoal/config/cluster_config.hpp"
@@ -10,6 +11,7 @@
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
 
+#include <charconv>
 #include <csignal>
 #include <chrono>
 #include <cstdio>
@@ -283,6 +285,54 @@ void add_launch(CLI::App& app) {
 }
 
 }  // namespace
+
+void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
+                         double temperature, bool json) {
+  if (temperature != 0.0)
+    shoal::fail(errc::invalid_argument, "--cluster: generation on a cluster is greedy only so far; use --temperature 0");
+  const auto colon = address.rfind(':');
+  int port = 0;
+  if (colon == std::string::npos || colon == 0 ||
+      std::from_chars(address.data() + colon + 1, address.data() + address.size(), port).ec != std::errc() ||
+      port <= 0 || port > 65535)
+    shoal::fail(errc::invalid_argument, "--cluster '{}': expected HOST:PORT, e.g. 127.0.0.1:7610", address);
+  if (tokens.empty()) shoal::fail(errc::invalid_argument, "--cluster needs --tokens IDS (text prompts are not routed yet)");
+  generate_options request;
+  for (std::size_t pos = 0; pos <= tokens.size();) {
+    const auto comma = std::min(tokens.find(',', pos), tokens.size());
+    int value = -1;
+    const auto r = std::from_chars(tokens.data() + pos, tokens.data() + comma, value);
+    if (r.ec != std::errc() || r.ptr != tokens.data() + comma || value < 0)
+      shoal::fail(errc::invalid_argument, "--tokens: '{}' is not a token id (expected e.g. 0,17,5)",
+                  tokens.substr(pos, comma - pos));
+    request.prompt.push_back(value);
+    pos = comma + 1;
+  }
+  request.max_tokens = static_cast<std::uint32_t>(max_new_tokens > 0 ? max_new_tokens : 16);
+  auto client = client::connect(address.substr(0, colon), static_cast<std::uint16_t>(port));
+  const auto start = clock_type::now();
+  const auto id = client->submit(request);
+  std::vector<std::int32_t> generated;
+  while (true) {
+    auto chunk = client->next(id, std::chrono::seconds(120));
+    if (!chunk)
+      shoal::fail(errc::deadline_exceeded, "no tokens from the cluster at {} for 120 s ({} tokens so far)", address,
+                  generated.size());
+    if (chunk->finish == actors::finish_reason::error) throw shoal::error(static_cast<errc>(chunk->error_code), chunk->error);
+    for (auto t : chunk->tokens) {
+      generated.push_back(t);
+      if (!json) fmt::print("{}{}", generated.size() > 1 ? "," : "", t);
+    }
+    std::fflush(stdout);
+    if (chunk->finish != actors::finish_reason::none) break;
+  }
+  const double seconds = std::chrono::duration<double>(clock_type::now() - start).count();
+  if (json)
+    fmt::print("{}\n", nlohmann::json{{"tokens", generated}}.dump());
+  else
+    fmt::print("\n");
+  fmt::print(stderr, "[generate] {} tokens from the cluster at {} in {:.3f} s\n", generated.size(), address, seconds);
+}
 
 void add_cluster_commands(CLI::App& app) {
   add_node(app);

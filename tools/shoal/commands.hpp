@@ -1,6 +1,8 @@
 #pragma once
 // Each group of subcommands registers itself on the top-level CLI.
 
+#include <string>
+
 namespace CLI {
 class App;
 }
@@ -18,5 +20,9 @@ void add_text_commands(CLI::App& app);
 
 /// node, launch: run a cluster config as processes.
 void add_cluster_commands(CLI::App& app);
+
+/// `generate --cluster HOST:PORT --tokens IDS`: greedy generation on a running cluster.
+void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
+                         double temperature, bool json);
 
 }  // namespace shoal::tools

@@ -378,7 +378,13 @@ void add_generate(CLI::App& app) {
   cmd->add_flag("--json", o->json,
                 "Print the result at the end as JSON ({\"tokens\": [...]} with --tokens; text, content, "
                 "reasoning_content, finish_reason, tokens, usage with text)");
-  cmd->callback([o, tokens, prompt, chat, messages, seed] {
+  auto cluster = std::make_shared<std::string>();
+  cmd->add_option("--cluster", *cluster, "HOST:PORT of a running cluster's head (shoal launch prints it); with --tokens");
+  cmd->get_option("--model")->required(false);  // not needed with --cluster; checked below
+  cmd->callback([o, tokens, prompt, chat, messages, seed, cluster] {
+    if (!cluster->empty())
+      return generate_on_cluster(*cluster, o->tokens, o->max_new_tokens, o->sampling.temperature, o->json);
+    if (o->model.dir.empty()) shoal::fail(errc::invalid_argument, "--model is required (or --cluster HOST:PORT)");
     o->seeded = seed->count() > 0;
     if (o->seeded) o->sampling.seed = o->seed;
     runtime::validate(o->sampling);

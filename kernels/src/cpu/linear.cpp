@@ -31,6 +31,14 @@ constexpr std::int64_t kGemmTileRows = 64;
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define SHOAL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
 
+// 16 E4M3 bytes to fp32 times 2^-8, exactly: sign-extending each byte to 16 bits and shifting
+// left by 7 lands exponent and mantissa where an f16 keeps them and the sign in bit 15; the
+// AND clears the copy of the sign that lands in the f16 exponent's top bit.
+SHOAL_AVX512 inline __m512 fp8_to_scaled_f32(__m128i bytes) {
+  const __m256i wide = _mm256_cvtepi8_epi16(bytes);
+  return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(wide, 7), _mm256_set1_epi16(static_cast<short>(0xBFFF))));
+}
+
 // Loads 16 weights as fp32. FP8 comes back as its value times 2^-8: e4m3 bits are moved into
 // an f16 layout, which converts exactly; the 2^8 is folded into the block scale.
 template <dtype T>
@@ -48,11 +56,7 @@ SHOAL_AVX512 inline __m512 load16(const void* base, std::int64_t index) {
   } else {
     const __m128i raw = _mm_loadu_si128(
         reinterpret_cast<const __m128i*>(static_cast<const std::uint8_t*>(base) + index));
-    const __m256i wide = _mm256_cvtepu8_epi16(raw);
-    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x80)), 8);
-    const __m256i magnitude =
-        _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x7f)), 7);
-    return _mm512_cvtph_ps(_mm256_or_si256(sign, magnitude));
+    return fp8_to_scaled_f32(raw);
   }
 }
 
@@ -70,11 +74,7 @@ SHOAL_AVX512 inline __m512 load16_masked(const void* base, std::int64_t index, _
     return _mm512_cvtph_ps(raw);
   } else {
     const __m128i raw = _mm_maskz_loadu_epi8(mask, static_cast<const std::uint8_t*>(base) + index);
-    const __m256i wide = _mm256_cvtepu8_epi16(raw);
-    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x80)), 8);
-    const __m256i magnitude =
-        _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x7f)), 7);
-    return _mm512_cvtph_ps(_mm256_or_si256(sign, magnitude));
+    return fp8_to_scaled_f32(raw);
   }
 }
 

@@ -61,4 +61,14 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const std::uint32_
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Rotates one interleaved pair like the reference: fp32 angle, then full-precision sincosf.
+__device__ __forceinline__ void rotate_pair(float* v, float position, float frequency) {
+  const float angle = position * frequency;
+  float s, c;
+  sincosf(angle, &s, &c);
+  const float a = v[0], b = v[1];
+  v[0] = a * c - b * s;
+  v[1] = a * s + b * c;
+}
+
 }  // namespace shoal::kernels::cuda::detail

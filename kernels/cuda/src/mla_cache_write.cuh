@@ -2,7 +2,6 @@
 // Fused latent RMSNorm + key rope + bf16 store into the paged cache: one block per token.
 
 #include "reduce.cuh"
-#include "rope.cuh"
 
 namespace shoal::kernels::cuda::detail {
 

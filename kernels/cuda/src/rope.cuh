@@ -12,16 +12,6 @@ struct rope_args {
   const float* frequencies;
 };
 
-// Rotates one interleaved pair like the reference: fp32 angle, then full-precision sincosf.
-__device__ __forceinline__ void rotate_pair(float* v, float position, float frequency) {
-  const float angle = position * frequency;
-  float s, c;
-  sincosf(angle, &s, &c);
-  const float a = v[0], b = v[1];
-  v[0] = a * c - b * s;
-  v[1] = a * s + b * c;
-}
-
 __global__ void rope_kernel(rope_args a) {
   const std::int64_t token = blockIdx.x;
   const float position = static_cast<float>(a.positions[token]);

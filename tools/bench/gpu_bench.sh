@@ -20,17 +20,34 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
 
-cuda_compiler=()
-[[ -x /usr/local/cuda/bin/nvcc ]] && cuda_compiler=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
-cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHOAL_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES=90a "${cuda_compiler[@]}"
-cmake --build "$build" -j "$jobs" --target shoal_kernels_cuda cuda_kernels_test cuda_golden_test shoal_cuda_bench
-
-echo "== GPU tests"
-(cd "$build" && ctest -L cuda --output-on-failure) 2>&1 | tee "$out/tests.txt"
+nvcc="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
+bench="$build/kernels/cuda/shoal_cuda_bench"
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+if cmake -S "$root" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DSHOAL_CUDA=ON \
+     -DCMAKE_CUDA_COMPILER="$nvcc" -DCMAKE_CUDA_ARCHITECTURES=90a; then
+  cmake --build "$build" -j "$jobs" --target shoal_kernels_cuda cuda_kernels_test cuda_golden_test shoal_cuda_bench
+  echo "== GPU tests"
+  # A failing test is reported, and the benchmark still runs: its figures are then suspect.
+  (cd "$build" && ctest -L cuda --output-on-failure) 2>&1 | tee "$out/tests.txt" ||
+    echo "gpu_bench.sh: GPU TESTS FAILED (see $out/tests.txt); figures below are not trustworthy"
+else
+  # A bare GPU image may lack the project's other dependencies (CAF, Cap'n Proto, Catch2, ...):
+  # the kernels and the benchmark need only CUDA, so build those directly. The tests need the
+  # full build and do not run on this path.
+  echo "gpu_bench.sh: full configure failed; building kernels + benchmark with nvcc only (GPU tests NOT run)" \
+    | tee "$out/tests.txt"
+  mkdir -p "$build/kernels/cuda"
+  fmt_lib=()
+  [[ -e /usr/include/fmt/format.h ]] && fmt_lib=(-lfmt)
+  "$nvcc" -std=c++20 -O3 -arch=sm_90a -lineinfo --expt-relaxed-constexpr \
+    -I"$root/kernels/cuda/include" -I"$root/kernels/cuda/src" -I"$root/kernels/include" -I"$root/base/include" \
+    "$root"/kernels/cuda/src/*.cu "$root/kernels/cuda/src/errors.cpp" "$root/kernels/cuda/src/sampling_reference.cpp" \
+    "$root/kernels/cuda/bench/cuda_bench.cu" -lcublasLt -lcublas "${fmt_lib[@]}" -o "$bench"
+fi
 
 echo "== Shoal kernels"
-"$build/kernels/cuda/shoal_cuda_bench" --dump "$out" "${quick[@]}" 2>&1 | tee "$out/shoal_bench.txt"
+"$bench" --dump "$out" "${quick[@]}" 2>&1 | tee "$out/shoal_bench.txt"
 
 echo "== PyTorch baseline"
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then

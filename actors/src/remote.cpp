@@ -508,10 +508,10 @@ void remote_fabric::start() {
     if (auto self = weak.lock()) self->on_message(peer, std::move(message));
   };
   cb.on_peer_failed = [weak](transport::peer_id peer, const shoal::error& reason) {
-    if (auto self = weak.lock()) self->on_peer_lost(peer, reason);
+    if (auto self = weak.lock()) self->on_peer_lost(peer, reason, false);
   };
   cb.on_peer_closed = [weak](transport::peer_id peer) {
-    if (auto self = weak.lock()) self->on_peer_lost(peer, shoal::error(errc::unavailable, "connection closed"));
+    if (auto self = weak.lock()) self->on_peer_lost(peer, shoal::error(errc::unavailable, "connection closed"), true);
   };
   node_ = std::make_unique<transport::node>(std::move(o), std::move(cb));
 }
@@ -626,7 +626,7 @@ void remote_fabric::observe_epoch(std::uint64_t epoch) noexcept {
   }
 }
 
-void remote_fabric::on_peer_lost(transport::peer_id peer, const shoal::error& reason) {
+void remote_fabric::on_peer_lost(transport::peer_id peer, const shoal::error& reason, bool orderly) {
   std::string name;
   std::vector<caf::actor> lost;
   {
@@ -652,7 +652,8 @@ void remote_fabric::on_peer_lost(transport::peer_id peer, const shoal::error& re
     }
   }
   const auto message = fmt::format("node {} failed: {}", name, reason.what());
-  if (reason.code() != errc::unavailable || !lost.empty()) wire_log().warn("{}", message);
+  // An orderly close (a node stopping) is not worth a warning; calls pending on it still fail.
+  if (!orderly || trace_) wire_log().warn("{}", message);
   for (auto& proxy : lost) caf::anon_send(proxy, lost_atom::value, message);
 }
 

@@ -66,7 +66,7 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
 
  private:
   void on_message(transport::peer_id peer, transport::incoming_message message);
-  void on_peer_lost(transport::peer_id peer, const shoal::error& reason);
+  void on_peer_lost(transport::peer_id peer, const shoal::error& reason, bool orderly);
   transport::peer_id peer_for(const std::string& node);
 
   caf::actor_system& system_;

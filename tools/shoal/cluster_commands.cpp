@@ -6,6 +6,9 @@
 #include "shoal/actors/node_process.hpp"
 #include "shoal/base/error.hpp"
 #include "shoal/config/cluster_config.hpp"
+#include "shoal/kernels/thread_pool.hpp"
+#include "shoal/runtime/model.hpp"
+#include "shoal/runtime/weights.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -284,6 +287,132 @@ void add_launch(CLI::App& app) {
   });
 }
 
+
+void add_bench_cluster(CLI::App& app) {
+  struct options {
+    std::string config;
+    std::string transports;
+    int prompt_tokens = 16;
+    int decode_tokens = 32;
+    timeout_options timeouts;
+  };
+  auto o = std::make_shared<options>();
+  auto* cmd = app.add_subcommand(
+      "bench-cluster", "Cost of distribution: decode tokens/s of one process vs. the cluster of a config, same run");
+  cmd->add_option("config", o->config, "Cluster config (YAML); its nodes are started on this machine")->required();
+  cmd->add_option("--transports", o->transports, "UCX transports, e.g. tcp");
+  cmd->add_option("--prompt-tokens", o->prompt_tokens, "Prompt length")->capture_default_str()->check(CLI::Range(1, 4096));
+  cmd->add_option("--decode-tokens", o->decode_tokens, "Tokens decoded and timed")->capture_default_str()->check(CLI::Range(2, 4096));
+  add_timeout_options(cmd, o->timeouts);
+  cmd->callback([o] {
+    const auto signals = block_stop_signals();
+    (void)signals;
+    auto cluster = config::load_cluster_config(o->config);
+    const auto timeouts = to_cluster_options(o->timeouts, cluster);
+    std::vector<std::int32_t> prompt;
+    for (int i = 0; i < o->prompt_tokens; ++i) prompt.push_back((i * 37 + 11) % 1000);
+
+    // One process, same kernels and thread count as each cluster actor.
+    auto weights = runtime::model_weights::load(cluster.model, {}, runtime::weight_residency::copy);
+    const auto& model = weights->config();
+    config::validate_against_model(cluster, model);
+    for (auto& t : prompt) t %= static_cast<std::int32_t>(model.vocab_size);
+    kernels::thread_pool pool(cluster.threads);
+    runtime::model net(*weights, pool);
+    runtime::latent_cache cache(model, static_cast<std::int64_t>(prompt.size()) + o->decode_tokens + 1);
+    runtime::sequence_step step{&cache, prompt};
+    auto logits = net.forward(std::span(&step, 1));
+    std::vector<std::int32_t> single{runtime::argmax(logits)};
+    const auto single_start = clock_type::now();
+    for (int i = 0; i < o->decode_tokens; ++i) {
+      step.tokens = std::span(&single.back(), 1);
+      logits = net.forward(std::span(&step, 1));
+      single.push_back(runtime::argmax(logits));
+    }
+    const double single_s = std::chrono::duration<double>(clock_type::now() - single_start).count();
+
+    // The cluster, as processes on this machine.
+    const auto config_path = std::filesystem::absolute(o->config).string();
+    const auto self_exe = std::filesystem::read_symlink("/proc/self/exe").string();
+    std::vector<std::string> extra{"--ready-timeout", std::to_string(timeouts.ready_timeout.count() / 1000)};
+    if (!o->transports.empty()) {
+      extra.push_back("--transports");
+      extra.push_back(o->transports);
+    }
+    std::vector<child> children;
+    struct stopper {
+      std::vector<child>& c;
+      ~stopper() { stop_children(c); }
+    } stop_guard{children};
+    for (const auto& node : cluster.nodes)
+      children.push_back(start_node(self_exe, config_path, node, extra, node.name == cluster.head));
+    int head_out = -1;
+    const config::node_spec* head = cluster.find_node(cluster.head);
+    for (const auto& c : children)
+      if (c.node == cluster.head) head_out = c.out;
+    std::string line;
+    const auto deadline = clock_type::now() + timeouts.ready_timeout + std::chrono::seconds(5);
+    while (line.find('\n') == std::string::npos) {
+      if (clock_type::now() > deadline)
+        shoal::fail(errc::deadline_exceeded, "the cluster was not ready within {} s", timeouts.ready_timeout.count() / 1000);
+      int status = 0;
+      if (const auto* dead = exited_child(children, status))
+        shoal::fail(errc::unavailable, "node {} exited before the cluster was ready", dead->node);
+      pollfd p{head_out, POLLIN, 0};
+      if (::poll(&p, 1, 100) > 0) {
+        char buffer[4096];
+        const auto n = ::read(head_out, buffer, sizeof(buffer));
+        if (n > 0) line.append(buffer, static_cast<std::size_t>(n));
+      }
+    }
+    auto client = client::connect(head->host, head->port);
+    generate_options request;
+    request.prompt = prompt;
+    request.max_tokens = static_cast<std::uint32_t>(o->decode_tokens + 1);
+    const auto id = client->submit(request);
+    std::vector<std::int32_t> distributed;
+    clock_type::time_point first_token;
+    while (true) {
+      auto chunk = client->next(id, timeouts.step_timeout);
+      if (!chunk) shoal::fail(errc::deadline_exceeded, "no token from the cluster for {} s", timeouts.step_timeout.count() / 1000);
+      if (chunk->finish == actors::finish_reason::error) throw shoal::error(static_cast<errc>(chunk->error_code), chunk->error);
+      if (distributed.empty()) first_token = clock_type::now();
+      distributed.insert(distributed.end(), chunk->tokens.begin(), chunk->tokens.end());
+      if (chunk->finish != actors::finish_reason::none) break;
+    }
+    const double cluster_s = std::chrono::duration<double>(clock_type::now() - first_token).count();
+
+    // Sequential network legs of one decode step: activations forward and the sampled reply
+    // back along the pipeline, and one dispatch/combine round per MoE layer held by a stage
+    // whose expert actors are remote (groups are asked in parallel: one round).
+    std::int64_t moe_layers = 0;
+    for (std::int64_t l = 0; l < model.num_hidden_layers; ++l) moe_layers += model.is_moe_layer(l) ? 1 : 0;
+    const std::int64_t legs = 2 * static_cast<std::int64_t>(cluster.stages.size() - 1) +
+                              (cluster.stages.front().node != cluster.head ? 2 : 0) +
+                              (cluster.expert_groups.empty() ? 0 : 2 * moe_layers);
+    const double single_step = single_s / o->decode_tokens, cluster_step = cluster_s / o->decode_tokens;
+    nlohmann::json out{{"decode_tokens", o->decode_tokens},
+                       {"single_process_tokens_per_s", o->decode_tokens / single_s},
+                       {"cluster_tokens_per_s", o->decode_tokens / cluster_s},
+                       {"single_process_step_ms", single_step * 1e3},
+                       {"cluster_step_ms", cluster_step * 1e3},
+                       {"messaging_ms_per_step", (cluster_step - single_step) * 1e3},
+                       {"network_legs_per_step", legs},
+                       {"messaging_us_per_leg", legs ? (cluster_step - single_step) * 1e6 / static_cast<double>(legs) : 0.0},
+                       {"same_tokens", distributed == single},
+                       {"nodes", cluster.nodes.size()}};
+    fmt::print("{}\n", out.dump());
+    fmt::print(stderr,
+               "[bench-cluster] decode: {:.1f} tokens/s in one process, {:.1f} tokens/s on {} processes; "
+               "{:.3f} ms of {:.3f} ms per step is distribution (~{:.0f} us per each of {} sequential network legs, "
+               "derived from the step times); tokens {}\n",
+               o->decode_tokens / single_s, o->decode_tokens / cluster_s, cluster.nodes.size(),
+               (cluster_step - single_step) * 1e3, cluster_step * 1e3,
+               legs ? (cluster_step - single_step) * 1e6 / static_cast<double>(legs) : 0.0, legs,
+               distributed == single ? "identical" : "DIFFER");
+  });
+}
+
 }  // namespace
 
 void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
@@ -337,6 +466,7 @@ void generate_on_cluster(const std::string& address, const std::string& tokens, 
 void add_cluster_commands(CLI::App& app) {
   add_node(app);
   add_launch(app);
+  add_bench_cluster(app);
 }
 
 }  // namespace shoal::tools

@@ -13,6 +13,26 @@ std::string deepseek_v3_template_source() {
   return nlohmann::json::parse(deepseek_v3_tokenizer_config_json()).at("chat_template").get<std::string>();
 }
 
+constexpr std::string_view kV3AssistantTurn = "{{'<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}";
+constexpr std::string_view kR1AssistantTurn =
+    "{% set content = message['content'] %}{% if '</think>' in content %}{% set content = "
+    "content.split('</think>')[-1] %}{% endif %}{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}";
+constexpr std::string_view kV3GenerationPrompt = "{{'<｜Assistant｜>'}}{% endif %}";
+constexpr std::string_view kR1GenerationPrompt = "{{'<｜Assistant｜><think>\\n'}}{% endif %}";
+
+// DeepSeek-R1's template is V3's with two changes: earlier assistant turns lose their
+// reasoning (everything up to the last </think>), and the generation prompt opens <think>.
+std::string deepseek_r1_template_source() {
+  std::string source = deepseek_v3_template_source();
+  const auto turn = source.find(kV3AssistantTurn);
+  SHOAL_REQUIRE(turn != std::string::npos, "the V3 template has no assistant turn to derive R1's from");
+  source.replace(turn, kV3AssistantTurn.size(), kR1AssistantTurn);
+  const auto prompt = source.rfind(kV3GenerationPrompt);
+  SHOAL_REQUIRE(prompt != std::string::npos, "the V3 template has no generation prompt to derive R1's from");
+  source.replace(prompt, kV3GenerationPrompt.size(), kR1GenerationPrompt);
+  return source;
+}
+
 const std::string& required_content(const chat_message& m, std::size_t index) {
   if (!m.content)
     shoal::fail(errc::invalid_argument, "chat message {} ({}) has no content; only an assistant message with "
@@ -20,10 +40,11 @@ const std::string& required_content(const chat_message& m, std::size_t index) {
   return *m.content;
 }
 
-// A line-by-line transcription of the DeepSeek-V3 Jinja template; the quirks (a single tool
+// A line-by-line transcription of the DeepSeek-V3 (and, with `r1`, R1) Jinja template; the quirks (a single tool
 // call gets no <｜tool▁calls▁end｜>, `is_first` never resets between assistant turns) are the
 // template's and are kept so that prompts match what the model was trained and served with.
-std::string render_deepseek_v3(std::span<const chat_message> messages, bool add_generation_prompt, const std::string& bos) {
+std::string render_deepseek(std::span<const chat_message> messages, bool add_generation_prompt, const std::string& bos,
+                            bool r1) {
   bool is_first = false, is_tool = false, is_output_first = true, is_first_sp = true;
   std::string system_prompt;
   for (std::size_t i = 0; i < messages.size(); ++i) {
@@ -61,6 +82,14 @@ std::string render_deepseek_v3(std::span<const chat_message> messages, bool add_
       if (is_tool) {
         out += "<｜tool▁outputs▁end｜>" + *m.content + "<｜end▁of▁sentence｜>";
         is_tool = false;
+      } else if (r1) {
+        // Jinja's content.split('</think>')[-1]: the text after the last </think>.
+        const auto close = m.content->rfind("</think>");
+        const std::string_view answer =
+            close == std::string::npos ? std::string_view(*m.content) : std::string_view(*m.content).substr(close + 8);
+        out += "<｜Assistant｜>";
+        out += answer;
+        out += "<｜end▁of▁sentence｜>";
       } else {
         out += "<｜Assistant｜>" + *m.content + "<｜end▁of▁sentence｜>";
       }
@@ -76,7 +105,7 @@ std::string render_deepseek_v3(std::span<const chat_message> messages, bool add_
     }
   }
   if (is_tool) out += "<｜tool▁outputs▁end｜>";
-  if (add_generation_prompt && !is_tool) out += "<｜Assistant｜>";
+  if (add_generation_prompt && !is_tool) out += r1 ? "<｜Assistant｜><think>\n" : "<｜Assistant｜>";
   return out;
 }
 
@@ -136,11 +165,20 @@ chat_template chat_template::from_source(std::string_view source, std::string bo
     shoal::fail(errc::failed_precondition, "the tokenizer has no chat_template (tokenizer_config.json); use a plain "
                 "prompt instead of chat messages");
   if (source == deepseek_v3_template_source()) return chat_template(chat_template_kind::deepseek_v3, std::move(bos_token));
+  if (source == deepseek_r1_template_source()) return chat_template(chat_template_kind::deepseek_r1, std::move(bos_token));
   shoal::fail(errc::failed_precondition,
               "the checkpoint's chat_template ({} bytes) is not one Shoal can render (known: the DeepSeek-V3 "
-              "template); rendering it differently would silently change the prompt. Use a plain prompt, or "
+              "and DeepSeek-R1 templates); rendering it differently would silently change the prompt. Use a plain prompt, or "
               "replace chat_template in tokenizer_config.json with the DeepSeek-V3 one if the model uses that format",
               source.size());
+}
+
+std::string chat_template::known_source(chat_template_kind kind) {
+  switch (kind) {
+    case chat_template_kind::deepseek_v3: return deepseek_v3_template_source();
+    case chat_template_kind::deepseek_r1: return deepseek_r1_template_source();
+  }
+  SHOAL_REQUIRE(false, "unhandled chat template kind {}", static_cast<int>(kind));
 }
 
 chat_template chat_template::for_tokenizer(const tokenizer& tok) {
@@ -149,7 +187,8 @@ chat_template chat_template::for_tokenizer(const tokenizer& tok) {
 
 std::string chat_template::render(std::span<const chat_message> messages, bool add_generation_prompt) const {
   switch (kind_) {
-    case chat_template_kind::deepseek_v3: return render_deepseek_v3(messages, add_generation_prompt, bos_);
+    case chat_template_kind::deepseek_v3: return render_deepseek(messages, add_generation_prompt, bos_, false);
+    case chat_template_kind::deepseek_r1: return render_deepseek(messages, add_generation_prompt, bos_, true);
   }
   SHOAL_REQUIRE(false, "unhandled chat template kind {}", static_cast<int>(kind_));
 }

@@ -45,15 +45,15 @@ nlohmann::json to_json(const chat_case& c) {
   return {{"messages", messages}, {"add_generation_prompt", c.add_generation_prompt}};
 }
 
-std::vector<std::string> render_with_jinja(const std::vector<chat_case>& cases) {
+std::vector<std::string> render_with_jinja(const std::vector<chat_case>& cases,
+                                           const fs::path& config = kData / "tokenizer_config.json") {
   const auto dir = fs::temp_directory_path() / ("shoal-chat-" + std::to_string(std::random_device{}()));
   fs::create_directories(dir);
   nlohmann::json all = nlohmann::json::array();
   for (const auto& c : cases) all.push_back(to_json(c));
   std::ofstream(dir / "cases.json") << all.dump();
   const std::string script = fs::path(__FILE__).parent_path() / "render_chat_template.py";
-  const std::string command = std::string(kPython) + " " + script + " " + (kData / "tokenizer_config.json").string() + " " +
-                              (dir / "cases.json").string() + " > " + (dir / "out.json").string();
+  const std::string command = std::string(kPython) + " " + script + " " + config.string() + " " + (dir / "cases.json").string() + " > " + (dir / "out.json").string();
   const int rc = std::system(command.c_str());
   INFO("command: " << command << " (needs Debian's python3-jinja2, see tools/setup/install-deps.sh)");
   REQUIRE(rc == 0);
@@ -202,4 +202,38 @@ TEST_CASE("chat template: OpenAI-style JSON messages parse into what the templat
     INFO(bad);
     CHECK_THROWS_AS(parse_chat_messages(bad), shoal::error);
   }
+}
+
+TEST_CASE("chat template: the DeepSeek-R1 variant renders exactly like Jinja2", "[chat]") {
+  const auto tok = tokenizer::load(kData);
+  const auto r1_source = chat_template::known_source(chat_template_kind::deepseek_r1);
+  CHECK(r1_source != tok.chat_template_source());
+  const auto tmpl = chat_template::from_source(r1_source, tok.bos_token());
+  CHECK(tmpl.kind() == chat_template_kind::deepseek_r1);
+  // An R1 checkpoint's tokenizer_config.json: the same file with R1's template.
+  auto config = nlohmann::json::parse(std::ifstream(kData / "tokenizer_config.json"));
+  config["chat_template"] = r1_source;
+  const auto dir = fs::temp_directory_path() / ("shoal-r1-" + std::to_string(std::random_device{}()));
+  fs::create_directories(dir);
+  std::ofstream(dir / "tokenizer_config.json") << config.dump();
+  auto cases = handwritten_cases();
+  cases.push_back({{msg("user", "q"), msg("assistant", "<think>a</think>b</think>final"), msg("user", "again")}, true});
+  cases.push_back({{msg("user", "q"), msg("assistant", "no reasoning"), msg("user", "again")}, false});
+  const auto extra = random_cases(100);
+  cases.insert(cases.end(), extra.begin(), extra.end());
+  const auto want = render_with_jinja(cases, dir / "tokenizer_config.json");
+  fs::remove_all(dir);
+  REQUIRE(want.size() == cases.size());
+  int mismatches = 0;
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    const auto got = tmpl.render(cases[i].messages, cases[i].add_generation_prompt);
+    if (got != want[i]) {
+      ++mismatches;
+      UNSCOPED_INFO("case " << i << " " << to_json(cases[i]).dump() << "\n got: " << nlohmann::json(got).dump()
+                            << "\nwant: " << nlohmann::json(want[i]).dump());
+    }
+  }
+  CHECK(mismatches == 0);
+  const std::vector<chat_message> hello = {msg("user", "Hello")};
+  CHECK(tmpl.render(hello, true).ends_with("<｜Assistant｜><think>\n"));
 }

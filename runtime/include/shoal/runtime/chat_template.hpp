@@ -43,7 +43,9 @@ std::vector<chat_message> parse_chat_messages(std::string_view json);
 
 /// The chat templates Shoal can render.
 enum class chat_template_kind {
-  deepseek_v3,  ///< DeepSeek-V3 (and V3-0324) as published.
+  deepseek_v3,  ///< DeepSeek-V3 as published.
+  deepseek_r1,  ///< DeepSeek-R1: V3's, but earlier answers drop their reasoning and the
+                ///< generation prompt opens `<think>\n`.
 };
 
 /// A recognised chat template.
@@ -59,6 +61,10 @@ class chat_template {
 
   /// Which template this is.
   chat_template_kind kind() const { return kind_; }
+
+  /// The Jinja source of a known template, byte for byte (for tests, and for writing a
+  /// checkpoint's tokenizer_config.json).
+  static std::string known_source(chat_template_kind kind);
 
   /// The prompt text of `messages`; `add_generation_prompt` appends the assistant turn
   /// opener (unless the conversation ends with tool outputs, as the template does). Throws

@@ -366,7 +366,11 @@ struct node::impl {
         last_activity = now;
         continue;
       }
-      if (now - last_activity < options.spin) continue;
+      if (now - last_activity < options.spin) {
+        // Stay responsive without starving other threads on a busy machine.
+        if (options.spin_yield) std::this_thread::yield();
+        continue;
+      }
       sleep();
       last_activity = clock::now();
     }

@@ -57,6 +57,9 @@ struct node_options {
   std::chrono::milliseconds connect_timeout{10000};
   /// How long the progress thread busy-polls after the last activity before sleeping.
   std::chrono::microseconds spin{200};
+  /// Whether the progress thread yields its core while spinning (kinder to other threads on
+  /// an oversubscribed machine; costs throughput when cores are free).
+  bool spin_yield = true;
   /// Limits applied to every received envelope.
   decode_limits limits;
 };

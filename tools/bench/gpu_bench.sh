@@ -38,12 +38,10 @@ else
   echo "gpu_bench.sh: full configure failed; building kernels + benchmark with nvcc only (GPU tests NOT run)" \
     | tee "$out/tests.txt"
   mkdir -p "$build/kernels/cuda"
-  fmt_lib=()
-  [[ -e /usr/include/fmt/format.h ]] && fmt_lib=(-lfmt)
-  "$nvcc" -std=c++20 -O3 -arch=sm_90a -lineinfo --expt-relaxed-constexpr \
+  "$nvcc" -std=c++20 -O3 -arch=sm_90a -lineinfo --expt-relaxed-constexpr -DSHOAL_CUDA_NO_FMT \
     -I"$root/kernels/cuda/include" -I"$root/kernels/cuda/src" -I"$root/kernels/include" -I"$root/base/include" \
     "$root"/kernels/cuda/src/*.cu "$root/kernels/cuda/src/errors.cpp" "$root/kernels/cuda/src/sampling_reference.cpp" \
-    "$root/kernels/cuda/bench/cuda_bench.cu" -lcublasLt -lcublas "${fmt_lib[@]}" -o "$bench"
+    "$root/kernels/cuda/bench/cuda_bench.cu" -lcublasLt -lcublas -o "$bench"
 fi
 
 echo "== Shoal kernels"

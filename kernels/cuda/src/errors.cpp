@@ -1,7 +1,8 @@
 // Host-compiled half of check.cuh: turns CUDA and cuBLAS statuses into shoal::error.
-// Without fmt (a bare GPU machine building only the kernels and the benchmark with nvcc, see
-// tools/bench/gpu_bench.sh) the same messages travel as std::runtime_error.
-#if __has_include(<fmt/format.h>)
+// Without fmt, or when nvcc drives the host compiler (fmt's constexpr checks break under
+// __NVCC__), SHOAL_CUDA_NO_FMT makes the same messages travel as std::runtime_error: the
+// nvcc-only build of tools/bench/gpu_bench.sh uses it.
+#if __has_include(<fmt/format.h>) && !defined(SHOAL_CUDA_NO_FMT)
 #include "shoal/base/error.hpp"
 #define SHOAL_CUDA_HAVE_FMT 1
 #else

@@ -21,6 +21,9 @@ void add_text_commands(CLI::App& app);
 /// node, launch: run a cluster config as processes.
 void add_cluster_commands(CLI::App& app);
 
+/// serve, bench-serve: the OpenAI-compatible HTTP server and a load generator for it.
+void add_serve_commands(CLI::App& app);
+
 /// `generate --cluster HOST:PORT --tokens IDS`: greedy generation on a running cluster.
 void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
                          double temperature, bool json);

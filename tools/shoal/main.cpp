@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   shoal::tools::add_bench_command(app);
   shoal::tools::add_cluster_commands(app);
   shoal::tools::add_text_commands(app);
+  shoal::tools::add_serve_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

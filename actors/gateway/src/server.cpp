@@ -98,7 +98,7 @@ struct server_core {
   template <typename F>
   void for_each_session(F&& f);
   void note_progress() { last_event_ns.store(to_ns(clock_type::now()), std::memory_order_relaxed); }
-  std::pair<readiness, std::string> check_ready();
+  std::pair<readiness, std::string> check_ready(clock_type::time_point asked);
   std::string next_id(endpoint kind) {
     std::lock_guard lock(id_mutex);
     return fmt::format("{}-{:016x}{:08x}", kind == endpoint::chat ? "chatcmpl" : "cmpl", rng(), ++id_counter);
@@ -121,6 +121,7 @@ struct server_core {
   // The idle probe of /ready.
   std::mutex probe_mutex;
   bool probe_pending = false;
+  std::uint64_t probe_id = 0;
   bool probe_failed = false;
   std::string probe_error;
   clock_type::time_point probe_started{};
@@ -167,7 +168,11 @@ struct job_state {
 class session : public std::enable_shared_from_this<session> {
  public:
   session(tcp::socket socket, server_core& srv)
-      : stream_(std::move(socket)), srv_(srv), write_timer_(stream_.get_executor()), ready_timer_(stream_.get_executor()) {}
+      : stream_(std::move(socket)),
+        srv_(srv),
+        read_timer_(stream_.get_executor()),
+        write_timer_(stream_.get_executor()),
+        ready_timer_(stream_.get_executor()) {}
   ~session() { srv_.forget(this); }
 
   void start() {
@@ -194,14 +199,26 @@ class session : public std::enable_shared_from_this<session> {
     parser_.emplace();
     parser_->body_limit(srv_.opt.max_body_bytes);
     parser_->header_limit(16 * 1024);
-    stream_.expires_after(first ? srv_.opt.read_timeout : srv_.opt.idle_timeout);
+    // Our own timer rather than tcp_stream's timeout, which closes the socket: a client that
+    // sent half a request should still get its 408.
+    read_timed_out_ = false;
+    reading_ = true;
+    read_timer_.expires_after(first ? srv_.opt.read_timeout : srv_.opt.idle_timeout);
+    read_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec || !self->reading_) return;
+      self->read_timed_out_ = true;
+      beast::error_code ignored;
+      self->stream_.socket().cancel(ignored);
+    });
     http::async_read(stream_, buffer_, *parser_,
                      [self = shared_from_this()](beast::error_code ec, std::size_t) { self->on_read(ec); });
   }
 
   void on_read(beast::error_code ec) {
+    read_timer_.cancel();
+    reading_ = false;
     if (closed_) return;
-    stream_.expires_never();
+    if (read_timed_out_) ec = beast::error::timeout;
     if (ec == http::error::end_of_stream) return close();
     if (ec) {
       start_ = clock_type::now();
@@ -275,9 +292,10 @@ class session : public std::enable_shared_from_this<session> {
   // ---- /ready ----
 
   void handle_ready() {
-    auto [state, message] = srv_.check_ready();
+    ready_asked_ = clock_type::now();
+    auto [state, message] = srv_.check_ready(ready_asked_);
     if (state == readiness::probing) {
-      ready_deadline_ = clock_type::now() + srv_.opt.probe_timeout;
+      ready_deadline_ = ready_asked_ + srv_.opt.probe_timeout;
       return poll_ready();
     }
     answer_ready(state, message);
@@ -287,7 +305,7 @@ class session : public std::enable_shared_from_this<session> {
     ready_timer_.expires_after(std::chrono::milliseconds(10));
     ready_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
       if (ec || self->closed_) return;
-      auto [state, message] = self->srv_.check_ready();
+      auto [state, message] = self->srv_.check_ready(self->ready_asked_);
       if (state == readiness::probing && clock_type::now() < self->ready_deadline_) return self->poll_ready();
       if (state == readiness::probing) {
         state = readiness::not_ready;
@@ -640,12 +658,14 @@ class session : public std::enable_shared_from_this<session> {
     beast::error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
     stream_.close();
+    read_timer_.cancel();
     write_timer_.cancel();
     ready_timer_.cancel();
   }
 
   beast::tcp_stream stream_;
   server_core& srv_;
+  net::steady_timer read_timer_;
   net::steady_timer write_timer_;
   net::steady_timer ready_timer_;
   beast::flat_buffer buffer_;
@@ -657,6 +677,7 @@ class session : public std::enable_shared_from_this<session> {
   std::optional<usage_counts> usage_;
   std::string method_, target_;
   clock_type::time_point start_{};
+  clock_type::time_point ready_asked_{};
   clock_type::time_point ready_deadline_{};
   int status_ = 0;
   bool keep_alive_ = true;
@@ -667,6 +688,8 @@ class session : public std::enable_shared_from_this<session> {
   bool resume_ = false;
   bool next_read_ = false;
   bool closed_ = false;
+  bool read_timed_out_ = false;
+  bool reading_ = false;
 };
 
 server_core::server_core(backend& b, const runtime::tokenizer& t, server_options o)
@@ -726,24 +749,26 @@ void server_core::for_each_session(F&& f) {
   for (auto& s : live) f(*s);
 }
 
-std::pair<readiness, std::string> server_core::check_ready() {
+std::pair<readiness, std::string> server_core::check_ready(clock_type::time_point asked) {
   if (stopping) return {readiness::not_ready, "the server is shutting down"};
   const auto stats = back.stats();
   const auto now = clock_type::now();
   const auto work = stats.waiting + stats.running;
   const auto progress = std::max({stats.last_step_end, from_ns(last_event_ns.load()), from_ns(busy_since_ns.load())});
+  std::unique_lock lock(probe_mutex);
+  // A probe in flight decides: while it runs the engine holds work, which is the probe itself.
+  if (probe_pending) {
+    if (now - probe_started > opt.probe_timeout)
+      return {readiness::not_ready, fmt::format("a one-token probe has not finished after {:.1f} s", seconds(now - probe_started))};
+    return {readiness::probing, {}};
+  }
+  if (last_probe_ok >= asked) return {readiness::ready, {}};
   if (work > 0 || in_flight.load() > 0) {
     if (now - progress > opt.stall_timeout)
       return {readiness::not_ready,
               fmt::format("the engine holds {} queued and {} running requests but completed no step for {:.1f} s",
                           stats.waiting, stats.running, seconds(now - progress))};
     return {readiness::ready, {}};
-  }
-  std::lock_guard lock(probe_mutex);
-  if (probe_pending) {
-    if (now - probe_started > opt.probe_timeout)
-      return {readiness::not_ready, fmt::format("a one-token probe has not finished after {:.1f} s", seconds(now - probe_started))};
-    return {readiness::probing, {}};
   }
   if (probe_failed) {
     probe_failed = false;  // the next check probes again
@@ -767,11 +792,17 @@ std::pair<readiness, std::string> server_core::check_ready() {
     }
   };
   probe_pending = true;
+  probe_id = 0;
   probe_started = now;
   busy_since_ns.store(to_ns(now));
   try {
-    back.submit(std::move(probe));
+    // Unlocked: the backend may deliver the probe's events before submit returns.
+    lock.unlock();
+    const auto id = back.submit(std::move(probe));
+    lock.lock();
+    probe_id = id;
   } catch (const shoal::error& e) {
+    if (!lock.owns_lock()) lock.lock();
     probe_pending = false;
     return {readiness::not_ready, fmt::format("the engine refused a one-token probe: {}", e.what())};
   }
@@ -828,6 +859,19 @@ void server::shutdown(std::chrono::milliseconds grace) {
     i.for_each_session([](session& s) { s.cancel_generation(); });
     wait_until(clock_type::now() + std::chrono::seconds(5), [&i] { return i.in_flight.load() == 0; });
   }
+  // The probe's handler points at this server: it must have run before the server goes.
+  {
+    std::unique_lock l(i.probe_mutex);
+    if (i.probe_pending && i.probe_id != 0) {
+      const auto id = i.probe_id;
+      l.unlock();
+      i.back.cancel(id);
+    }
+  }
+  wait_until(clock_type::now() + std::chrono::seconds(2), [&i] {
+    std::lock_guard l(i.probe_mutex);
+    return !i.probe_pending;
+  });
   // Let final responses reach their clients.
   wait_until(clock_type::now() + std::chrono::seconds(2), [&i] {
     std::lock_guard l(i.sessions_mutex);

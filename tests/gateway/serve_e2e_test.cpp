@@ -1,0 +1,235 @@
+// shoal serve as a user runs it: a real process on the tiny model on a loopback port, driven
+// by curl, the official OpenAI Node SDK and shoal bench-serve, then stopped with SIGTERM.
+
+#include "raw_http.hpp"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <thread>
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+using namespace shoal::gateway::testing;
+
+namespace {
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+struct command_result {
+  int exit_code = -1;
+  std::string out;
+};
+
+// Runs a shell command with a time limit; stdout (and stderr when asked) captured.
+command_result run(const std::string& command, int timeout_s = 120) {
+  const auto out = fs::path(SHOAL_GATEWAY_WORK_DIR) / ("cmd-" + std::to_string(::getpid()) + ".out");
+  const std::string full = "timeout " + std::to_string(timeout_s) + " " + command + " > " + out.string() + " 2>&1";
+  const int status = std::system(full.c_str());
+  command_result r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = slurp(out);
+  return r;
+}
+
+long rss_kb(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
+  return -1;
+}
+
+// One server for the whole file: loading the model once keeps the suite short.
+class serve_process {
+ public:
+  serve_process() {
+    fs::create_directories(SHOAL_GATEWAY_WORK_DIR);
+    log_ = fs::path(SHOAL_GATEWAY_WORK_DIR) / "serve.log";
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      // The tiny model is created in the build tree, not in the user's cache.
+      ::setenv("XDG_CACHE_HOME", (fs::path(SHOAL_GATEWAY_WORK_DIR) / "cache").c_str(), 1);
+      const int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+      ::execl(SHOAL_BINARY, SHOAL_BINARY, "serve", "--port", "0", "--threads", "2", "--cache-mb", "64",
+              "--drain-seconds", "20", static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    const std::regex listening("listening on http://127\\.0\\.0\\.1:([0-9]+)");
+    const auto end = std::chrono::steady_clock::now() + 240s;
+    while (std::chrono::steady_clock::now() < end) {
+      std::smatch m;
+      const auto text = slurp(log_);
+      if (port_ == 0 && std::regex_search(text, m, listening)) port_ = static_cast<std::uint16_t>(std::stoi(m[1]));
+      if (port_ != 0 && text.find("ready in") != std::string::npos) return;
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        FAIL("shoal serve exited during start-up:\n" << text);
+      }
+      std::this_thread::sleep_for(100ms);
+    }
+    FAIL("shoal serve did not get ready in 240 s:\n" << slurp(log_));
+  }
+  ~serve_process() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+  }
+  std::uint16_t port() const { return port_; }
+  pid_t pid() const { return pid_; }
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_); }
+  std::string log() const { return slurp(log_); }
+  // SIGTERM; the exit status, or -1 if it did not stop within `timeout`.
+  int terminate(std::chrono::seconds timeout) {
+    ::kill(pid_, SIGTERM);
+    const auto end = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < end) {
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+      std::this_thread::sleep_for(50ms);
+    }
+    return -1;
+  }
+
+ private:
+  fs::path log_;
+  pid_t pid_ = -1;
+  std::uint16_t port_ = 0;
+};
+
+serve_process& server() {
+  static serve_process p;
+  return p;
+}
+
+std::string chat_body(bool stream, int max_tokens) {
+  return json{{"model", "shoal-tiny"},
+              {"messages", {{{"role", "user"}, {"content", "Hello! How are you?"}}}},
+              {"max_tokens", max_tokens},
+              {"temperature", 0},
+              {"stream", stream}}
+      .dump();
+}
+
+}  // namespace
+
+TEST_CASE("curl gets a chat answer, whole and streamed", "[gateway][e2e]") {
+  auto& s = server();
+  const auto file = fs::path(SHOAL_GATEWAY_WORK_DIR) / "body.json";
+  std::ofstream(file) << chat_body(false, 8);
+  const auto r = run("curl -sS -m 60 " + s.url() + "/v1/chat/completions -H 'Content-Type: application/json' -d @" + file.string());
+  REQUIRE(r.exit_code == 0);
+  INFO(r.out);
+  const auto j = json::parse(r.out);
+  CHECK(j["object"] == "chat.completion");
+  CHECK(j["choices"][0]["message"]["content"].is_string());
+  const auto completion_tokens = j["usage"]["completion_tokens"].get<int>();
+  CHECK(completion_tokens >= 1);
+  CHECK(completion_tokens <= 8);
+  CHECK((j["choices"][0]["finish_reason"] == "stop" || j["choices"][0]["finish_reason"] == "length"));
+
+  std::ofstream(file) << chat_body(true, 8);
+  const auto st = run("curl -sS -N -m 60 " + s.url() + "/v1/chat/completions -H 'Content-Type: application/json' -d @" + file.string());
+  REQUIRE(st.exit_code == 0);
+  INFO(st.out);
+  CHECK(st.out.starts_with("data: {"));
+  CHECK(st.out.ends_with("data: [DONE]\n\n"));
+  int events = 0;
+  std::string finish;
+  std::istringstream lines(st.out);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || line == "data: [DONE]") continue;
+    REQUIRE(line.rfind("data: ", 0) == 0);
+    const auto chunk = json::parse(line.substr(6));
+    ++events;
+    if (!chunk["choices"][0]["finish_reason"].is_null()) finish = chunk["choices"][0]["finish_reason"];
+  }
+  CHECK(events >= 2);
+  CHECK((finish == "stop" || finish == "length"));
+
+  const auto health = run("curl -sS -m 10 -o /dev/null -w '%{http_code}' " + s.url() + "/ready");
+  CHECK(health.out == "200");
+  const auto metrics = run("curl -sS -m 10 " + s.url() + "/metrics");
+  CHECK(metrics.out.find("shoal_http_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 2") != std::string::npos);
+  CHECK(metrics.out.find("shoal_expert_routed_tokens_total{layer=") != std::string::npos);
+  const auto bad = run("curl -sS -m 10 -w ' %{http_code}' " + s.url() + "/v1/chat/completions -d '{\"messages\": 3}'");
+  CHECK(bad.out.ends_with(" 400"));
+  CHECK(bad.out.find("\"param\":\"messages\"") != std::string::npos);
+}
+
+TEST_CASE("the official OpenAI Node SDK, streaming and not", "[gateway][e2e][node]") {
+  auto& s = server();
+  const auto dir = fs::path(SHOAL_GATEWAY_WORK_DIR) / "node";
+  fs::create_directories(dir);
+  for (const char* f : {"package.json", "package-lock.json", "openai_client.mjs"})
+    fs::copy_file(fs::path(SHOAL_GATEWAY_NODE_DIR) / f, dir / f, fs::copy_options::overwrite_existing);
+  // Installing the SDK is part of the test: if it cannot be installed, the test fails.
+  const auto install = run("npm ci --no-audit --no-fund --prefix " + dir.string(), 300);
+  INFO(install.out);
+  REQUIRE(install.exit_code == 0);
+  const auto r = run("node " + (dir / "openai_client.mjs").string() + " " + s.url() + "/v1 shoal-tiny", 120);
+  INFO(r.out);
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.out.find("\"ok\":true") != std::string::npos);
+}
+
+TEST_CASE("200 requests from 32 concurrent streaming clients: no failures, memory flat", "[gateway][e2e][load]") {
+  auto& s = server();
+  const std::string bench = std::string(SHOAL_BINARY) + " bench-serve --url " + s.url() +
+                            " --concurrency 32 --requests 200 --max-tokens 8 --system-words 0 --json";
+  const auto warm = run(bench, 240);
+  INFO(warm.out);
+  REQUIRE(warm.exit_code == 0);
+  const auto rss_before = rss_kb(s.pid());
+  const auto r = run(bench, 240);
+  INFO(r.out);
+  REQUIRE(r.exit_code == 0);
+  const auto rss_after = rss_kb(s.pid());
+  const auto j = json::parse(r.out.substr(r.out.find('{')));
+  const auto& run0 = j["runs"][0];
+  CHECK(run0["succeeded"] == 200);
+  CHECK(run0["failed"] == 0);
+  CHECK(run0["generated_tokens"] == 200 * 8);
+  // A leak of even a few kilobytes per request would show over 200 requests.
+  INFO("RSS before " << rss_before << " kB, after " << rss_after << " kB");
+  REQUIRE(rss_before > 0);
+  CHECK(rss_after < rss_before + rss_before / 20 + 4096);
+  const auto ready = run("curl -sS -m 10 -o /dev/null -w '%{http_code}' " + s.url() + "/ready");
+  CHECK(ready.out == "200");
+}
+
+TEST_CASE("SIGTERM finishes the request in flight and stops cleanly", "[gateway][e2e]") {
+  auto& s = server();
+  raw_connection c(s.port());
+  c.send(post("/v1/chat/completions", chat_body(true, 48)));
+  REQUIRE(c.fill(30s));  // streaming has begun
+  const auto code = s.terminate(60s);
+  const auto r = c.read_response(5s);
+  INFO(s.log());
+  CHECK(code == 0);
+  CHECK(r.complete);
+  CHECK(r.body.ends_with("data: [DONE]\n\n"));
+  CHECK(s.log().find("[serve] stopped") != std::string::npos);
+}

@@ -1,0 +1,314 @@
+// shoal serve: the embedded (single-process) OpenAI-compatible server; shoal bench-serve: an
+// HTTP load generator against any such server.
+
+#include "commands.hpp"
+
+#include "shoal/base/error.hpp"
+#include "shoal/gateway/backend.hpp"
+#include "shoal/gateway/load_generator.hpp"
+#include "shoal/gateway/server.hpp"
+#include "shoal/kernels/thread_pool.hpp"
+#include "shoal/runtime/embedded_tokenizer.hpp"
+#include "shoal/runtime/engine.hpp"
+#include "shoal/runtime/make_model.hpp"
+#include "shoal/runtime/model.hpp"
+#include "shoal/runtime/tokenizer.hpp"
+#include "shoal/runtime/weights.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <string>
+
+namespace shoal::tools {
+namespace {
+
+namespace fs = std::filesystem;
+using clock_type = std::chrono::steady_clock;
+
+double seconds_since(clock_type::time_point start) {
+  return std::chrono::duration<double>(clock_type::now() - start).count();
+}
+
+fs::path cache_root() {
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) return fs::path(xdg) / "shoal";
+  if (const char* home = std::getenv("HOME"); home && *home) return fs::path(home) / ".cache" / "shoal";
+  shoal::fail(errc::failed_precondition, "neither XDG_CACHE_HOME nor HOME is set; pass --model DIR");
+}
+
+// The tiny model, written once. It is built in a private directory and renamed into place so
+// that servers starting at the same time never see half a checkpoint.
+fs::path cached_tiny_model() {
+  const auto dir = cache_root() / "models" / "tiny";
+  if (fs::exists(dir / "config.json") && fs::exists(dir / "tokenizer.json")) return dir;
+  fs::create_directories(dir.parent_path());
+  const auto tmp = dir.parent_path() / fmt::format("tiny.partial-{}", ::getpid());
+  fs::remove_all(tmp);
+  fmt::print(stderr, "[serve] creating the tiny model in {} (once)\n", dir.string());
+  runtime::write_random_model(runtime::model_preset("tiny", false), tmp, 0);
+  runtime::write_deepseek_v3_tokenizer(tmp);
+  std::error_code ec;
+  fs::rename(tmp, dir, ec);
+  if (ec) {
+    fs::remove_all(tmp);  // another server won the race; its copy is identical
+    if (!fs::exists(dir / "config.json")) shoal::fail(errc::failed_precondition, "cannot create {}: {}", dir.string(), ec.message());
+  }
+  return dir;
+}
+
+struct serve_options {
+  std::string model;
+  std::string name;
+  std::string host = "127.0.0.1";
+  int port = 8000;
+  int threads = 0;
+  int io_threads = 1;
+  double cache_mb = 512;
+  std::int64_t max_batch_tokens = 256;
+  std::int64_t max_running = 64;
+  std::int64_t max_waiting = 1024;
+  bool no_prefix_cache = false;
+  double drain_seconds = 30;
+  std::size_t max_body_bytes = 1 << 20;
+  std::int64_t default_max_tokens = 1024;
+};
+
+void serve(const serve_options& o) {
+  // Signals are taken synchronously by this thread: block them before any thread starts.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  const auto start = clock_type::now();
+  const fs::path dir = o.model.empty() ? cached_tiny_model() : fs::path(o.model);
+  std::string name = o.name;
+  if (name.empty()) name = o.model.empty() ? "shoal-tiny" : fs::absolute(dir).lexically_normal().filename().string();
+  if (name.empty()) name = "shoal";
+  const auto tok = runtime::tokenizer::load(dir);
+  auto weights = runtime::model_weights::load(dir, {}, runtime::weight_residency::copy,
+                                              [](const std::string& line) { fmt::print(stderr, "[load] {}\n", line); });
+  kernels::thread_pool pool(o.threads);
+  runtime::model net(*weights, pool);
+  runtime::engine_options eo;
+  eo.cache_bytes = static_cast<std::int64_t>(o.cache_mb * (1 << 20));
+  eo.max_batch_tokens = o.max_batch_tokens;
+  eo.max_running = o.max_running;
+  eo.max_waiting = o.max_waiting;
+  eo.prefix_cache = !o.no_prefix_cache;
+  auto engine = std::make_unique<runtime::engine>(net, tok, eo);
+  auto back = gateway::make_engine_backend(*engine);
+
+  std::mutex log_mutex;
+  gateway::server_options so;
+  so.host = o.host;
+  so.port = static_cast<std::uint16_t>(o.port);
+  so.model_name = name;
+  so.io_threads = o.io_threads;
+  so.max_body_bytes = o.max_body_bytes;
+  so.max_in_flight = o.max_waiting + o.max_running;
+  so.default_max_tokens = o.default_max_tokens;
+  so.experts_per_layer = net.config().n_routed_experts;
+  so.log = [&log_mutex](const std::string& line) {
+    std::lock_guard lock(log_mutex);
+    fmt::print(stderr, "[serve] {}\n", line);
+  };
+  auto srv = std::make_unique<gateway::server>(*back, tok, so);
+  fmt::print(stderr, "[serve] model {} from {} ({} threads)\n", name, dir.string(), pool.size());
+  fmt::print(stderr, "[serve] listening on http://{}:{}\n", o.host, srv->port());
+  fmt::print(stderr, "[serve] ready in {:.1f} s: try\n  curl http://{}:{}/v1/chat/completions -H 'Content-Type: application/json' "
+                     "-d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",
+             seconds_since(start), o.host, srv->port(), name);
+
+  int signal = 0;
+  sigwait(&signals, &signal);
+  fmt::print(stderr, "[serve] {} received: no new connections; finishing {} requests in flight (up to {:.0f} s)\n",
+             signal == SIGINT ? "SIGINT" : "SIGTERM", srv->in_flight(), o.drain_seconds);
+  // A second signal while draining stops at once.
+  pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
+  srv->shutdown(std::chrono::milliseconds(static_cast<std::int64_t>(o.drain_seconds * 1000)));
+  engine->shutdown(/*drain=*/false);
+  // The engine holds the connections' event handlers: it goes first.
+  engine.reset();
+  srv.reset();
+  fmt::print(stderr, "[serve] stopped\n");
+}
+
+void add_serve(CLI::App& app) {
+  auto o = std::make_shared<serve_options>();
+  auto* cmd = app.add_subcommand("serve", "Serve a model over an OpenAI-compatible HTTP API in this process");
+  cmd->add_option("--model", o->model,
+                  "Checkpoint directory (default: the tiny demo model, created once under $XDG_CACHE_HOME/shoal "
+                  "or ~/.cache/shoal)");
+  cmd->add_option("--name", o->name, "Model name clients use (default: the directory's name, shoal-tiny for the demo)");
+  cmd->add_option("--host", o->host, "Address to listen on")->capture_default_str();
+  cmd->add_option("--port", o->port, "Port (0: any free port)")->capture_default_str()->check(CLI::Range(0, 65535));
+  cmd->add_option("--threads", o->threads, "Compute threads (0: one per core)");
+  cmd->add_option("--io-threads", o->io_threads, "Threads serving connections")->capture_default_str()->check(CLI::Range(1, 64));
+  cmd->add_option("--cache-mb", o->cache_mb, "Memory for the latent KV cache")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--max-batch-tokens", o->max_batch_tokens, "Tokens per engine iteration")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--max-running", o->max_running, "Sequences decoding at once")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--max-waiting", o->max_waiting, "Queued requests; more are refused with 429")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_flag("--no-prefix-cache", o->no_prefix_cache, "Do not reuse cached prompt prefixes");
+  cmd->add_option("--drain-seconds", o->drain_seconds, "On SIGINT/SIGTERM, time given to requests in flight before they are cancelled")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--max-body-bytes", o->max_body_bytes, "Larger request bodies get 413")->capture_default_str();
+  cmd->add_option("--default-max-tokens", o->default_max_tokens, "max_tokens of requests that name none")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->callback([o] { serve(*o); });
+}
+
+struct bench_serve_options {
+  std::string url = "http://127.0.0.1:8000";
+  std::string model;
+  std::vector<int> concurrency{32, 1};
+  std::int64_t requests = 0;
+  double duration = 20;
+  std::int64_t max_tokens = 32;
+  int system_words = 200;
+  bool json = false;
+};
+
+nlohmann::json summary(const gateway::load_result& r) {
+  auto ms = [](double s) { return s * 1e3; };
+  return {{"succeeded", r.succeeded},
+          {"failed", r.failed},
+          {"errors", r.errors},
+          {"seconds", r.seconds},
+          {"generated_tokens", r.generated_tokens},
+          {"tokens_per_second", r.tokens_per_second()},
+          {"requests_per_second", r.seconds > 0 ? static_cast<double>(r.succeeded) / r.seconds : 0.0},
+          {"prompt_tokens", r.prompt_tokens},
+          {"cached_tokens", r.cached_tokens},
+          {"ttft_ms", {{"p50", ms(gateway::percentile(r.ttft, 50))}, {"p90", ms(gateway::percentile(r.ttft, 90))},
+                       {"p99", ms(gateway::percentile(r.ttft, 99))}}},
+          {"itl_ms", {{"p50", ms(gateway::percentile(r.itl, 50))}, {"p90", ms(gateway::percentile(r.itl, 90))},
+                      {"p99", ms(gateway::percentile(r.itl, 99))}}}};
+}
+
+// Prefilled and cached prompt tokens so far, from the server's /metrics.
+std::pair<double, double> prefill_counters(const gateway::http_address& a) {
+  const auto reply = gateway::http_call(a, "GET", "/metrics");
+  double prefilled = -1, cached = -1;
+  std::size_t pos = 0;
+  while (pos < reply.body.size()) {
+    auto end = reply.body.find('\n', pos);
+    if (end == std::string::npos) end = reply.body.size();
+    const std::string_view line(reply.body.data() + pos, end - pos);
+    auto value = [&](std::string_view name) {
+      return line.starts_with(name) && line.size() > name.size() && line[name.size()] == ' '
+                 ? std::strtod(std::string(line.substr(name.size() + 1)).c_str(), nullptr)
+                 : -1.0;
+    };
+    if (auto v = value("shoal_engine_prefilled_tokens_total"); v >= 0) prefilled = v;
+    if (auto v = value("shoal_engine_cached_prompt_tokens_total"); v >= 0) cached = v;
+    pos = end + 1;
+  }
+  return {prefilled, cached};
+}
+
+void bench_serve(const bench_serve_options& o) {
+  gateway::load_options lo;
+  lo.address = gateway::parse_http_url(o.url);
+  lo.model = o.model;
+  lo.requests = o.requests;
+  lo.duration = std::chrono::milliseconds(static_cast<std::int64_t>(o.duration * 1000));
+  lo.max_tokens = o.max_tokens;
+  nlohmann::json report{{"url", o.url}, {"max_tokens", o.max_tokens}, {"runs", nlohmann::json::array()}};
+  if (!o.json)
+    fmt::print("{:>11} {:>9} {:>6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n", "concurrency", "requests", "failed",
+               "tokens/s", "TTFT p50", "p90", "p99", "ITL p50", "p90", "p99");
+  double first_tps = 0, last_tps = 0;
+  for (std::size_t i = 0; i < o.concurrency.size(); ++i) {
+    lo.concurrency = o.concurrency[i];
+    const auto r = gateway::run_load(lo);
+    auto s = summary(r);
+    s["concurrency"] = lo.concurrency;
+    report["runs"].push_back(s);
+    if (i == 0) first_tps = r.tokens_per_second();
+    last_tps = r.tokens_per_second();
+    if (!o.json) {
+      auto ms = [](const std::vector<double>& v, double p) { return gateway::percentile(v, p) * 1e3; };
+      fmt::print("{:>11} {:>9} {:>6} {:>10.1f} {:>6.0f}ms {:>6.0f}ms {:>6.0f}ms {:>6.1f}ms {:>6.1f}ms {:>6.1f}ms\n",
+                 lo.concurrency, r.succeeded, r.failed, r.tokens_per_second(), ms(r.ttft, 50), ms(r.ttft, 90),
+                 ms(r.ttft, 99), ms(r.itl, 50), ms(r.itl, 90), ms(r.itl, 99));
+      for (const auto& e : r.errors) fmt::print("  error: {}\n", e);
+    }
+  }
+  if (o.concurrency.size() >= 2 && last_tps > 0) {
+    report["speedup"] = first_tps / last_tps;
+    if (!o.json)
+      fmt::print("continuous batching: {:.2f}x the generated tokens/s at concurrency {} vs {}\n", first_tps / last_tps,
+                 o.concurrency.front(), o.concurrency.back());
+  }
+  if (o.system_words > 0) {
+    // Every request shares one long system prompt: the server should prefill it once.
+    std::string system = "You are a helpful assistant. Follow these rules carefully.";
+    for (int w = 0; w < o.system_words; ++w) system += fmt::format(" rule{} applies", w);
+    lo.system_prompt = system;
+    lo.concurrency = o.concurrency.front();
+    const auto before = prefill_counters(lo.address);
+    const auto r = gateway::run_load(lo);
+    const auto after = prefill_counters(lo.address);
+    auto s = summary(r);
+    s["concurrency"] = lo.concurrency;
+    const double hit = r.prompt_tokens > 0 ? static_cast<double>(r.cached_tokens) / static_cast<double>(r.prompt_tokens) : 0;
+    s["prefix_cache_hit_rate"] = hit;
+    if (before.first >= 0 && after.first >= 0) {
+      s["server_prefilled_tokens"] = after.first - before.first;
+      s["server_cached_tokens"] = after.second - before.second;
+    }
+    report["shared_system_prompt"] = s;
+    if (!o.json) {
+      fmt::print("shared system prompt (~{} words), concurrency {}: {} requests, {} failed, {:.1f} tokens/s\n", o.system_words,
+                 lo.concurrency, r.succeeded, r.failed, r.tokens_per_second());
+      fmt::print("  prefix-cache hit rate {:.1f}% ({} of {} prompt tokens cached)", hit * 100, r.cached_tokens, r.prompt_tokens);
+      if (s.contains("server_prefilled_tokens"))
+        fmt::print("; server prefilled {:.0f} tokens", s["server_prefilled_tokens"].get<double>());
+      fmt::print("\n");
+      for (const auto& e : r.errors) fmt::print("  error: {}\n", e);
+    }
+  }
+  if (o.json) fmt::print("{}\n", report.dump());
+}
+
+void add_bench_serve(CLI::App& app) {
+  auto o = std::make_shared<bench_serve_options>();
+  auto* cmd = app.add_subcommand("bench-serve",
+                                 "Load an OpenAI-compatible server with concurrent streaming chat clients: throughput, TTFT, "
+                                 "inter-token latency, batching speedup and prefix-cache hit rate");
+  cmd->add_option("--url", o->url, "Server address")->capture_default_str();
+  cmd->add_option("--model", o->model, "Model name (default: the server's first)");
+  cmd->add_option("--concurrency", o->concurrency,
+                  "Concurrent clients per run; several values run one after another on the same server "
+                  "(the first against the last gives the batching speedup)")
+      ->capture_default_str()->check(CLI::Range(1, 4096));
+  cmd->add_option("--requests", o->requests, "Requests per run (0: run for --duration)")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--duration", o->duration, "Seconds per run when --requests is 0")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--max-tokens", o->max_tokens, "Tokens generated per request (EOS ignored)")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--system-words", o->system_words,
+                  "Words of a shared system prompt for the prefix-cache run at the first concurrency (0: skip it)")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--json", o->json, "Print one JSON report");
+  cmd->callback([o] { bench_serve(*o); });
+}
+
+}  // namespace
+
+void add_serve_commands(CLI::App& app) {
+  add_serve(app);
+  add_bench_serve(app);
+}
+
+}  // namespace shoal::tools

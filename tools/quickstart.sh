@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs dependencies, builds Shoal, creates the embedded tiny model (once) and runs the main
-# job on it. Usage: tools/quickstart.sh [extra arguments for the main job]
+# Installs dependencies, builds Shoal and runs the main job, `shoal serve`, on the embedded tiny
+# model (created once). Usage: tools/quickstart.sh [extra arguments for shoal serve]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tools/setup/install-deps.sh
@@ -8,13 +8,12 @@ build_dir=${SHOAL_BUILD_DIR:-build}
 cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build_dir" -j "$(nproc)" --target shoal
 shoal="$build_dir/tools/shoal"
-model_dir=${SHOAL_MODEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal/models/tiny}
-if [ ! -f "$model_dir/config.json" ] || [ ! -f "$model_dir/tokenizer.json" ]; then
-  "$shoal" make-model --preset tiny --out "$model_dir"
+# The main job: the OpenAI-compatible server, in one process on the CPU. Without
+# SHOAL_MODEL_DIR, shoal serve creates the tiny model itself (once) in the cache.
+if [ -n "${SHOAL_MODEL_DIR:-}" ]; then
+  if [ ! -f "$SHOAL_MODEL_DIR/config.json" ] || [ ! -f "$SHOAL_MODEL_DIR/tokenizer.json" ]; then
+    "$shoal" make-model --preset tiny --out "$SHOAL_MODEL_DIR"
+  fi
+  exec "$shoal" serve --model "$SHOAL_MODEL_DIR" "$@"
 fi
-echo "model: $model_dir"
-if "$shoal" generate --help 2>/dev/null | grep -q -- '--chat'; then
-  exec "$shoal" generate --model "$model_dir" --chat "${1:-Hello! Who are you?}" --max-new-tokens 32
-else
-  exec "$shoal" generate --model "$model_dir" --tokens 0,17,5 --max-new-tokens 16 --temperature 0
-fi
+exec "$shoal" serve "$@"

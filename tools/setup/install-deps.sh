@@ -20,7 +20,10 @@ packages=(
   python3-jinja2 python3-numpy    # chat-template cross-check in tests
   iproute2                        # network-namespace cluster tests
   curl
+  nodejs                          # the OpenAI Node SDK test of the HTTP gateway
 )
+# npm comes inside NodeSource's nodejs but is a package of its own in Debian's.
+command -v npm >/dev/null 2>&1 || packages+=(npm)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -61,6 +61,8 @@ class serve_process {
   serve_process() {
     fs::create_directories(SHOAL_GATEWAY_WORK_DIR);
     log_ = fs::path(SHOAL_GATEWAY_WORK_DIR) / "serve.log";
+    // A previous run's log would announce a server that is gone.
+    fs::remove(log_);
     pid_ = ::fork();
     if (pid_ == 0) {
       // The tiny model is created in the build tree, not in the user's cache.
@@ -76,7 +78,7 @@ class serve_process {
     const auto end = std::chrono::steady_clock::now() + 240s;
     while (std::chrono::steady_clock::now() < end) {
       std::smatch m;
-      const auto text = slurp(log_);
+      const auto text = fs::exists(log_) ? slurp(log_) : std::string();
       if (port_ == 0 && std::regex_search(text, m, listening)) port_ = static_cast<std::uint16_t>(std::stoi(m[1]));
       if (port_ != 0 && text.find("ready in") != std::string::npos) return;
       int status = 0;

@@ -307,6 +307,10 @@ struct engine::impl {
     while (!waiting.empty() && static_cast<std::int64_t>(running.size()) < options.max_running) {
       auto& seq = waiting.front();
       const auto length = static_cast<std::int64_t>(seq->tokens.size());
+      // Requests that arrive together with a common prefix (a shared system prompt) would
+      // each compute it; the first one computes it and the others wait until its blocks are
+      // in the tree.
+      if (options.prefix_cache && shares_prefix_in_flight(*seq)) break;
       // The last token is always computed here (it yields the logits), so at most the blocks
       // strictly before it come from the tree.
       std::vector<std::int32_t> shared;
@@ -329,6 +333,18 @@ struct engine::impl {
       running.push_back(std::move(seq));
       waiting.pop_front();
     }
+  }
+
+  // Whether a running sequence is still computing a prompt that starts with the same block
+  // (its blocks enter the tree as they are computed; the follower then reuses all of them).
+  bool shares_prefix_in_flight(const sequence& seq) const {
+    const auto bt = pool->block_tokens();
+    if (static_cast<std::int64_t>(seq.tokens.size()) <= bt) return false;
+    for (const auto& other : running) {
+      if (other->prompt_length <= bt || other->cache->length() >= other->prompt_length) continue;
+      if (std::equal(seq.tokens.begin(), seq.tokens.begin() + bt, other->tokens.begin())) return true;
+    }
+    return false;
   }
 
   // Sends the youngest running sequence back to the queue; it will be recomputed from its
@@ -383,6 +399,9 @@ struct engine::impl {
     for (std::size_t i = 0; i < steps.size(); ++i) {
       sequence& seq = *owners[i];
       batch_tokens += static_cast<std::int64_t>(steps[i].tokens.size());
+      // Prompt blocks become shareable as soon as they are computed, not when the sequence ends.
+      if (options.prefix_cache && seq.cache->length() <= seq.prompt_length)
+        prefix->insert(seq.tokens, seq.cache->blocks(), seq.cache->length());
       const auto start = seq.cache->length() - static_cast<std::int64_t>(steps[i].tokens.size());
       if (start < seq.prompt_length)
         prefilled += static_cast<std::uint64_t>(std::min(seq.prompt_length, seq.cache->length()) - start);

@@ -164,6 +164,23 @@ TEST_CASE("a shared prompt prefix is computed once and reused", "[engine]") {
   CHECK(engine.stats().cached_prompt_tokens == 296);
 }
 
+TEST_CASE("requests arriving together with a shared prefix compute it once", "[engine]") {
+  fixture f("tiny-b-bf16");
+  runtime::engine_options options;
+  options.cache_blocks = 256;
+  options.block_tokens = 8;
+  runtime::engine engine(f.net, f.tok, options);
+  collector c;
+  const auto& long_prompt = f.golden["prompts"][3];  // 300 tokens: 37 full blocks + 4
+  std::vector<std::uint64_t> ids;
+  for (int i = 0; i < 6; ++i) ids.push_back(engine.submit(greedy(long_prompt, c)));
+  REQUIRE(c.wait(ids.size()));
+  for (auto id : ids) CHECK(c.tokens(id) == expected_tokens(long_prompt, *f.tok.eos_id()));
+  // The first computes 300 tokens; each of the others only the 4 after the shared blocks.
+  CHECK(engine.stats().prefilled_tokens == 300 + 5 * 4);
+  CHECK(engine.stats().cached_prompt_tokens == 5 * 296);
+}
+
 TEST_CASE("cancellation and deadlines end requests and free their blocks", "[engine]") {
   fixture f("tiny-a-bf16");
   runtime::engine_options options;

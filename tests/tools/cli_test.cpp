@@ -1,5 +1,7 @@
 // Drives the shoal binary the way a user does and checks what it prints.
 
+#include "run_shoal.hpp"
+
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
@@ -17,31 +19,8 @@ using json = nlohmann::json;
 
 namespace {
 
-struct result {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
-
-result run(const std::string& args) {
-  static int counter = 0;
-  const fs::path err_file = fs::temp_directory_path() / ("shoal-cli-err-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-  const std::string command = std::string(SHOAL_BINARY) + " " + args + " 2>" + err_file.string();
-  result r;
-  FILE* pipe = ::popen(command.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  char buffer[65536];
-  std::size_t n;
-  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) r.out.append(buffer, n);
-  const int status = ::pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream in(err_file);
-  std::stringstream text;
-  text << in.rdbuf();
-  r.err = text.str();
-  fs::remove(err_file);
-  return r;
-}
+using shoal::test::result;
+using shoal::test::run;
 
 struct temp_dir {
   fs::path path = fs::temp_directory_path() / ("shoal-cli-" + std::to_string(::getpid()));

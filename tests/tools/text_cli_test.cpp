@@ -1,6 +1,8 @@
 // Drives `shoal` with text the way a user does: a fresh tiny model, then tokenize,
 // detokenize and generate with --chat / --prompt.
 
+#include "run_shoal.hpp"
+
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
@@ -17,36 +19,8 @@ using json = nlohmann::json;
 
 namespace {
 
-struct result {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
-
-// Runs `shoal ARGS`, with `input` on stdin when given.
-result run(const std::string& args, const std::string& input = {}) {
-  static int counter = 0;
-  const auto tag = std::to_string(::getpid()) + "-" + std::to_string(counter++);
-  const fs::path err_file = fs::temp_directory_path() / ("shoal-text-err-" + tag);
-  const fs::path in_file = fs::temp_directory_path() / ("shoal-text-in-" + tag);
-  std::ofstream(in_file, std::ios::binary) << input;
-  const std::string command = std::string(SHOAL_BINARY) + " " + args + " <" + in_file.string() + " 2>" + err_file.string();
-  result r;
-  FILE* pipe = ::popen(command.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  char buffer[65536];
-  std::size_t n;
-  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) r.out.append(buffer, n);
-  const int status = ::pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream in(err_file);
-  std::stringstream text;
-  text << in.rdbuf();
-  r.err = text.str();
-  fs::remove(err_file);
-  fs::remove(in_file);
-  return r;
-}
+using shoal::test::result;
+using shoal::test::run;
 
 std::string quote(const std::string& s) {
   std::string out = "'";

@@ -385,15 +385,19 @@ TEST_CASE("a client that disconnects has its request cancelled", "[gateway]") {
 
 TEST_CASE("a client that stops reading is dropped after the write timeout and its request cancelled", "[gateway]") {
   fake_options fo;
-  fo.pieces.assign(400, std::string(64 * 1024, 'z'));  // 25 MB: more than the socket buffers hold
+  // 64 MB over at least 10 s: more than the socket buffers hold (loopback buffers can reach
+  // tens of MB), and generation is still going when the write stalls, so there is a request
+  // left to cancel.
+  fo.pieces.assign(1000, std::string(64 * 1024, 'z'));
+  fo.interval = 10ms;
   fake_backend back(fo);
   auto o = test_options();
   o.write_timeout = 300ms;
   server srv(back, test_tokenizer(), o);
   raw_connection c(srv.port());
-  c.send(post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"Hi"}],"stream":true,"max_tokens":1000})"));
+  c.send(post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"Hi"}],"stream":true,"max_tokens":2000})"));
   // Never read: the server's writes stall, and the watchdog gives up on the client.
-  CHECK(eventually([&] { return back.cancelled().size() == 1; }, 10s));
+  CHECK(eventually([&] { return back.cancelled().size() == 1; }, 20s));
   CHECK(eventually([&] { return srv.in_flight() == 0; }));
   CHECK(request(srv.port(), get("/health")).status == 200);
 }

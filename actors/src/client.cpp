@@ -20,11 +20,21 @@ actors::token_sink_actor::behavior_type make_client_sink(actors::token_sink_acto
   (void)self;
   return {
       [box](actors::token_chunk& chunk) {
+        std::shared_ptr<std::function<void(const actors::token_chunk&)>> callback;
         {
           std::lock_guard lock(box->mutex);
-          box->chunks[chunk.request].push_back(std::move(chunk));
+          if (auto it = box->callbacks.find(chunk.request); it != box->callbacks.end()) {
+            callback = it->second;
+            if (chunk.finish != actors::finish_reason::none) box->callbacks.erase(it);
+          } else {
+            box->chunks[chunk.request].push_back(std::move(chunk));
+          }
         }
-        box->arrived.notify_all();
+        // One sink actor per client: callbacks of a request run one at a time, in order.
+        if (callback)
+          (*callback)(chunk);
+        else
+          box->arrived.notify_all();
       },
   };
 }
@@ -48,15 +58,21 @@ client::impl::~impl() {
 
 client::~client() = default;
 
-std::uint64_t client::submit(const generate_options& options) {
+std::uint64_t client::submit(const generate_options& options) { return submit(options, nullptr); }
+
+std::uint64_t client::submit(const generate_options& options, std::function<void(const token_event&)> on_chunk) {
   std::uint64_t id;
   {
     std::lock_guard lock(impl_->ids_mutex);
     id = impl_->next_id++;
   }
-  actors::generate_request request{.request = id, .prompt = options.prompt, .max_tokens = options.max_tokens,
-                                   .stop_tokens = options.stop_tokens, .want_logits = options.want_logits,
-                                   .deadline_unix_ms = 0};
+  if (on_chunk) {
+    std::lock_guard lock(impl_->box->mutex);
+    impl_->box->callbacks.emplace(id, std::make_shared<std::function<void(const token_event&)>>(std::move(on_chunk)));
+  }
+  actors::generate_request request{.request = id, .prompt = options.prompt, .sampling = options.sampling,
+                                   .max_tokens = options.max_tokens, .stop_tokens = options.stop_tokens,
+                                   .want_logits = options.want_logits, .deadline_unix_ms = 0};
   if (options.deadline.count() > 0)
     request.deadline_unix_ms = static_cast<std::uint64_t>(
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch() +

@@ -10,6 +10,7 @@
 
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -24,6 +25,8 @@ struct client_inbox {
   std::mutex mutex;
   std::condition_variable arrived;
   std::map<std::uint64_t, std::deque<actors::token_chunk>> chunks;
+  // Requests submitted with a callback: their chunks go there instead.
+  std::map<std::uint64_t, std::shared_ptr<std::function<void(const actors::token_chunk&)>>> callbacks;
 };
 
 /// The actor tokens arrive at; it only fills the inbox.

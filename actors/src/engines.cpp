@@ -151,15 +151,48 @@ sampled_batch stage_engine::sample(const step_batch& batch) {
   const auto n = static_cast<std::int64_t>(out.tokens.size());
   std::vector<float> logits(static_cast<std::size_t>(n * c.vocab_size));
   if (n > 0) model_->logits(last_rows.data(), n, logits.data());
-  for (std::int64_t i = 0; i < n; ++i)
-    out.tokens[static_cast<std::size_t>(i)].token =
-        runtime::argmax(std::span<const float>(logits.data() + i * c.vocab_size, static_cast<std::size_t>(c.vocab_size)));
+  std::int64_t i = 0;
+  for (const auto& entry : batch.entries) {
+    if (!entry.sample_after) continue;
+    const std::span<const float> row(logits.data() + i * c.vocab_size, static_cast<std::size_t>(c.vocab_size));
+    auto& token = out.tokens[static_cast<std::size_t>(i++)].token;
+    if (entry.sampling == sampling_spec{}) {
+      token = runtime::argmax(row);
+      continue;
+    }
+    auto it = samplers_.find(entry.request);
+    if (entry.position == 0 || it == samplers_.end()) {
+      const auto prompt = std::min<std::size_t>(entry.prompt_tokens ? entry.prompt_tokens : entry.tokens.size(),
+                                                entry.tokens.size());
+      runtime::sampler fresh(to_sampling_params(entry.sampling), std::span(entry.tokens).first(prompt),
+                             entry.sampling.id_limit);
+      for (std::size_t k = prompt; k < entry.tokens.size(); ++k) fresh.replay(entry.tokens[k]);
+      it = samplers_.insert_or_assign(entry.request, std::move(fresh)).first;
+    }
+    token = it->second.sample(row);
+  }
   if (batch.want_logits) out.logits = std::move(logits);
   return out;
 }
 
 void stage_engine::release(std::span<const request_id> requests) {
-  for (auto id : requests) caches_.erase(id);
+  for (auto id : requests) {
+    caches_.erase(id);
+    samplers_.erase(id);
+  }
+}
+
+runtime::sampling_params to_sampling_params(const sampling_spec& spec) {
+  runtime::sampling_params p;
+  p.temperature = spec.temperature;
+  p.top_k = static_cast<std::int32_t>(std::min<std::uint32_t>(spec.top_k, INT32_MAX));
+  p.top_p = spec.top_p;
+  p.min_p = spec.min_p;
+  p.repetition_penalty = spec.repetition_penalty;
+  p.frequency_penalty = spec.frequency_penalty;
+  p.presence_penalty = spec.presence_penalty;
+  if (spec.has_seed) p.seed = spec.seed;
+  return p;
 }
 
 }  // namespace shoal::actors

@@ -80,15 +80,48 @@ shoal::error status_error(schema::Status::Reader s) {
   return shoal::error(code == 0 ? errc::internal : static_cast<errc>(code - 1), std::string(s.getMessage().cStr()));
 }
 
+// Both schemas' sampling structs (client SamplingOptions, data SamplingParams) name their
+// fields alike.
+template <class Builder>
+void set_sampling(Builder b, const sampling_spec& x) {
+  b.setTemperature(x.temperature);
+  b.setTopK(x.top_k);
+  b.setTopP(x.top_p);
+  b.setMinP(x.min_p);
+  b.setRepetitionPenalty(x.repetition_penalty);
+  b.setFrequencyPenalty(x.frequency_penalty);
+  b.setPresencePenalty(x.presence_penalty);
+  b.setHasSeed(x.has_seed);
+  b.setSeed(x.seed);
+  b.setIdLimit(x.id_limit);
+}
+
+template <class Reader>
+sampling_spec get_sampling(Reader r) {
+  return {.temperature = r.getTemperature(),
+          .top_k = r.getTopK(),
+          .top_p = r.getTopP(),
+          .min_p = r.getMinP(),
+          .repetition_penalty = r.getRepetitionPenalty(),
+          .frequency_penalty = r.getFrequencyPenalty(),
+          .presence_penalty = r.getPresencePenalty(),
+          .has_seed = r.getHasSeed(),
+          .seed = r.getSeed(),
+          .id_limit = r.getIdLimit()};
+}
+
 template <class Builder>
 void set_entries(Builder b, const std::vector<batch_entry>& entries) {
   auto list = b.initEntries(static_cast<unsigned>(entries.size()));
+  auto sampling = b.initSampling(static_cast<unsigned>(entries.size()));
   for (unsigned i = 0; i < entries.size(); ++i) {
     list[i].setRequestId(entries[i].request);
     auto tokens = list[i].initTokens(static_cast<unsigned>(entries[i].tokens.size()));
     for (unsigned t = 0; t < entries[i].tokens.size(); ++t) tokens.set(t, entries[i].tokens[t]);
     list[i].setPosition(entries[i].position);
     list[i].setSampleAfter(entries[i].sample_after);
+    list[i].setPromptTokens(entries[i].prompt_tokens);
+    set_sampling(sampling[i], entries[i].sampling);
   }
 }
 
@@ -216,7 +249,7 @@ void encode(transport::outgoing_message& m, const generate_request& g) {
   auto prompt = s.getPrompt().initTokens(static_cast<unsigned>(g.prompt.size()));
   for (unsigned i = 0; i < g.prompt.size(); ++i) prompt.set(i, g.prompt[i]);
   auto sampling = s.initSampling();
-  sampling.setTemperature(0.0f);
+  set_sampling(sampling, g.sampling);
   sampling.setMaxTokens(g.max_tokens);
   auto stops = sampling.initStopTokens(static_cast<unsigned>(g.stop_tokens.size()));
   for (unsigned i = 0; i < g.stop_tokens.size(); ++i) stops.set(i, g.stop_tokens[i]);
@@ -272,13 +305,21 @@ std::vector<T> tensor_values(const transport::incoming_message& m, schema::Tenso
 template <class Reader>
 std::vector<batch_entry> get_entries(Reader r) {
   std::vector<batch_entry> entries;
+  const auto sampling = r.getSampling();
+  if (sampling.size() != 0 && sampling.size() != r.getEntries().size())
+    shoal::fail(errc::invalid_argument, "step {}: {} sampling parameters for {} entries", r.getStep(), sampling.size(),
+                r.getEntries().size());
+  unsigned i = 0;
   for (auto e : r.getEntries()) {
     batch_entry b;
     b.request = e.getRequestId();
     for (auto t : e.getTokens()) b.tokens.push_back(t);
     b.position = e.getPosition();
     b.sample_after = e.getSampleAfter();
+    b.prompt_tokens = e.getPromptTokens();
+    if (sampling.size() != 0) b.sampling = get_sampling(sampling[i]);
     entries.push_back(std::move(b));
+    ++i;
   }
   return entries;
 }
@@ -784,6 +825,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         generate_request r;
         r.request = g.getRequestId();
         for (auto t : g.getPrompt().getTokens()) r.prompt.push_back(t);
+        r.sampling = get_sampling(g.getSampling());
         r.max_tokens = g.getSampling().getMaxTokens();
         for (auto t : g.getSampling().getStopTokens()) r.stop_tokens.push_back(t);
         r.want_logits = g.getWantLogits();

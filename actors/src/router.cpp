@@ -1,5 +1,6 @@
 #include "shoal/actors/router.hpp"
 
+#include "shoal/actors/engines.hpp"
 #include "shoal/actors/fabric.hpp"
 
 #include <caf/actor_cast.hpp>
@@ -88,10 +89,12 @@ void schedule(self_ptr self) {
       continue;
     }
     if (static_cast<int>(ids.size()) >= st.options.max_batch) break;
-    batch_entry entry{.request = id, .tokens = {}, .position = r.cached, .sample_after = true};
+    batch_entry entry{.request = id, .tokens = {}, .position = r.cached, .sample_after = true, .prompt_tokens = 0,
+                      .sampling = r.spec.sampling};
     if (r.cached == 0) {
       // Prefill, or a replay after a failure: the prompt plus every token streamed so far,
       // so the next sampled token is the first one the client has not seen.
+      entry.prompt_tokens = static_cast<std::uint32_t>(r.spec.prompt.size());
       entry.tokens = r.spec.prompt;
       entry.tokens.insert(entry.tokens.end(), r.generated.begin(), r.generated.end());
     } else {
@@ -141,10 +144,21 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
         for (auto t : spec.prompt)
           if (t < 0 || (st.options.vocab_size > 0 && t >= st.options.vocab_size))
             return reject(fmt::format("prompt token {} is outside the vocabulary [0, {})", t, st.options.vocab_size));
+        try {
+          runtime::validate(to_sampling_params(spec.sampling));
+        } catch (const shoal::error& e) {
+          return reject(e.what());
+        }
         if (st.options.max_positions > 0 &&
             static_cast<std::int64_t>(spec.prompt.size() + spec.max_tokens) > st.options.max_positions)
           return reject(fmt::format("prompt ({}) + max_tokens ({}) exceeds the model's context of {}",
                                     spec.prompt.size(), spec.max_tokens, st.options.max_positions));
+        if (spec.sampling.temperature != 0.0f && spec.sampling.top_k != 1 && !spec.sampling.has_seed) {
+          // Fixed here rather than drawn by the last stage, so that a replay after a failure
+          // draws the same tokens again.
+          spec.sampling.has_seed = true;
+          spec.sampling.seed = st.seeds();
+        }
         router_state::request r;
         r.client_id = spec.request;
         r.sink = std::move(sink);

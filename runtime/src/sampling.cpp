@@ -42,6 +42,12 @@ void sampler::accept(token_id id) {
   ++counts_[id];
 }
 
+void sampler::replay(token_id id) {
+  // `sample` draws exactly one number when it does not decode greedily.
+  if (params_.temperature != 0.0f && params_.top_k != 1) rng_.discard(1);
+  accept(id);
+}
+
 token_id sampler::sample(std::span<const float> logits) {
   SHOAL_REQUIRE(!logits.empty(), "no logits to sample from");
   const auto n = static_cast<std::int64_t>(logits.size());

@@ -62,7 +62,7 @@ TEST_CASE("a 4-node plan in one process matches the single-process model bit for
   for (const auto& prompt : golden_prompts()) {
     INFO("prompt of " << prompt.size() << " tokens");
     const auto want = single_process(prompt, kNewTokens);
-    const auto got = client.generate({.prompt = prompt, .max_tokens = kNewTokens, .stop_tokens = {},
+    const auto got = client.generate({.prompt = prompt, .sampling = {}, .max_tokens = kNewTokens, .stop_tokens = {},
                                       .want_logits = true, .deadline = {}},
                                      std::chrono::seconds(30));
     CHECK(got.finish == shoal::actors::finish_reason::length);
@@ -79,7 +79,7 @@ TEST_CASE("the embedded plan matches, streams tokens one by one, and refuses bad
   shoal::client client(cluster);
   const std::vector<std::int32_t> prompt{605, 3, 17};
   const auto want = single_process(prompt, 4);
-  const auto id = client.submit({.prompt = prompt, .max_tokens = 4, .stop_tokens = {}, .want_logits = true, .deadline = {}});
+  const auto id = client.submit({.prompt = prompt, .sampling = {}, .max_tokens = 4, .stop_tokens = {}, .want_logits = true, .deadline = {}});
   shoal::generate_result got;
   int chunks = 0;
   while (true) {
@@ -94,20 +94,20 @@ TEST_CASE("the embedded plan matches, streams tokens one by one, and refuses bad
   check_same(want, got);
 
   // A stop token ends the stream early.
-  const auto stopped = client.generate({.prompt = prompt, .max_tokens = 4, .stop_tokens = {want.tokens[1]},
+  const auto stopped = client.generate({.prompt = prompt, .sampling = {}, .max_tokens = 4, .stop_tokens = {want.tokens[1]},
                                         .want_logits = false, .deadline = {}},
                                        std::chrono::seconds(30));
   CHECK(stopped.finish == shoal::actors::finish_reason::stop);
   CHECK(stopped.tokens == std::vector<std::int32_t>(want.tokens.begin(), want.tokens.begin() + 2));
 
-  CHECK_THROWS_WITH(client.generate({.prompt = {5, 100000}, .max_tokens = 2, .stop_tokens = {}, .want_logits = false,
+  CHECK_THROWS_WITH(client.generate({.prompt = {5, 100000}, .sampling = {}, .max_tokens = 2, .stop_tokens = {}, .want_logits = false,
                                      .deadline = {}},
                                     std::chrono::seconds(10)),
                     Catch::Contains("prompt token 100000 is outside the vocabulary [0, 1000)"));
-  CHECK_THROWS_WITH(client.generate({.prompt = {}, .max_tokens = 2, .stop_tokens = {}, .want_logits = false, .deadline = {}},
+  CHECK_THROWS_WITH(client.generate({.prompt = {}, .sampling = {}, .max_tokens = 2, .stop_tokens = {}, .want_logits = false, .deadline = {}},
                                     std::chrono::seconds(10)),
                     Catch::Contains("the prompt is empty"));
-  CHECK_THROWS_WITH(client.generate({.prompt = {1}, .max_tokens = 600, .stop_tokens = {}, .want_logits = false,
+  CHECK_THROWS_WITH(client.generate({.prompt = {1}, .sampling = {}, .max_tokens = 600, .stop_tokens = {}, .want_logits = false,
                                      .deadline = {}},
                                     std::chrono::seconds(10)),
                     Catch::Contains("exceeds the model's context of 512"));

@@ -5,6 +5,7 @@
 #include "shoal/actors/client.hpp"
 #include "shoal/base/error.hpp"
 
+#include "free_port.hpp"
 #include "reference.hpp"
 
 #include <catch2/catch.hpp>
@@ -30,18 +31,7 @@ namespace {
 using clock_type = std::chrono::steady_clock;
 constexpr int kNewTokens = 8;
 
-std::uint16_t free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
+using shoal::testing::free_port;
 
 std::string four_node_config(const std::vector<std::string>& hosts, const std::vector<std::uint16_t>& ports) {
   const char* names[] = {"stage0", "stage1", "experts0", "experts1"};
@@ -143,14 +133,14 @@ void check_cluster(const std::string& host, std::uint16_t port) {
   for (const auto& prompt : shoal::testing::golden_prompts()) {
     INFO("prompt of " << prompt.size() << " tokens");
     const auto want = shoal::testing::single_process(prompt, kNewTokens);
-    const auto got = client->generate({.prompt = prompt, .max_tokens = kNewTokens, .stop_tokens = {},
+    const auto got = client->generate({.prompt = prompt, .sampling = {}, .max_tokens = kNewTokens, .stop_tokens = {},
                                        .want_logits = true, .deadline = {}},
                                       std::chrono::seconds(30));
     CHECK(got.finish == shoal::actors::finish_reason::length);
     shoal::testing::check_same(want, got.tokens, got.logits);
   }
   // A bad request comes back as an error, over the wire too.
-  CHECK_THROWS_WITH(client->generate({.prompt = {3, 5000}, .max_tokens = 2, .stop_tokens = {}, .want_logits = false,
+  CHECK_THROWS_WITH(client->generate({.prompt = {3, 5000}, .sampling = {}, .max_tokens = 2, .stop_tokens = {}, .want_logits = false,
                                       .deadline = {}},
                                      std::chrono::seconds(10)),
                     Catch::Contains("prompt token 5000 is outside the vocabulary"));

@@ -2,6 +2,7 @@
 // by curl, the official OpenAI Node SDK and shoal bench-serve, then stopped with SIGTERM.
 
 #include "raw_http.hpp"
+#include "serve_process.hpp"
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -24,105 +25,10 @@ using namespace shoal::gateway::testing;
 
 namespace {
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-struct command_result {
-  int exit_code = -1;
-  std::string out;
-};
-
-// Runs a shell command with a time limit; stdout (and stderr when asked) captured.
-command_result run(const std::string& command, int timeout_s = 120) {
-  const auto out = fs::path(SHOAL_GATEWAY_WORK_DIR) / ("cmd-" + std::to_string(::getpid()) + ".out");
-  const std::string full = "timeout " + std::to_string(timeout_s) + " " + command + " > " + out.string() + " 2>&1";
-  const int status = std::system(full.c_str());
-  command_result r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(out);
-  return r;
-}
-
-long rss_kb(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
-  return -1;
-}
-
-// One server for the whole file: loading the model once keeps the suite short.
-class serve_process {
- public:
-  serve_process() {
-    fs::create_directories(SHOAL_GATEWAY_WORK_DIR);
-    log_ = fs::path(SHOAL_GATEWAY_WORK_DIR) / "serve.log";
-    // A previous run's log would announce a server that is gone.
-    fs::remove(log_);
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      // The tiny model is created in the build tree, not in the user's cache.
-      ::setenv("XDG_CACHE_HOME", (fs::path(SHOAL_GATEWAY_WORK_DIR) / "cache").c_str(), 1);
-      const int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-      ::execl(SHOAL_BINARY, SHOAL_BINARY, "serve", "--port", "0", "--threads", "2", "--cache-mb", "64",
-              "--drain-seconds", "20", static_cast<char*>(nullptr));
-      ::_exit(127);
-    }
-    const std::regex listening("listening on http://127\\.0\\.0\\.1:([0-9]+)");
-    const auto end = std::chrono::steady_clock::now() + 240s;
-    while (std::chrono::steady_clock::now() < end) {
-      std::smatch m;
-      const auto text = fs::exists(log_) ? slurp(log_) : std::string();
-      if (port_ == 0 && std::regex_search(text, m, listening)) port_ = static_cast<std::uint16_t>(std::stoi(m[1]));
-      if (port_ != 0 && text.find("ready in") != std::string::npos) return;
-      int status = 0;
-      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        FAIL("shoal serve exited during start-up:\n" << text);
-      }
-      std::this_thread::sleep_for(100ms);
-    }
-    FAIL("shoal serve did not get ready in 240 s:\n" << slurp(log_));
-  }
-  ~serve_process() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-    }
-  }
-  std::uint16_t port() const { return port_; }
-  pid_t pid() const { return pid_; }
-  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_); }
-  std::string log() const { return slurp(log_); }
-  // SIGTERM; the exit status, or -1 if it did not stop within `timeout`.
-  int terminate(std::chrono::seconds timeout) {
-    ::kill(pid_, SIGTERM);
-    const auto end = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < end) {
-      int status = 0;
-      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-      }
-      std::this_thread::sleep_for(50ms);
-    }
-    return -1;
-  }
-
- private:
-  fs::path log_;
-  pid_t pid_ = -1;
-  std::uint16_t port_ = 0;
-};
-
 serve_process& server() {
-  static serve_process p;
+  // The tiny model is created in the build tree, not in the user's cache.
+  static serve_process p("serve", {"serve", "--port", "0", "--threads", "2", "--cache-mb", "64", "--drain-seconds", "20"},
+                         {{"XDG_CACHE_HOME", (fs::path(SHOAL_GATEWAY_WORK_DIR) / "cache").string()}});
   return p;
 }
 

@@ -141,6 +141,28 @@ TEST_CASE("sampling: the same seed gives the same tokens, another seed others", 
   for (int i = 0; i < 10; ++i) REQUIRE(unseeded.sample(logits) == replay.sample(logits));
 }
 
+TEST_CASE("sampling: a sampler rebuilt from the tokens already drawn continues as the original", "[sampling]") {
+  // Different logits each step, penalties on: the rebuilt sampler must match both the random
+  // stream and the penalty state of the original.
+  const sampling_params params{.temperature = 0.8f, .top_p = 0.9f, .frequency_penalty = 0.3f, .seed = 99};
+  std::vector<std::vector<float>> steps;
+  for (std::uint32_t i = 0; i < 40; ++i) steps.push_back(random_logits(5000, 100 + i, 1.0f));
+  sampler original(params);
+  std::vector<token_id> drawn;
+  for (const auto& l : steps) drawn.push_back(original.sample(l));
+  for (std::size_t cut : {std::size_t{0}, std::size_t{1}, std::size_t{17}, std::size_t{39}}) {
+    sampler rebuilt(params);
+    for (std::size_t i = 0; i < cut; ++i) rebuilt.replay(drawn[i]);
+    for (std::size_t i = cut; i < steps.size(); ++i) REQUIRE(rebuilt.sample(steps[i]) == drawn[i]);
+  }
+  // Plain `accept` does not advance the random stream, so it does not continue the same way.
+  sampler accepted(params);
+  for (std::size_t i = 0; i < 17; ++i) accepted.accept(drawn[i]);
+  std::vector<token_id> rest, expected(drawn.begin() + 17, drawn.end());
+  for (std::size_t i = 17; i < steps.size(); ++i) rest.push_back(accepted.sample(steps[i]));
+  CHECK(rest != expected);
+}
+
 TEST_CASE("sampling: penalties", "[sampling]") {
   std::vector<float> logits = {3.0f, 2.9f, 1.0f, -1.0f};
   SECTION("repetition penalty covers the prompt and divides positive logits") {

@@ -157,11 +157,21 @@ void add_bench_command(CLI::App& app) {
     int threads = 0;
     int repeats = 2;
     std::size_t triad_mb = 256;
+    std::string cluster;
+    std::string transports;
+    bool json = false;
   };
   auto o = std::make_shared<options>();
-  auto* cmd = app.add_subcommand("bench", "Prefill and decode speed against the memory roofline of this machine");
-  cmd->add_option("--model", o->models, "Checkpoint directory; repeat to compare models in one run (runs interleave)")
-      ->required();
+  auto* cmd = app.add_subcommand("bench", "Prefill and decode speed against the memory roofline of this machine, or "
+                                          "(--cluster) the cost of distributing a model over processes");
+  auto* model_option =
+      cmd->add_option("--model", o->models, "Checkpoint directory; repeat to compare models in one run (runs interleave)");
+  auto* cluster_option = cmd->add_option(
+      "--cluster", o->cluster,
+      "Cluster config (YAML): decode in one process and on the config's nodes, started on this machine, in the same run");
+  model_option->excludes(cluster_option);
+  cmd->add_option("--transports", o->transports, "With --cluster: UCX transports, e.g. tcp")->needs(cluster_option);
+  cmd->add_flag("--json", o->json, "With --cluster: one JSON object instead of the table")->needs(cluster_option);
   cmd->add_option("--prompt-tokens", o->prompt_tokens, "Prefill length")->capture_default_str()->check(CLI::Range(1, 1 << 16));
   cmd->add_option("--decode-tokens", o->decode_tokens, "Tokens decoded after the prompt")
       ->capture_default_str()->check(CLI::Range(1, 1 << 16));
@@ -169,7 +179,17 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--repeats", o->repeats, "Interleaved rounds per configuration (best is reported)")
       ->capture_default_str()->check(CLI::Range(1, 100));
   cmd->add_option("--triad-mb", o->triad_mb, "Size of each triad array in MB")->capture_default_str();
-  cmd->callback([o] {
+  cmd->callback([o, cmd] {
+    if (!o->cluster.empty()) {
+      // Short defaults: the point is the per-step messaging cost, not long-context speed.
+      bench_cluster({.config = o->cluster,
+                     .transports = o->transports,
+                     .prompt_tokens = cmd->count("--prompt-tokens") ? o->prompt_tokens : 16,
+                     .decode_tokens = cmd->count("--decode-tokens") ? o->decode_tokens : 32,
+                     .json = o->json});
+      return;
+    }
+    if (o->models.empty()) throw CLI::RequiredError("--model or --cluster");
     std::vector<std::unique_ptr<runtime::model_weights>> weights;
     for (const auto& dir : o->models) {
       fmt::print(stderr, "[bench] loading {} into memory\n", dir);

@@ -1,6 +1,7 @@
 // node and launch: running a cluster config as processes.
 
 #include "commands.hpp"
+#include "cluster_launch.hpp"
 
 #include "shoal/actors/client.hpp"
 #include "shoal/actors/node_process.hpp"
@@ -20,6 +21,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -119,88 +121,6 @@ void add_node(CLI::App& app) {
   });
 }
 
-bool is_local_host(const std::string& host) {
-  if (host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1") return true;
-  char name[256] = {};
-  return ::gethostname(name, sizeof(name) - 1) == 0 && host == name;
-}
-
-struct child {
-  std::string node;
-  pid_t pid = -1;
-  int out = -1;  // stdout of the head, read for the ready line
-};
-
-child start_node(const std::string& self_exe, const std::string& config, const config::node_spec& node,
-                 const std::vector<std::string>& extra, bool read_stdout) {
-  std::vector<std::string> args;
-  if (!is_local_host(node.host)) {
-    // Remote hosts: the same command over ssh; the config path and binary must exist there.
-    args = {"ssh", "-o", "BatchMode=yes", node.host, "shoal"};
-  } else {
-    args = {self_exe};
-  }
-  for (const auto& a : std::vector<std::string>{"node", "--config", config, "--name", node.name}) args.push_back(a);
-  args.insert(args.end(), extra.begin(), extra.end());
-  int pipe_fds[2] = {-1, -1};
-  if (read_stdout && ::pipe(pipe_fds) != 0) shoal::fail(errc::unavailable, "pipe: {}", std::strerror(errno));
-  const pid_t pid = ::fork();
-  if (pid < 0) shoal::fail(errc::unavailable, "fork: {}", std::strerror(errno));
-  if (pid == 0) {
-    sigset_t none;
-    sigemptyset(&none);
-    pthread_sigmask(SIG_SETMASK, &none, nullptr);
-    if (read_stdout) {
-      ::dup2(pipe_fds[1], STDOUT_FILENO);
-      ::close(pipe_fds[0]);
-      ::close(pipe_fds[1]);
-    }
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    ::execvp(argv[0], argv.data());
-    std::fprintf(stderr, "shoal launch: cannot run %s: %s\n", argv[0], std::strerror(errno));
-    ::_exit(127);
-  }
-  child c{node.name, pid, -1};
-  if (read_stdout) {
-    ::close(pipe_fds[1]);
-    c.out = pipe_fds[0];
-  }
-  return c;
-}
-
-void stop_children(std::vector<child>& children) {
-  for (auto& c : children)
-    if (c.pid > 0) ::kill(c.pid, SIGTERM);
-  const auto deadline = clock_type::now() + std::chrono::seconds(10);
-  for (auto& c : children) {
-    while (c.pid > 0) {
-      if (::waitpid(c.pid, nullptr, WNOHANG) == c.pid) {
-        c.pid = -1;
-      } else if (clock_type::now() > deadline) {
-        fmt::print(stderr, "[launch] node {} did not stop within 10 s: killing it\n", c.node);
-        ::kill(c.pid, SIGKILL);
-        ::waitpid(c.pid, nullptr, 0);
-        c.pid = -1;
-      } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      }
-    }
-    if (c.out >= 0) ::close(c.out);
-  }
-}
-
-// Which child exited, if any (reaps it).
-const child* exited_child(std::vector<child>& children, int& status) {
-  for (auto& c : children)
-    if (c.pid > 0 && ::waitpid(c.pid, &status, WNOHANG) == c.pid) {
-      c.pid = -1;
-      return &c;
-    }
-  return nullptr;
-}
-
 void add_launch(CLI::App& app) {
   struct options {
     std::string config;
@@ -216,8 +136,6 @@ void add_launch(CLI::App& app) {
     const auto signals = block_stop_signals();
     auto cluster = config::load_cluster_config(o->config);
     const auto timeouts = to_cluster_options(o->timeouts, cluster);
-    const auto config_path = std::filesystem::absolute(o->config).string();
-    const auto self_exe = std::filesystem::read_symlink("/proc/self/exe").string();
     std::vector<std::string> extra{"--ready-timeout", std::to_string(timeouts.ready_timeout.count() / 1000),
                                    "--step-timeout", std::to_string(o->timeouts.step_s), "--expert-timeout",
                                    std::to_string(o->timeouts.expert_s)};
@@ -225,92 +143,48 @@ void add_launch(CLI::App& app) {
       extra.push_back("--transports");
       extra.push_back(o->transports);
     }
-    std::vector<child> children;
+    std::optional<launched_cluster> nodes;
     try {
-      for (const auto& node : cluster.nodes)
-        children.push_back(start_node(self_exe, config_path, node, extra, node.name == cluster.head));
-    } catch (...) {
-      stop_children(children);
-      throw;
+      nodes.emplace(cluster, launched_cluster::settings{
+                                 .config_path = std::filesystem::absolute(o->config).string(),
+                                 .node_arguments = extra,
+                                 .ready_timeout = std::chrono::duration_cast<std::chrono::seconds>(timeouts.ready_timeout),
+                                 .interrupted = [&signals] { return wait_stop_signal(signals, std::chrono::milliseconds(0)) != 0; },
+                                 .log_prefix = "[launch]"});
+    } catch (const shoal::error& e) {
+      if (e.code() != errc::cancelled) throw;
+      fmt::print(stderr, "[launch] interrupted before the cluster was ready; stopped all nodes\n");
+      return;
     }
-    int head_out = -1;
-    for (const auto& c : children)
-      if (c.node == cluster.head) head_out = c.out;
-    fmt::print(stderr, "[launch] started {} nodes; waiting up to {} s for the cluster\n", children.size(),
-               timeouts.ready_timeout.count() / 1000);
-    // Wait for the head's ready line, a node dying, a signal, or the deadline.
-    const auto deadline = clock_type::now() + timeouts.ready_timeout + std::chrono::seconds(5);
-    std::string line;
-    bool ready = false;
-    while (!ready) {
-      int status = 0;
-      if (const auto* dead = exited_child(children, status)) {
-        const std::string node = dead->node;
-        stop_children(children);
-        shoal::fail(errc::unavailable, "node {} exited (status {}) before the cluster was ready; see its messages above",
-                    node, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
-      }
-      if (wait_stop_signal(signals, std::chrono::milliseconds(0))) {
-        stop_children(children);
-        fmt::print(stderr, "[launch] interrupted before the cluster was ready; stopped all nodes\n");
-        return;
-      }
-      if (clock_type::now() > deadline) {
-        stop_children(children);
-        shoal::fail(errc::deadline_exceeded, "the cluster was not ready within {} s (waited for the head node {}'s ready line)",
-                    timeouts.ready_timeout.count() / 1000, cluster.head);
-      }
-      pollfd p{head_out, POLLIN, 0};
-      if (::poll(&p, 1, 100) > 0) {
-        char buffer[4096];
-        const auto n = ::read(head_out, buffer, sizeof(buffer));
-        if (n > 0) line.append(buffer, static_cast<std::size_t>(n));
-        if (line.find('\n') != std::string::npos) ready = line.find("\"ready\":true") != std::string::npos;
-      }
-    }
-    const auto info = nlohmann::json::parse(line.substr(0, line.find('\n')));
+    const auto info = nlohmann::json::parse(nodes->ready_line());
     fmt::print("{}\n", info.dump());
     std::fflush(stdout);
-    fmt::print(stderr, "[launch] cluster ready: connect with `shoal generate --cluster {} --tokens ...`; Ctrl-C stops all nodes\n",
+    fmt::print(stderr,
+               "[launch] cluster ready: connect with `shoal generate --cluster {0} --tokens ...` or serve it over HTTP "
+               "with `shoal serve --cluster {0} --model DIR`; Ctrl-C stops all nodes\n",
                info["connect"].get<std::string>());
     while (true) {
       if (wait_stop_signal(signals, std::chrono::milliseconds(200))) break;
-      int status = 0;
-      if (const auto* dead = exited_child(children, status)) {
-        fmt::print(stderr, "[launch] node {} exited (status {}); stopping the cluster\n", dead->node,
-                   WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+      if (const auto dead = nodes->exited_node()) {
+        fmt::print(stderr, "[launch] node {} exited (status {}); stopping the cluster\n", dead->first, dead->second);
         break;
       }
     }
-    stop_children(children);
+    nodes->stop();
     fmt::print(stderr, "[launch] all nodes stopped\n");
   });
 }
 
+}  // namespace
 
-void add_bench_cluster(CLI::App& app) {
-  struct options {
-    std::string config;
-    std::string transports;
-    int prompt_tokens = 16;
-    int decode_tokens = 32;
-    timeout_options timeouts;
-  };
-  auto o = std::make_shared<options>();
-  auto* cmd = app.add_subcommand(
-      "bench-cluster", "Cost of distribution: decode tokens/s of one process vs. the cluster of a config, same run");
-  cmd->add_option("config", o->config, "Cluster config (YAML); its nodes are started on this machine")->required();
-  cmd->add_option("--transports", o->transports, "UCX transports, e.g. tcp");
-  cmd->add_option("--prompt-tokens", o->prompt_tokens, "Prompt length")->capture_default_str()->check(CLI::Range(1, 4096));
-  cmd->add_option("--decode-tokens", o->decode_tokens, "Tokens decoded and timed")->capture_default_str()->check(CLI::Range(2, 4096));
-  add_timeout_options(cmd, o->timeouts);
-  cmd->callback([o] {
+void bench_cluster(const bench_cluster_options& o) {
     const auto signals = block_stop_signals();
     (void)signals;
-    auto cluster = config::load_cluster_config(o->config);
-    const auto timeouts = to_cluster_options(o->timeouts, cluster);
+    timeout_options timeout_settings;
+    auto cluster = config::load_cluster_config(o.config);
+    const auto timeouts = to_cluster_options(timeout_settings, cluster);
     std::vector<std::int32_t> prompt;
-    for (int i = 0; i < o->prompt_tokens; ++i) prompt.push_back((i * 37 + 11) % 1000);
+    for (int i = 0; i < o.prompt_tokens; ++i) prompt.push_back((i * 37 + 11) % 1000);
 
     // One process, same kernels and thread count as each cluster actor.
     auto weights = runtime::model_weights::load(cluster.model, {}, runtime::weight_residency::copy);
@@ -319,12 +193,12 @@ void add_bench_cluster(CLI::App& app) {
     for (auto& t : prompt) t %= static_cast<std::int32_t>(model.vocab_size);
     kernels::thread_pool pool(cluster.threads);
     runtime::model net(*weights, pool);
-    runtime::latent_cache cache(model, static_cast<std::int64_t>(prompt.size()) + o->decode_tokens + 1);
+    runtime::latent_cache cache(model, static_cast<std::int64_t>(prompt.size()) + o.decode_tokens + 1);
     runtime::sequence_step step{&cache, prompt};
     auto logits = net.forward(std::span(&step, 1));
     std::vector<std::int32_t> single{runtime::argmax(logits)};
     const auto single_start = clock_type::now();
-    for (int i = 0; i < o->decode_tokens; ++i) {
+    for (int i = 0; i < o.decode_tokens; ++i) {
       step.tokens = std::span(&single.back(), 1);
       logits = net.forward(std::span(&step, 1));
       single.push_back(runtime::argmax(logits));
@@ -332,43 +206,20 @@ void add_bench_cluster(CLI::App& app) {
     const double single_s = std::chrono::duration<double>(clock_type::now() - single_start).count();
 
     // The cluster, as processes on this machine.
-    const auto config_path = std::filesystem::absolute(o->config).string();
-    const auto self_exe = std::filesystem::read_symlink("/proc/self/exe").string();
     std::vector<std::string> extra{"--ready-timeout", std::to_string(timeouts.ready_timeout.count() / 1000)};
-    if (!o->transports.empty()) {
+    if (!o.transports.empty()) {
       extra.push_back("--transports");
-      extra.push_back(o->transports);
+      extra.push_back(o.transports);
     }
-    std::vector<child> children;
-    struct stopper {
-      std::vector<child>& c;
-      ~stopper() { stop_children(c); }
-    } stop_guard{children};
-    for (const auto& node : cluster.nodes)
-      children.push_back(start_node(self_exe, config_path, node, extra, node.name == cluster.head));
-    int head_out = -1;
-    const config::node_spec* head = cluster.find_node(cluster.head);
-    for (const auto& c : children)
-      if (c.node == cluster.head) head_out = c.out;
-    std::string line;
-    const auto deadline = clock_type::now() + timeouts.ready_timeout + std::chrono::seconds(5);
-    while (line.find('\n') == std::string::npos) {
-      if (clock_type::now() > deadline)
-        shoal::fail(errc::deadline_exceeded, "the cluster was not ready within {} s", timeouts.ready_timeout.count() / 1000);
-      int status = 0;
-      if (const auto* dead = exited_child(children, status))
-        shoal::fail(errc::unavailable, "node {} exited before the cluster was ready", dead->node);
-      pollfd p{head_out, POLLIN, 0};
-      if (::poll(&p, 1, 100) > 0) {
-        char buffer[4096];
-        const auto n = ::read(head_out, buffer, sizeof(buffer));
-        if (n > 0) line.append(buffer, static_cast<std::size_t>(n));
-      }
-    }
-    auto client = client::connect(head->host, head->port);
+    launched_cluster nodes(cluster, {.config_path = std::filesystem::absolute(o.config).string(),
+                                     .node_arguments = extra,
+                                     .ready_timeout = std::chrono::duration_cast<std::chrono::seconds>(timeouts.ready_timeout),
+                                     .interrupted = {},
+                                     .log_prefix = "[bench]"});
+    auto client = client::connect(nodes.host(), nodes.port());
     generate_options request;
     request.prompt = prompt;
-    request.max_tokens = static_cast<std::uint32_t>(o->decode_tokens + 1);
+    request.max_tokens = static_cast<std::uint32_t>(o.decode_tokens + 1);
     const auto id = client->submit(request);
     std::vector<std::int32_t> distributed;
     clock_type::time_point first_token;
@@ -390,10 +241,10 @@ void add_bench_cluster(CLI::App& app) {
     const std::int64_t legs = 2 * static_cast<std::int64_t>(cluster.stages.size() - 1) +
                               (cluster.stages.front().node != cluster.head ? 2 : 0) +
                               (cluster.expert_groups.empty() ? 0 : 2 * moe_layers);
-    const double single_step = single_s / o->decode_tokens, cluster_step = cluster_s / o->decode_tokens;
-    nlohmann::json out{{"decode_tokens", o->decode_tokens},
-                       {"single_process_tokens_per_s", o->decode_tokens / single_s},
-                       {"cluster_tokens_per_s", o->decode_tokens / cluster_s},
+    const double single_step = single_s / o.decode_tokens, cluster_step = cluster_s / o.decode_tokens;
+    nlohmann::json out{{"decode_tokens", o.decode_tokens},
+                       {"single_process_tokens_per_s", o.decode_tokens / single_s},
+                       {"cluster_tokens_per_s", o.decode_tokens / cluster_s},
                        {"single_process_step_ms", single_step * 1e3},
                        {"cluster_step_ms", cluster_step * 1e3},
                        {"messaging_ms_per_step", (cluster_step - single_step) * 1e3},
@@ -401,19 +252,21 @@ void add_bench_cluster(CLI::App& app) {
                        {"messaging_us_per_leg", legs ? (cluster_step - single_step) * 1e6 / static_cast<double>(legs) : 0.0},
                        {"same_tokens", distributed == single},
                        {"nodes", cluster.nodes.size()}};
-    fmt::print("{}\n", out.dump());
-    fmt::print(stderr,
-               "[bench-cluster] decode: {:.1f} tokens/s in one process, {:.1f} tokens/s on {} processes; "
-               "{:.3f} ms of {:.3f} ms per step is distribution (~{:.0f} us per each of {} sequential network legs, "
-               "derived from the step times); tokens {}\n",
-               o->decode_tokens / single_s, o->decode_tokens / cluster_s, cluster.nodes.size(),
-               (cluster_step - single_step) * 1e3, cluster_step * 1e3,
-               legs ? (cluster_step - single_step) * 1e6 / static_cast<double>(legs) : 0.0, legs,
-               distributed == single ? "identical" : "DIFFER");
-  });
+    if (o.json) {
+      fmt::print("{}\n", out.dump());
+    } else {
+      fmt::print("{:<28} {:>10} {:>10}\n", "decode (batch 1)", "tokens/s", "ms/step");
+      fmt::print("{:<28} {:>10.1f} {:>10.3f}\n", "one process", o.decode_tokens / single_s, single_step * 1e3);
+      fmt::print("{:<28} {:>10.1f} {:>10.3f}\n", fmt::format("cluster, {} processes", cluster.nodes.size()),
+                 o.decode_tokens / cluster_s, cluster_step * 1e3);
+      fmt::print("cluster / one process: {:.2f}x the tokens/s\n", single_s / cluster_s);
+      fmt::print("distribution: {:.3f} ms per step over {} sequential network legs, ~{:.0f} us per leg "
+                 "(derived from the step times)\n",
+                 (cluster_step - single_step) * 1e3, legs,
+                 legs ? (cluster_step - single_step) * 1e6 / static_cast<double>(legs) : 0.0);
+      fmt::print("generated tokens: {}\n", distributed == single ? "identical" : "DIFFERENT (a bug: please report it)");
+    }
 }
-
-}  // namespace
 
 void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
                          double temperature, bool json) {
@@ -466,7 +319,6 @@ void generate_on_cluster(const std::string& address, const std::string& tokens, 
 void add_cluster_commands(CLI::App& app) {
   add_node(app);
   add_launch(app);
-  add_bench_cluster(app);
 }
 
 }  // namespace shoal::tools

@@ -24,6 +24,17 @@ void add_cluster_commands(CLI::App& app);
 /// serve, bench-serve: the OpenAI-compatible HTTP server and a load generator for it.
 void add_serve_commands(CLI::App& app);
 
+/// `bench --cluster CONFIG`: decode on one process vs. the config's nodes started on this
+/// machine, same run, and what each network leg of a step costs.
+struct bench_cluster_options {
+  std::string config;
+  std::string transports;
+  int prompt_tokens = 16;
+  int decode_tokens = 32;
+  bool json = false;
+};
+void bench_cluster(const bench_cluster_options& options);
+
 /// `generate --cluster HOST:PORT --tokens IDS`: greedy generation on a running cluster.
 void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
                          double temperature, bool json);

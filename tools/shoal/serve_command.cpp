@@ -2,8 +2,12 @@
 // HTTP load generator against any such server.
 
 #include "commands.hpp"
+#include "cluster_launch.hpp"
 
+#include "shoal/actors/client.hpp"
 #include "shoal/base/error.hpp"
+#include "shoal/config/cluster_config.hpp"
+#include "shoal/config/model_config.hpp"
 #include "shoal/gateway/backend.hpp"
 #include "shoal/gateway/load_generator.hpp"
 #include "shoal/gateway/server.hpp"
@@ -21,7 +25,10 @@
 
 #include <unistd.h>
 
+#include <charconv>
 #include <chrono>
+#include <optional>
+#include <tuple>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -68,6 +75,8 @@ fs::path cached_tiny_model() {
 
 struct serve_options {
   std::string model;
+  std::string cluster;
+  std::string transports;
   std::string name;
   std::string host = "127.0.0.1";
   int port = 8000;
@@ -83,6 +92,121 @@ struct serve_options {
   std::int64_t default_max_tokens = 1024;
 };
 
+gateway::server_options server_settings(const serve_options& o, const std::string& name, std::int64_t experts,
+                                        std::mutex& log_mutex) {
+  gateway::server_options so;
+  so.host = o.host;
+  so.port = static_cast<std::uint16_t>(o.port);
+  so.model_name = name;
+  so.io_threads = o.io_threads;
+  so.max_body_bytes = o.max_body_bytes;
+  so.max_in_flight = o.max_waiting + o.max_running;
+  so.default_max_tokens = o.default_max_tokens;
+  so.experts_per_layer = experts;
+  so.log = [&log_mutex](const std::string& line) {
+    std::lock_guard lock(log_mutex);
+    fmt::print(stderr, "[serve] {}\n", line);
+  };
+  return so;
+}
+
+void print_ready(const serve_options& o, const gateway::server& srv, const std::string& name,
+                 clock_type::time_point start) {
+  fmt::print(stderr, "[serve] listening on http://{}:{}\n", o.host, srv.port());
+  fmt::print(stderr, "[serve] ready in {:.1f} s: try\n  curl http://{}:{}/v1/chat/completions -H 'Content-Type: application/json' "
+                     "-d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",
+             seconds_since(start), o.host, srv.port(), name);
+}
+
+// HOST:PORT of a running cluster's head node, or nothing when `spec` is not one.
+std::optional<std::pair<std::string, std::uint16_t>> head_address(const std::string& spec) {
+  const auto colon = spec.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == spec.size() || fs::exists(spec)) return std::nullopt;
+  int port = 0;
+  const auto r = std::from_chars(spec.data() + colon + 1, spec.data() + spec.size(), port);
+  if (r.ec != std::errc() || r.ptr != spec.data() + spec.size() || port <= 0 || port > 65535) return std::nullopt;
+  return std::pair{spec.substr(0, colon), static_cast<std::uint16_t>(port)};
+}
+
+// The gateway in front of a cluster: a running one (HOST:PORT of its head node) or the nodes
+// of a config, started here and stopped with the server.
+void serve_cluster(const serve_options& o, const sigset_t& signals) {
+  const auto start = clock_type::now();
+  std::optional<launched_cluster> nodes;
+  fs::path dir = o.model;
+  std::string host;
+  std::uint16_t port = 0;
+  if (auto address = head_address(o.cluster)) {
+    if (dir.empty())
+      shoal::fail(errc::invalid_argument,
+                  "--cluster {} needs --model DIR: the checkpoint the cluster serves (its tokenizer and context length "
+                  "are read here; the weights are not)", o.cluster);
+    std::tie(host, port) = *address;
+  } else {
+    if (!fs::exists(o.cluster))
+      shoal::fail(errc::invalid_argument, "--cluster '{}' is neither a cluster config file nor HOST:PORT of a head node",
+                  o.cluster);
+    const auto cluster = config::load_cluster_config(o.cluster);
+    if (dir.empty()) dir = cluster.model;
+    std::vector<std::string> extra{"--ready-timeout", std::to_string(cluster.ready_timeout_s)};
+    if (!o.transports.empty()) {
+      extra.push_back("--transports");
+      extra.push_back(o.transports);
+    }
+    nodes.emplace(cluster, launched_cluster::settings{
+                               .config_path = fs::absolute(o.cluster).string(),
+                               .node_arguments = extra,
+                               .ready_timeout = std::chrono::seconds(cluster.ready_timeout_s),
+                               .interrupted = [&signals] {
+                                 timespec zero{0, 0};
+                                 return sigtimedwait(&signals, nullptr, &zero) > 0;
+                               },
+                               .log_prefix = "[serve]"});
+    host = nodes->host();
+    port = nodes->port();
+  }
+  const auto model = config::load_model_config(dir);
+  const auto tok = runtime::tokenizer::load(dir);
+  std::string name = o.name;
+  if (name.empty()) name = fs::absolute(dir).lexically_normal().filename().string();
+  if (name.empty()) name = "shoal";
+  auto client = shoal::client::connect(host, port);
+  auto back = gateway::make_cluster_backend(*client, tok, model.max_position_embeddings, o.max_waiting + o.max_running);
+  std::mutex log_mutex;
+  auto srv = std::make_unique<gateway::server>(*back, tok, server_settings(o, name, model.n_routed_experts, log_mutex));
+  fmt::print(stderr, "[serve] model {} on the cluster at {}:{}{}\n", name, host, port,
+             nodes ? fmt::format(" ({} started here)", o.cluster) : std::string());
+  print_ready(o, *srv, name, start);
+
+  int signal = 0;
+  while (true) {
+    timespec tick{0, 200'000'000};
+    signal = sigtimedwait(&signals, nullptr, &tick);
+    if (signal > 0) break;
+    if (nodes) {
+      if (const auto dead = nodes->exited_node()) {
+        // Without a replacement for the node the cluster cannot answer; say so and stop
+        // rather than accept requests that would only fail.
+        fmt::print(stderr, "[serve] node {} exited (status {}): the cluster cannot serve; stopping\n", dead->first,
+                   dead->second);
+        srv->shutdown(std::chrono::seconds(0));
+        back.reset();
+        srv.reset();
+        shoal::fail(errc::unavailable, "node {} of {} exited", dead->first, o.cluster);
+      }
+    }
+  }
+  fmt::print(stderr, "[serve] {} received: no new connections; finishing {} requests in flight (up to {:.0f} s)\n",
+             signal == SIGINT ? "SIGINT" : "SIGTERM", srv->in_flight(), o.drain_seconds);
+  pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
+  srv->shutdown(std::chrono::milliseconds(static_cast<std::int64_t>(o.drain_seconds * 1000)));
+  back.reset();  // cancels what is left on the cluster
+  srv.reset();
+  client.reset();
+  if (nodes) nodes->stop();
+  fmt::print(stderr, "[serve] stopped\n");
+}
+
 void serve(const serve_options& o) {
   // Signals are taken synchronously by this thread: block them before any thread starts.
   sigset_t signals;
@@ -92,6 +216,7 @@ void serve(const serve_options& o) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
 
+  if (!o.cluster.empty()) return serve_cluster(o, signals);
   const auto start = clock_type::now();
   const fs::path dir = o.model.empty() ? cached_tiny_model() : fs::path(o.model);
   std::string name = o.name;
@@ -112,25 +237,9 @@ void serve(const serve_options& o) {
   auto back = gateway::make_engine_backend(*engine);
 
   std::mutex log_mutex;
-  gateway::server_options so;
-  so.host = o.host;
-  so.port = static_cast<std::uint16_t>(o.port);
-  so.model_name = name;
-  so.io_threads = o.io_threads;
-  so.max_body_bytes = o.max_body_bytes;
-  so.max_in_flight = o.max_waiting + o.max_running;
-  so.default_max_tokens = o.default_max_tokens;
-  so.experts_per_layer = net.config().n_routed_experts;
-  so.log = [&log_mutex](const std::string& line) {
-    std::lock_guard lock(log_mutex);
-    fmt::print(stderr, "[serve] {}\n", line);
-  };
-  auto srv = std::make_unique<gateway::server>(*back, tok, so);
+  auto srv = std::make_unique<gateway::server>(*back, tok, server_settings(o, name, net.config().n_routed_experts, log_mutex));
   fmt::print(stderr, "[serve] model {} from {} ({} threads)\n", name, dir.string(), pool.size());
-  fmt::print(stderr, "[serve] listening on http://{}:{}\n", o.host, srv->port());
-  fmt::print(stderr, "[serve] ready in {:.1f} s: try\n  curl http://{}:{}/v1/chat/completions -H 'Content-Type: application/json' "
-                     "-d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",
-             seconds_since(start), o.host, srv->port(), name);
+  print_ready(o, *srv, name, start);
 
   int signal = 0;
   sigwait(&signals, &signal);
@@ -148,10 +257,15 @@ void serve(const serve_options& o) {
 
 void add_serve(CLI::App& app) {
   auto o = std::make_shared<serve_options>();
-  auto* cmd = app.add_subcommand("serve", "Serve a model over an OpenAI-compatible HTTP API in this process");
+  auto* cmd = app.add_subcommand("serve", "Serve a model over an OpenAI-compatible HTTP API, computed in this process or (--cluster) by a cluster");
   cmd->add_option("--model", o->model,
                   "Checkpoint directory (default: the tiny demo model, created once under $XDG_CACHE_HOME/shoal "
                   "or ~/.cache/shoal)");
+  cmd->add_option("--cluster", o->cluster,
+                  "Serve a cluster instead of computing here: a cluster config (YAML; its nodes are started here and "
+                  "stopped with the server) or HOST:PORT of a running cluster's head node (then --model names the "
+                  "checkpoint, for its tokenizer)");
+  cmd->add_option("--transports", o->transports, "With a --cluster config: UCX transports for its nodes, e.g. tcp");
   cmd->add_option("--name", o->name, "Model name clients use (default: the directory's name, shoal-tiny for the demo)");
   cmd->add_option("--host", o->host, "Address to listen on")->capture_default_str();
   cmd->add_option("--port", o->port, "Port (0: any free port)")->capture_default_str()->check(CLI::Range(0, 65535));

@@ -13,7 +13,13 @@ struct SamplingOptions {
   seed @3 :UInt64;
   maxTokens @4 :UInt32 = 256;
   stopTokens @5 :List(Int32);
-  stop @6 :List(Text);                # Stop strings.
+  stop @6 :List(Text);                # Stop strings (applied where the text is: the gateway).
+  minP @7 :Float32;
+  repetitionPenalty @8 :Float32 = 1.0;
+  frequencyPenalty @9 :Float32;
+  presencePenalty @10 :Float32;
+  hasSeed @11 :Bool;                  # Without a seed the last stage draws one.
+  idLimit @12 :UInt32;                # Ids at or above are never sampled; 0 = none.
 }
 
 struct ChatMessage {

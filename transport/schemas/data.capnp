@@ -12,6 +12,7 @@ struct BatchEntry {
   tokens @1 :List(Int32);     # New tokens to process (a prefill chunk, or one decode token).
   position @2 :UInt32;        # Sequence position of tokens[0].
   sampleAfter @3 :Bool;       # Whether the last stage samples a token after this chunk.
+  promptTokens @4 :UInt32;    # At position 0: how many of `tokens` are the prompt (the rest replay output).
 }
 
 # Router -> first stage: an iteration's batch.
@@ -28,6 +29,12 @@ struct SamplingParams {
   topP @1 :Float32 = 1.0;
   topK @2 :UInt32;            # 0 = no top-k cut.
   seed @3 :UInt64;
+  minP @4 :Float32;
+  repetitionPenalty @5 :Float32 = 1.0;
+  frequencyPenalty @6 :Float32;
+  presencePenalty @7 :Float32;
+  hasSeed @8 :Bool;           # Without a seed the last stage draws one.
+  idLimit @9 :UInt32;         # Ids at or above are never sampled (the tokenizer's limit); 0 = none.
 }
 
 # Stage i -> stage i+1: hidden states after the sender's last layer.

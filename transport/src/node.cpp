@@ -17,6 +17,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
+#include <cstdlib>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -240,6 +241,10 @@ struct node::impl {
     ucp_config_t* raw_config = nullptr;
     SHOAL_UCS_CHECK(ucp_config_read(nullptr, nullptr, &raw_config), "reading UCX configuration");
     detail::ucp_config_ptr config(raw_config);
+    // A node restarted on its configured port (by an operator or a supervisor) must not fail
+    // because the previous process's connections are still in TIME_WAIT. An explicit
+    // UCX_TCP_CM_REUSEADDR in the environment wins; a UCX without the setting just keeps its own.
+    if (!std::getenv("UCX_TCP_CM_REUSEADDR")) (void)ucp_config_modify(config.get(), "CM_REUSEADDR", "y");
     if (!options.transports.empty())
       SHOAL_UCS_CHECK(ucp_config_modify(config.get(), "TLS", options.transports.c_str()),
                       fmt::format("setting UCX transports to '{}'", options.transports));

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -18,9 +19,15 @@ namespace actors {
 class local_cluster;
 }
 
+/// How tokens are chosen: temperature, top-k, top-p, min-p, repetition/frequency/presence
+/// penalties and a seed, with the meaning of `runtime::sampling_params` (and of the HTTP API's
+/// fields of the same names). The defaults decode greedily.
+using sampling_options = actors::sampling_spec;
+
 /// What to generate.
 struct generate_options {
   std::vector<std::int32_t> prompt;          ///< Prompt token ids.
+  sampling_options sampling;                 ///< Token choice (greedy by default).
   std::uint32_t max_tokens = 16;             ///< Tokens to generate at most.
   std::vector<std::int32_t> stop_tokens;     ///< Stop after one of these.
   bool want_logits = false;                  ///< Also return the logits each token was sampled from.
@@ -53,6 +60,10 @@ class client {
 
   /// Submits a request; returns its id. Tokens then arrive through `next`.
   std::uint64_t submit(const generate_options& options);
+  /// Submits a request whose chunks are passed to `on_chunk` as they arrive, in order, on a
+  /// thread of the client (keep it short; it must not call `next`). The last call has
+  /// `finish != none`. It may run before `submit` returns.
+  std::uint64_t submit(const generate_options& options, std::function<void(const token_event&)> on_chunk);
   /// The next chunk of request `id`, or nothing when none arrived within `timeout`. The last
   /// chunk has `finish != none`.
   std::optional<token_event> next(std::uint64_t id, std::chrono::milliseconds timeout);

@@ -6,6 +6,7 @@
 
 #include "shoal/actors/messages.hpp"
 #include "shoal/runtime/model.hpp"
+#include "shoal/runtime/sampling.hpp"
 #include "shoal/runtime/weights.hpp"
 
 #include <cstdint>
@@ -20,6 +21,9 @@ class thread_pool;
 }
 
 namespace shoal::actors {
+
+/// The runtime's sampling parameters for a wire `sampling_spec`.
+runtime::sampling_params to_sampling_params(const sampling_spec& spec);
 
 /// A set of routed experts of every MoE layer.
 class expert_engine {
@@ -79,11 +83,13 @@ class stage_engine {
   /// `failed_precondition` error.
   void run(step_batch& batch, runtime::expert_backend* experts);
 
-  /// The last stage: greedy tokens (and logits when the batch wants them) of the entries
-  /// that sample, from `batch.hidden`.
+  /// The last stage: the tokens (and logits when the batch wants them) of the entries that
+  /// sample, from `batch.hidden`, each chosen as its entry's `sampling` says. Greedy entries
+  /// take the argmax; the others keep a sampler per request (penalties, random stream), rebuilt
+  /// at position 0 so a replayed request draws the tokens the original run would have.
   sampled_batch sample(const step_batch& batch);
 
-  /// Forgets the caches of `requests` (finished or cancelled).
+  /// Forgets the caches and samplers of `requests` (finished or cancelled).
   void release(std::span<const request_id> requests);
   /// Sequences cached.
   std::size_t cached_sequences() const noexcept { return caches_.size(); }
@@ -96,6 +102,7 @@ class stage_engine {
   std::unique_ptr<kernels::thread_pool> pool_;
   std::unique_ptr<runtime::model> model_;
   std::map<request_id, std::unique_ptr<runtime::latent_cache>> caches_;
+  std::map<request_id, runtime::sampler> samplers_;
 };
 
 }  // namespace shoal::actors

@@ -35,12 +35,32 @@ struct actor_address {
   friend bool operator==(const actor_address&, const actor_address&) = default;
 };
 
+/// How the last stage picks a request's tokens (`runtime::sampling_params` on the wire). The
+/// defaults are greedy decoding.
+struct sampling_spec {
+  float temperature = 0.0f;          ///< 0: greedy (argmax).
+  std::uint32_t top_k = 0;           ///< 0: no top-k cut.
+  float top_p = 1.0f;                ///< 1: no nucleus cut.
+  float min_p = 0.0f;                ///< 0: no min-p cut.
+  float repetition_penalty = 1.0f;   ///< Over prompt and output tokens.
+  float frequency_penalty = 0.0f;    ///< Over output tokens.
+  float presence_penalty = 0.0f;     ///< Over output tokens.
+  bool has_seed = false;             ///< Whether `seed` is set; without one the stage draws a seed.
+  std::uint64_t seed = 0;            ///< Same seed, same logits: same tokens.
+  std::uint32_t id_limit = 0;        ///< Ids at or above are never chosen (tokenizer's limit); 0: none.
+  friend bool operator==(const sampling_spec&, const sampling_spec&) = default;
+};
+
 /// One request's share of a pipeline step.
 struct batch_entry {
   request_id request = 0;             ///< Whose tokens these are.
   std::vector<std::int32_t> tokens;   ///< New tokens (a prompt, or one decode token).
   std::uint32_t position = 0;         ///< Sequence position of tokens[0]; 0 restarts the cache.
   bool sample_after = true;           ///< Whether the last stage samples after these tokens.
+  /// When `position` is 0: how many of `tokens` are the prompt (the rest were generated before
+  /// a replay, and the sampler treats them as its own output).
+  std::uint32_t prompt_tokens = 0;
+  sampling_spec sampling;             ///< How the last stage samples this request.
 };
 
 /// A pipeline step travelling through the stages: router -> first stage (`hidden` empty),
@@ -132,10 +152,11 @@ struct join_request {
   std::uint16_t schema_version = 0;    ///< Wire schema version it speaks.
 };
 
-/// Client -> router: generate tokens after a prompt (greedy).
+/// Client -> router: generate tokens after a prompt.
 struct generate_request {
   request_id request = 0;              ///< Chosen by the client, unique per client.
   std::vector<std::int32_t> prompt;    ///< Prompt token ids.
+  sampling_spec sampling;              ///< Token choice (greedy by default).
   std::uint32_t max_tokens = 16;       ///< Tokens to generate at most.
   std::vector<std::int32_t> stop_tokens; ///< Generation ends after one of these.
   bool want_logits = false;            ///< Return the logits of each sampled token too.
@@ -167,8 +188,13 @@ typename Inspector::result_type inspect(Inspector& f, actor_address& x) {
   return f(x.node, x.actor);
 }
 template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, sampling_spec& x) {
+  return f(x.temperature, x.top_k, x.top_p, x.min_p, x.repetition_penalty, x.frequency_penalty, x.presence_penalty,
+           x.has_seed, x.seed, x.id_limit);
+}
+template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, batch_entry& x) {
-  return f(x.request, x.tokens, x.position, x.sample_after);
+  return f(x.request, x.tokens, x.position, x.sample_after, x.prompt_tokens, x.sampling);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_batch& x) {
@@ -216,7 +242,7 @@ typename Inspector::result_type inspect(Inspector& f, join_request& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, generate_request& x) {
-  return f(x.request, x.prompt, x.max_tokens, x.stop_tokens, x.want_logits, x.deadline_unix_ms);
+  return f(x.request, x.prompt, x.sampling, x.max_tokens, x.stop_tokens, x.want_logits, x.deadline_unix_ms);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, token_chunk& x) {

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <random>
 #include <memory>
 #include <vector>
 
@@ -50,6 +51,7 @@ struct router_state {
   std::uint64_t next_id = 1;               ///< Next internal id.
   std::uint64_t step = 0;                  ///< Steps started.
   bool busy = false;                       ///< A step is in the pipeline.
+  std::mt19937_64 seeds{std::random_device{}()}; ///< Seeds for sampled requests that bring none.
 };
 
 /// The router. Steps are formed from the oldest `max_batch` requests: a new request sends

@@ -48,6 +48,11 @@ class sampler {
   /// Records `id` as output without sampling (e.g. tokens replayed after a failure).
   void accept(token_id id);
 
+  /// Records `id` as a token this sampler (same seed) drew earlier, and advances the random
+  /// stream past that draw: a sampler rebuilt after a failure and fed the tokens already
+  /// streamed then continues exactly as the original would have.
+  void replay(token_id id);
+
   /// The parameters in use.
   const sampling_params& params() const { return params_; }
 

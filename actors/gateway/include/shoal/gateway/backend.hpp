@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <memory>
 
+namespace shoal {
+class client;
+}
+
 namespace shoal::gateway {
 
 /// A token generator as seen from the gateway. All members may be called from any thread.
@@ -29,5 +33,13 @@ class backend {
 
 /// A backend over an engine that must outlive it.
 std::unique_ptr<backend> make_engine_backend(runtime::engine& engine);
+
+/// A backend over a cluster's router, reached through `client` (which must outlive it).
+/// Prompts go to the cluster as token ids with the request's sampling parameters; the text
+/// side (detokenization, stop strings, EOS from `tok`) runs here. `max_sequence_tokens` is
+/// the model's context; at most `max_waiting` requests are in progress at once (more get
+/// `resource_exhausted`).
+std::unique_ptr<backend> make_cluster_backend(shoal::client& client, const runtime::tokenizer& tok,
+                                              std::int64_t max_sequence_tokens, std::int64_t max_waiting);
 
 }  // namespace shoal::gateway

@@ -1,0 +1,208 @@
+// shoal serve in front of a cluster, as an operator runs it: `shoal serve --cluster
+// CLUSTER.yaml` starts 4 node processes (2 pipeline stages, 2 expert nodes) of the tiny
+// model and serves them over HTTP; a second gateway joins the same cluster by HOST:PORT; the
+// C++ client example streams from it. Answers must be those of the single-process server
+// (`shoal serve --model`) on the same checkpoint: greedy, seeded sampling and stop strings.
+
+#include "free_port.hpp"
+#include "serve_process.hpp"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+using namespace shoal::gateway::testing;
+
+namespace {
+
+const fs::path kWork = SHOAL_GATEWAY_WORK_DIR;
+
+fs::path tiny_model() {
+  static const fs::path dir = [] {
+    const auto d = kWork / "tiny";
+    if (!fs::exists(d / "tokenizer.json")) {
+      fs::remove_all(d);
+      const auto r = run(std::string(SHOAL_BINARY) + " make-model --preset tiny --out " + d.string(), 300);
+      INFO(r.out);
+      REQUIRE(r.exit_code == 0);
+    }
+    return d;
+  }();
+  return dir;
+}
+
+// The tiny model has 4 layers and 16 routed experts.
+fs::path cluster_config() {
+  static const fs::path path = [] {
+    const auto p = kWork / "cluster.yaml";
+    std::ofstream out(p);
+    out << "model: " << tiny_model().string() << "\nthreads: 1\nready_timeout_s: 90\nnodes:\n";
+    const char* names[] = {"stage0", "stage1", "experts0", "experts1"};
+    for (const char* n : names)
+      out << "  - {name: " << n << ", host: 127.0.0.1, port: " << shoal::testing::free_port() << "}\n";
+    out << R"(head: stage0
+plan:
+  stages:
+    - {node: stage0, layers: 0-1}
+    - {node: stage1, layers: 2-3}
+  experts:
+    - {node: experts0, experts: 0-7}
+    - {node: experts1, experts: 8-15}
+)";
+    return p;
+  }();
+  return path;
+}
+
+std::string head_address() {
+  std::ifstream in(cluster_config());
+  std::string line;
+  while (std::getline(in, line))
+    if (line.find("name: stage0") != std::string::npos) {
+      const auto at = line.find("port: ") + 6;
+      return "127.0.0.1:" + line.substr(at, line.find('}', at) - at);
+    }
+  FAIL("no stage0 in the config");
+  return {};
+}
+
+serve_process& single() {
+  static serve_process p("serve-single", {"serve", "--model", tiny_model().string(), "--port", "0", "--threads", "1",
+                                          "--cache-mb", "64", "--name", "tiny"});
+  return p;
+}
+
+serve_process& clustered() {
+  static serve_process p("serve-cluster", {"serve", "--cluster", cluster_config().string(), "--transports", "tcp",
+                                           "--port", "0", "--name", "tiny", "--drain-seconds", "5"});
+  return p;
+}
+
+json chat(const serve_process& s, const json& extra) {
+  json body{{"model", "tiny"}, {"messages", {{{"role", "user"}, {"content", "Tell me about the sea."}}}}};
+  body.update(extra);
+  const auto file = kWork / ("body-" + std::to_string(s.port()) + ".json");
+  std::ofstream(file) << body.dump();
+  const auto r = run("curl -sS -m 120 " + s.url() + "/v1/chat/completions -H 'Content-Type: application/json' -d @" +
+                     file.string());
+  INFO(r.out);
+  REQUIRE(r.exit_code == 0);
+  auto j = json::parse(r.out);
+  REQUIRE(j.contains("choices"));
+  return j;
+}
+
+std::string content(const json& j) { return j["choices"][0]["message"]["content"].get<std::string>(); }
+
+}  // namespace
+
+TEST_CASE("serve --cluster CONFIG answers as the single process does: greedy, seeded sampling, stop strings",
+          "[gateway][e2e][cluster]") {
+  auto& one = single();
+  auto& many = clustered();
+
+  const json greedy{{"temperature", 0}, {"max_tokens", 24}};
+  const auto a = chat(one, greedy), b = chat(many, greedy);
+  CHECK(content(a) == content(b));
+  CHECK(a["usage"]["completion_tokens"] == b["usage"]["completion_tokens"]);
+  CHECK(a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"]);
+  CHECK(b["choices"][0]["finish_reason"] == a["choices"][0]["finish_reason"]);
+  REQUIRE(content(b).size() > 8);
+
+  // The last stage samples with the request's parameters and seed, as the engine does.
+  const json sampled{{"temperature", 1.0}, {"top_p", 0.95}, {"seed", 11}, {"max_tokens", 24}};
+  const auto sa = chat(one, sampled), sb = chat(many, sampled), sb2 = chat(many, sampled);
+  CHECK(content(sa) == content(sb));
+  CHECK(content(sb) == content(sb2));
+  const json other_seed{{"temperature", 1.0}, {"top_p", 0.95}, {"seed", 12}, {"max_tokens", 24}};
+  CHECK(content(chat(many, other_seed)) != content(sb));
+
+  // A stop string is found in the text here, the request is cancelled on the cluster.
+  const auto text = content(b);
+  // One whole character from the middle of the answer (its text may be any script).
+  auto start_of_char = text.size() / 2;
+  while (start_of_char > 0 && (static_cast<unsigned char>(text[start_of_char]) & 0xC0) == 0x80) --start_of_char;
+  auto end_of_char = start_of_char + 1;
+  while (end_of_char < text.size() && (static_cast<unsigned char>(text[end_of_char]) & 0xC0) == 0x80) ++end_of_char;
+  const auto stop = text.substr(start_of_char, end_of_char - start_of_char);
+  const auto cut = chat(many, {{"temperature", 0}, {"max_tokens", 24}, {"stop", {stop}}});
+  CHECK(content(cut) == text.substr(0, text.find(stop)));
+  CHECK(cut["choices"][0]["finish_reason"] == "stop");
+
+  // Streaming through the cluster: SSE chunks that add up to the same answer.
+  const auto file = kWork / "stream.json";
+  std::ofstream(file) << json{{"model", "tiny"},
+                              {"messages", {{{"role", "user"}, {"content", "Tell me about the sea."}}}},
+                              {"temperature", 0},
+                              {"max_tokens", 24},
+                              {"stream", true}}
+                             .dump();
+  const auto st = run("curl -sS -N -m 120 " + many.url() + "/v1/chat/completions -H 'Content-Type: application/json' -d @" +
+                      file.string());
+  REQUIRE(st.exit_code == 0);
+  CHECK(st.out.ends_with("data: [DONE]\n\n"));
+  std::string streamed;
+  std::istringstream lines(st.out);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || line == "data: [DONE]") continue;
+    const auto chunk = json::parse(line.substr(6));
+    const auto& delta = chunk["choices"][0]["delta"];
+    if (delta.contains("content") && delta["content"].is_string()) streamed += delta["content"].get<std::string>();
+  }
+  CHECK(streamed == text);
+
+  // Bad input is still refused by the gateway, the cluster untouched.
+  const auto bad = run("curl -sS -m 10 -w ' %{http_code}' " + many.url() + "/v1/chat/completions -d '{\"messages\": 3}'");
+  CHECK(bad.out.ends_with(" 400"));
+  CHECK(run("curl -sS -m 10 -o /dev/null -w '%{http_code}' " + many.url() + "/ready").out == "200");
+}
+
+TEST_CASE("a second gateway joins the running cluster by HOST:PORT; the client example streams from it",
+          "[gateway][e2e][cluster]") {
+  auto& many = clustered();
+  serve_process second("serve-second", {"serve", "--cluster", head_address(), "--model", tiny_model().string(),
+                                        "--port", "0", "--name", "tiny"},
+                       {}, 60s);
+  const json greedy{{"temperature", 0}, {"max_tokens", 24}};
+  const auto expected = content(chat(many, greedy));
+  CHECK(content(chat(second, greedy)) == expected);
+  CHECK(second.terminate(30s) == 0);
+
+  // HOST:PORT without the checkpoint cannot know the tokenizer: refused with the reason.
+  const auto no_model = run(std::string(SHOAL_BINARY) + " serve --cluster " + head_address() + " --port 0", 30);
+  CHECK(no_model.exit_code == 2);
+  CHECK(no_model.out.find("needs --model DIR") != std::string::npos);
+
+  const auto example = std::string(SHOAL_CLIENT_EXAMPLE) + " --cluster " + head_address() + " --model " +
+                       tiny_model().string() + " --chat 'Tell me about the sea.' --max-tokens 24";
+  const auto streamed = run(example, 120);
+  INFO(streamed.out);
+  REQUIRE(streamed.exit_code == 0);
+  CHECK(streamed.out.find(expected) != std::string::npos);
+  CHECK(streamed.out.find("finish: length") != std::string::npos);
+  const auto cancelled = run(example + " --cancel-after 3", 120);
+  INFO(cancelled.out);
+  REQUIRE(cancelled.exit_code == 0);
+  CHECK(cancelled.out.find("finish: cancelled") != std::string::npos);
+}
+
+TEST_CASE("SIGTERM stops the cluster gateway and every node it started", "[gateway][e2e][cluster]") {
+  auto& many = clustered();
+  // The nodes are the gateway's children.
+  std::vector<pid_t> nodes;
+  for (const auto& task : fs::directory_iterator("/proc/" + std::to_string(many.pid()) + "/task")) {
+    std::ifstream in(task.path() / "children");
+    for (pid_t pid; in >> pid;) nodes.push_back(pid);
+  }
+  CHECK(nodes.size() == 4);
+  CHECK(many.terminate(60s) == 0);
+  for (auto pid : nodes) CHECK(::kill(pid, 0) != 0);
+  CHECK(many.log().find("[serve] stopped") != std::string::npos);
+}

@@ -184,6 +184,14 @@ std::unique_ptr<model_weights> model_weights::load(const std::filesystem::path& 
 
   const std::int64_t heads = c.num_attention_heads;
   result->layers_.resize(c.num_hidden_layers);
+  // About eight lines per load, always including the first and the last layer, dense or MoE.
+  const std::int64_t report_every = std::max<std::int64_t>(1, c.num_hidden_layers / 8);
+  auto report_layer = [&](std::int64_t i) {
+    if (!progress || residency != weight_residency::copy) return;
+    if (i != 0 && (i + 1) % report_every != 0 && i + 1 != c.num_hidden_layers) return;
+    progress(fmt::format("loaded layer {}/{} ({:.2f} GB in memory)", i + 1, c.num_hidden_layers,
+                         static_cast<double>(l.resident_bytes()) / 1e9));
+  };
   for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = fmt::format("model.layers.{}.", i);
     layer_weights& layer = result->layers_[i];
@@ -215,6 +223,7 @@ std::unique_ptr<model_weights> model_weights::load(const std::filesystem::path& 
     }
     if (!layer.moe) {
       layer.dense = load_mlp(l, p + "mlp.", hidden, c.intermediate_size, dense_held);
+      report_layer(i);
       continue;
     }
     if (dense_held) {
@@ -233,9 +242,7 @@ std::unique_ptr<model_weights> model_weights::load(const std::filesystem::path& 
       layer.experts[e] = load_mlp(l, fmt::format("{}mlp.experts.{}.", p, e), hidden,
                                   c.moe_intermediate_size, held);
     }
-    if (progress && residency == weight_residency::copy && (i + 1) % std::max<std::int64_t>(1, c.num_hidden_layers / 8) == 0)
-      progress(fmt::format("loaded layer {}/{} ({:.2f} GB in memory)", i + 1, c.num_hidden_layers,
-                           static_cast<double>(l.resident_bytes()) / 1e9));
+    report_layer(i);
   }
   l.check_no_unexpected(c);
   result->resident_bytes_ = l.resident_bytes();

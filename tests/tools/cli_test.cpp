@@ -57,6 +57,9 @@ TEST_CASE("make-model writes a loadable, deterministic tiny checkpoint", "[cli]"
   REQUIRE(gen.exit_code == 0);
   CHECK(json::parse(gen.out)["tokens"].size() == 6);
   CHECK_THAT(gen.err, Catch::Contains("tokens/s"));
+  // Progress names every layer of the tiny model, the dense first one included.
+  for (int layer = 1; layer <= 4; ++layer)
+    CHECK_THAT(gen.err, Catch::Contains("loaded layer " + std::to_string(layer) + "/4 "));
 
   const auto bench = run("bench --model " + (dir.path / "a").string() +
                          " --prompt-tokens 16 --decode-tokens 4 --repeats 1 --triad-mb 16 --threads 2");

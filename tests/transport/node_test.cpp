@@ -301,6 +301,36 @@ TEST_CASE("connecting to nobody fails within the timeout", "[transport][node]") 
   CHECK_THROWS_AS(a.node->connect("no-such-host.invalid", 1), shoal::error);
 }
 
+TEST_CASE("listening on a port another process holds says the address is in use", "[transport][node]") {
+  // A plain socket listens on a kernel-chosen loopback port; a node asked for the same port
+  // must say that the address is in use (UCX itself calls it "Device is busy").
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+  REQUIRE(::listen(fd, 4) == 0);
+  socklen_t len = sizeof(addr);
+  REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+  const auto port = ntohs(addr.sin_port);
+
+  tp::node_options options;
+  options.name = "taken";
+  options.transports = "tcp";
+  options.listen_host = "127.0.0.1";
+  options.listen_port = port;
+  try {
+    tp::node node(std::move(options), tp::node_callbacks{});
+    FAIL("a second listener on port " << port << " was created");
+  } catch (const shoal::error& e) {
+    CHECK(e.code() == shoal::errc::unavailable);
+    CHECK_THAT(e.what(), Catch::Contains("127.0.0.1:" + std::to_string(port)) &&
+                             Catch::Contains("already in use"));
+  }
+  ::close(fd);
+}
+
 TEST_CASE("an orderly disconnect is reported as closed, not failed", "[transport][node]") {
   harness a("a", "tcp");
   harness b("b", "tcp");

@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Installs every Debian package Shoal needs to build, test and benchmark.
+# Installs the Debian packages Shoal needs.
+#   install-deps.sh run    to build and run shoal (what tools/quickstart.sh needs)
+#   install-deps.sh test   that, plus what only the test suite and benchmarks need
 # Idempotent: packages already present are left alone. Run as root (or with sudo available).
 set -euo pipefail
 
+purpose=${1:-test}
+case "$purpose" in
+  run | test) ;;
+  *)
+    echo "usage: $0 run|test" >&2
+    exit 2
+    ;;
+esac
+
+# Building and running shoal.
 packages=(
   build-essential cmake ninja-build ccache pkg-config git
   libcaf-dev                      # actors (CAF 0.17)
-  libucx-dev ucx-utils            # transport; ucx_perftest for the transport benchmark
+  libucx-dev                      # transport
   capnproto libcapnp-dev          # wire schemas
   libboost-dev                    # Asio/Beast for the HTTP gateway
-  catch2                          # tests (v2)
   libssl-dev                      # TLS, hashing
   nlohmann-json3-dev              # JSON: config.json, safetensors headers, HTTP API
   libyaml-cpp-dev                 # cluster configs
@@ -17,25 +28,34 @@ packages=(
   libopenblas-dev                 # prefill GEMMs on the CPU
   libspdlog-dev libfmt-dev        # logging
   libcli11-dev                    # command line
-  python3-jinja2 python3-numpy    # chat-template cross-check in tests
-  iproute2                        # network-namespace cluster tests
-  curl
-  nodejs                          # the OpenAI Node SDK test of the HTTP gateway
+  curl                            # the quick start's request to the server
 )
-# npm comes inside NodeSource's nodejs but is a package of its own in Debian's.
-command -v npm >/dev/null 2>&1 || packages+=(npm)
+if [ "$purpose" = test ]; then
+  packages+=(
+    catch2                        # tests (v2)
+    python3-jinja2 python3-numpy  # chat-template cross-check against Jinja2
+    iproute2                      # network-namespace cluster tests
+    ucx-utils                     # ucx_perftest for the transport benchmark
+    nodejs                        # the OpenAI Node SDK test of the HTTP gateway
+  )
+  # npm comes inside NodeSource's nodejs but is a package of its own in Debian's.
+  command -v npm >/dev/null 2>&1 || packages+=(npm)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all ${#packages[@]} packages already installed"
+  echo "install-deps: all ${#packages[@]} packages for '$purpose' already installed"
   exit 0
 fi
-echo "install-deps: installing ${missing[*]}"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+echo "install-deps: updating the package lists"
+$SUDO apt-get update -q
+echo "install-deps: installing ${missing[*]} (with what they depend on)"
+# apt's own lines (Get:, Unpacking, Setting up) show progress; nothing is hidden.
+$SUDO apt-get install -y --no-install-recommends -o Dpkg::Use-Pty=0 "${missing[@]}"
+echo "install-deps: done"

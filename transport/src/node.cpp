@@ -304,8 +304,14 @@ struct node::impl {
       listener_params.conn_handler.cb = &impl::on_connection_request;
       listener_params.conn_handler.arg = this;
       ucp_listener_h raw_listener = nullptr;
-      SHOAL_UCS_CHECK(ucp_listener_create(worker.get(), &listener_params, &raw_listener),
-                      fmt::format("listening on {}:{}", options.listen_host, options.listen_port));
+      const ucs_status_t listen_status = ucp_listener_create(worker.get(), &listener_params, &raw_listener);
+      // UCX reports EADDRINUSE as "Device is busy", which sends operators looking at hardware.
+      if (listen_status == UCS_ERR_BUSY)
+        fail(errc::unavailable,
+             "listening on {}:{}: the address is already in use (another process listens on port {}; "
+             "stop it or choose another port)",
+             options.listen_host, options.listen_port, options.listen_port);
+      SHOAL_UCS_CHECK(listen_status, fmt::format("listening on {}:{}", options.listen_host, options.listen_port));
       listener.reset(raw_listener);
       ucp_listener_attr_t attr{};
       attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;

@@ -15,36 +15,46 @@ namespace shoal::runtime {
 
 using kernels::linear_params;
 
-kv_block_pool::kv_block_pool(const config::model_config& config, std::int64_t blocks, std::int64_t block_tokens)
-    : blocks_(blocks), block_tokens_(block_tokens), latent_dim_(config.latent_dim()),
-      data_(static_cast<std::size_t>(config.num_hidden_layers * blocks * block_tokens * config.latent_dim())),
-      references_(static_cast<std::size_t>(blocks), 0) {
-  SHOAL_REQUIRE(blocks > 0 && block_tokens > 0, "a cache pool needs blocks ({}) and block_tokens ({}) > 0", blocks,
-                block_tokens);
+block_allocator::block_allocator(std::int64_t blocks) : references_(static_cast<std::size_t>(blocks), 0) {
+  SHOAL_REQUIRE(blocks > 0, "a block allocator needs blocks > 0, not {}", blocks);
   free_.reserve(static_cast<std::size_t>(blocks));
   for (std::int64_t b = blocks - 1; b >= 0; --b) free_.push_back(static_cast<std::int32_t>(b));
 }
 
-std::int64_t kv_block_pool::block_bytes(const config::model_config& config, std::int64_t block_tokens) {
-  return config.num_hidden_layers * block_tokens * config.latent_dim() * static_cast<std::int64_t>(sizeof(float));
-}
-
-std::int32_t kv_block_pool::allocate() {
+std::int32_t block_allocator::allocate() {
   if (free_.empty()) return -1;
   const std::int32_t block = free_.back();
   free_.pop_back();
-  references_[block] = 1;
+  references_[static_cast<std::size_t>(block)] = 1;
   return block;
 }
 
-void kv_block_pool::retain(std::int32_t block) {
-  SHOAL_REQUIRE(references_[block] > 0, "retaining free block {}", block);
-  ++references_[block];
+void block_allocator::retain(std::int32_t block) {
+  SHOAL_REQUIRE(block >= 0 && block < total_blocks() && references(block) > 0, "retaining free block {}", block);
+  ++references_[static_cast<std::size_t>(block)];
 }
 
-void kv_block_pool::release(std::int32_t block) {
-  SHOAL_REQUIRE(references_[block] > 0, "releasing free block {}", block);
-  if (--references_[block] == 0) free_.push_back(block);
+void block_allocator::release(std::int32_t block) {
+  SHOAL_REQUIRE(block >= 0 && block < total_blocks() && references(block) > 0, "releasing free block {}", block);
+  if (--references_[static_cast<std::size_t>(block)] == 0) free_.push_back(block);
+}
+
+kv_block_pool::kv_block_pool(const config::model_config& config, std::int64_t blocks, std::int64_t block_tokens,
+                             std::int64_t first_layer, std::int64_t end_layer)
+    : blocks_(blocks), block_tokens_(block_tokens), latent_dim_(config.latent_dim()), first_layer_(first_layer),
+      end_layer_(end_layer < 0 ? config.num_hidden_layers : end_layer), blocks_in_use_(std::max<std::int64_t>(blocks, 1)) {
+  SHOAL_REQUIRE(blocks > 0 && block_tokens > 0, "a cache pool needs blocks ({}) and block_tokens ({}) > 0", blocks,
+                block_tokens);
+  SHOAL_REQUIRE(first_layer_ >= 0 && first_layer_ < end_layer_ && end_layer_ <= config.num_hidden_layers,
+                "cache pool layers [{}, {}) are not within the model's {}", first_layer_, end_layer_,
+                config.num_hidden_layers);
+  data_.resize(static_cast<std::size_t>((end_layer_ - first_layer_) * blocks * block_tokens * latent_dim_));
+}
+
+std::int64_t kv_block_pool::block_bytes(const config::model_config& config, std::int64_t block_tokens,
+                                        std::int64_t layers) {
+  if (layers < 0) layers = config.num_hidden_layers;
+  return layers * block_tokens * config.latent_dim() * static_cast<std::int64_t>(sizeof(float));
 }
 
 latent_cache::latent_cache(const config::model_config& config, std::int64_t capacity)
@@ -54,9 +64,16 @@ latent_cache::latent_cache(const config::model_config& config, std::int64_t capa
 
 latent_cache::latent_cache(kv_block_pool& pool) : pool_(&pool) {}
 
+latent_cache::latent_cache(kv_block_pool& pool, std::span<const std::int32_t> blocks, std::int64_t length)
+    : pool_(&pool), borrowed_(true), blocks_(blocks.begin(), blocks.end()), length_(length) {
+  for (auto b : blocks_)
+    SHOAL_REQUIRE(b >= 0 && b < pool.total_blocks(), "block {} is outside the pool's {} blocks", b, pool.total_blocks());
+}
+
 latent_cache::~latent_cache() { clear(); }
 
 bool latent_cache::reserve(std::int64_t positions) {
+  if (borrowed_) return positions <= capacity();
   const std::int64_t needed = (positions + pool_->block_tokens() - 1) / pool_->block_tokens() -
                               static_cast<std::int64_t>(blocks_.size());
   if (needed <= 0) return true;
@@ -72,7 +89,8 @@ void latent_cache::adopt_prefix(const std::vector<std::int32_t>& blocks, std::in
 }
 
 void latent_cache::clear() {
-  for (auto block : blocks_) pool_->release(block);
+  if (!borrowed_)
+    for (auto block : blocks_) pool_->release(block);
   blocks_.clear();
   length_ = 0;
 }

@@ -16,17 +16,12 @@ class thread_pool;
 
 namespace shoal::runtime {
 
-/// Fixed-size blocks of latent-cache memory shared by many sequences. Layout
-/// `[layer][block][block_tokens][latent_dim]`, so one layer's blocks form one array the
-/// attention kernel addresses through a block table. Blocks are reference-counted so that
-/// sequences with a common prompt prefix can share them.
-class kv_block_pool {
+/// Reference counts and a free list over block ids `[0, blocks)`: the accounting half of a
+/// paged cache. The scheduler decides blocks with one of these; pools that only store
+/// (a pipeline stage's) never allocate themselves.
+class block_allocator {
  public:
-  /// `blocks` blocks of `block_tokens` positions for every layer of `config`.
-  kv_block_pool(const config::model_config& config, std::int64_t blocks, std::int64_t block_tokens);
-
-  /// Bytes one block takes across all layers.
-  static std::int64_t block_bytes(const config::model_config& config, std::int64_t block_tokens);
+  explicit block_allocator(std::int64_t blocks);
   /// Takes a free block (reference count 1), or returns -1 when none is free.
   std::int32_t allocate();
   /// Adds a reference to a block in use.
@@ -34,21 +29,57 @@ class kv_block_pool {
   /// Drops a reference; the block is free again at zero.
   void release(std::int32_t block);
   /// References held on a block.
-  std::int32_t references(std::int32_t block) const { return references_[block]; }
+  std::int32_t references(std::int32_t block) const { return references_[static_cast<std::size_t>(block)]; }
   std::int64_t free_blocks() const noexcept { return static_cast<std::int64_t>(free_.size()); }
+  std::int64_t total_blocks() const noexcept { return static_cast<std::int64_t>(references_.size()); }
+
+ private:
+  std::vector<std::int32_t> references_;
+  std::vector<std::int32_t> free_;
+};
+
+/// Fixed-size blocks of latent-cache memory shared by many sequences. Layout
+/// `[layer][block][block_tokens][latent_dim]` over the layers the pool stores, so one layer's
+/// blocks form one array the attention kernel addresses through a block table. Blocks are
+/// reference-counted so that sequences with a common prompt prefix can share them.
+class kv_block_pool {
+ public:
+  /// `blocks` blocks of `block_tokens` positions for layers `[first_layer, end_layer)` of
+  /// `config` (`end_layer` -1: through the last layer). A pipeline stage stores only its own.
+  kv_block_pool(const config::model_config& config, std::int64_t blocks, std::int64_t block_tokens,
+                std::int64_t first_layer = 0, std::int64_t end_layer = -1);
+
+  /// Bytes one block takes across `layers` layers (every layer of the model when -1).
+  static std::int64_t block_bytes(const config::model_config& config, std::int64_t block_tokens,
+                                  std::int64_t layers = -1);
+  /// Takes a free block (reference count 1), or returns -1 when none is free.
+  std::int32_t allocate() { return blocks_in_use_.allocate(); }
+  /// Adds a reference to a block in use.
+  void retain(std::int32_t block) { blocks_in_use_.retain(block); }
+  /// Drops a reference; the block is free again at zero.
+  void release(std::int32_t block) { blocks_in_use_.release(block); }
+  /// References held on a block.
+  std::int32_t references(std::int32_t block) const { return blocks_in_use_.references(block); }
+  std::int64_t free_blocks() const noexcept { return blocks_in_use_.free_blocks(); }
   std::int64_t total_blocks() const noexcept { return blocks_; }
   std::int64_t block_tokens() const noexcept { return block_tokens_; }
   std::int64_t latent_dim() const noexcept { return latent_dim_; }
-  /// First row of `layer`'s block array.
-  float* layer_base(std::int64_t layer) noexcept { return data_.data() + layer * blocks_ * block_tokens_ * latent_dim_; }
+  /// Layers stored: `[first_layer(), end_layer())`.
+  std::int64_t first_layer() const noexcept { return first_layer_; }
+  std::int64_t end_layer() const noexcept { return end_layer_; }
+  /// First row of `layer`'s block array (a layer the pool stores).
+  float* layer_base(std::int64_t layer) noexcept {
+    return data_.data() + (layer - first_layer_) * blocks_ * block_tokens_ * latent_dim_;
+  }
 
  private:
   std::int64_t blocks_;
   std::int64_t block_tokens_;
   std::int64_t latent_dim_;
+  std::int64_t first_layer_;
+  std::int64_t end_layer_;
   std::vector<float> data_;
-  std::vector<std::int32_t> references_;
-  std::vector<std::int32_t> free_;
+  block_allocator blocks_in_use_;
 };
 
 /// A sequence's cache of compressed attention latents: per layer and position,
@@ -60,6 +91,9 @@ class latent_cache {
   latent_cache(const config::model_config& config, std::int64_t capacity);
   /// An empty cache drawing blocks from `pool` as it grows (see `reserve`).
   explicit latent_cache(kv_block_pool& pool);
+  /// A view of `blocks` of `pool` that someone else accounts for (a scheduler), with
+  /// `length` positions filled; it neither retains nor releases them and cannot grow.
+  latent_cache(kv_block_pool& pool, std::span<const std::int32_t> blocks, std::int64_t length);
   ~latent_cache();
   latent_cache(const latent_cache&) = delete;
   latent_cache& operator=(const latent_cache&) = delete;
@@ -100,6 +134,7 @@ class latent_cache {
  private:
   std::unique_ptr<kv_block_pool> own_pool_;  // standalone caches only
   kv_block_pool* pool_;
+  bool borrowed_ = false;                    // a view: blocks are not ours to release
   std::vector<std::int32_t> blocks_;
   std::int64_t length_ = 0;
 };

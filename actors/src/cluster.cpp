@@ -8,6 +8,8 @@
 #include <caf/exit_reason.hpp>
 #include <caf/scoped_actor.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <fstream>
 #include <sstream>
 #include <unistd.h>
@@ -33,7 +35,7 @@ local_cluster::impl::impl(config::cluster_config c, cluster_options o) : config(
     system_config.set("scheduler.max-threads", static_cast<std::size_t>(options.scheduler_threads));
   system = std::make_unique<caf::actor_system>(system_config);
   book = std::make_shared<fabric>();
-  router_options ro{.max_batch = config.max_batch, .step_timeout = options.step_timeout,
+  router_options ro{.scheduling = scheduling_for(config, model), .step_timeout = options.step_timeout,
                     .vocab_size = model.vocab_size, .max_positions = model.max_position_embeddings};
   router = system->spawn(make_router, ro, book);
   book->register_actor({config.head, actor_ids::router}, caf::actor_cast<caf::actor>(router));
@@ -93,7 +95,13 @@ std::string local_cluster::status() {
   self->request(impl_->supervisor, std::chrono::seconds(10), status_atom::value)
       .receive([&](std::string& s) { out = std::move(s); }, [&](caf::error& e) { failure = from_caf_error(e); });
   if (failure) throw *failure;
-  return out;
+  std::string scheduling;
+  self->request(impl_->router, std::chrono::seconds(10), status_atom::value)
+      .receive([&](std::string& s) { scheduling = std::move(s); }, [&](caf::error& e) { failure = from_caf_error(e); });
+  if (failure) throw *failure;
+  auto j = nlohmann::json::parse(out);
+  j["scheduler"] = nlohmann::json::parse(scheduling);
+  return j.dump();
 }
 
 const config::cluster_config& local_cluster::config() const noexcept { return impl_->config; }

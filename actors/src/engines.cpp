@@ -5,7 +5,6 @@
 #include "shoal/kernels/thread_pool.hpp"
 
 #include <algorithm>
-#include <cstring>
 
 namespace shoal::actors {
 
@@ -70,54 +69,41 @@ stage_engine::stage_engine(const options& o) : options_(o) {
                 o.end_layer, c.num_hidden_layers);
   pool_ = std::make_unique<kernels::thread_pool>(o.threads);
   model_ = std::make_unique<runtime::model>(*weights_, *pool_);
+  if (o.cache_blocks < 2 || o.block_tokens < 1)
+    shoal::fail(errc::invalid_argument, "stage layers [{}, {}): {} cache blocks of {} tokens; at least 2 blocks are needed",
+                o.first_layer, o.end_layer, o.cache_blocks, o.block_tokens);
+  cache_ = std::make_unique<runtime::kv_block_pool>(c, o.cache_blocks, o.block_tokens, o.first_layer, o.end_layer);
 }
 
 stage_engine::~stage_engine() = default;
 
-runtime::latent_cache& stage_engine::cache_for(const batch_entry& entry) {
-  const auto& c = config();
-  const auto needed = static_cast<std::int64_t>(entry.position + entry.tokens.size());
-  if (needed > c.max_position_embeddings)
-    shoal::fail(errc::invalid_argument, "request {}: position {} exceeds the model's context of {}", entry.request,
-                needed, c.max_position_embeddings);
-  auto& slot = caches_[entry.request];
-  if (!slot) {
-    if (entry.position != 0)
-      shoal::fail(errc::failed_precondition,
-                  "request {}: step at position {} but this stage holds no cache for it (replay from position 0)",
-                  entry.request, entry.position);
-    slot = std::make_unique<runtime::latent_cache>(c, std::min(c.max_position_embeddings, std::max<std::int64_t>(64, 2 * needed)));
-  }
-  if (entry.position > slot->length())
-    shoal::fail(errc::failed_precondition, "request {}: step at position {} but only {} positions are cached",
-                entry.request, entry.position, slot->length());
-  // A replay rewinds: positions past `position` are recomputed and overwritten.
-  slot->set_length(entry.position);
-  if (needed > slot->capacity()) {
-    auto grown = std::make_unique<runtime::latent_cache>(
-        c, std::min(c.max_position_embeddings, std::max(needed, 2 * slot->capacity())));
-    const auto row = c.latent_dim();
-    for (auto layer = options_.first_layer; layer < options_.end_layer; ++layer)
-      std::memcpy(grown->layer(layer), slot->layer(layer),
-                  static_cast<std::size_t>(slot->length() * row) * sizeof(float));
-    grown->set_length(slot->length());
-    slot = std::move(grown);
-  }
-  return *slot;
-}
+std::int64_t stage_engine::cache_blocks() const noexcept { return cache_->total_blocks(); }
 
 void stage_engine::run(step_batch& batch, runtime::expert_backend* experts) {
   const auto& c = config();
   if (batch.next_layer != options_.first_layer)
     shoal::fail(errc::failed_precondition, "step {} arrives for layer {} but this stage starts at layer {}", batch.step,
                 batch.next_layer, options_.first_layer);
+  std::vector<std::unique_ptr<runtime::latent_cache>> caches;
   std::vector<runtime::sequence_step> steps;
   std::vector<std::int32_t> tokens;
   steps.reserve(batch.entries.size());
   for (const auto& entry : batch.entries) {
     if (entry.tokens.empty())
       shoal::fail(errc::invalid_argument, "step {}: request {} has no tokens", batch.step, entry.request);
-    steps.push_back({&cache_for(entry), entry.tokens});
+    const auto end = static_cast<std::int64_t>(entry.position) + static_cast<std::int64_t>(entry.tokens.size());
+    if (end > c.max_position_embeddings)
+      shoal::fail(errc::invalid_argument, "step {}: request {}: position {} exceeds the model's context of {}",
+                  batch.step, entry.request, end, c.max_position_embeddings);
+    if (static_cast<std::int64_t>(entry.blocks.size()) * cache_->block_tokens() < end)
+      shoal::fail(errc::invalid_argument, "step {}: request {}: {} cache blocks of {} tokens cannot hold {} positions",
+                  batch.step, entry.request, entry.blocks.size(), cache_->block_tokens(), end);
+    for (auto b : entry.blocks)
+      if (b < 0 || b >= cache_->total_blocks())
+        shoal::fail(errc::invalid_argument, "step {}: request {}: cache block {} is outside this stage's {} blocks",
+                    batch.step, entry.request, b, cache_->total_blocks());
+    caches.push_back(std::make_unique<runtime::latent_cache>(*cache_, entry.blocks, entry.position));
+    steps.push_back({caches.back().get(), entry.tokens});
     tokens.insert(tokens.end(), entry.tokens.begin(), entry.tokens.end());
   }
   const auto rows = static_cast<std::int64_t>(tokens.size());
@@ -130,7 +116,6 @@ void stage_engine::run(step_batch& batch, runtime::expert_backend* experts) {
   }
   model_->run_layers(options_.first_layer, options_.end_layer, steps, batch.hidden.data(),
                      options_.hold_experts ? nullptr : experts);
-  runtime::model::advance(steps);
   batch.next_layer = static_cast<std::uint32_t>(options_.end_layer);
 }
 
@@ -143,6 +128,22 @@ sampled_batch stage_engine::sample(const step_batch& batch) {
   std::int64_t row = 0;
   for (const auto& entry : batch.entries) {
     row += static_cast<std::int64_t>(entry.tokens.size());
+    // A non-greedy request's sampler needs the whole history (penalties, and the random stream
+    // replayed over the tokens already generated); a fresh request starts collecting it.
+    if (!(entry.sampling == sampling_spec{})) {
+      if (entry.fresh) {
+        samplers_.erase(entry.request);
+        auto& context = contexts_[entry.request];
+        context = entry.history;
+        if (context.size() != entry.position)
+          shoal::fail(errc::invalid_argument, "step {}: request {} is fresh at position {} but carries {} history tokens",
+                      batch.step, entry.request, entry.position, context.size());
+      }
+      if (auto it = contexts_.find(entry.request); it != contexts_.end()) {
+        it->second.resize(entry.position);
+        it->second.insert(it->second.end(), entry.tokens.begin(), entry.tokens.end());
+      }
+    }
     if (!entry.sample_after) continue;
     last_rows.insert(last_rows.end(), batch.hidden.begin() + (row - 1) * c.hidden_size,
                      batch.hidden.begin() + row * c.hidden_size);
@@ -154,22 +155,26 @@ sampled_batch stage_engine::sample(const step_batch& batch) {
   std::int64_t i = 0;
   for (const auto& entry : batch.entries) {
     if (!entry.sample_after) continue;
-    const std::span<const float> row(logits.data() + i * c.vocab_size, static_cast<std::size_t>(c.vocab_size));
+    const std::span<const float> logit_row(logits.data() + i * c.vocab_size, static_cast<std::size_t>(c.vocab_size));
     auto& token = out.tokens[static_cast<std::size_t>(i++)].token;
     if (entry.sampling == sampling_spec{}) {
-      token = runtime::argmax(row);
+      token = runtime::argmax(logit_row);
       continue;
     }
     auto it = samplers_.find(entry.request);
-    if (entry.position == 0 || it == samplers_.end()) {
-      const auto prompt = std::min<std::size_t>(entry.prompt_tokens ? entry.prompt_tokens : entry.tokens.size(),
-                                                entry.tokens.size());
-      runtime::sampler fresh(to_sampling_params(entry.sampling), std::span(entry.tokens).first(prompt),
-                             entry.sampling.id_limit);
-      for (std::size_t k = prompt; k < entry.tokens.size(); ++k) fresh.replay(entry.tokens[k]);
+    if (auto context = contexts_.find(entry.request); context != contexts_.end()) {
+      const auto& history = context->second;
+      const auto prompt = std::min<std::size_t>(entry.prompt_tokens ? entry.prompt_tokens : history.size(), history.size());
+      runtime::sampler fresh(to_sampling_params(entry.sampling), std::span(history).first(prompt), entry.sampling.id_limit);
+      for (std::size_t k = prompt; k < history.size(); ++k) fresh.replay(history[k]);
       it = samplers_.insert_or_assign(entry.request, std::move(fresh)).first;
+      contexts_.erase(context);
     }
-    token = it->second.sample(row);
+    if (it == samplers_.end())
+      shoal::fail(errc::failed_precondition,
+                  "step {}: request {} samples but this stage has no sampler for it (its first chunk was not fresh)",
+                  batch.step, entry.request);
+    token = it->second.sample(logit_row);
   }
   if (batch.want_logits) out.logits = std::move(logits);
   return out;
@@ -177,8 +182,8 @@ sampled_batch stage_engine::sample(const step_batch& batch) {
 
 void stage_engine::release(std::span<const request_id> requests) {
   for (auto id : requests) {
-    caches_.erase(id);
     samplers_.erase(id);
+    contexts_.erase(id);
   }
 }
 

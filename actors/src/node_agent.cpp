@@ -32,7 +32,8 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
           stage_engine::options o{.model = st.options.model_override.empty() ? cmd.model_path : st.options.model_override,
                                   .first_layer = cmd.first_layer, .end_layer = cmd.end_layer,
                                   .first = cmd.stage == 0, .last = cmd.stage + 1 == cmd.stage_count,
-                                  .hold_experts = cmd.hold_experts, .threads = st.options.threads};
+                                  .hold_experts = cmd.hold_experts, .threads = st.options.threads,
+                                  .cache_blocks = cmd.cache_blocks, .block_tokens = cmd.block_tokens};
           auto engine = std::make_shared<stage_engine>(o);
           auto handle = self->spawn<caf::detached>(make_stage, st.options.node, engine, st.book,
                                                    st.options.expert_timeout);

@@ -10,6 +10,8 @@
 #include <caf/exit_reason.hpp>
 #include <caf/scoped_actor.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -92,7 +94,7 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   s.book->register_actor({s.options.node, actor_ids::node_agent}, caf::actor_cast<caf::actor>(s.agent));
 
   if (s.head) {
-    router_options rop{.max_batch = cluster.max_batch, .step_timeout = t.step_timeout,
+    router_options rop{.scheduling = scheduling_for(cluster, model), .step_timeout = t.step_timeout,
                        .vocab_size = model.vocab_size, .max_positions = model.max_position_embeddings};
     s.router = s.system->spawn(make_router, rop, s.book);
     s.book->register_actor({s.options.node, actor_ids::router}, caf::actor_cast<caf::actor>(s.router));
@@ -147,7 +149,13 @@ std::string node_process::status() {
   self->request(impl_->supervisor, std::chrono::seconds(10), status_atom::value)
       .receive([&](std::string& s) { out = std::move(s); }, [&](caf::error& e) { failure = from_caf_error(e); });
   if (failure) throw *failure;
-  return out;
+  std::string scheduling;
+  self->request(impl_->router, std::chrono::seconds(10), status_atom::value)
+      .receive([&](std::string& s) { scheduling = std::move(s); }, [&](caf::error& e) { failure = from_caf_error(e); });
+  if (failure) throw *failure;
+  auto j = nlohmann::json::parse(out);
+  j["scheduler"] = nlohmann::json::parse(scheduling);
+  return j.dump();
 }
 
 bool node_process::head_alive() const {

@@ -121,6 +121,11 @@ void set_entries(Builder b, const std::vector<batch_entry>& entries) {
     list[i].setPosition(entries[i].position);
     list[i].setSampleAfter(entries[i].sample_after);
     list[i].setPromptTokens(entries[i].prompt_tokens);
+    auto blocks = list[i].initBlocks(static_cast<unsigned>(entries[i].blocks.size()));
+    for (unsigned k = 0; k < entries[i].blocks.size(); ++k) blocks.set(k, entries[i].blocks[k]);
+    list[i].setFresh(entries[i].fresh);
+    auto history = list[i].initHistory(static_cast<unsigned>(entries[i].history.size()));
+    for (unsigned k = 0; k < entries[i].history.size(); ++k) history.set(k, entries[i].history[k]);
     set_sampling(sampling[i], entries[i].sampling);
   }
 }
@@ -214,6 +219,8 @@ void encode(transport::outgoing_message& m, const spawn_stage_cmd& c) {
   s.setEndLayer(c.end_layer);
   s.initDevice().setKind("cpu");
   s.setModelPath(c.model_path);
+  s.setKvBlocks(c.cache_blocks);
+  s.setBlockTokens(c.block_tokens);
 }
 
 void encode(transport::outgoing_message& m, const spawn_expert_cmd& c) {
@@ -317,6 +324,9 @@ std::vector<batch_entry> get_entries(Reader r) {
     b.position = e.getPosition();
     b.sample_after = e.getSampleAfter();
     b.prompt_tokens = e.getPromptTokens();
+    for (auto block : e.getBlocks()) b.blocks.push_back(block);
+    b.fresh = e.getFresh();
+    for (auto t : e.getHistory()) b.history.push_back(t);
     if (sampling.size() != 0) b.sampling = get_sampling(sampling[i]);
     entries.push_back(std::move(b));
     ++i;
@@ -788,7 +798,8 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         const auto s = body.getSpawnStage();
         spawn_stage_cmd c{.actor = s.getActor(), .stage = s.getStage(), .stage_count = s.getStageCount(),
                           .first_layer = s.getFirstLayer(), .end_layer = s.getEndLayer(),
-                          .hold_experts = options_.stages_hold_experts, .model_path = s.getModelPath().cStr()};
+                          .hold_experts = options_.stages_hold_experts, .model_path = s.getModelPath().cStr(),
+                          .cache_blocks = s.getKvBlocks(), .block_tokens = s.getBlockTokens()};
         caf::anon_send(bridge_, std::move(in), std::move(c));
         return;
       }

@@ -4,6 +4,7 @@
 #include "shoal/actors/fabric.hpp"
 
 #include <caf/actor_cast.hpp>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -19,6 +20,9 @@ std::uint64_t now_unix_ms() {
                                         .count());
 }
 
+// Ends a request: its last chunk goes to the client, its blocks go back to the scheduler
+// (full prompt blocks stay for prefix reuse after a normal end), the last stage forgets its
+// sampler.
 void finish(self_ptr self, std::uint64_t id, finish_reason reason, std::vector<std::int32_t> tokens = {},
             std::vector<float> logits = {}, errc code = errc::internal, std::string message = {}) {
   auto& st = self->state;
@@ -31,41 +35,50 @@ void finish(self_ptr self, std::uint64_t id, finish_reason reason, std::vector<s
     chunk.error = std::move(message);
   }
   self->send(it->second.sink, std::move(chunk));
-  if (it->second.cached > 0 && st.first_stage)
-    self->send(st.first_stage, release_atom::value, std::vector<request_id>{id});
+  const bool sampled = !(it->second.spec.sampling == sampling_spec{});
+  if (sampled && st.first_stage) self->send(st.first_stage, release_atom::value, std::vector<request_id>{id});
+  st.plan->remove(id, /*keep_prefix=*/reason == finish_reason::stop || reason == finish_reason::length);
   st.requests.erase(it);
 }
 
 void schedule(self_ptr self);
 
-void on_sampled(self_ptr self, std::vector<std::uint64_t> ids, std::vector<std::uint32_t> sent, sampled_batch& out) {
+void on_sampled(self_ptr self, sampled_batch& out) {
   auto& st = self->state;
   st.busy = false;
+  const auto step = std::move(st.in_flight);
+  st.in_flight.clear();
+  st.plan->commit(step);
   const std::size_t vocab = out.tokens.empty() ? 0 : out.logits.size() / out.tokens.size();
-  for (std::size_t i = 0; i < ids.size(); ++i) {
-    const auto it = st.requests.find(ids[i]);
+  std::size_t sampled = 0;
+  for (const auto& chunk : step) {
+    const auto it = st.requests.find(chunk.id);
+    if (!chunk.samples) {
+      if (it != st.requests.end() && it->second.cancelled) finish(self, chunk.id, finish_reason::cancelled);
+      continue;
+    }
+    const auto i = sampled++;
     if (it == st.requests.end()) continue;
     auto& r = it->second;
-    r.in_flight = false;
-    r.cached += sent[i];
-    if (i >= out.tokens.size() || out.tokens[i].request != ids[i]) {
-      finish(self, ids[i], finish_reason::error, {}, {}, errc::internal,
+    if (i >= out.tokens.size() || out.tokens[i].request != chunk.id) {
+      finish(self, chunk.id, finish_reason::error, {}, {}, errc::internal,
              fmt::format("step {} returned no token for request {}", out.step, r.client_id));
       continue;
     }
     const auto token = out.tokens[i].token;
-    r.generated.push_back(token);
+    st.plan->append(chunk.id, token);
+    ++r.generated;
     std::vector<float> logits;
     if (r.spec.want_logits && vocab > 0)
       logits.assign(out.logits.begin() + static_cast<std::ptrdiff_t>(i * vocab),
                     out.logits.begin() + static_cast<std::ptrdiff_t>((i + 1) * vocab));
     const bool stop = std::find(r.spec.stop_tokens.begin(), r.spec.stop_tokens.end(), token) != r.spec.stop_tokens.end();
     if (r.cancelled) {
-      finish(self, ids[i], finish_reason::cancelled, {token}, std::move(logits));
+      finish(self, chunk.id, finish_reason::cancelled, {token}, std::move(logits));
     } else if (stop) {
-      finish(self, ids[i], finish_reason::stop, {token}, std::move(logits));
-    } else if (r.generated.size() >= r.spec.max_tokens) {
-      finish(self, ids[i], finish_reason::length, {token}, std::move(logits));
+      finish(self, chunk.id, finish_reason::stop, {token}, std::move(logits));
+    } else if (r.generated >= r.spec.max_tokens) {
+      finish(self, chunk.id, finish_reason::length, {token}, std::move(logits));
     } else {
       self->send(r.sink, token_chunk{.request = r.client_id, .tokens = {token}, .logits = std::move(logits),
                                      .finish = finish_reason::none, .error_code = 0, .error = {}});
@@ -78,58 +91,72 @@ void schedule(self_ptr self) {
   auto& st = self->state;
   if (st.busy || !st.first_stage) return;
   const auto now = now_unix_ms();
-  step_batch batch;
-  batch.step = ++st.step;
-  std::vector<std::uint64_t> ids;
-  std::vector<std::uint32_t> sent;
   std::vector<std::uint64_t> expired;
-  for (auto& [id, r] : st.requests) {
-    if (r.spec.deadline_unix_ms != 0 && now > r.spec.deadline_unix_ms) {
-      expired.push_back(id);
-      continue;
-    }
-    if (static_cast<int>(ids.size()) >= st.options.max_batch) break;
-    batch_entry entry{.request = id, .tokens = {}, .position = r.cached, .sample_after = true, .prompt_tokens = 0,
-                      .sampling = r.spec.sampling};
-    if (r.cached == 0) {
-      // Prefill, or a replay after a failure: the prompt plus every token streamed so far,
-      // so the next sampled token is the first one the client has not seen.
-      entry.prompt_tokens = static_cast<std::uint32_t>(r.spec.prompt.size());
-      entry.tokens = r.spec.prompt;
-      entry.tokens.insert(entry.tokens.end(), r.generated.begin(), r.generated.end());
-    } else {
-      entry.tokens = {r.generated.back()};
-    }
-    batch.want_logits = batch.want_logits || r.spec.want_logits;
-    sent.push_back(static_cast<std::uint32_t>(entry.tokens.size()));
-    batch.entries.push_back(std::move(entry));
-    ids.push_back(id);
-    r.in_flight = true;
-  }
+  for (const auto& [id, r] : st.requests)
+    if (r.spec.deadline_unix_ms != 0 && now > r.spec.deadline_unix_ms) expired.push_back(id);
   for (auto id : expired)
     finish(self, id, finish_reason::error, {}, {}, errc::deadline_exceeded, "the request's deadline passed");
-  if (ids.empty()) return;
+  auto chunks = st.plan->schedule();
+  if (chunks.empty()) return;
+  step_batch batch;
+  batch.step = ++st.step;
+  for (const auto& chunk : chunks) {
+    const auto& r = st.requests.at(chunk.id);
+    batch_entry entry{.request = chunk.id,
+                      .tokens = {chunk.tokens.begin(), chunk.tokens.end()},
+                      .position = static_cast<std::uint32_t>(chunk.start),
+                      .sample_after = chunk.samples,
+                      .prompt_tokens = static_cast<std::uint32_t>(r.spec.prompt.size()),
+                      .sampling = r.spec.sampling,
+                      .blocks = {chunk.blocks.begin(), chunk.blocks.end()},
+                      .fresh = chunk.fresh,
+                      .history = {}};
+    // A rebuilt sampler needs every token before the chunk (prefix-cached or computed before
+    // a preemption); greedy requests keep no sampler.
+    if (chunk.fresh && chunk.start > 0 && !(r.spec.sampling == sampling_spec{})) {
+      const auto& all = st.plan->tokens(chunk.id);
+      entry.history.assign(all.begin(), all.begin() + chunk.start);
+    }
+    batch.want_logits = batch.want_logits || r.spec.want_logits;
+    batch.entries.push_back(std::move(entry));
+  }
+  st.in_flight = std::move(chunks);
   st.busy = true;
   self->request(st.first_stage, st.options.step_timeout, std::move(batch))
-      .then([self, ids, sent](sampled_batch& out) { on_sampled(self, ids, sent, out); },
-            [self, ids](caf::error& e) {
+      .then([self](sampled_batch& out) { on_sampled(self, out); },
+            [self](caf::error& e) {
               auto& st = self->state;
               st.busy = false;
+              const auto step = std::move(st.in_flight);
+              st.in_flight.clear();
               const auto err = from_caf_error(e);
               // TODO(test): replay on a re-placed pipeline instead of failing, once the
               // supervisor re-places failed stages.
-              for (auto id : ids) finish(self, id, finish_reason::error, {}, {}, err.code(),
-                                         fmt::format("pipeline step failed: {}", err.what()));
+              for (const auto& chunk : step)
+                finish(self, chunk.id, finish_reason::error, {}, {}, err.code(),
+                       fmt::format("pipeline step failed: {}", err.what()));
               schedule(self);
             });
 }
 
 }  // namespace
 
+runtime::scheduler_options scheduling_for(const config::cluster_config& cluster, const config::model_config& model) {
+  return {.cache_blocks = config::cache_blocks_for(cluster, model),
+          .block_tokens = cluster.block_tokens,
+          .max_batch_tokens = cluster.max_batch_tokens,
+          .max_running = cluster.max_batch,
+          .prefix_cache = cluster.prefix_cache};
+}
+
+router_state::router_state() = default;
+router_state::~router_state() = default;
+
 router_actor::behavior_type make_router(router_actor::stateful_pointer<router_state> self, router_options options,
                                         std::shared_ptr<fabric> book) {
   self->state.options = options;
   self->state.book = std::move(book);
+  self->state.plan = std::make_unique<runtime::scheduler>(options.scheduling);
   return {
       [self](generate_request& spec, token_sink_actor& sink) {
         auto& st = self->state;
@@ -149,16 +176,20 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
         } catch (const shoal::error& e) {
           return reject(e.what());
         }
-        if (st.options.max_positions > 0 &&
-            static_cast<std::int64_t>(spec.prompt.size() + spec.max_tokens) > st.options.max_positions)
+        const auto total = static_cast<std::int64_t>(spec.prompt.size() + spec.max_tokens);
+        if (st.options.max_positions > 0 && total > st.options.max_positions)
           return reject(fmt::format("prompt ({}) + max_tokens ({}) exceeds the model's context of {}",
                                     spec.prompt.size(), spec.max_tokens, st.options.max_positions));
+        if (total > st.plan->max_sequence_tokens())
+          return reject(fmt::format("prompt ({}) + max_tokens ({}) exceeds the {} tokens the latent cache can hold",
+                                    spec.prompt.size(), spec.max_tokens, st.plan->max_sequence_tokens()));
         if (spec.sampling.temperature != 0.0f && spec.sampling.top_k != 1 && !spec.sampling.has_seed) {
-          // Fixed here rather than drawn by the last stage, so that a replay after a failure
-          // draws the same tokens again.
+          // Fixed here rather than drawn by the last stage, so that a recompute after a
+          // preemption or failure draws the same tokens again.
           spec.sampling.has_seed = true;
           spec.sampling.seed = st.seeds();
         }
+        st.plan->add(id, spec.prompt);
         router_state::request r;
         r.client_id = spec.request;
         r.sink = std::move(sink);
@@ -170,12 +201,30 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
         auto& st = self->state;
         for (auto& [id, r] : st.requests) {
           if (r.client_id != client_id || r.sink != sink) continue;
-          if (r.in_flight)
+          // Blocks of a request in the step being computed are still written by the stages;
+          // it ends when the step returns.
+          const bool in_step = std::any_of(st.in_flight.begin(), st.in_flight.end(),
+                                           [id = id](const auto& chunk) { return chunk.id == id; });
+          if (in_step)
             r.cancelled = true;
           else
             finish(self, id, finish_reason::cancelled);
           return;
         }
+      },
+      [self](status_atom) -> std::string {
+        const auto s = self->state.plan->stats();
+        return nlohmann::json{{"requests", self->state.requests.size()},
+                              {"waiting", s.waiting},
+                              {"running", s.running},
+                              {"cache_blocks_total", s.cache_blocks_total},
+                              {"cache_blocks_used", s.cache_blocks_used},
+                              {"prefix_cache_blocks", s.prefix_cache_blocks},
+                              {"preemptions", s.preemptions},
+                              {"prefilled_tokens", s.prefilled_tokens},
+                              {"cached_prompt_tokens", s.cached_prompt_tokens},
+                              {"steps", self->state.step}}
+            .dump();
       },
       [self](wire_atom, placement_table& table) -> caf::result<ok_atom> {
         auto& st = self->state;

@@ -75,6 +75,13 @@ void wire(self_ptr self) {
 void spawn_stages(self_ptr self) {
   auto& st = self->state;
   const auto& c = st.options.cluster;
+  // Every stage stores as many blocks as the router's scheduler hands out.
+  std::uint32_t cache_blocks = 0;
+  try {
+    cache_blocks = static_cast<std::uint32_t>(config::cache_blocks_for(c, st.options.model));
+  } catch (const shoal::error& e) {
+    return fail_cluster(self, e.code(), e.what());
+  }
   for (std::size_t i = 0; i < st.stages.size(); ++i) {
     auto& s = st.stages[i];
     s.phase = placement_phase::spawning;
@@ -83,7 +90,8 @@ void spawn_stages(self_ptr self) {
                         .stage_count = static_cast<std::uint32_t>(st.stages.size()),
                         .first_layer = static_cast<std::uint32_t>(spec.layer_begin),
                         .end_layer = static_cast<std::uint32_t>(spec.layer_end),
-                        .hold_experts = c.expert_groups.empty(), .model_path = c.model.string()};
+                        .hold_experts = c.expert_groups.empty(), .model_path = c.model.string(),
+                        .cache_blocks = cache_blocks, .block_tokens = static_cast<std::uint32_t>(c.block_tokens)};
     self->request(st.members[spec.node].agent, st.options.ready_timeout, std::move(cmd))
         .then(
             [self, i](ok_atom) {

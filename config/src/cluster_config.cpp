@@ -106,7 +106,9 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
     p.error(e.mark.line + 1, fmt::format("not valid YAML: {}", e.msg));
   }
   if (!root.IsMap()) p.error(1, "the cluster config must be a mapping with keys model, nodes, plan");
-  p.allow_keys(root, "the cluster config", {"model", "nodes", "head", "plan", "threads", "max_batch", "ready_timeout_s"});
+  p.allow_keys(root, "the cluster config",
+               {"model", "nodes", "head", "plan", "threads", "max_batch", "max_batch_tokens", "cache_mb", "cache_blocks",
+                "block_tokens", "prefix_cache", "ready_timeout_s"});
 
   cluster_config c;
   c.source = source;
@@ -115,6 +117,19 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   c.model = model.is_absolute() ? model : (base_dir / model).lexically_normal();
   if (root["threads"]) c.threads = static_cast<int>(p.integer_at(root["threads"], "threads", 0, 4096));
   if (root["max_batch"]) c.max_batch = static_cast<int>(p.integer_at(root["max_batch"], "max_batch", 1, 65536));
+  if (root["max_batch_tokens"])
+    c.max_batch_tokens = p.integer_at(root["max_batch_tokens"], "max_batch_tokens", 1, 1 << 20);
+  for (const char* key : {"cache_mb", "cache_blocks", "block_tokens"})
+    if (root[key] && c.cache_line == 0) c.cache_line = line_of(root[key]);
+  if (root["cache_mb"]) c.cache_mb = p.integer_at(root["cache_mb"], "cache_mb", 1, 1 << 24);
+  if (root["cache_blocks"]) c.cache_blocks = p.integer_at(root["cache_blocks"], "cache_blocks", 2, 1 << 24);
+  if (root["block_tokens"]) c.block_tokens = p.integer_at(root["block_tokens"], "block_tokens", 1, 4096);
+  if (root["prefix_cache"]) {
+    const auto text = p.string_at(root["prefix_cache"], "prefix_cache");
+    if (text != "true" && text != "false")
+      p.error(line_of(root["prefix_cache"]), fmt::format("prefix_cache must be true or false, got '{}'", text));
+    c.prefix_cache = text == "true";
+  }
   if (root["ready_timeout_s"])
     c.ready_timeout_s = static_cast<int>(p.integer_at(root["ready_timeout_s"], "ready_timeout_s", 1, 86400));
 
@@ -279,6 +294,23 @@ void validate_against_model(cluster_config& c, const model_config& model) {
   if (!missing.empty())
     shoal::fail(errc::invalid_argument, "{}: routed experts {} are placed on no expert group",
                 c.where(c.expert_groups.front().line), fmt::join(missing, ","));
+}
+
+std::int64_t cache_blocks_for(const cluster_config& c, const model_config& model) {
+  if (c.cache_blocks > 0) return c.cache_blocks;
+  std::int64_t layers = 1;
+  for (const auto& s : c.stages) layers = std::max(layers, s.layer_end - s.layer_begin);
+  const std::int64_t block_bytes = layers * c.block_tokens * model.latent_dim() * static_cast<std::int64_t>(sizeof(float));
+  if (block_bytes <= 0)
+    shoal::fail(errc::invalid_argument, "{}: the model's latent width is {}; no cache can be sized for it",
+                c.where(c.cache_line), model.latent_dim());
+  const std::int64_t blocks = (c.cache_mb << 20) / block_bytes;
+  if (blocks < 2)
+    shoal::fail(errc::invalid_argument,
+                "{}: cache_mb = {} holds {} blocks of {} tokens for a stage of {} layers ({} bytes each); at least 2 "
+                "are needed",
+                c.where(c.cache_line), c.cache_mb, blocks, c.block_tokens, layers, block_bytes);
+  return blocks;
 }
 
 cluster_config embedded_cluster_config(const std::filesystem::path& model, std::int64_t num_layers, int threads) {

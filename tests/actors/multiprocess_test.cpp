@@ -6,6 +6,7 @@
 #include "shoal/base/error.hpp"
 
 #include "free_port.hpp"
+#include "scheduling.hpp"
 #include "skip.hpp"
 #include "reference.hpp"
 
@@ -34,9 +35,11 @@ constexpr int kNewTokens = 8;
 
 using shoal::testing::free_port;
 
-std::string four_node_config(const std::vector<std::string>& hosts, const std::vector<std::uint16_t>& ports) {
+std::string four_node_config(const std::vector<std::string>& hosts, const std::vector<std::uint16_t>& ports,
+                             const std::string& settings = "") {
   const char* names[] = {"stage0", "stage1", "experts0", "experts1"};
-  std::string text = "model: " + shoal::testing::kClusterModelDir + "/ckpt\nthreads: 1\nready_timeout_s: 60\nnodes:\n";
+  std::string text =
+      "model: " + shoal::testing::kClusterModelDir + "/ckpt\nthreads: 1\nready_timeout_s: 60\n" + settings + "nodes:\n";
   for (int i = 0; i < 4; ++i)
     text += std::string("  - {name: ") + names[i] + ", host: " + hosts[i] + ", port: " + std::to_string(ports[i]) + "}\n";
   text += R"(head: stage0
@@ -163,6 +166,25 @@ TEST_CASE("shoal launch: 2 stages and 2 expert nodes as 4 processes match the si
   REQUIRE(ready.find("\"ready\":true") != std::string::npos);
   CHECK(ready.find("\"connect\":\"127.0.0.1:" + std::to_string(ports[0]) + "\"") != std::string::npos);
   check_cluster("127.0.0.1", ports[0]);
+  CHECK(launch.stop() == 0);
+}
+
+TEST_CASE("shoal launch: concurrent requests with chunked prefill and preemption give the reference tokens") {
+  // Every golden prompt twice at once, a 7-token step budget and a cache too small for all of
+  // them: the router's scheduler batches, chunks and preempts, the stages in other processes
+  // store latents in the blocks each step names.
+  temp_dir dir;
+  std::vector<std::uint16_t> ports;
+  for (int i = 0; i < 4; ++i) ports.push_back(free_port());
+  const auto config = dir.path / "cluster.yaml";
+  std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports,
+                                            "cache_blocks: 48\nblock_tokens: 8\nmax_batch_tokens: 7\n");
+  process launch({SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"}, true, "launch");
+  const auto ready = launch.read_line(std::chrono::seconds(70));
+  INFO("launch printed: " << ready);
+  REQUIRE(ready.find("\"ready\":true") != std::string::npos);
+  auto client = shoal::client::connect("127.0.0.1", ports[0], std::chrono::seconds(10));
+  shoal::testing::check_concurrent_golden(*client, 2);
   CHECK(launch.stop() == 0);
 }
 

@@ -12,7 +12,10 @@ struct BatchEntry {
   tokens @1 :List(Int32);     # New tokens to process (a prefill chunk, or one decode token).
   position @2 :UInt32;        # Sequence position of tokens[0].
   sampleAfter @3 :Bool;       # Whether the last stage samples a token after this chunk.
-  promptTokens @4 :UInt32;    # At position 0: how many of `tokens` are the prompt (the rest replay output).
+  promptTokens @4 :UInt32;    # How many tokens of the whole sequence are the prompt (the rest are output).
+  blocks @5 :List(Int32);     # Latent-cache block table of the sequence, covering every position up to the chunk's end.
+  fresh @6 :Bool;             # First chunk since (re)admission: per-request sampler state is rebuilt.
+  history @7 :List(Int32);    # When fresh and sampling is not greedy: the tokens before `position`.
 }
 
 # Router -> first stage: an iteration's batch.

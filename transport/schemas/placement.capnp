@@ -15,7 +15,8 @@ struct SpawnStage {
   endLayer @4 :UInt32;        # Exclusive.
   device @5 :Common.Device;
   modelPath @6 :Text;
-  kvBlocks @7 :UInt32;        # KV cache blocks to allocate; 0 = derive from device memory.
+  kvBlocks @7 :UInt32;        # Latent-cache blocks to allocate for its layers (as many as the router's scheduler has).
+  blockTokens @8 :UInt32;     # Positions per block.
 }
 
 # Supervisor -> node agent: start an expert actor holding `experts` of every MoE layer in

@@ -53,7 +53,8 @@ class expert_engine {
 };
 
 /// A pipeline stage: a layer range, the embedding (first stage), the head (last stage), and
-/// the latent caches of the sequences passing through it.
+/// the latent-cache blocks of its layers, which steps address through block tables that the
+/// router's scheduler decides.
 class stage_engine {
  public:
   /// What a stage holds.
@@ -65,6 +66,8 @@ class stage_engine {
     bool last = true;                 ///< Final norm, lm_head, sampling.
     bool hold_experts = true;         ///< Holds its layers' routed experts (no expert actors).
     int threads = 0;                  ///< Compute threads (0: cores).
+    std::int64_t cache_blocks = 0;    ///< Latent-cache blocks of its layers (as many as the router hands out).
+    std::int64_t block_tokens = 32;   ///< Positions per block.
   };
 
   /// Loads the weights.
@@ -77,32 +80,36 @@ class stage_engine {
   const options& settings() const noexcept { return options_; }
 
   /// Runs the stage's layers over `batch` in place: the first stage fills `batch.hidden`
-  /// from the tokens; every stage advances the caches of the batch's requests. `experts`
-  /// computes routed experts unless the stage holds them. Caches are created, grown, or
-  /// rewound to `position` as entries require; a position past the cache is a
-  /// `failed_precondition` error.
+  /// from the tokens; every stage writes the latents of each entry's new positions into the
+  /// blocks its table names. `experts` computes routed experts unless the stage holds them. A
+  /// block table that does not cover the entry or names a block outside the pool is an
+  /// `invalid_argument` error.
   void run(step_batch& batch, runtime::expert_backend* experts);
 
   /// The last stage: the tokens (and logits when the batch wants them) of the entries that
   /// sample, from `batch.hidden`, each chosen as its entry's `sampling` says. Greedy entries
   /// take the argmax; the others keep a sampler per request (penalties, random stream), rebuilt
-  /// at position 0 so a replayed request draws the tokens the original run would have.
+  /// from the whole token history when an entry is `fresh`, so a recomputed request draws the
+  /// tokens the original run would have.
   sampled_batch sample(const step_batch& batch);
 
-  /// Forgets the caches and samplers of `requests` (finished or cancelled).
+  /// Forgets the samplers of `requests` (finished or cancelled).
   void release(std::span<const request_id> requests);
-  /// Sequences cached.
-  std::size_t cached_sequences() const noexcept { return caches_.size(); }
+  /// Requests with sampler state.
+  std::size_t sampling_requests() const noexcept { return samplers_.size() + contexts_.size(); }
+  /// Latent-cache blocks held.
+  std::int64_t cache_blocks() const noexcept;
 
  private:
-  runtime::latent_cache& cache_for(const batch_entry& entry);
-
   options options_;
   std::unique_ptr<runtime::model_weights> weights_;
   std::unique_ptr<kernels::thread_pool> pool_;
   std::unique_ptr<runtime::model> model_;
-  std::map<request_id, std::unique_ptr<runtime::latent_cache>> caches_;
+  std::unique_ptr<runtime::kv_block_pool> cache_;
   std::map<request_id, runtime::sampler> samplers_;
+  /// Tokens of fresh non-greedy requests whose prompt is still being prefilled, for the
+  /// sampler built when they first sample.
+  std::map<request_id, std::vector<std::int32_t>> contexts_;
 };
 
 }  // namespace shoal::actors

@@ -13,7 +13,8 @@ namespace shoal::actors {
 
 /// Version of the messages this binary speaks (the wire schemas' `schemaVersion`); a node
 /// that speaks another one is refused when it joins.
-inline constexpr std::uint16_t schema_version = 1;
+/// 2: steps carry block tables decided by the router; stages no longer keep caches per request.
+inline constexpr std::uint16_t schema_version = 2;
 
 /// Identifies a request for its whole life, including replays after a failure.
 using request_id = std::uint64_t;
@@ -51,16 +52,24 @@ struct sampling_spec {
   friend bool operator==(const sampling_spec&, const sampling_spec&) = default;
 };
 
-/// One request's share of a pipeline step.
+/// One request's share of a pipeline step, as the router's scheduler decided it.
 struct batch_entry {
   request_id request = 0;             ///< Whose tokens these are.
-  std::vector<std::int32_t> tokens;   ///< New tokens (a prompt, or one decode token).
-  std::uint32_t position = 0;         ///< Sequence position of tokens[0]; 0 restarts the cache.
+  std::vector<std::int32_t> tokens;   ///< New tokens (a prompt chunk, or one decode token).
+  std::uint32_t position = 0;         ///< Sequence position of tokens[0]; positions before it are cached.
   bool sample_after = true;           ///< Whether the last stage samples after these tokens.
-  /// When `position` is 0: how many of `tokens` are the prompt (the rest were generated before
-  /// a replay, and the sampler treats them as its own output).
+  /// How many tokens of the whole sequence are the prompt; the rest were generated (before a
+  /// preemption or replay), and a rebuilt sampler treats them as its own output.
   std::uint32_t prompt_tokens = 0;
   sampling_spec sampling;             ///< How the last stage samples this request.
+  /// Latent-cache block table of the sequence (block ids of every stage's pool), covering
+  /// every position up to the end of `tokens`. Blocks are decided by the router only.
+  std::vector<std::int32_t> blocks;
+  /// First chunk since the request was (re)admitted: the last stage rebuilds its sampler.
+  bool fresh = false;
+  /// When `fresh` and sampling is not greedy: the tokens before `position` (from the prefix
+  /// cache, or computed before a preemption), which the rebuilt sampler needs.
+  std::vector<std::int32_t> history;
 };
 
 /// A pipeline step travelling through the stages: router -> first stage (`hidden` empty),
@@ -134,6 +143,8 @@ struct spawn_stage_cmd {
   std::uint32_t end_layer = 0;      ///< One past the last.
   bool hold_experts = true;         ///< Compute routed experts itself (no expert actors).
   std::string model_path;           ///< Checkpoint directory on that node.
+  std::uint32_t cache_blocks = 0;   ///< Latent-cache blocks for its layers (the router's scheduler has as many).
+  std::uint32_t block_tokens = 0;   ///< Positions per block.
 };
 
 /// Supervisor -> node agent: start an expert actor holding `experts` of every MoE layer.
@@ -194,7 +205,7 @@ typename Inspector::result_type inspect(Inspector& f, sampling_spec& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, batch_entry& x) {
-  return f(x.request, x.tokens, x.position, x.sample_after, x.prompt_tokens, x.sampling);
+  return f(x.request, x.tokens, x.position, x.sample_after, x.prompt_tokens, x.sampling, x.blocks, x.fresh, x.history);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_batch& x) {
@@ -230,7 +241,8 @@ typename Inspector::result_type inspect(Inspector& f, placement_table& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, spawn_stage_cmd& x) {
-  return f(x.actor, x.stage, x.stage_count, x.first_layer, x.end_layer, x.hold_experts, x.model_path);
+  return f(x.actor, x.stage, x.stage_count, x.first_layer, x.end_layer, x.hold_experts, x.model_path, x.cache_blocks,
+           x.block_tokens);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, spawn_expert_cmd& x) {

@@ -61,7 +61,10 @@ using router_actor = caf::typed_actor<
     /// Cancels a request of that sink; its stream ends with finish == cancelled.
     caf::reacts_to<cancel_atom, request_id, token_sink_actor>,
     /// The placement of this epoch: the router looks up the stages.
-    caf::replies_to<wire_atom, placement_table>::with<ok_atom>>;
+    caf::replies_to<wire_atom, placement_table>::with<ok_atom>,
+    /// The scheduler's counters as a JSON object (requests waiting and running, cache blocks
+    /// total, used and kept for prefix reuse, preemptions, prefilled and cached prompt tokens).
+    caf::replies_to<status_atom>::with<std::string>>;
 
 /// One per process: spawns local actors when the supervisor says so.
 using node_agent_actor = caf::typed_actor<

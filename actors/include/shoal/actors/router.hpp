@@ -4,13 +4,14 @@
 /// keeps each request's prompt and generated tokens so it can be replayed from them.
 
 #include "shoal/actors/protocols.hpp"
+#include "shoal/config/cluster_config.hpp"
+#include "shoal/runtime/scheduler.hpp"
 
 #include <caf/stateful_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
 
 #include <chrono>
 #include <cstdint>
-#include <deque>
 #include <map>
 #include <random>
 #include <memory>
@@ -22,7 +23,9 @@ class fabric;
 
 /// Router settings.
 struct router_options {
-  int max_batch = 8;                                 ///< Requests per step at most.
+  /// Admission, batching and block accounting; `cache_blocks` must equal the blocks every
+  /// stage stores (both come from `config::cache_blocks_for`).
+  runtime::scheduler_options scheduling;
   std::chrono::milliseconds step_timeout{60000};     ///< Deadline of one pipeline step.
   std::int64_t vocab_size = 0;                       ///< Token ids must be below it (0: unchecked).
   std::int64_t max_positions = 0;                    ///< Prompt + max_tokens limit (0: unchecked).
@@ -32,31 +35,40 @@ struct router_options {
 struct router_state {
   static inline const char* name = "shoal.router";  ///< Actor name in CAF logs.
 
-  /// A request from admission to its last token.
+  /// A request from admission to its last token; its tokens live in the scheduler.
   struct request {
     request_id client_id = 0;              ///< The client's id for it.
     token_sink_actor sink;                 ///< Where its tokens go.
     generate_request spec;                 ///< As submitted.
-    std::vector<std::int32_t> generated;   ///< Tokens streamed so far (for replay).
-    std::uint32_t cached = 0;              ///< Positions the stages have cached.
-    bool in_flight = false;                ///< Part of the step being computed.
-    bool cancelled = false;                ///< Cancel arrived while in flight.
+    std::uint32_t generated = 0;           ///< Tokens streamed so far.
+    bool cancelled = false;                ///< Cancel arrived while it was in the step being computed.
   };
 
   router_options options;                  ///< Settings.
   std::shared_ptr<fabric> book;            ///< Resolves the stages.
   stage_actor first_stage;                 ///< Where steps start; null until wired.
   std::uint64_t epoch = 0;                 ///< Placement epoch.
+  std::unique_ptr<runtime::scheduler> plan; ///< Which tokens of which requests run next, in which blocks.
   std::map<std::uint64_t, request> requests; ///< By router-internal id, in admission order.
+  std::vector<runtime::scheduled_chunk> in_flight; ///< The step in the pipeline (empty: none).
   std::uint64_t next_id = 1;               ///< Next internal id.
   std::uint64_t step = 0;                  ///< Steps started.
   bool busy = false;                       ///< A step is in the pipeline.
   std::mt19937_64 seeds{std::random_device{}()}; ///< Seeds for sampled requests that bring none.
+  router_state();
+  ~router_state();
 };
 
-/// The router. Steps are formed from the oldest `max_batch` requests: a new request sends
-/// its whole prompt (prefill), a running one its last token (decode); one step at a time.
-/// TODO(perf): continuous batching with several steps in flight and chunked prefill.
+/// The scheduler settings of a cluster config: its cache budget (`config::cache_blocks_for`),
+/// block size, token budget, sequences per step and prefix reuse.
+runtime::scheduler_options scheduling_for(const config::cluster_config& cluster, const config::model_config& model);
+
+/// The router. It owns the scheduler: each step takes one decode token of every running
+/// request and prompt chunks up to the token budget (continuous batching, chunked prefill),
+/// admits requests while cache blocks are free, preempts the youngest by recompute when they
+/// run out, and reuses cached prompt prefixes; each entry carries its block table, so stages
+/// store latents where the router says. One step is in the pipeline at a time.
+/// TODO(perf): several micro-batches in flight so that stages do not wait for each other.
 router_actor::behavior_type make_router(router_actor::stateful_pointer<router_state> self, router_options options,
                                         std::shared_ptr<fabric> book);
 

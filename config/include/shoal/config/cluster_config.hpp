@@ -54,7 +54,15 @@ struct cluster_config {
   std::vector<std::string> expert_policy_nodes;  ///< Nodes the policy spreads experts over.
   int expert_policy_line = 0;                    ///< Line of the policy entry.
   int threads = 0;                               ///< Compute threads per process (0: cores).
-  int max_batch = 8;                             ///< Requests per pipeline step at most.
+  int max_batch = 64;                            ///< Sequences admitted (and in one step) at most.
+  std::int64_t max_batch_tokens = 256;           ///< Token budget of one step: decode tokens + prompt chunks.
+  /// Latent-cache memory, in MiB, of the stage with the most layers; every stage holds as
+  /// many blocks (of its own layers), and the router's scheduler hands them out.
+  std::int64_t cache_mb = 512;
+  std::int64_t cache_blocks = 0;                 ///< Explicit block count instead of `cache_mb` (0: derive).
+  std::int64_t block_tokens = 32;                ///< Positions per cache block.
+  bool prefix_cache = true;                      ///< Reuse cached blocks of shared prompt prefixes.
+  int cache_line = 0;                            ///< Line of the cache settings (for errors).
   int ready_timeout_s = 120;                     ///< How long launch waits for every node.
 
   /// The node named `name`, or null.
@@ -76,6 +84,11 @@ cluster_config load_cluster_config(const std::filesystem::path& path);
 /// Checks the plan against the model (layers covered exactly, every routed expert placed
 /// exactly once, ids in range) and resolves an expert policy into `expert_groups`.
 void validate_against_model(cluster_config& cluster, const model_config& model);
+
+/// Latent-cache blocks of every stage (and of the router's scheduler): `cache_blocks`, or as
+/// many as `cache_mb` holds for the stage with the most layers. Throws `invalid_argument`
+/// naming the setting when fewer than 2 blocks result.
+std::int64_t cache_blocks_for(const cluster_config& cluster, const model_config& model);
 
 /// The embedded default: one node, one stage holding every layer and expert.
 cluster_config embedded_cluster_config(const std::filesystem::path& model, std::int64_t num_layers,

@@ -1,6 +1,8 @@
 #include "shoal/actors/cluster.hpp"
 
 #include "cluster_impl.hpp"
+#include "shoal/actors/engines.hpp"
+#include "shoal/actors/fabric.hpp"
 #include "shoal/actors/node_agent.hpp"
 #include "shoal/actors/router.hpp"
 #include "shoal/actors/supervisor.hpp"
@@ -45,7 +47,7 @@ local_cluster::impl::impl(config::cluster_config c, cluster_options o) : config(
   caf::scoped_actor self{*system};
   for (const auto& node : config.nodes) {
     node_agent_options ao{.node = node.name, .model_override = {}, .threads = config.threads,
-                          .expert_timeout = options.expert_timeout};
+                          .expert_timeout = options.expert_timeout, .progress = options.progress};
     auto agent = system->spawn<caf::detached>(make_node_agent, ao, book);
     book->register_actor({node.name, actor_ids::node_agent}, caf::actor_cast<caf::actor>(agent));
     agents.push_back(agent);
@@ -102,6 +104,16 @@ std::string local_cluster::status() {
   auto j = nlohmann::json::parse(out);
   j["scheduler"] = nlohmann::json::parse(scheduling);
   return j.dump();
+}
+
+std::vector<std::uint64_t> local_cluster::routed_tokens() {
+  std::vector<std::uint64_t> sum;
+  for (const auto& engine : impl_->book->stage_engines()) {
+    const auto counts = engine->routed_tokens();
+    if (sum.size() < counts.size()) sum.resize(counts.size(), 0);
+    for (std::size_t i = 0; i < counts.size(); ++i) sum[i] += counts[i];
+  }
+  return sum;
 }
 
 const config::cluster_config& local_cluster::config() const noexcept { return impl_->config; }

@@ -62,7 +62,7 @@ stage_engine::stage_engine(const options& o) : options_(o) {
   selection.embedding = o.first;
   selection.head = o.last;
   if (!o.hold_experts) selection.expert_filter = [](std::int64_t, std::int64_t) { return false; };
-  weights_ = runtime::model_weights::load(o.model, selection, runtime::weight_residency::copy);
+  weights_ = runtime::model_weights::load(o.model, selection, runtime::weight_residency::copy, o.progress);
   const auto& c = weights_->config();
   if (o.first_layer < 0 || o.end_layer > c.num_hidden_layers || o.first_layer >= o.end_layer)
     shoal::fail(errc::invalid_argument, "stage layers [{}, {}) are not within the model's {} layers", o.first_layer,
@@ -73,6 +73,19 @@ stage_engine::stage_engine(const options& o) : options_(o) {
     shoal::fail(errc::invalid_argument, "stage layers [{}, {}): {} cache blocks of {} tokens; at least 2 blocks are needed",
                 o.first_layer, o.end_layer, o.cache_blocks, o.block_tokens);
   cache_ = std::make_unique<runtime::kv_block_pool>(c, o.cache_blocks, o.block_tokens, o.first_layer, o.end_layer);
+  routed_.assign(static_cast<std::size_t>(c.num_hidden_layers * c.n_routed_experts), 0);
+  model_->set_route_observer([this](std::int64_t layer, std::int64_t tokens, std::int64_t top_k,
+                                    const std::int32_t* indices, const float*) {
+    const auto experts = config().n_routed_experts;
+    std::lock_guard lock(routed_mutex_);
+    for (std::int64_t i = 0; i < tokens * top_k; ++i)
+      ++routed_[static_cast<std::size_t>(layer * experts + indices[i])];
+  });
+}
+
+std::vector<std::uint64_t> stage_engine::routed_tokens() const {
+  std::lock_guard lock(routed_mutex_);
+  return routed_;
 }
 
 stage_engine::~stage_engine() = default;

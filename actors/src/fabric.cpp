@@ -18,6 +18,7 @@ void fabric::unregister(const actor_address& address) {
   std::lock_guard lock(mutex_);
   actors_.erase({address.node, address.actor});
   engines_.erase({address.node, address.actor});
+  stage_engines_.erase({address.node, address.actor});
 }
 
 caf::actor fabric::find_local(const actor_address& address) {
@@ -27,6 +28,18 @@ caf::actor fabric::find_local(const actor_address& address) {
 }
 
 caf::actor fabric::resolve(const actor_address& address) { return find_local(address); }
+
+void fabric::register_stage_engine(const actor_address& address, std::shared_ptr<stage_engine> engine) {
+  std::lock_guard lock(mutex_);
+  stage_engines_[{address.node, address.actor}] = std::move(engine);
+}
+
+std::vector<std::shared_ptr<stage_engine>> fabric::stage_engines() {
+  std::lock_guard lock(mutex_);
+  std::vector<std::shared_ptr<stage_engine>> out;
+  for (const auto& [key, engine] : stage_engines_) out.push_back(engine);
+  return out;
+}
 
 std::shared_ptr<expert_engine> fabric::engine(const actor_address& address) {
   std::lock_guard lock(mutex_);

@@ -33,11 +33,13 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
                                   .first_layer = cmd.first_layer, .end_layer = cmd.end_layer,
                                   .first = cmd.stage == 0, .last = cmd.stage + 1 == cmd.stage_count,
                                   .hold_experts = cmd.hold_experts, .threads = st.options.threads,
-                                  .cache_blocks = cmd.cache_blocks, .block_tokens = cmd.block_tokens};
+                                  .cache_blocks = cmd.cache_blocks, .block_tokens = cmd.block_tokens,
+                                  .progress = st.options.progress};
           auto engine = std::make_shared<stage_engine>(o);
           auto handle = self->spawn<caf::detached>(make_stage, st.options.node, engine, st.book,
                                                    st.options.expert_timeout);
           st.book->register_actor(address, caf::actor_cast<caf::actor>(handle));
+          st.book->register_stage_engine(address, engine);
           st.children.push_back(caf::actor_cast<caf::actor>(handle));
           st.addresses.push_back(address);
         } catch (const shoal::error& e) {

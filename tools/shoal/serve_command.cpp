@@ -1,10 +1,11 @@
-// shoal serve: the embedded (single-process) OpenAI-compatible server; shoal bench-serve: an
-// HTTP load generator against any such server.
+// shoal serve: the OpenAI-compatible server in front of the actors, in this process or on a
+// cluster; shoal bench-serve: an HTTP load generator against any such server.
 
 #include "commands.hpp"
 #include "cluster_launch.hpp"
 
 #include "shoal/actors/client.hpp"
+#include "shoal/actors/cluster.hpp"
 #include "shoal/base/error.hpp"
 #include "shoal/config/cluster_config.hpp"
 #include "shoal/config/model_config.hpp"
@@ -36,6 +37,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 
 namespace shoal::tools {
 namespace {
@@ -222,23 +224,46 @@ void serve(const serve_options& o) {
   std::string name = o.name;
   if (name.empty()) name = o.model.empty() ? "shoal-tiny" : fs::absolute(dir).lexically_normal().filename().string();
   if (name.empty()) name = "shoal";
+  const auto model = config::load_model_config(dir);
   const auto tok = runtime::tokenizer::load(dir);
-  auto weights = runtime::model_weights::load(dir, {}, runtime::weight_residency::copy,
-                                              [](const std::string& line) { fmt::print(stderr, "[load] {}\n", line); });
-  kernels::thread_pool pool(o.threads);
-  runtime::model net(*weights, pool);
-  runtime::engine_options eo;
-  eo.cache_bytes = static_cast<std::int64_t>(o.cache_mb * (1 << 20));
-  eo.max_batch_tokens = o.max_batch_tokens;
-  eo.max_running = o.max_running;
-  eo.max_waiting = o.max_waiting;
-  eo.prefix_cache = !o.no_prefix_cache;
-  auto engine = std::make_unique<runtime::engine>(net, tok, eo);
-  auto back = gateway::make_engine_backend(*engine);
+  // The same actors as a cluster, all in this process: one node, one stage with every layer
+  // and expert, the router's scheduler in front of it.
+  auto plan = config::embedded_cluster_config(dir, model.num_hidden_layers, o.threads);
+  plan.cache_mb = std::max<std::int64_t>(1, static_cast<std::int64_t>(o.cache_mb));
+  plan.max_batch_tokens = o.max_batch_tokens;
+  plan.max_batch = static_cast<int>(o.max_running);
+  plan.prefix_cache = !o.no_prefix_cache;
+  const auto cache_blocks = config::cache_blocks_for(plan, model);
+  actors::local_cluster cluster(plan, {.progress = [](const std::string& line) {
+                                        fmt::print(stderr, "[load] {}\n", line);
+                                      }});
+  cluster.wait_ready();
+  shoal::client client(cluster);
+  const auto experts = model.n_routed_experts;
+  auto observe = [&cluster](runtime::engine_stats& s) {
+    try {
+      const auto j = nlohmann::json::parse(cluster.status())["scheduler"];
+      s.waiting = j["waiting"].get<std::int64_t>();
+      s.running = j["running"].get<std::int64_t>();
+      s.cache_blocks_total = j["cache_blocks_total"].get<std::int64_t>();
+      s.cache_blocks_used = j["cache_blocks_used"].get<std::int64_t>();
+      s.prefix_cache_blocks = j["prefix_cache_blocks"].get<std::int64_t>();
+      s.preemptions = j["preemptions"].get<std::uint64_t>();
+      s.prefilled_tokens = j["prefilled_tokens"].get<std::uint64_t>();
+      s.cached_prompt_tokens = j["cached_prompt_tokens"].get<std::uint64_t>();
+    } catch (const std::exception&) {
+      // A status that does not come (the cluster stopping) leaves the gateway's own counts.
+    }
+    s.expert_tokens = cluster.routed_tokens();
+  };
+  const auto max_sequence = std::min(model.max_position_embeddings, cache_blocks * plan.block_tokens - 1);
+  auto back = gateway::make_cluster_backend(client, tok, max_sequence, o.max_waiting + o.max_running, observe);
 
   std::mutex log_mutex;
-  auto srv = std::make_unique<gateway::server>(*back, tok, server_settings(o, name, net.config().n_routed_experts, log_mutex));
-  fmt::print(stderr, "[serve] model {} from {} ({} threads)\n", name, dir.string(), pool.size());
+  auto srv = std::make_unique<gateway::server>(*back, tok, server_settings(o, name, experts, log_mutex));
+  fmt::print(stderr, "[serve] model {} from {} ({} threads, {} cache blocks of {} tokens)\n", name, dir.string(),
+             o.threads > 0 ? o.threads : static_cast<int>(std::thread::hardware_concurrency()), cache_blocks,
+             plan.block_tokens);
   print_ready(o, *srv, name, start);
 
   int signal = 0;
@@ -248,9 +273,7 @@ void serve(const serve_options& o) {
   // A second signal while draining stops at once.
   pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
   srv->shutdown(std::chrono::milliseconds(static_cast<std::int64_t>(o.drain_seconds * 1000)));
-  engine->shutdown(/*drain=*/false);
-  // The engine holds the connections' event handlers: it goes first.
-  engine.reset();
+  back.reset();  // cancels what is left in the cluster
   srv.reset();
   fmt::print(stderr, "[serve] stopped\n");
 }

@@ -35,8 +35,9 @@ struct shared_state {
 class cluster_backend final : public backend {
  public:
   cluster_backend(shoal::client& client, const runtime::tokenizer& tok, std::int64_t max_sequence_tokens,
-                  std::int64_t max_waiting)
-      : client_(client), tok_(tok), max_sequence_tokens_(max_sequence_tokens), max_waiting_(max_waiting) {}
+                  std::int64_t max_waiting, std::function<void(runtime::engine_stats&)> observe)
+      : client_(client), tok_(tok), max_sequence_tokens_(max_sequence_tokens), max_waiting_(max_waiting),
+        observe_(std::move(observe)) {}
 
   ~cluster_backend() override {
     std::vector<std::uint64_t> ids;
@@ -177,8 +178,13 @@ class cluster_backend final : public backend {
   }
 
   runtime::engine_stats stats() const override {
-    std::lock_guard lock(state_->mutex);
-    return state_->counters;
+    runtime::engine_stats s;
+    {
+      std::lock_guard lock(state_->mutex);
+      s = state_->counters;
+    }
+    if (observe_) observe_(s);
+    return s;
   }
 
   std::int64_t max_sequence_tokens() const override { return max_sequence_tokens_; }
@@ -188,14 +194,16 @@ class cluster_backend final : public backend {
   const runtime::tokenizer& tok_;
   std::int64_t max_sequence_tokens_;
   std::int64_t max_waiting_;
+  std::function<void(runtime::engine_stats&)> observe_;
   std::shared_ptr<shared_state> state_ = std::make_shared<shared_state>();
 };
 
 }  // namespace
 
 std::unique_ptr<backend> make_cluster_backend(shoal::client& client, const runtime::tokenizer& tok,
-                                              std::int64_t max_sequence_tokens, std::int64_t max_waiting) {
-  return std::make_unique<cluster_backend>(client, tok, max_sequence_tokens, max_waiting);
+                                              std::int64_t max_sequence_tokens, std::int64_t max_waiting,
+                                              std::function<void(runtime::engine_stats&)> observe) {
+  return std::make_unique<cluster_backend>(client, tok, max_sequence_tokens, max_waiting, std::move(observe));
 }
 
 }  // namespace shoal::gateway

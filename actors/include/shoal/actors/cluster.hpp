@@ -7,6 +7,9 @@
 #include "shoal/config/cluster_config.hpp"
 
 #include <chrono>
+#include <cstdint>
+#include <functional>
+#include <vector>
 #include <memory>
 #include <string>
 
@@ -18,6 +21,8 @@ struct cluster_options {
   std::chrono::milliseconds step_timeout{60000};    ///< One pipeline step, router to last stage.
   std::chrono::milliseconds expert_timeout{30000};  ///< One expert round trip of a stage.
   int scheduler_threads = 0;                        ///< CAF scheduler threads (0: CAF's default).
+  /// Receives weight-loading progress lines; may be empty.
+  std::function<void(const std::string&)> progress = {};
 };
 
 /// Every node of a cluster config inside this process: a supervisor and router on the head
@@ -36,8 +41,12 @@ class local_cluster {
   /// Blocks until every stage and expert actor serves; returns the placement. Throws the
   /// supervisor's error (what failed, or what it still waited for at the deadline).
   placement_table wait_ready();
-  /// Membership and placement as JSON.
+  /// Membership and placement as JSON, with the router's scheduler counters under
+  /// "scheduler".
   std::string status();
+  /// Tokens routed to each expert so far by this process's stages,
+  /// `[layer * n_routed_experts + expert]`.
+  std::vector<std::uint64_t> routed_tokens();
   /// The config it runs.
   const config::cluster_config& config() const noexcept;
 

@@ -11,6 +11,9 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <mutex>
+#include <string>
 #include <map>
 #include <memory>
 #include <span>
@@ -68,6 +71,8 @@ class stage_engine {
     int threads = 0;                  ///< Compute threads (0: cores).
     std::int64_t cache_blocks = 0;    ///< Latent-cache blocks of its layers (as many as the router hands out).
     std::int64_t block_tokens = 32;   ///< Positions per block.
+    /// Receives loading progress lines (layers loaded); may be empty.
+    std::function<void(const std::string&)> progress = {};
   };
 
   /// Loads the weights.
@@ -99,6 +104,9 @@ class stage_engine {
   std::size_t sampling_requests() const noexcept { return samplers_.size() + contexts_.size(); }
   /// Latent-cache blocks held.
   std::int64_t cache_blocks() const noexcept;
+  /// Tokens routed to each expert so far, `[layer * n_routed_experts + expert]` over every
+  /// layer of the model (zero outside this stage's layers). Thread-safe.
+  std::vector<std::uint64_t> routed_tokens() const;
 
  private:
   options options_;
@@ -110,6 +118,8 @@ class stage_engine {
   /// Tokens of fresh non-greedy requests whose prompt is still being prefilled, for the
   /// sampler built when they first sample.
   std::map<request_id, std::vector<std::int32_t>> contexts_;
+  mutable std::mutex routed_mutex_;
+  std::vector<std::uint64_t> routed_;
 };
 
 }  // namespace shoal::actors

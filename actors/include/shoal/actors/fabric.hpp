@@ -13,10 +13,12 @@
 #include <mutex>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace shoal::actors {
 
 class expert_engine;
+class stage_engine;
 
 /// Address book of one process. Thread-safe.
 class fabric {
@@ -27,6 +29,10 @@ class fabric {
   void register_actor(const actor_address& address, caf::actor handle);
   /// Makes an expert engine of this process callable directly by stages of `address.node`.
   void register_engine(const actor_address& address, std::shared_ptr<expert_engine> engine);
+  /// Records a stage engine of this process (for counters read by the process's front end).
+  void register_stage_engine(const actor_address& address, std::shared_ptr<stage_engine> engine);
+  /// Every stage engine of this process.
+  std::vector<std::shared_ptr<stage_engine>> stage_engines();
   /// Removes an address (idempotent).
   void unregister(const actor_address& address);
 
@@ -46,6 +52,7 @@ class fabric {
   std::mutex mutex_;
   std::map<std::pair<std::string, std::uint64_t>, caf::actor> actors_;
   std::map<std::pair<std::string, std::uint64_t>, std::shared_ptr<expert_engine>> engines_;
+  std::map<std::pair<std::string, std::uint64_t>, std::shared_ptr<stage_engine>> stage_engines_;
 };
 
 }  // namespace shoal::actors

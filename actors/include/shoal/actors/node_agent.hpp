@@ -10,6 +10,7 @@
 #include <caf/typed_event_based_actor.hpp>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -24,6 +25,8 @@ struct node_agent_options {
   std::string model_override;                      ///< Checkpoint path here, if it differs from the head's.
   int threads = 0;                                 ///< Compute threads per stage/expert actor (0: cores).
   std::chrono::milliseconds expert_timeout{30000}; ///< Deadline of a stage's expert round trip.
+  /// Receives weight-loading progress lines of the stages it starts; may be empty.
+  std::function<void(const std::string&)> progress = {};
 };
 
 /// State of a node agent.

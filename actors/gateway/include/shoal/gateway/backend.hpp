@@ -1,12 +1,13 @@
 #pragma once
 /// \file
-/// What the HTTP gateway needs from whatever generates tokens. The embedded server passes an
-/// adapter over `runtime::engine`; tests pass a scripted fake, which keeps HTTP tests fast and
+/// What the HTTP gateway needs from whatever generates tokens. The server passes an adapter
+/// over a cluster's router (in this process or on a head node); tests pass a scripted fake, which keeps HTTP tests fast and
 /// lets them stage hangs and overloads that a real engine produces only by accident.
 
 #include "shoal/runtime/engine.hpp"
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 namespace shoal {
@@ -38,8 +39,10 @@ std::unique_ptr<backend> make_engine_backend(runtime::engine& engine);
 /// Prompts go to the cluster as token ids with the request's sampling parameters; the text
 /// side (detokenization, stop strings, EOS from `tok`) runs here. `max_sequence_tokens` is
 /// the model's context; at most `max_waiting` requests are in progress at once (more get
-/// `resource_exhausted`).
+/// `resource_exhausted`). `observe`, when given, completes each stats snapshot with what the
+/// cluster itself counts (the scheduler's queue and cache gauges, routed tokens per expert).
 std::unique_ptr<backend> make_cluster_backend(shoal::client& client, const runtime::tokenizer& tok,
-                                              std::int64_t max_sequence_tokens, std::int64_t max_waiting);
+                                              std::int64_t max_sequence_tokens, std::int64_t max_waiting,
+                                              std::function<void(runtime::engine_stats&)> observe = {});
 
 }  // namespace shoal::gateway

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -191,6 +192,89 @@ TEST_CASE("a second gateway joins the running cluster by HOST:PORT; the client e
   INFO(cancelled.out);
   REQUIRE(cancelled.exit_code == 0);
   CHECK(cancelled.out.find("finish: cancelled") != std::string::npos);
+}
+
+TEST_CASE("concurrent requests: serve and serve --cluster give the same greedy answers", "[gateway][e2e][cluster]") {
+  auto& one = single();
+  auto& many = clustered();
+  // 8 requests at once to each server; they share a long system prompt, so both schedulers
+  // batch them and reuse the prefix.
+  const std::string system(600, 'x');
+  std::vector<fs::path> bodies;
+  for (int i = 0; i < 8; ++i) {
+    const auto file = kWork / ("concurrent-" + std::to_string(i) + ".json");
+    std::ofstream(file) << json{{"model", "tiny"},
+                                {"messages",
+                                 {{{"role", "system"}, {"content", system}},
+                                  {{"role", "user"}, {"content", "Question number " + std::to_string(i)}}}},
+                                {"temperature", 0},
+                                {"max_tokens", 16}}
+                               .dump();
+    bodies.push_back(file);
+  }
+  auto burst = [&](const serve_process& s, const std::string& tag) {
+    std::string script;
+    for (std::size_t i = 0; i < bodies.size(); ++i)
+      script += "curl -sS -m 120 " + s.url() + "/v1/chat/completions -H \"Content-Type: application/json\" -d @" +
+                bodies[i].string() + " > " + (kWork / (tag + std::to_string(i) + ".out")).string() + " & ";
+    script += "wait";
+    REQUIRE(run("sh -c '" + script + "'", 180).exit_code == 0);
+    std::vector<json> answers;
+    for (std::size_t i = 0; i < bodies.size(); ++i) {
+      std::ifstream in(kWork / (tag + std::to_string(i) + ".out"));
+      std::stringstream text;
+      text << in.rdbuf();
+      INFO(text.str());
+      answers.push_back(json::parse(text.str()));
+      REQUIRE(answers.back().contains("choices"));
+    }
+    return answers;
+  };
+  const auto a = burst(one, "single-"), b = burst(many, "cluster-");
+  for (std::size_t i = 0; i < bodies.size(); ++i) {
+    CAPTURE(i);
+    CHECK(content(a[i]) == content(b[i]));
+    CHECK(a[i]["usage"]["prompt_tokens"] == b[i]["usage"]["prompt_tokens"]);
+    CHECK(a[i]["usage"]["completion_tokens"] == b[i]["usage"]["completion_tokens"]);
+  }
+  // The embedded server reports the shared prefix served from its cache.
+  const auto metrics = run("curl -sS -m 10 " + one.url() + "/metrics").out;
+  const auto at = metrics.find("\nshoal_engine_cached_prompt_tokens_total ");
+  REQUIRE(at != std::string::npos);
+  CHECK(std::stoll(metrics.substr(at + 41)) > 0);
+}
+
+TEST_CASE("/ready turns 503 while a node of the cluster is frozen, and 200 again after", "[gateway][e2e][cluster]") {
+  auto& many = clustered();
+  pid_t experts1 = 0;
+  for (const auto& task : fs::directory_iterator("/proc/" + std::to_string(many.pid()) + "/task")) {
+    std::ifstream in(task.path() / "children");
+    for (pid_t pid; in >> pid;) {
+      std::ifstream cmd("/proc/" + std::to_string(pid) + "/cmdline");
+      std::string args((std::istreambuf_iterator<char>(cmd)), {});
+      if (args.find("experts1") != std::string::npos) experts1 = pid;
+    }
+  }
+  REQUIRE(experts1 > 0);
+  auto ready = [&] { return run("curl -sS -m 10 -o /dev/null -w '%{http_code}' " + many.url() + "/ready", 15).out; };
+  REQUIRE(ready() == "200");
+  REQUIRE(::kill(experts1, SIGSTOP) == 0);
+  // Idle, the gateway probes the cluster at most every 10 s and gives a probe 3 s.
+  std::string code;
+  const auto frozen_at = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - frozen_at < 30s && (code = ready()) == "200")
+    std::this_thread::sleep_for(500ms);
+  const auto took = std::chrono::duration<double>(std::chrono::steady_clock::now() - frozen_at).count();
+  ::kill(experts1, SIGCONT);
+  INFO("503 after " << took << " s");
+  CHECK(code == "503");
+  CHECK(took < 20.0);
+  // Thawed, the node answers again (the probe's step may have timed out meanwhile).
+  const auto thawed_at = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - thawed_at < 90s && (code = ready()) != "200")
+    std::this_thread::sleep_for(1s);
+  CHECK(code == "200");
+  CHECK(content(chat(many, {{"temperature", 0}, {"max_tokens", 8}})).size() > 0);
 }
 
 TEST_CASE("SIGTERM stops the cluster gateway and every node it started", "[gateway][e2e][cluster]") {

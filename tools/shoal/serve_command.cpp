@@ -14,7 +14,6 @@
 #include "shoal/gateway/server.hpp"
 #include "shoal/kernels/thread_pool.hpp"
 #include "shoal/runtime/embedded_tokenizer.hpp"
-#include "shoal/runtime/engine.hpp"
 #include "shoal/runtime/make_model.hpp"
 #include "shoal/runtime/model.hpp"
 #include "shoal/runtime/tokenizer.hpp"

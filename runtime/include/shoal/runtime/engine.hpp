@@ -1,8 +1,10 @@
 #pragma once
 /// \file
-/// The serving engine: continuous batching over a paged latent KV cache with prefix reuse.
-/// Requests arrive as token ids with sampling options and leave as streamed text deltas.
-/// One engine thread owns the model; `submit` and `cancel` may be called from any thread.
+/// The scheduler and a whole model in one thread: continuous batching over a paged latent KV
+/// cache with prefix reuse. Requests arrive as token ids with sampling options and leave as
+/// streamed text deltas. `shoal serve` does not use it (it runs the router and stage actors,
+/// which share `runtime::scheduler`); it checks the scheduler against the reference without
+/// actors, and its request and event types are the gateway's.
 
 #include "shoal/base/error.hpp"
 #include "shoal/runtime/completion.hpp"

@@ -32,9 +32,6 @@ class backend {
   virtual std::int64_t max_sequence_tokens() const = 0;
 };
 
-/// A backend over an engine that must outlive it.
-std::unique_ptr<backend> make_engine_backend(runtime::engine& engine);
-
 /// A backend over a cluster's router, reached through `client` (which must outlive it).
 /// Prompts go to the cluster as token ids with the request's sampling parameters; the text
 /// side (detokenization, stop strings, EOS from `tok`) runs here. `max_sequence_tokens` is

@@ -90,21 +90,7 @@ placement_table local_cluster::wait_ready() {
   return table;
 }
 
-std::string local_cluster::status() {
-  caf::scoped_actor self{*impl_->system};
-  std::string out;
-  std::optional<shoal::error> failure;
-  self->request(impl_->supervisor, std::chrono::seconds(10), status_atom::value)
-      .receive([&](std::string& s) { out = std::move(s); }, [&](caf::error& e) { failure = from_caf_error(e); });
-  if (failure) throw *failure;
-  std::string scheduling;
-  self->request(impl_->router, std::chrono::seconds(10), status_atom::value)
-      .receive([&](std::string& s) { scheduling = std::move(s); }, [&](caf::error& e) { failure = from_caf_error(e); });
-  if (failure) throw *failure;
-  auto j = nlohmann::json::parse(out);
-  j["scheduler"] = nlohmann::json::parse(scheduling);
-  return j.dump();
-}
+std::string local_cluster::status() { return head_status(*impl_->system, impl_->supervisor, impl_->router); }
 
 std::vector<std::uint64_t> local_cluster::routed_tokens() {
   std::vector<std::uint64_t> sum;

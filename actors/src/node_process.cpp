@@ -143,19 +143,7 @@ placement_table node_process::wait_ready() {
 
 std::string node_process::status() {
   if (!impl_->head) shoal::fail(errc::failed_precondition, "only the head node has the cluster status");
-  caf::scoped_actor self{*impl_->system};
-  std::string out;
-  std::optional<shoal::error> failure;
-  self->request(impl_->supervisor, std::chrono::seconds(10), status_atom::value)
-      .receive([&](std::string& s) { out = std::move(s); }, [&](caf::error& e) { failure = from_caf_error(e); });
-  if (failure) throw *failure;
-  std::string scheduling;
-  self->request(impl_->router, std::chrono::seconds(10), status_atom::value)
-      .receive([&](std::string& s) { scheduling = std::move(s); }, [&](caf::error& e) { failure = from_caf_error(e); });
-  if (failure) throw *failure;
-  auto j = nlohmann::json::parse(out);
-  j["scheduler"] = nlohmann::json::parse(scheduling);
-  return j.dump();
+  return head_status(*impl_->system, impl_->supervisor, impl_->router);
 }
 
 bool node_process::head_alive() const {

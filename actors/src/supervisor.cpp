@@ -3,6 +3,7 @@
 #include "shoal/actors/fabric.hpp"
 
 #include <caf/actor_cast.hpp>
+#include <caf/scoped_actor.hpp>
 #include <caf/system_messages.hpp>
 
 #include <nlohmann/json.hpp>
@@ -160,6 +161,21 @@ const char* placement_phase_name(placement_phase phase) noexcept {
     case placement_phase::stopped: return "stopped";
   }
   return "unknown";
+}
+
+std::string head_status(caf::actor_system& system, const supervisor_actor& supervisor, const router_actor& router) {
+  caf::scoped_actor self{system};
+  std::optional<shoal::error> failure;
+  auto ask = [&](const auto& actor) {
+    std::string out;
+    self->request(actor, std::chrono::seconds(10), status_atom::value)
+        .receive([&](std::string& s) { out = std::move(s); }, [&](caf::error& e) { failure = from_caf_error(e); });
+    if (failure) throw *failure;
+    return nlohmann::json::parse(out);
+  };
+  auto status = ask(supervisor);
+  status["scheduler"] = ask(router);
+  return status.dump();
 }
 
 supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_pointer<supervisor_state> self,

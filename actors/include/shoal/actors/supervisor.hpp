@@ -94,6 +94,10 @@ struct supervisor_state {
   std::vector<caf::typed_response_promise<placement_table>> waiting; ///< `ready_atom` callers.
 };
 
+/// The head's status for operators: the supervisor's membership and placement JSON with the
+/// router's scheduler counters under "scheduler". Throws the error of either actor.
+std::string head_status(caf::actor_system& system, const supervisor_actor& supervisor, const router_actor& router);
+
 /// The supervisor. `router` runs on the head node and is wired with the stages.
 supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_pointer<supervisor_state> self,
                                                 supervisor_options options, std::shared_ptr<fabric> book,

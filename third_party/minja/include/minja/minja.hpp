@@ -45,6 +45,21 @@ struct Options {
 
 struct ArgumentsValue;
 
+// shoal: bounds on one render, which Jinja2's sandbox leaves to the host. The host sets
+// `render_limits` (thread-local) around a render; nullptr (the default) means unbounded.
+struct RenderLimits {
+    size_t max_steps;   // node renders and loop iterations, all together
+    size_t max_depth;   // nesting of node renders (macro recursion)
+    size_t max_size;    // longest string or output stream
+    size_t steps = 0;
+    size_t depth = 0;
+};
+inline thread_local RenderLimits * render_limits = nullptr;
+inline void check_render_size(size_t size) {
+    if (render_limits && size > render_limits->max_size)
+        throw std::runtime_error("shoal-limit: the template produced more than " + std::to_string(render_limits->max_size) + " bytes");
+}
+
 inline std::string normalize_newlines(const std::string & s) {
 #ifdef _WIN32
   static const std::regex nl_regex("\r\n");
@@ -469,7 +484,12 @@ public:
   }
   Value operator+(const Value& rhs) const {
       if (is_string() || rhs.is_string()) {
-        return to_str() + rhs.to_str();
+        // shoal: Python adds a string only to a string ('a' + None is a TypeError in Jinja2).
+        if (!is_string() || !rhs.is_string())
+          throw std::runtime_error("unsupported operand type(s) for +: " + std::string(is_string() ? "str" : is_null() ? "NoneType" : "non-str") + " and " + std::string(rhs.is_string() ? "str" : rhs.is_null() ? "NoneType" : "non-str"));
+        auto res = to_str() + rhs.to_str();
+        check_render_size(res.size());  // shoal
+        return res;
       } else if (is_number_integer() && rhs.is_number_integer()) {
         return get<int64_t>() + rhs.get<int64_t>();
       } else if (is_array() && rhs.is_array()) {
@@ -492,6 +512,7 @@ public:
         std::ostringstream out;
         for (int64_t i = 0, n = rhs.get<int64_t>(); i < n; ++i) {
           out << to_str();
+          check_render_size(static_cast<size_t>(out.tellp()));  // shoal
         }
         return out.str();
       }
@@ -869,8 +890,20 @@ protected:
 public:
     TemplateNode(const Location & location) : location_(location) {}
     void render(std::ostringstream & out, const std::shared_ptr<Context> & context) const {
+        // shoal: count the render against the limits; nesting is undone on every exit.
+        struct depth_guard {
+            depth_guard() { if (render_limits) render_limits->depth++; }
+            ~depth_guard() { if (render_limits) render_limits->depth--; }
+        } guard;
+        if (render_limits) {
+            if (++render_limits->steps > render_limits->max_steps)
+                throw std::runtime_error("shoal-limit: the template ran more than " + std::to_string(render_limits->max_steps) + " steps");
+            if (render_limits->depth > render_limits->max_depth)
+                throw std::runtime_error("shoal-limit: the template nested deeper than " + std::to_string(render_limits->max_depth) + " levels");
+        }
         try {
             do_render(out, context);
+            check_render_size(static_cast<size_t>(out.tellp()));  // shoal
         } catch (const LoopControlException & e) {
             // TODO: make stack creation lazy. Only needed if it was thrown outside of a loop.
             std::ostringstream err;
@@ -1011,6 +1044,8 @@ public:
               auto loop_context = Context::make(Value::object(), context);
               loop_context->set("loop", loop);
               for (size_t i = 0, n = filtered_items.size(); i < n; ++i) {
+                  if (render_limits && ++render_limits->steps > render_limits->max_steps)  // shoal
+                      throw std::runtime_error("shoal-limit: the template ran more than " + std::to_string(render_limits->max_steps) + " steps");
                   auto & item = filtered_items.at(i);
                   destructuring_assign(var_names, loop_context, item);
                   loop.set("index", (int64_t) i + 1);
@@ -1374,7 +1409,7 @@ public:
 
           auto r = right->evaluate(context);
           switch (op) {
-              case Op::StrConcat: return l.to_str() + r.to_str();
+              case Op::StrConcat: return Value(l.to_str()) + Value(r.to_str());  // shoal: size-checked
               case Op::Add:       return l + r;
               case Op::Sub:       return l - r;
               case Op::Mul:       return l * r;
@@ -1451,11 +1486,11 @@ static std::string strip(const std::string & s, const std::string & chars = "", 
   return s.substr(start, end - start + 1);
 }
 
-static std::vector<std::string> split(const std::string & s, const std::string & sep) {
+static std::vector<std::string> split(const std::string & s, const std::string & sep, int64_t maxsplit = -1) {
   std::vector<std::string> result;
   size_t start = 0;
   size_t end = s.find(sep);
-  while (end != std::string::npos) {
+  while (end != std::string::npos && maxsplit-- != 0) {  // shoal: maxsplit
     result.push_back(s.substr(start, end - start));
     start = end + sep.length();
     end = s.find(sep, start);
@@ -1566,9 +1601,30 @@ public:
             auto chars = vargs.args.empty() ? "" : vargs.args[0].get<std::string>();
             return Value(strip(str, chars, /* left= */ false, /* right= */ true));
           } else if (method->get_name() == "split") {
-            vargs.expectArgs("split method", {1, 1}, {0, 0});
-            auto sep = vargs.args[0].get<std::string>();
-            auto parts = split(str, sep);
+            // shoal: Python's split(sep=None, maxsplit=-1), positional or by name.
+            vargs.expectArgs("split method", {0, 2}, {0, 2});
+            Value sep_value = vargs.args.size() > 0 ? vargs.args[0] : vargs.get_named("sep");
+            Value max_value = vargs.args.size() > 1 ? vargs.args[1] : vargs.get_named("maxsplit");
+            int64_t maxsplit = max_value.is_null() ? -1 : max_value.get<int64_t>();
+            std::vector<std::string> parts;
+            if (sep_value.is_null()) {
+              static const char * ws = " \t\n\r\f\v";
+              size_t pos = str.find_first_not_of(ws);
+              while (pos != std::string::npos) {
+                if (maxsplit-- == 0) {
+                  auto last = str.find_last_not_of(ws);
+                  parts.push_back(str.substr(pos, last - pos + 1));
+                  break;
+                }
+                auto stop = str.find_first_of(ws, pos);
+                parts.push_back(str.substr(pos, stop == std::string::npos ? std::string::npos : stop - pos));
+                pos = stop == std::string::npos ? stop : str.find_first_not_of(ws, stop);
+              }
+            } else {
+              auto sep = sep_value.get<std::string>();
+              if (sep.empty()) throw std::runtime_error("split: empty separator");
+              parts = split(str, sep, maxsplit);
+            }
             Value result = Value::array();
             for (const auto& part : parts) {
               result.push_back(Value(part));
@@ -3076,6 +3132,9 @@ inline std::shared_ptr<Context> Context::builtins() {
     int64_t step = param_set[2] ? startEndStep[2] : 1;
 
     auto res = Value::array();
+    // shoal: a range longer than the step budget could not be iterated anyway.
+    if (render_limits && step != 0 && (end - start) / step > static_cast<int64_t>(render_limits->max_steps))
+      throw std::runtime_error("shoal-limit: range() longer than " + std::to_string(render_limits->max_steps));
     if (step > 0) {
       for (int64_t i = start; i < end; i += step) {
         res.push_back(Value(i));

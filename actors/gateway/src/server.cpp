@@ -331,9 +331,13 @@ class session : public std::enable_shared_from_this<session> {
     try {
       if (kind == endpoint::chat) {
         if (!srv_.tmpl) throw api_error(400, "invalid_request_error", srv_.tmpl_error, "messages");
-        const auto text = srv_.tmpl->render(parsed.messages, /*add_generation_prompt=*/true);
-        // R1 templates open the reasoning in the prompt; the output then starts inside it.
-        opened_think = text.ends_with("<think>\n") || text.ends_with("<think>");
+        runtime::chat_render_options options;
+        options.add_generation_prompt = true;
+        options.kwargs_json = parsed.chat_template_kwargs;
+        const auto text = srv_.tmpl->render(parsed.messages, options);
+        // Templates that open the reasoning in the prompt (DeepSeek-R1's `<think>\n`, V3.1's
+        // `<think>` when thinking): the output then starts inside it.
+        opened_think = runtime::prompt_opens_reasoning(text);
         srv_.tok.encode_into(text, prompt);
       } else if (parsed.prompt_tokens) {
         prompt = *parsed.prompt_tokens;

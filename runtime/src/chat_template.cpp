@@ -12,11 +12,12 @@ namespace {
 
 using ojson = nlohmann::ordered_json;
 
-// Bounds on one render. DeepSeek's templates take a few hundred steps per message; these
-// leave room for long conversations and refuse a template that loops away or recurses.
-constexpr std::size_t kMaxRenderSteps = 4'000'000;
+// Bounds on one render. DeepSeek's templates take a few dozen steps per message, and a prompt
+// fits a context of at most a few hundred thousand tokens; these leave room for the longest
+// conversations (tested: 20000 messages) and stop a template that loops away or recurses.
+constexpr std::size_t kMaxRenderSteps = 1'000'000;
 constexpr std::size_t kMaxRenderDepth = 256;
-constexpr std::size_t kMaxRenderBytes = 256u << 20;
+constexpr std::size_t kMaxRenderBytes = 32u << 20;
 
 // minja appends " at row R, column C:" and the source lines around it to every error, once per
 // enclosing node. Keep the message and the innermost position only: chat templates are often

@@ -19,7 +19,7 @@ namespace {
 
 const fs::path kWork = SHOAL_GATEWAY_WORK_DIR;
 const fs::path kTemplate = fs::path(SHOAL_TEST_DATA_DIR) / "chat_templates" / "deepseek-r1-think.jinja";
-const fs::path kRenderScript = fs::path(SHOAL_TEST_SOURCE_DIR) / "runtime" / "render_chat_template.py";
+const fs::path kRenderScript = fs::path(SHOAL_TEST_DATA_DIR).parent_path() / "runtime" / "render_chat_template.py";
 
 // The tiny model with R1's template in place of V3's.
 fs::path r1_model() {

@@ -104,7 +104,7 @@ std::vector<nlohmann::json> render_with_jinja(const fs::path& template_path, con
   nlohmann::json all = nlohmann::json::array();
   for (const auto& c : cases) all.push_back(to_json(c));
   std::ofstream(dir / "cases.json") << all.dump();
-  const std::string script = fs::path(__FILE__).parent_path() / "render_chat_template.py";
+  const std::string script = fs::path(SHOAL_TEST_DATA_DIR).parent_path() / "runtime" / "render_chat_template.py";
   const std::string command = std::string(kPython) + " " + script + " '" + template_path.string() + "' '" + kBos + "' '" +
                               kEos + "' " + (dir / "cases.json").string() + " > " + (dir / "out.json").string();
   const int rc = std::system(command.c_str());
@@ -323,6 +323,16 @@ TEST_CASE("chat templates: refusals while rendering are per request, with the te
 }
 
 TEST_CASE("chat templates: rendering is bounded", "[chat]") {
+  // The bounds leave room for conversations far longer than any context.
+  std::vector<chat_message> long_chat;
+  for (int i = 0; i < 10000; ++i) {
+    long_chat.push_back(msg("user", "question " + std::to_string(i)));
+    long_chat.push_back(msg("assistant", "<think>hmm</think>answer"));
+  }
+  for (const auto& file : template_files()) {
+    INFO(file);
+    CHECK(chat_template::from_source(read_file(file), kBos, kEos).render(long_chat, true).size() > 200000);
+  }
   const std::vector<chat_message> hi = {msg("user", "hi")};
   for (const char* source : {
            "{% for i in range(100000000) %}x{% endfor %}",                                      // a long loop

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <ctime>
 
 namespace shoal::runtime {
 namespace {
@@ -197,6 +198,17 @@ std::string chat_template::render(std::span<const chat_message> messages, const 
   limits_scope limits;
   try {
     auto context = minja::Context::make(minja::Value(vars));
+    // Hugging Face's other global (Llama 3's templates print today's date with it).
+    context->set("strftime_now", minja::Value::callable([](const std::shared_ptr<minja::Context>&, minja::ArgumentsValue& args) {
+      args.expectArgs("strftime_now", {1, 1}, {0, 0});
+      const auto format = args.args[0].get<std::string>();
+      const std::time_t now = std::time(nullptr);
+      std::tm local{};
+      localtime_r(&now, &local);
+      char text[256];
+      const auto n = std::strftime(text, sizeof text, format.c_str(), &local);
+      return minja::Value(std::string(text, n));
+    }));
     return impl_->root->render(context);
   } catch (const std::exception& e) {
     const std::string what = e.what();

@@ -98,3 +98,24 @@ TEST_CASE("a checkpoint with DeepSeek-R1's published template chats over HTTP", 
   CHECK(bad.out.ends_with(" 400"));
   CHECK(bad.out.find("chat_template_kwargs") != std::string::npos);
 }
+
+TEST_CASE("a template that cannot be parsed is reported at start-up; completions still work", "[gateway][e2e][jinja]") {
+  const auto dir = kWork / "tiny-broken";
+  fs::remove_all(dir);
+  fs::copy(r1_model(), dir, fs::copy_options::recursive);
+  auto config = json::parse(std::ifstream(dir / "tokenizer_config.json"));
+  config["chat_template"] = "{% for message in messages %}\n{{ message['content'] }}\n{% endif %}";
+  std::ofstream(dir / "tokenizer_config.json") << config.dump(2);
+  serve_process s("serve-broken", {"serve", "--model", dir.string(), "--port", "0", "--threads", "2", "--cache-mb", "64",
+                                   "--drain-seconds", "1"});
+  INFO(s.log());
+  CHECK(s.log().find("chat requests will be refused") != std::string::npos);
+  CHECK(s.log().find("Unterminated for (line 1, column 1)") != std::string::npos);
+  const auto chat = run("curl -sS -m 60 -w ' %{http_code}' " + s.url() +
+                        "/v1/chat/completions -d '{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'");
+  CHECK(chat.out.ends_with(" 400"));
+  CHECK(chat.out.find("chat_template") != std::string::npos);
+  const auto completion = run("curl -sS -m 60 -o /dev/null -w '%{http_code}' " + s.url() +
+                              "/v1/completions -d '{\"prompt\": \"hi\", \"max_tokens\": 2}'");
+  CHECK(completion.out == "200");
+}

@@ -8,11 +8,13 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <thread>
 
 using namespace shoal;
 using namespace shoal::runtime;
@@ -292,9 +294,10 @@ TEST_CASE("chat templates: a template that cannot be parsed is refused when load
     }
   }
   CHECK_THROWS_AS(chat_template::from_source("", kBos, kEos), shoal::error);
-  // Templates nobody at DeepSeek wrote are rendered too.
+  // Templates nobody at DeepSeek wrote are rendered too, with Hugging Face's strftime_now.
   const std::vector<chat_message> hi = {msg("user", "hi")};
   CHECK(chat_template::from_source("{{ messages[0]['content'] }}", kBos, kEos).render(hi, true) == "hi");
+  CHECK(chat_template::from_source("{{ strftime_now('%Y') | length }}", kBos, kEos).render(hi, true) == "4");
 }
 
 TEST_CASE("chat templates: refusals while rendering are per request, with the template's message", "[chat]") {
@@ -350,6 +353,25 @@ TEST_CASE("chat templates: rendering is bounded", "[chat]") {
       CHECK(e.code() == errc::invalid_argument);
     }
   }
+}
+
+TEST_CASE("chat templates: one template renders from several threads at once", "[chat]") {
+  const auto tmpl = chat_template::from_source(read_file(kTemplates / "deepseek-v3.1.jinja"), kBos, kEos);
+  const auto cases = random_cases(40);
+  std::vector<std::string> want;
+  for (const auto& c : cases) want.push_back(tmpl.render(c.messages, options_of(c)));
+  std::atomic<int> mismatches{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < 20; ++round)
+        for (std::size_t i = 0; i < cases.size(); ++i) {
+          const auto& c = cases[(i + static_cast<std::size_t>(t)) % cases.size()];
+          if (tmpl.render(c.messages, options_of(c)) != want[(i + static_cast<std::size_t>(t)) % cases.size()]) ++mismatches;
+        }
+    });
+  for (auto& th : threads) th.join();
+  CHECK(mismatches == 0);
 }
 
 TEST_CASE("chat templates: OpenAI-style JSON messages parse into what the template renders", "[chat][jinja]") {

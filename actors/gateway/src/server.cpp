@@ -701,7 +701,10 @@ server_core::server_core(backend& b, const runtime::tokenizer& t, server_options
   try {
     tmpl = runtime::chat_template::for_tokenizer(tok);
   } catch (const shoal::error& e) {
+    // Found once, at start-up (a template that cannot be parsed, or none): said in the log
+    // now, and to every chat request, while plain completions are served.
     tmpl_error = fmt::format("this model has no usable chat template ({}); use /v1/completions", e.what());
+    if (opt.log) opt.log(fmt::format("chat requests will be refused: {}", tmpl_error));
   }
   created = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
   try {

@@ -2,10 +2,12 @@
 /// \file
 /// Conversations to prompt text: the Jinja `chat_template` of a checkpoint's
 /// tokenizer_config.json, rendered as Hugging Face's `apply_chat_template(tokenize=False)`
-/// renders it (Jinja2 with `trim_blocks` and `lstrip_blocks`, `raise_exception`, `tojson`).
+/// renders it (Jinja2 with `trim_blocks` and `lstrip_blocks`, `raise_exception`, `tojson`,
+/// `strftime_now`).
 /// The template is parsed once, when it is loaded: a template that cannot be parsed is
-/// refused there, with its line, and never fails a request later. Rendering is bounded (steps,
-/// nesting, size) and has no access to files or the environment.
+/// refused there, naming its line, rather than on each request. A render fails only when the
+/// template refuses the conversation (`raise_exception`, or an operation Jinja2 fails on).
+/// Rendering is bounded (steps, nesting, size) and has no access to files.
 
 #include "shoal/runtime/tokenizer.hpp"
 

@@ -215,9 +215,9 @@ generation_body parse_request(std::string_view body, endpoint kind, std::string_
           bad("chat_template_kwargs", fmt::format("'chat_template_kwargs' must be an object, not {}", type_name(*kw)));
         out.chat_template_kwargs = kw->dump();
       }
-    }
-    else
+    } else {
       parse_prompt(root, out);
+    }
     out.stream = boolean(root, "stream", false);
     if (const json* so = field(root, "stream_options")) {
       if (!so->is_object()) bad("stream_options", "'stream_options' must be an object");

@@ -407,3 +407,47 @@ TEST_CASE("chat templates: OpenAI-style JSON messages parse into what the templa
     CHECK_THROWS_AS(parse_chat_messages(bad), shoal::error);
   }
 }
+
+TEST_CASE("fuzz: any template text parses or is refused, and renders or is refused", "[chat][fuzz]") {
+  std::mt19937_64 rng(7);
+  std::vector<std::string> seeds;
+  for (const auto& file : template_files()) seeds.push_back(read_file(file));
+  seeds.push_back("{% macro m(a, b=1) %}{{ a ~ b }}{% endmacro %}{% for x in messages if x.role != 'tool' %}"
+                  "{{ loop.index }}{{ m(x.content | default('') | trim, b=loop.length) }}{% else %}none{% endfor %}"
+                  "{{ (tools or []) | tojson }}{{ 'a,b'.split(',') | join('-') }}{% set n = namespace(k=0) %}");
+  const std::vector<std::string> pieces = {"{%", "%}", "{{", "}}", "{#", "#}", "{%-", "-%}", "(", ")", "[", "]", "'", "\"",
+                                           " if ", " else ", " endif ", " for ", " in ", " endfor ", " set ", "|", ".",
+                                           "messages", "loop", "ns.", "+", "*", "~", "not ", " is ", "none", "\n", "\\",
+                                           "0", "-1", "range(", "raise_exception('x')", "<｜User｜>", "\xff", "\xc3"};
+  const std::vector<chat_message> conversation = {msg("system", "s"), msg("user", "q"), calls({call("f", "{}")}),
+                                                  msg("tool", "r"), msg("assistant", "<think>t</think>a")};
+  int parsed = 0, rendered = 0;
+  for (int i = 0; i < 3000; ++i) {
+    std::string source = seeds[rng() % seeds.size()];
+    for (int edits = 1 + static_cast<int>(rng() % 4); edits > 0; --edits) {
+      const auto at = source.empty() ? 0 : rng() % source.size();
+      switch (rng() % 3) {
+        case 0: source.insert(at, pieces[rng() % pieces.size()]); break;
+        case 1: source.erase(at, 1 + rng() % 8); break;
+        default: if (!source.empty()) source[at] = static_cast<char>(rng()); break;
+      }
+    }
+    std::optional<chat_template> tmpl;
+    try {
+      tmpl = chat_template::from_source(source, kBos, kEos);
+      ++parsed;
+    } catch (const shoal::error& e) {
+      CHECK(e.code() == errc::failed_precondition);
+      continue;
+    }
+    try {
+      (void)tmpl->render(conversation, {rng() % 2 == 0, kTools, R"({"thinking": true})"});
+      ++rendered;
+    } catch (const shoal::error& e) {
+      CHECK(e.code() == errc::invalid_argument);
+    }
+  }
+  // The mutations must reach the renderer, not only the parser.
+  CHECK(parsed > 300);
+  CHECK(rendered > 100);
+}

@@ -1,115 +1,88 @@
 #include "shoal/runtime/chat_template.hpp"
 
 #include "shoal/base/error.hpp"
-#include "shoal/runtime/embedded_tokenizer.hpp"
 
+#include <minja/minja.hpp>
 #include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <ctime>
 
 namespace shoal::runtime {
 namespace {
 
-// The reference text of the DeepSeek-V3 template is the one embedded with the tokenizer.
-std::string deepseek_v3_template_source() {
-  return nlohmann::json::parse(deepseek_v3_tokenizer_config_json()).at("chat_template").get<std::string>();
+using ojson = nlohmann::ordered_json;
+
+// Bounds on one render. DeepSeek's templates take a few dozen steps per message, and a prompt
+// fits a context of at most a few hundred thousand tokens; these leave room for the longest
+// conversations (tested: 20000 messages) and stop a template that loops away or recurses.
+constexpr std::size_t kMaxRenderSteps = 1'000'000;
+constexpr std::size_t kMaxRenderDepth = 256;
+constexpr std::size_t kMaxRenderBytes = 32u << 20;
+
+// minja appends " at row R, column C:" and the source lines around it to every error, once per
+// enclosing node. Keep the message and the innermost position only: chat templates are often
+// one line of several kilobytes.
+std::string short_error(std::string_view what) {
+  constexpr std::string_view kAt = " at row ";
+  const auto at = what.find(kAt);
+  if (at == std::string_view::npos) return std::string(what);
+  std::string message(what.substr(0, at));
+  const auto colon = what.find(':', at);
+  const auto where = what.substr(at + kAt.size(), colon == std::string_view::npos ? std::string_view::npos : colon - at - kAt.size());
+  // "R, column C" -> "line R, column C"
+  return message + " (line " + std::string(where) + ")";
 }
 
-constexpr std::string_view kV3AssistantTurn = "{{'<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}";
-constexpr std::string_view kR1AssistantTurn =
-    "{% set content = message['content'] %}{% if '</think>' in content %}{% set content = "
-    "content.split('</think>')[-1] %}{% endif %}{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}";
-constexpr std::string_view kV3GenerationPrompt = "{{'<｜Assistant｜>'}}{% endif %}";
-constexpr std::string_view kR1GenerationPrompt = "{{'<｜Assistant｜><think>\\n'}}{% endif %}";
-
-// DeepSeek-R1's template is V3's with two changes: earlier assistant turns lose their
-// reasoning (everything up to the last </think>), and the generation prompt opens <think>.
-std::string deepseek_r1_template_source() {
-  std::string source = deepseek_v3_template_source();
-  const auto turn = source.find(kV3AssistantTurn);
-  SHOAL_REQUIRE(turn != std::string::npos, "the V3 template has no assistant turn to derive R1's from");
-  source.replace(turn, kV3AssistantTurn.size(), kR1AssistantTurn);
-  const auto prompt = source.rfind(kV3GenerationPrompt);
-  SHOAL_REQUIRE(prompt != std::string::npos, "the V3 template has no generation prompt to derive R1's from");
-  source.replace(prompt, kV3GenerationPrompt.size(), kR1GenerationPrompt);
-  return source;
-}
-
-const std::string& required_content(const chat_message& m, std::size_t index) {
-  if (!m.content)
-    shoal::fail(errc::invalid_argument, "chat message {} ({}) has no content; only an assistant message with "
-                "tool_calls may have null content", index, m.role);
-  return *m.content;
-}
-
-// A line-by-line transcription of the DeepSeek-V3 (and, with `r1`, R1) Jinja template; the quirks (a single tool
-// call gets no <｜tool▁calls▁end｜>, `is_first` never resets between assistant turns) are the
-// template's and are kept so that prompts match what the model was trained and served with.
-std::string render_deepseek(std::span<const chat_message> messages, bool add_generation_prompt, const std::string& bos,
-                            bool r1) {
-  bool is_first = false, is_tool = false, is_output_first = true, is_first_sp = true;
-  std::string system_prompt;
-  for (std::size_t i = 0; i < messages.size(); ++i) {
-    const auto& m = messages[i];
-    if (m.role != "system") continue;
-    if (is_first_sp) {
-      system_prompt += required_content(m, i);
-      is_first_sp = false;
-    } else {
-      system_prompt += "\n\n" + required_content(m, i);
+ojson message_json(const chat_message& m) {
+  ojson j = ojson::object();
+  j["role"] = m.role;
+  j["content"] = m.content ? ojson(*m.content) : ojson(nullptr);
+  if (m.reasoning_content) j["reasoning_content"] = *m.reasoning_content;
+  if (!m.tool_calls.empty()) {
+    ojson calls = ojson::array();
+    for (const auto& c : m.tool_calls) {
+      ojson call = ojson::object();
+      if (!c.id.empty()) call["id"] = c.id;
+      call["type"] = c.type;
+      call["function"] = ojson{{"name", c.name}, {"arguments", c.arguments}};
+      calls.push_back(std::move(call));
     }
+    j["tool_calls"] = std::move(calls);
   }
-  std::string out = bos + system_prompt;
-  for (std::size_t i = 0; i < messages.size(); ++i) {
-    const auto& m = messages[i];
-    if (m.role == "user") {
-      is_tool = false;
-      out += "<｜User｜>" + required_content(m, i);
-    }
-    if (m.role == "assistant" && !m.content) {
-      is_tool = false;
-      for (const auto& tool : m.tool_calls) {
-        if (!is_first) {
-          out += "<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>" + tool.type + "<｜tool▁sep｜>" + tool.name +
-                 "\n```json\n" + tool.arguments + "\n```<｜tool▁call▁end｜>";
-          is_first = true;
-        } else {
-          out += "\n<｜tool▁call▁begin｜>" + tool.type + "<｜tool▁sep｜>" + tool.name + "\n```json\n" + tool.arguments +
-                 "\n```<｜tool▁call▁end｜>";
-          out += "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>";
-        }
-      }
-    }
-    if (m.role == "assistant" && m.content) {
-      if (is_tool) {
-        out += "<｜tool▁outputs▁end｜>" + *m.content + "<｜end▁of▁sentence｜>";
-        is_tool = false;
-      } else if (r1) {
-        // Jinja's content.split('</think>')[-1]: the text after the last </think>.
-        const auto close = m.content->rfind("</think>");
-        const std::string_view answer =
-            close == std::string::npos ? std::string_view(*m.content) : std::string_view(*m.content).substr(close + 8);
-        out += "<｜Assistant｜>";
-        out += answer;
-        out += "<｜end▁of▁sentence｜>";
-      } else {
-        out += "<｜Assistant｜>" + *m.content + "<｜end▁of▁sentence｜>";
-      }
-    }
-    if (m.role == "tool") {
-      is_tool = true;
-      if (is_output_first) {
-        out += "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>" + required_content(m, i) + "<｜tool▁output▁end｜>";
-        is_output_first = false;
-      } else {
-        out += "\n<｜tool▁output▁begin｜>" + required_content(m, i) + "<｜tool▁output▁end｜>";
-      }
-    }
-  }
-  if (is_tool) out += "<｜tool▁outputs▁end｜>";
-  if (add_generation_prompt && !is_tool) out += r1 ? "<｜Assistant｜><think>\n" : "<｜Assistant｜>";
-  return out;
+  if (!m.tool_call_id.empty()) j["tool_call_id"] = m.tool_call_id;
+  return j;
 }
+
+ojson parse_option(const std::string& text, const char* what, bool object) {
+  ojson v;
+  try {
+    v = ojson::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    shoal::fail(errc::invalid_argument, "{} is not valid JSON: {}", what, e.what());
+  }
+  if (object ? !v.is_object() : !v.is_array())
+    shoal::fail(errc::invalid_argument, "{} must be a JSON {}", what, object ? "object" : "array");
+  return v;
+}
+
+// Sets minja's per-render limits for the current thread and clears them on every exit.
+struct limits_scope {
+  minja::RenderLimits limits{kMaxRenderSteps, kMaxRenderDepth, kMaxRenderBytes};
+  minja::RenderLimits* previous = minja::render_limits;
+  limits_scope() { minja::render_limits = &limits; }
+  ~limits_scope() { minja::render_limits = previous; }
+  limits_scope(const limits_scope&) = delete;
+  limits_scope& operator=(const limits_scope&) = delete;
+};
 
 }  // namespace
+
+struct chat_template::impl {
+  std::string source;
+  std::string bos, eos;
+  std::shared_ptr<minja::TemplateNode> root;
+};
 
 std::vector<chat_message> parse_chat_messages(std::string_view json) {
   nlohmann::json root;
@@ -125,7 +98,7 @@ std::vector<chat_message> parse_chat_messages(std::string_view json) {
     const auto& m = root[i];
     auto bad = [&](std::string_view what) { shoal::fail(errc::invalid_argument, "chat message {}: {}", i, what); };
     if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) bad("expected an object with a string \"role\"");
-    chat_message out{m["role"].get<std::string>(), std::nullopt, {}};
+    chat_message out{m["role"].get<std::string>(), std::nullopt};
     if (m.contains("content") && !m["content"].is_null()) {
       const auto& c = m["content"];
       if (c.is_string()) {
@@ -140,6 +113,14 @@ std::vector<chat_message> parse_chat_messages(std::string_view json) {
         bad("\"content\" must be a string, null or an array of parts");
       }
     }
+    if (m.contains("reasoning_content") && !m["reasoning_content"].is_null()) {
+      if (!m["reasoning_content"].is_string()) bad("\"reasoning_content\" must be a string");
+      out.reasoning_content = m["reasoning_content"].get<std::string>();
+    }
+    if (m.contains("tool_call_id") && !m["tool_call_id"].is_null()) {
+      if (!m["tool_call_id"].is_string()) bad("\"tool_call_id\" must be a string");
+      out.tool_call_id = m["tool_call_id"].get<std::string>();
+    }
     if (m.contains("tool_calls") && !m["tool_calls"].is_null()) {
       if (!m["tool_calls"].is_array()) bad("\"tool_calls\" must be an array");
       for (const auto& call : m["tool_calls"]) {
@@ -152,6 +133,7 @@ std::vector<chat_message> parse_chat_messages(std::string_view json) {
         tc.name = fn["name"].get<std::string>();
         if (fn.contains("arguments"))
           tc.arguments = fn["arguments"].is_string() ? fn["arguments"].get<std::string>() : fn["arguments"].dump();
+        if (call.contains("id") && call["id"].is_string()) tc.id = call["id"].get<std::string>();
         out.tool_calls.push_back(std::move(tc));
       }
     }
@@ -160,37 +142,81 @@ std::vector<chat_message> parse_chat_messages(std::string_view json) {
   return messages;
 }
 
-chat_template chat_template::from_source(std::string_view source, std::string bos_token) {
+chat_template chat_template::from_source(std::string_view source, std::string bos_token, std::string eos_token) {
   if (source.empty())
     shoal::fail(errc::failed_precondition, "the tokenizer has no chat_template (tokenizer_config.json); use a plain "
                 "prompt instead of chat messages");
-  if (source == deepseek_v3_template_source()) return chat_template(chat_template_kind::deepseek_v3, std::move(bos_token));
-  if (source == deepseek_r1_template_source()) return chat_template(chat_template_kind::deepseek_r1, std::move(bos_token));
-  shoal::fail(errc::failed_precondition,
-              "the checkpoint's chat_template ({} bytes) is not one Shoal can render (known: the DeepSeek-V3 "
-              "and DeepSeek-R1 templates); rendering it differently would silently change the prompt. Use a plain prompt, or "
-              "replace chat_template in tokenizer_config.json with the DeepSeek-V3 one if the model uses that format",
-              source.size());
-}
-
-std::string chat_template::known_source(chat_template_kind kind) {
-  switch (kind) {
-    case chat_template_kind::deepseek_v3: return deepseek_v3_template_source();
-    case chat_template_kind::deepseek_r1: return deepseek_r1_template_source();
+  auto p = std::make_shared<impl>();
+  p->source = std::string(source);
+  p->bos = std::move(bos_token);
+  p->eos = std::move(eos_token);
+  // As Hugging Face's apply_chat_template: trim_blocks and lstrip_blocks, and Jinja2's default
+  // of dropping one trailing newline.
+  const minja::Options options{/*trim_blocks=*/true, /*lstrip_blocks=*/true, /*keep_trailing_newline=*/false};
+  try {
+    p->root = minja::Parser::parse(p->source, options);
+  } catch (const std::exception& e) {
+    shoal::fail(errc::failed_precondition, "the checkpoint's chat_template cannot be parsed: {}. Fix chat_template in "
+                "tokenizer_config.json, or use plain prompts", short_error(e.what()));
   }
-  SHOAL_REQUIRE(false, "unhandled chat template kind {}", static_cast<int>(kind));
+  return chat_template(std::move(p));
 }
 
 chat_template chat_template::for_tokenizer(const tokenizer& tok) {
-  return from_source(tok.chat_template_source(), tok.bos_token());
+  return from_source(tok.chat_template_source(), tok.bos_token(), tok.eos_token());
 }
 
+const std::string& chat_template::source() const { return impl_->source; }
+
 std::string chat_template::render(std::span<const chat_message> messages, bool add_generation_prompt) const {
-  switch (kind_) {
-    case chat_template_kind::deepseek_v3: return render_deepseek(messages, add_generation_prompt, bos_, false);
-    case chat_template_kind::deepseek_r1: return render_deepseek(messages, add_generation_prompt, bos_, true);
+  chat_render_options options;
+  options.add_generation_prompt = add_generation_prompt;
+  return render(messages, options);
+}
+
+std::string chat_template::render(std::span<const chat_message> messages, const chat_render_options& options) const {
+  // The variables apply_chat_template passes: the special tokens, then the caller's kwargs
+  // (which may replace them), then messages, tools, documents and add_generation_prompt.
+  ojson vars = ojson::object();
+  vars["bos_token"] = impl_->bos;
+  vars["eos_token"] = impl_->eos;
+  if (!options.kwargs_json.empty()) {
+    const ojson kwargs = parse_option(options.kwargs_json, "chat_template_kwargs", true);
+    for (const auto& [key, value] : kwargs.items()) {
+      if (key == "messages" || key == "tools" || key == "documents" || key == "add_generation_prompt")
+        shoal::fail(errc::invalid_argument, "chat_template_kwargs may not set '{}'", key);
+      vars[key] = value;
+    }
   }
-  SHOAL_REQUIRE(false, "unhandled chat template kind {}", static_cast<int>(kind_));
+  ojson list = ojson::array();
+  for (const auto& m : messages) list.push_back(message_json(m));
+  vars["messages"] = std::move(list);
+  vars["tools"] = options.tools_json.empty() ? ojson(nullptr) : parse_option(options.tools_json, "tools", false);
+  vars["documents"] = nullptr;
+  vars["add_generation_prompt"] = options.add_generation_prompt;
+
+  limits_scope limits;
+  try {
+    auto context = minja::Context::make(minja::Value(vars));
+    // Hugging Face's other global (Llama 3's templates print today's date with it).
+    context->set("strftime_now", minja::Value::callable([](const std::shared_ptr<minja::Context>&, minja::ArgumentsValue& args) {
+      args.expectArgs("strftime_now", {1, 1}, {0, 0});
+      const auto format = args.args[0].get<std::string>();
+      const std::time_t now = std::time(nullptr);
+      std::tm local{};
+      localtime_r(&now, &local);
+      char text[256];
+      const auto n = std::strftime(text, sizeof text, format.c_str(), &local);
+      return minja::Value(std::string(text, n));
+    }));
+    return impl_->root->render(context);
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    if (what.starts_with("shoal-limit: "))
+      shoal::fail(errc::invalid_argument, "the chat template exceeded a bound while rendering this conversation: {}",
+                  short_error(std::string_view(what).substr(13)));
+    shoal::fail(errc::invalid_argument, "the chat template refused this conversation: {}", short_error(what));
+  }
 }
 
 }  // namespace shoal::runtime

@@ -93,6 +93,11 @@ reasoning_split reasoning_parser::finish() {
   return out;
 }
 
+bool prompt_opens_reasoning(std::string_view prompt) {
+  const auto end = prompt.find_last_not_of(" \t\r\n");
+  return end != std::string_view::npos && prompt.substr(0, end + 1).ends_with("<think>");
+}
+
 reasoning_split split_reasoning(std::string_view text, bool starts_in_reasoning) {
   reasoning_parser parser(starts_in_reasoning);
   reasoning_split out = parser.push(text);

@@ -36,6 +36,27 @@ TEST_CASE("requests in the forms OpenAI clients send them", "[gateway][api]") {
   CHECK(c.model.empty());
 }
 
+TEST_CASE("chat template inputs: kwargs, earlier reasoning, tool call ids", "[gateway][api]") {
+  const auto r = parse_request(R"({"messages":[{"role":"user","content":"q"},
+      {"role":"assistant","content":null,"reasoning_content":"why","tool_calls":[{"id":"call_1","type":"function",
+        "function":{"name":"f","arguments":"{}"}}]},
+      {"role":"tool","tool_call_id":"call_1","content":"r"}],"chat_template_kwargs":{"thinking":true,"x":[1]}})",
+                               endpoint::chat, "m");
+  REQUIRE(r.messages.size() == 3);
+  CHECK(r.messages[1].reasoning_content == "why");
+  CHECK(r.messages[1].tool_calls.at(0).id == "call_1");
+  CHECK(r.messages[2].tool_call_id == "call_1");
+  CHECK(nlohmann::json::parse(r.chat_template_kwargs) == nlohmann::json{{"thinking", true}, {"x", {1}}});
+  CHECK(parse_request(R"({"messages":[{"role":"user","content":"q"}],"chat_template_kwargs":null})", endpoint::chat, "m")
+            .chat_template_kwargs.empty());
+  for (const char* bad : {R"({"messages":[{"role":"user","content":"q"}],"chat_template_kwargs":"thinking"})",
+                          R"({"messages":[{"role":"assistant","content":"a","reasoning_content":3}]})",
+                          R"({"messages":[{"role":"tool","content":"a","tool_call_id":{}}]})"}) {
+    INFO(bad);
+    CHECK_THROWS_AS(parse_request(bad, endpoint::chat, "m"), api_error);
+  }
+}
+
 TEST_CASE("error bodies have OpenAI's shape", "[gateway][api]") {
   try {
     parse_request(R"({"model":"other","messages":[]})", endpoint::chat, "m");

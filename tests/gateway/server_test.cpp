@@ -10,7 +10,9 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <fstream>
 #include <random>
+#include <sstream>
 #include <thread>
 
 using namespace shoal;
@@ -241,6 +243,89 @@ TEST_CASE("R1 reasoning goes to reasoning_content, streamed and not", "[gateway]
   }
   CHECK(reasoning == "Let me think.");
   CHECK(content == "The answer is 4.");
+}
+
+// The embedded tokenizer with another chat_template, as a checkpoint carrying it would load.
+runtime::tokenizer tokenizer_with_template(const std::string& template_file) {
+  std::ifstream in(std::string(SHOAL_TEST_DATA_DIR) + "/chat_templates/" + template_file);
+  std::stringstream text;
+  text << in.rdbuf();
+  auto config = json::parse(runtime::deepseek_v3_tokenizer_config_json());
+  config["chat_template"] = text.str();
+  return runtime::tokenizer::from_json(runtime::deepseek_v3_tokenizer_json(), config.dump());
+}
+
+TEST_CASE("a template whose prompt opens <think>: the output starts inside the reasoning", "[gateway]") {
+  const auto tok = tokenizer_with_template("deepseek-r1-think.jinja");
+  fake_options fo;
+  fo.pieces = {"\nLet me", " think.", "\n</think>", "\n\nThe answer", " is 4."};  // no <think>: the prompt had it
+  fake_backend back(fo);
+  server srv(back, tok, test_options());
+  auto r = request(srv.port(), post("/v1/chat/completions", kChat));
+  REQUIRE(r.status == 200);
+  const auto j = body_json(r);
+  CHECK(j["choices"][0]["message"]["reasoning_content"] == "Let me think.");
+  CHECK(j["choices"][0]["message"]["content"] == "The answer is 4.");
+  const auto submitted = back.submitted();
+  REQUIRE(submitted.size() == 1);
+  CHECK(tok.decode(submitted[0].prompt, false) == "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>\n");
+  CHECK(j["usage"]["prompt_tokens"] == static_cast<std::int64_t>(submitted[0].prompt.size()));
+  auto s = request(srv.port(), post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"Hi"}],"stream":true})"));
+  REQUIRE(s.complete);
+  std::string reasoning, content;
+  for (const auto& e : sse_events(s)) {
+    if (e == "[DONE]") continue;
+    const auto d = json::parse(e)["choices"][0]["delta"];
+    if (d.contains("reasoning_content")) reasoning += d["reasoning_content"].get<std::string>();
+    if (d.contains("content")) content += d["content"].get<std::string>();
+  }
+  CHECK(reasoning == "Let me think.");
+  CHECK(content == "The answer is 4.");
+}
+
+TEST_CASE("chat_template_kwargs reach the template; its refusals are 400s", "[gateway]") {
+  const auto tok = tokenizer_with_template("deepseek-v3.1.jinja");
+  fake_options fo;
+  fo.pieces = {"Plan.", "</think>", "Done."};
+  fake_backend back(fo);
+  server srv(back, tok, test_options());
+  // V3.1 with thinking: the prompt opens <think> and the output is reasoning until </think>.
+  auto on = request(srv.port(), post("/v1/chat/completions",
+      R"({"messages":[{"role":"user","content":"Hi"}],"chat_template_kwargs":{"thinking":true}})"));
+  REQUIRE(on.status == 200);
+  CHECK(body_json(on)["choices"][0]["message"]["reasoning_content"] == "Plan.");
+  CHECK(body_json(on)["choices"][0]["message"]["content"] == "Done.");
+  // Without: the prompt closes the reasoning, and the output is all content.
+  auto off = request(srv.port(), post("/v1/chat/completions", kChat));
+  REQUIRE(off.status == 200);
+  CHECK(body_json(off)["choices"][0]["message"]["reasoning_content"].is_null());
+  const auto submitted = back.submitted();
+  REQUIRE(submitted.size() == 2);
+  CHECK(tok.decode(submitted[0].prompt, false).ends_with("<｜Assistant｜><think>"));
+  CHECK(tok.decode(submitted[1].prompt, false).ends_with("<｜Assistant｜></think>"));
+  // Earlier reasoning sent back as reasoning_content is accepted.
+  auto history = request(srv.port(), post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"Hi"},
+      {"role":"assistant","content":"Hello","reasoning_content":"greet"},{"role":"user","content":"Bye"}]})"));
+  CHECK(history.status == 200);
+  auto bad = request(srv.port(), post("/v1/chat/completions",
+      R"({"messages":[{"role":"user","content":"Hi"}],"chat_template_kwargs":[true]})"));
+  CHECK(bad.status == 400);
+  CHECK(error_of(bad)["param"] == "chat_template_kwargs");
+  auto reserved = request(srv.port(), post("/v1/chat/completions",
+      R"({"messages":[{"role":"user","content":"Hi"}],"chat_template_kwargs":{"messages":[]}})"));
+  CHECK(reserved.status == 400);
+  // A template that refuses a conversation answers that request with 400 and its message.
+  auto config = json::parse(runtime::deepseek_v3_tokenizer_config_json());
+  config["chat_template"] = "{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}"
+                            "{{ messages[0]['content'] }}";
+  const auto strict = runtime::tokenizer::from_json(runtime::deepseek_v3_tokenizer_json(), config.dump());
+  fake_backend back2;
+  server srv2(back2, strict, test_options());
+  auto refused = request(srv2.port(), post("/v1/chat/completions",
+      R"({"messages":[{"role":"user","content":"a"},{"role":"user","content":"b"}]})"));
+  CHECK(refused.status == 400);
+  CHECK_THAT(error_of(refused)["message"].get<std::string>(), Catch::Contains("one message only"));
+  CHECK(request(srv2.port(), post("/v1/chat/completions", kChat)).status == 200);
 }
 
 TEST_CASE("bad requests get the right status and an OpenAI error; the server carries on", "[gateway]") {

@@ -176,11 +176,15 @@ TEST_CASE("text commands fail clearly without a usable tokenizer or template", "
   fs::remove_all(copy);
   fs::copy(tiny().dir, copy);
   auto config = json::parse(std::ifstream(copy / "tokenizer_config.json"));
+  // Any template is rendered; one that cannot be parsed is refused, naming its line.
   config["chat_template"] = "{{ messages[0]['content'] }}";
   std::ofstream(copy / "tokenizer_config.json") << config.dump();
-  const auto unknown = run("generate --model " + copy.string() + " --chat hi --max-new-tokens 2 --quiet");
-  CHECK(unknown.exit_code == 2);
-  CHECK_THAT(unknown.err, Catch::Contains("chat_template"));
+  CHECK(run("generate --model " + copy.string() + " --chat hi --max-new-tokens 2 --quiet").exit_code == 0);
+  config["chat_template"] = "{% for m in messages %}\n{{ m['content'] }}";
+  std::ofstream(copy / "tokenizer_config.json") << config.dump();
+  const auto broken = run("generate --model " + copy.string() + " --chat hi --max-new-tokens 2 --quiet");
+  CHECK(broken.exit_code == 2);
+  CHECK_THAT(broken.err, Catch::Contains("chat_template") && Catch::Contains("line 1"));
   // A plain prompt does not need the template.
   CHECK(run("generate --model " + copy.string() + " --prompt hi --max-new-tokens 2 --quiet").exit_code == 0);
   fs::remove(copy / "tokenizer.json");

@@ -282,7 +282,7 @@ void generate_text(const generate_options& o, bool chat) {
   limits.stop = o.stop;
   if (!o.ignore_eos && tok.eos_id()) limits.stop_token_ids.push_back(*tok.eos_id());
   runtime::completion_stream stream(tok, limits);
-  const bool opened_think = prompt_text.ends_with("<think>\n") || prompt_text.ends_with("<think>");
+  const bool opened_think = runtime::prompt_opens_reasoning(prompt_text);
   runtime::reasoning_parser reasoning(opened_think);
   std::string content, reasoning_text;
   const bool dim = isatty(fileno(stderr)) != 0;

@@ -104,6 +104,15 @@ std::vector<runtime::chat_message> parse_messages(const json& root) {
       bad(fmt::format("messages[{}].role", i),
           fmt::format("messages[{}].role must be system, user, assistant or tool, got '{}'", i, msg.role));
     msg.content = message_content(m, i);
+    if (const json* r = field(m, "reasoning_content"); r && msg.role == "assistant") {
+      if (!r->is_string())
+        bad(fmt::format("messages[{}].reasoning_content", i), "'reasoning_content' must be a string");
+      msg.reasoning_content = r->get<std::string>();
+    }
+    if (const json* id = field(m, "tool_call_id"); id && msg.role == "tool") {
+      if (!id->is_string()) bad(fmt::format("messages[{}].tool_call_id", i), "'tool_call_id' must be a string");
+      msg.tool_call_id = id->get<std::string>();
+    }
     if (const json* calls = field(m, "tool_calls"); calls && msg.role == "assistant") {
       if (!calls->is_array()) bad(fmt::format("messages[{}].tool_calls", i), "'tool_calls' must be an array");
       for (const auto& c : *calls) {
@@ -114,6 +123,7 @@ std::vector<runtime::chat_message> parse_messages(const json& root) {
           bad(fmt::format("messages[{}].tool_calls", i), "each tool call needs function.name and function.arguments as strings");
         runtime::chat_tool_call call;
         if (const json* t = field(c, "type"); t && t->is_string()) call.type = t->get<std::string>();
+        if (const json* id = field(c, "id"); id && id->is_string()) call.id = id->get<std::string>();
         call.name = name->get<std::string>();
         call.arguments = args->get<std::string>();
         msg.tool_calls.push_back(std::move(call));
@@ -196,10 +206,18 @@ generation_body parse_request(std::string_view body, endpoint kind, std::string_
                         fmt::format("The model '{}' does not exist; this server serves '{}'", out.model, served_model),
                         "model", "model_not_found");
     }
-    if (kind == endpoint::chat)
+    if (kind == endpoint::chat) {
       out.messages = parse_messages(root);
-    else
+      // Passed to the chat template as variables (vLLM's and SGLang's name for it), e.g.
+      // {"thinking": true} for DeepSeek-V3.1.
+      if (const json* kw = field(root, "chat_template_kwargs")) {
+        if (!kw->is_object())
+          bad("chat_template_kwargs", fmt::format("'chat_template_kwargs' must be an object, not {}", type_name(*kw)));
+        out.chat_template_kwargs = kw->dump();
+      }
+    } else {
       parse_prompt(root, out);
+    }
     out.stream = boolean(root, "stream", false);
     if (const json* so = field(root, "stream_options")) {
       if (!so->is_object()) bad("stream_options", "'stream_options' must be an object");

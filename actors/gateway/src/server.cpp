@@ -331,9 +331,13 @@ class session : public std::enable_shared_from_this<session> {
     try {
       if (kind == endpoint::chat) {
         if (!srv_.tmpl) throw api_error(400, "invalid_request_error", srv_.tmpl_error, "messages");
-        const auto text = srv_.tmpl->render(parsed.messages, /*add_generation_prompt=*/true);
-        // R1 templates open the reasoning in the prompt; the output then starts inside it.
-        opened_think = text.ends_with("<think>\n") || text.ends_with("<think>");
+        runtime::chat_render_options options;
+        options.add_generation_prompt = true;
+        options.kwargs_json = parsed.chat_template_kwargs;
+        const auto text = srv_.tmpl->render(parsed.messages, options);
+        // Templates that open the reasoning in the prompt (DeepSeek-R1's `<think>\n`, V3.1's
+        // `<think>` when thinking): the output then starts inside it.
+        opened_think = runtime::prompt_opens_reasoning(text);
         srv_.tok.encode_into(text, prompt);
       } else if (parsed.prompt_tokens) {
         prompt = *parsed.prompt_tokens;
@@ -697,7 +701,10 @@ server_core::server_core(backend& b, const runtime::tokenizer& t, server_options
   try {
     tmpl = runtime::chat_template::for_tokenizer(tok);
   } catch (const shoal::error& e) {
+    // Found once, at start-up (a template that cannot be parsed, or none): said in the log
+    // now, and to every chat request, while plain completions are served.
     tmpl_error = fmt::format("this model has no usable chat template ({}); use /v1/completions", e.what());
+    if (opt.log) opt.log(fmt::format("chat requests will be refused: {}", tmpl_error));
   }
   created = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
   try {

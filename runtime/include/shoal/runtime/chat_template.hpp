@@ -1,13 +1,17 @@
 #pragma once
 /// \file
-/// Conversations to prompt text, exactly as the Jinja `chat_template` of a DeepSeek-V3
-/// checkpoint's tokenizer_config.json renders them (as Hugging Face's `apply_chat_template`
-/// with `tokenize=False`). Instead of a general Jinja engine, Shoal carries a dedicated
-/// renderer for each template it recognises and refuses templates it does not know, so a
-/// checkpoint with a changed template cannot be silently mis-prompted.
+/// Conversations to prompt text: the Jinja `chat_template` of a checkpoint's
+/// tokenizer_config.json, rendered as Hugging Face's `apply_chat_template(tokenize=False)`
+/// renders it (Jinja2 with `trim_blocks` and `lstrip_blocks`, `raise_exception`, `tojson`,
+/// `strftime_now`).
+/// The template is parsed once, when it is loaded: a template that cannot be parsed is
+/// refused there, naming its line, rather than on each request. A render fails only when the
+/// template refuses the conversation (`raise_exception`, or an operation Jinja2 fails on).
+/// Rendering is bounded (steps, nesting, size) and has no access to files.
 
 #include "shoal/runtime/tokenizer.hpp"
 
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -16,66 +20,76 @@
 
 namespace shoal::runtime {
 
-/// A call of a tool that the assistant asked for (OpenAI `tool_calls[i]`).
+/// A call of a tool that the assistant asked for (OpenAI `tool_calls[i]`), passed to the
+/// template as `{"id", "type", "function": {"name", "arguments"}}`.
 struct chat_tool_call {
-  std::string type = "function";  ///< The template prints it before `<｜tool▁sep｜>`.
+  std::string type = "function";  ///< Usually "function".
   std::string name;               ///< Function name.
   std::string arguments;          ///< Arguments as the JSON text the model wrote.
+  std::string id = {};            ///< OpenAI's call id; left out of the template's view when empty.
 };
 
-/// One message of a conversation.
+/// One message of a conversation, passed to the template in OpenAI's shape.
 struct chat_message {
-  /// "system", "user", "assistant" or "tool". Other roles render nothing (as in the template).
+  /// "system", "user", "assistant", "tool" or another role the template may know.
   std::string role;
-  /// The text. An assistant message without content (`null`) carries `tool_calls` instead;
-  /// the other roles need content.
+  /// The text; `null` in the template when absent (an assistant message with tool calls).
   std::optional<std::string> content;
-  /// Tool calls of an assistant message whose content is null.
-  std::vector<chat_tool_call> tool_calls;
+  /// Tool calls of an assistant message; the template sees `tool_calls` only when there are some.
+  std::vector<chat_tool_call> tool_calls = {};
+  /// The reasoning of an earlier assistant turn (`reasoning_content`), when the client sent it.
+  std::optional<std::string> reasoning_content = {};
+  /// The call a tool message answers (`tool_call_id`); left out when empty.
+  std::string tool_call_id = {};
 };
 
-/// Messages from OpenAI-style JSON: an array of `{"role", "content", "tool_calls"}` (or an
-/// object with such a "messages" array). `content` may be a string, null, or an array of
-/// parts of which the "text" ones are joined; a tool call is `{"type", "function": {"name",
-/// "arguments"}}` with arguments as a JSON string (an object is serialised). Throws
-/// `invalid_argument` naming the message at fault.
+/// Messages from OpenAI-style JSON: an array of `{"role", "content", "tool_calls",
+/// "reasoning_content", "tool_call_id"}` (or an object with such a "messages" array).
+/// `content` may be a string, null, or an array of parts of which the "text" ones are joined;
+/// a tool call is `{"id", "type", "function": {"name", "arguments"}}` with arguments as a JSON
+/// string (an object is serialised). Throws `invalid_argument` naming the message at fault.
 std::vector<chat_message> parse_chat_messages(std::string_view json);
 
-/// The chat templates Shoal can render.
-enum class chat_template_kind {
-  deepseek_v3,  ///< DeepSeek-V3 as published.
-  deepseek_r1,  ///< DeepSeek-R1: V3's, but earlier answers drop their reasoning and the
-                ///< generation prompt opens `<think>\n`.
+/// What a render passes to the template besides the messages.
+struct chat_render_options {
+  /// Append the assistant turn opener (the template decides what that is).
+  bool add_generation_prompt = true;
+  /// `tools` as a JSON array of OpenAI tool definitions; empty: `tools` is none.
+  std::string tools_json = {};
+  /// Further template variables as a JSON object (`chat_template_kwargs`, e.g.
+  /// `{"thinking": true}`); empty: none. They may override `bos_token` and `eos_token`, not
+  /// `messages`, `tools` or `add_generation_prompt`.
+  std::string kwargs_json = {};
 };
 
-/// A recognised chat template.
+/// A parsed chat template, cheap to copy and safe to render from several threads at once.
 class chat_template {
  public:
-  /// Recognises the Jinja `source` (compared exactly, byte for byte, with the templates Shoal
-  /// knows). `bos_token` is what `{{bos_token}}` prints. Throws `failed_precondition`, saying
-  /// what to do, when the template is unknown or empty.
-  static chat_template from_source(std::string_view source, std::string bos_token);
+  /// Parses the Jinja `source`. `bos_token` and `eos_token` are what `{{ bos_token }}` and
+  /// `{{ eos_token }}` print. Throws `failed_precondition`, naming the line and column and
+  /// what is wrong, when the template is empty or cannot be parsed.
+  static chat_template from_source(std::string_view source, std::string bos_token, std::string eos_token = {});
 
-  /// The template of a loaded tokenizer (tokenizer_config.json's `chat_template`).
+  /// The template of a loaded tokenizer (tokenizer_config.json's `chat_template`), with its
+  /// BOS and EOS tokens.
   static chat_template for_tokenizer(const tokenizer& tok);
 
-  /// Which template this is.
-  chat_template_kind kind() const { return kind_; }
+  /// The Jinja source, as given.
+  const std::string& source() const;
 
-  /// The Jinja source of a known template, byte for byte (for tests, and for writing a
-  /// checkpoint's tokenizer_config.json).
-  static std::string known_source(chat_template_kind kind);
+  /// The prompt text of `messages`. Throws `invalid_argument` with the template's message when
+  /// the template refuses the conversation (`raise_exception`, or an operation Jinja2 would fail
+  /// on, such as adding a missing content to a string), when the options are not valid JSON,
+  /// or when the render exceeds its bounds.
+  std::string render(std::span<const chat_message> messages, const chat_render_options& options) const;
 
-  /// The prompt text of `messages`; `add_generation_prompt` appends the assistant turn
-  /// opener (unless the conversation ends with tool outputs, as the template does). Throws
-  /// `invalid_argument` where the Jinja template would fail to render (a system, user or tool
-  /// message without content). Messages of other roles render nothing, as in the template.
+  /// `render` with only `add_generation_prompt` set.
   std::string render(std::span<const chat_message> messages, bool add_generation_prompt) const;
 
  private:
-  chat_template(chat_template_kind kind, std::string bos) : kind_(kind), bos_(std::move(bos)) {}
-  chat_template_kind kind_;
-  std::string bos_;
+  struct impl;
+  explicit chat_template(std::shared_ptr<const impl> p) : impl_(std::move(p)) {}
+  std::shared_ptr<const impl> impl_;
 };
 
 }  // namespace shoal::runtime

@@ -6,7 +6,7 @@
 ///
 /// Rules: a `<think>` is recognised only at the start of the output (after optional
 /// whitespace), or the output starts inside the reasoning when the prompt already opened it
-/// (R1 templates end the prompt with `<think>\n`). The first `</think>` ends the reasoning;
+/// (R1 templates end the prompt with `<think>\n`; see `prompt_opens_reasoning`). The first `</think>` ends the reasoning;
 /// everything after it is content, tags included. Whitespace around the reasoning (the
 /// newlines R1 writes after `<think>` and before and after `</think>`) is dropped.
 
@@ -44,6 +44,12 @@ class reasoning_parser {
   std::string buffer_;
   bool reasoning_started_ = false;  // non-whitespace reasoning text has been reported
 };
+
+/// Whether a rendered chat prompt ends inside an opened reasoning block: its last tag is
+/// `<think>`, followed by nothing but whitespace (DeepSeek-R1's template ends the prompt with
+/// `<think>\n`, V3.1's with `<think>` when thinking is on). The model's output then starts
+/// inside the reasoning: pass the result as `starts_in_reasoning`.
+bool prompt_opens_reasoning(std::string_view prompt);
 
 /// The whole text at once (as `reasoning_parser` over one push and finish).
 reasoning_split split_reasoning(std::string_view text, bool starts_in_reasoning = false);

@@ -52,6 +52,7 @@ struct generation_body {
   endpoint kind = endpoint::chat;
   std::string model;                              ///< As sent (empty when left out).
   std::vector<runtime::chat_message> messages;    ///< chat: the conversation.
+  std::string chat_template_kwargs;               ///< chat: extra template variables, a JSON object (empty: none).
   std::string prompt;                             ///< completion: prompt text ...
   std::optional<std::vector<runtime::token_id>> prompt_tokens;  ///< ... or prompt token ids.
   bool stream = false;                            ///< Server-sent events.

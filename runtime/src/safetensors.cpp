@@ -72,7 +72,9 @@ std::vector<tensor_entry> parse_safetensors_header(const std::byte* data, std::s
   }
   if (!header.is_object()) bad("header is not a JSON object");
   std::vector<tensor_entry> entries;
-  for (const auto& [name, value] : header.items()) {
+  for (const auto& item : header.items()) {
+    const std::string& name = item.key();
+    const json& value = item.value();
     if (name == "__metadata__") continue;
     const auto bad_tensor = [&](std::string_view what) {
       shoal::fail(errc::invalid_argument, "{}: tensor '{}': {}", source, name, what);

@@ -123,6 +123,15 @@ TEST_CASE("malformed JSON names the file", "[config]") {
   CHECK_THROWS_WITH(config::parse_model_config("{\"vocab_size\": ", "/models/x/config.json"),
                     Catch::Contains("/models/x/config.json") && Catch::Contains("JSON"));
   CHECK_THROWS_WITH(config::parse_model_config("[1,2]", "c.json"), Catch::Contains("object"));
+  // Found by the model_config fuzzer: a number too large for a double is nlohmann's
+  // out_of_range, not parse_error, and escaped the parser (the shoal command exited 1).
+  try {
+    config::parse_model_config(R"({"rms_norm_eps": 5e7777})", "/models/x/config.json");
+    FAIL("parsed a number that overflows a double");
+  } catch (const shoal::error& e) {
+    CHECK(e.code() == errc::invalid_argument);
+    CHECK_THAT(e.what(), Catch::StartsWith("/models/x/config.json: not valid JSON") && Catch::Contains("number overflow"));
+  }
 }
 
 TEST_CASE("every refusal of config.json names the file and the key", "[config]") {

@@ -52,7 +52,8 @@ std::vector<std::string> render_with_jinja(const std::vector<chat_case>& cases,
   nlohmann::json all = nlohmann::json::array();
   for (const auto& c : cases) all.push_back(to_json(c));
   std::ofstream(dir / "cases.json") << all.dump();
-  const std::string script = fs::path(__FILE__).parent_path() / "render_chat_template.py";
+  // Not __FILE__: ccache with CCACHE_BASEDIR makes it relative to the build directory.
+  const std::string script = fs::path(SHOAL_TEST_DATA_DIR).parent_path() / "runtime" / "render_chat_template.py";
   const std::string command = std::string(kPython) + " " + script + " " + config.string() + " " + (dir / "cases.json").string() + " > " + (dir / "out.json").string();
   const int rc = std::system(command.c_str());
   INFO("command: " << command << " (needs Debian's python3-jinja2, see tools/setup/install-deps.sh)");

@@ -167,6 +167,12 @@ void add_launch(CLI::App& app) {
     while (true) {
       if (wait_stop_signal(signals, std::chrono::milliseconds(200))) break;
       if ((dead = nodes->exited_node())) {
+        // Ctrl-C reaches the nodes too (one process group): a node that stopped on it is not
+        // a failure.
+        if (wait_stop_signal(signals, std::chrono::milliseconds(0))) {
+          dead.reset();
+          break;
+        }
         fmt::print(stderr, "[launch] node {} exited (status {}); stopping the cluster\n", dead->first, dead->second);
         break;
       }

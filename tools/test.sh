@@ -1,21 +1,62 @@
 #!/usr/bin/env bash
-# Installs dependencies, builds everything and runs the whole test suite.
-# Usage: tools/test.sh [extra ctest arguments]
+# Installs dependencies, builds everything and runs the whole test suite; then builds the
+# decoders of untrusted bytes with AddressSanitizer and UndefinedBehaviorSanitizer and runs
+# their tests and fuzzers there.
+# Usage: tools/test.sh [extra ctest arguments for the main build]
+# Environment: SHOAL_BUILD_DIR (default build), SHOAL_SANITIZE_BUILD_DIR (default build-asan),
+# SHOAL_SKIP_SANITIZE=1 skips the sanitizer stage (not under CI=true).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tools/setup/install-deps.sh test
 build_dir=${SHOAL_BUILD_DIR:-build}
 werror=OFF
 [ "${CI:-}" = "true" ] && werror=ON
+
+# ctest lists the tests that could not run here (no GPU, no CAP_NET_ADMIN, no npm registry,
+# no libFuzzer) as Skipped; say why each one skipped.
+report_skips() {
+  if [ -f "$1/Testing/Temporary/LastTest.log" ]; then
+    awk '/^[0-9]+\/[0-9]+ Testing: / { test = $3 }
+         /^SKIPPED: / { sub(/^SKIPPED: /, ""); print "skipped " test ": " $0 }' "$1/Testing/Temporary/LastTest.log" | sort -u
+  fi
+}
+
 cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHOAL_WERROR=$werror -DSHOAL_BUILD_TESTS=ON
 cmake --build "$build_dir" -j "$(nproc)"
-cd "$build_dir"
 status=0
-ctest --output-on-failure --timeout 900 -j "$(nproc)" "$@" || status=$?
-# ctest lists the tests that could not run here (no GPU, no CAP_NET_ADMIN, no npm registry) as
-# Skipped; say why each one skipped.
-if [ -f Testing/Temporary/LastTest.log ]; then
-  awk '/^[0-9]+\/[0-9]+ Testing: / { test = $3 }
-       /^SKIPPED: / { sub(/^SKIPPED: /, ""); print "skipped " test ": " $0 }' Testing/Temporary/LastTest.log | sort -u
+(cd "$build_dir" && ctest --output-on-failure --timeout 900 -j "$(nproc)" "$@") || status=$?
+report_skips "$build_dir"
+
+if [ "${SHOAL_SKIP_SANITIZE:-}" = "1" ] && [ "${CI:-}" != "true" ]; then
+  echo "test.sh: SHOAL_SKIP_SANITIZE=1: the sanitizer and fuzzing stage did not run"
+  exit $status
 fi
+
+# The tests of everything that parses or moves untrusted bytes (safetensors and its index,
+# config.json, cluster YAML, Cap'n Proto envelopes, HTTP requests and JSON bodies, chat
+# messages, the tokenizer) and the in-process cluster, under ASan + UBSan; then each libFuzzer
+# target for SHOAL_FUZZ_SECONDS from its committed corpus. clang builds it when installed
+# (libFuzzer needs it); otherwise the fuzz_* tests report Skipped and the rest still runs.
+san_dir=${SHOAL_SANITIZE_BUILD_DIR:-build-asan}
+san_tests=(config_model_config_test runtime_safetensors_test runtime_tokenizer_test runtime_text_test
+           actors_cluster_config_test transport_codec_test gateway_api_test gateway_server_test
+           actors_cluster_test)
+fuzz_names=(safetensors_header model_config cluster_yaml envelope chat_request tokenizer_encode)
+compilers=()
+if command -v clang++ >/dev/null 2>&1; then
+  compilers=(-DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++)
+fi
+cmake -S . -B "$san_dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHOAL_CUDA=OFF \
+  -DSHOAL_SANITIZE=ON -DSHOAL_FUZZ=ON -DSHOAL_BUILD_TESTS=ON "${compilers[@]}"
+targets=("${san_tests[@]}")
+for name in "${fuzz_names[@]}"; do
+  targets+=("fuzz_replay_$name")
+  grep -q "^build fuzz_$name:" "$san_dir/build.ninja" 2>/dev/null && targets+=("fuzz_$name")
+done
+cmake --build "$san_dir" -j "$(nproc)" --target "${targets[@]}"
+pattern="^($(IFS='|'; echo "${san_tests[*]}")|fuzz_.*)\$"
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
+(cd "$san_dir" && ctest --output-on-failure --timeout 900 -j "$(nproc)" -R "$pattern") || status=$?
+report_skips "$san_dir"
 exit $status

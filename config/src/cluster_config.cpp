@@ -18,6 +18,10 @@ namespace {
 
 int line_of(const YAML::Node& node) { return node.Mark().line + 1; }
 
+// Layer and expert ids in a range stay below this: far above any model, and small enough that
+// a range like 0-99999999999 is refused instead of listed.
+constexpr std::int64_t kMaxId = 1 << 20;
+
 // Parsing state shared by the helpers: only the source name, for messages.
 struct parser {
   std::string source;
@@ -33,7 +37,7 @@ struct parser {
   // Unknown keys are errors: a misspelt key would otherwise silently fall back to a default.
   void allow_keys(const YAML::Node& node, std::string_view what, std::initializer_list<std::string_view> keys) const {
     for (const auto& item : node) {
-      const auto key = item.first.as<std::string>();
+      const auto key = string_at(item.first, fmt::format("a key in {}", what));
       if (std::find(keys.begin(), keys.end(), key) == keys.end())
         error(line_of(item.first), fmt::format("unknown key '{}' in {} (known: {})", key, what, fmt::join(keys, ", ")));
     }
@@ -66,6 +70,7 @@ struct parser {
         const auto [end, ec] = std::from_chars(part.data(), part.data() + part.size(), value);
         if (part.empty() || ec != std::errc() || end != part.data() + part.size() || value < 0)
           error(line_of(item), fmt::format("{}: '{}' is not an id or an inclusive range like 0-15", what, text));
+        if (value >= kMaxId) error(line_of(item), fmt::format("{}: id {} is out of range (ids are below {})", what, value, kMaxId));
         return value;
       };
       if (dash == std::string::npos) {
@@ -82,6 +87,7 @@ struct parser {
     } else {
       add_text(node);
     }
+    if (ids.empty()) error(line_of(node), fmt::format("{}: an empty list (give ids or ranges like 0-15)", what));
     return ids;
   }
 };

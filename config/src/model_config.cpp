@@ -108,7 +108,7 @@ model_config parse_model_config(std::string_view json_text, std::string_view sou
   json root;
   try {
     root = json::parse(json_text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     shoal::fail(errc::invalid_argument, "{}: not valid JSON: {}", source, e.what());
   }
   if (!root.is_object()) shoal::fail(errc::invalid_argument, "{}: expected a JSON object", source);

@@ -227,7 +227,9 @@ config::model_config model_preset(std::string_view name, bool fp8) {
 
 void write_random_model(const config::model_config& c, const std::filesystem::path& out_dir,
                         std::uint64_t seed, const std::function<void(const std::string&)>& progress) {
-  std::filesystem::create_directories(out_dir);
+  std::error_code ec;
+  std::filesystem::create_directories(out_dir, ec);
+  if (ec) shoal::fail(errc::invalid_argument, "{}: cannot create the output directory: {}", out_dir.string(), ec.message());
   {
     std::ofstream out(out_dir / "config.json");
     out << config::model_config_to_json(c);

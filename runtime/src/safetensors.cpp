@@ -72,7 +72,9 @@ std::vector<tensor_entry> parse_safetensors_header(const std::byte* data, std::s
   }
   if (!header.is_object()) bad("header is not a JSON object");
   std::vector<tensor_entry> entries;
-  for (const auto& [name, value] : header.items()) {
+  for (const auto& item : header.items()) {
+    const std::string& name = item.key();
+    const json& value = item.value();
     if (name == "__metadata__") continue;
     const auto bad_tensor = [&](std::string_view what) {
       shoal::fail(errc::invalid_argument, "{}: tensor '{}': {}", source, name, what);
@@ -132,6 +134,10 @@ std::unique_ptr<safetensors_file> safetensors_file::open(const std::filesystem::
     ::close(fd);
     shoal::fail(errc::invalid_argument, "{}: cannot stat", path.string());
   }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    shoal::fail(errc::invalid_argument, "{}: not a regular file", path.string());
+  }
   const auto size = static_cast<std::size_t>(st.st_size);
   if (size < 8) {
     ::close(fd);
@@ -182,10 +188,25 @@ checkpoint checkpoint::open(const std::filesystem::path& dir,
       if (!shard.is_string())
         shoal::fail(errc::invalid_argument, "{}: weight_map['{}'] is not a file name", index_path.string(), name);
       const std::string shard_name = shard.get<std::string>();
-      if (shard_name.find('/') != std::string::npos || shard_name == "..")
+      // A shard is a plain file name inside the directory: no path, no way up or out.
+      if (shard_name.empty() || shard_name == "." || shard_name == ".." ||
+          shard_name.find_first_of(std::string_view("/\\\0", 3)) != std::string::npos)
         shoal::fail(errc::invalid_argument, "{}: weight_map['{}'] = '{}' leaves the model directory",
                     index_path.string(), name, shard_name);
       shard_tensors[shard_name].push_back(name);
+    }
+    // Nor through a symbolic link: every shard must resolve to a file under the directory.
+    std::error_code ec;
+    const auto real_dir = std::filesystem::canonical(dir, ec);
+    for (const auto& [shard_name, names] : shard_tensors) {
+      const auto path = dir / shard_name;
+      if (!std::filesystem::is_symlink(path)) continue;
+      const auto target = std::filesystem::weakly_canonical(path, ec);
+      const auto relative = target.lexically_relative(real_dir);
+      if (ec || relative.empty() || *relative.begin() == "..")
+        shoal::fail(errc::invalid_argument,
+                    "{}: weight_map['{}'] = '{}' is a symbolic link to {}, outside the model directory",
+                    index_path.string(), names.front(), shard_name, target.string());
     }
     std::size_t done = 0;
     for (const auto& [shard_name, names] : shard_tensors) {

@@ -153,3 +153,70 @@ TEST_CASE("the example configs parse and fit the golden model") {
     CHECK_NOTHROW(shoal::config::validate_against_model(c, model(6, 32)));
   }
 }
+
+TEST_CASE("every refusal of a cluster config names the file and the line") {
+  const auto refused = [](const std::string& text, const std::string& expected) {
+    const std::string message = error_of(text);
+    CAPTURE(text);
+    CHECK_THAT(message, Catch::StartsWith(expected));
+  };
+  refused("- a\n- b\n", "cluster.yaml:1: the cluster config must be a mapping with keys model, nodes, plan");
+  CHECK_THAT(error_of("model: [ckpt\n"), Catch::StartsWith("cluster.yaml:") && Catch::Contains(": not valid YAML: "));
+  refused(replace(kGood, "model: ckpt\n", ""), "cluster.yaml:1: missing key 'model' (the checkpoint directory)");
+  refused(replace(kGood, "model: ckpt", "model: {dir: ckpt}"), "cluster.yaml:1: model must be a string");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nthreads: lots"), "cluster.yaml:2: threads must be an integer, got 'lots'");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nmax_batch: 0"), "cluster.yaml:2: max_batch = 0 is out of range [1, 65536]");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nreplicas: 2"), "cluster.yaml:2: unknown key 'replicas' in the cluster config");
+  refused("model: ckpt\nplan: {stages: [{node: a, layers: 0-1}]}\n",
+          "cluster.yaml:1: 'nodes' must be a non-empty list of {name, host, port, devices}");
+  refused("model: ckpt\nnodes: []\n", "cluster.yaml:2: 'nodes' must be a non-empty list");
+  refused(replace(kGood, "  - name: c\n    port: 7001", "  - port: 7001"), "cluster.yaml:9: node without a 'name'");
+  refused(replace(kGood, "  - name: c", "  - name: c d"), "cluster.yaml:9: node name 'c d' must be non-empty without spaces, '/' or ':'");
+  refused(replace(kGood, "  - name: c", "  - name: n:1"), "cluster.yaml:9: node name 'n:1' must be non-empty");
+  refused(replace(kGood, "  - name: c", "  - name: ''"), "cluster.yaml:9: node name '' must be non-empty");
+  refused(replace(kGood, "  - name: c\n    port: 7001", "  - name: c"), "cluster.yaml:9: node 'c' has no 'port'");
+  refused(replace(kGood, "port: 7001", "port: seven"), "cluster.yaml:10: port must be an integer, got 'seven'");
+  refused(replace(kGood, "port: 7001", "port: 7001.5"), "cluster.yaml:10: port must be an integer, got '7001.5'");
+  refused(replace(kGood, "port: 7001", "port: [7001]"), "cluster.yaml:10: port must be an integer, got ''");
+  refused(replace(kGood, "devices: [cpu, cuda:1]", "devices: cpu"), "cluster.yaml:8: devices must be a list like [cpu] or [cuda:0]");
+  refused(replace(kGood, "cuda:1", "cuda:x"), "cluster.yaml:8: device 'cuda:x' is neither 'cpu' nor 'cuda:N'");
+  refused(replace(kGood, "  - name: c\n", "  - name: c\n    ? [x, y]\n    : 1\n"), "cluster.yaml:10: a key in a node must be a string");
+  refused(replace(kGood, "  - name: c\n    port: 7001", "  - c"), "cluster.yaml:9: a node must be a mapping");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nhead: z"), "cluster.yaml:2: head: unknown node 'z' (nodes: a, b, c)");
+  const std::string before_plan = std::string(kGood).substr(0, std::string(kGood).find("plan:"));
+  refused(before_plan, "cluster.yaml:1: missing key 'plan' (pipeline stages and expert placement)");
+  refused(before_plan + "plan: [1]\n", "cluster.yaml:11: plan must be a mapping");
+  refused(replace(kGood, "plan:\n  stages:\n    - node: a\n      layers: 0-2\n    - node: b\n      layers: 3-5\n", "plan:\n  stages: []\n"),
+          "cluster.yaml:12: plan.stages must be a non-empty list of {node, layers}");
+  refused(replace(kGood, "    - node: a\n      layers: 0-2", "    - layers: 0-2"), "cluster.yaml:13: stage without a 'node'");
+  refused(replace(kGood, "    - node: a\n      layers: 0-2", "    - node: a"), "cluster.yaml:13: stage without 'layers'");
+  refused(replace(kGood, "layers: 0-2", "layers: [0, 2]"), "cluster.yaml:14: stage layers must be one contiguous range like 0-2");
+  refused(replace(kGood, "layers: 0-2", "layers: []"), "cluster.yaml:14: stage layers: an empty list");
+  refused(replace(kGood, "layers: 0-2", "layers: 0-9223372036854775807"), "cluster.yaml:14: stage layers: id 9223372036854775807 is out of range");
+  refused(replace(kGood, "experts: 0-15", "experts: 0-99999999999"), "cluster.yaml:19: experts: id 99999999999 is out of range");
+  refused(replace(kGood, "experts: 0-15", "experts: 0..15"), "cluster.yaml:19: experts: '0..15' is not an id or an inclusive range like 0-15");
+  refused(replace(kGood, "experts: 0-15", "experts: -1"), "cluster.yaml:19: experts: '-1' is not an id");
+  refused(replace(kGood, "experts: 0-15", "experts: [0-7, x]"), "cluster.yaml:19: experts: 'x' is not an id");
+  refused(replace(kGood, "    - node: b\n      experts: 0-15", "    - experts: 0-15"), "cluster.yaml:18: expert group without a 'node'");
+  refused(replace(kGood, "    - node: b\n      experts: 0-15", "    - node: b"), "cluster.yaml:18: expert group without 'experts'");
+  refused(replace(kGood, "    - node: b\n      experts: 0-15", "    - node: z\n      experts: 0-15"),
+          "cluster.yaml:18: expert node: unknown node 'z'");
+  const std::string groups = "    - node: b\n      experts: 0-15\n    - node: c\n      experts: [16-30, 31]\n";
+  refused(replace(kGood, "  experts:\n" + groups, "  experts: 7\n"), "cluster.yaml:17: plan.experts must be a list");
+  refused(replace(kGood, groups, "    policy: split\n"), "cluster.yaml:18: plan.experts.nodes must list the nodes that hold experts");
+  refused(replace(kGood, groups, "    policy: split\n    nodes: []\n"), "cluster.yaml:18: plan.experts.nodes must list");
+  refused(replace(kGood, groups, "    nodes: [b]\n"), "cluster.yaml:18: plan.experts.policy '' is unknown (known: split)");
+  refused(replace(kGood, groups, "    policy: split\n    nodes: [b, q]\n"), "cluster.yaml:19: expert node: unknown node 'q'");
+
+  // Against the model.
+  auto split = parse_cluster_config(replace(kGood, groups, "    policy: split\n    nodes: [a, b, c]\n"), "cluster.yaml", "/base");
+  CHECK_THROWS_WITH(shoal::config::validate_against_model(split, model(6, 2)),
+                    Catch::StartsWith("cluster.yaml:18: 3 expert nodes for only 2 routed experts"));
+  try {
+    shoal::config::load_cluster_config("/nonexistent/cluster.yaml");
+    FAIL("loaded a file that does not exist");
+  } catch (const shoal::error& e) {
+    CHECK(e.code() == shoal::errc::not_found);
+    CHECK_THAT(e.what(), Catch::StartsWith("/nonexistent/cluster.yaml: cannot open the cluster config"));
+  }
+}

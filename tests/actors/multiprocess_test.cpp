@@ -188,6 +188,37 @@ TEST_CASE("shoal launch: concurrent requests with chunked prefill and preemption
   CHECK(launch.stop() == 0);
 }
 
+TEST_CASE("shoal launch stops the cluster and exits 2 when a node dies") {
+  temp_dir dir;
+  std::vector<std::uint16_t> ports;
+  for (int i = 0; i < 4; ++i) ports.push_back(free_port());
+  const auto config = dir.path / "cluster.yaml";
+  std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports);
+  process launch({SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"}, true, "launch");
+  const auto ready = launch.read_line(std::chrono::seconds(70));
+  REQUIRE(ready.find("\"ready\":true") != std::string::npos);
+  // The nodes are launch's children; kill one of them.
+  std::ifstream children("/proc/" + std::to_string(launch.pid) + "/task/" + std::to_string(launch.pid) + "/children");
+  std::vector<pid_t> nodes;
+  for (pid_t child; children >> child;) nodes.push_back(child);
+  REQUIRE(nodes.size() == 4);
+  REQUIRE(::kill(nodes.back(), SIGKILL) == 0);
+  int status = 0;
+  const auto deadline = clock_type::now() + std::chrono::seconds(40);
+  while (::waitpid(launch.pid, &status, WNOHANG) != launch.pid) {
+    REQUIRE(clock_type::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  launch.pid = -1;
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 2);
+  // Every other node was stopped with it.
+  for (std::size_t i = 0; i + 1 < nodes.size(); ++i) {
+    CAPTURE(nodes[i]);
+    CHECK(::kill(nodes[i], 0) != 0);  // launch waited for it: no such process
+  }
+}
+
 TEST_CASE("shoal launch refuses a bad config naming file and line") {
   temp_dir dir;
   const auto config = dir.path / "bad.yaml";

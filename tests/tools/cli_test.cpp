@@ -13,6 +13,8 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <string>
+#include <vector>
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -87,18 +89,79 @@ TEST_CASE("eval and generate on a golden checkpoint match DeepSeek's reference",
   CHECK(json::parse(gen.out)["tokens"] == prompt["greedy_tokens"]);
 }
 
-TEST_CASE("bad command lines get clear errors and a failing exit code", "[cli]") {
+TEST_CASE("bad command lines get clear errors and exit code 2", "[cli]") {
   const auto missing = run("eval --model /nonexistent/model --tokens 1 --json");
-  CHECK(missing.exit_code != 0);
+  CHECK(missing.exit_code == 2);
   CHECK_THAT(missing.err, Catch::Contains("/nonexistent/model/config.json"));
   const auto bad_tokens = run("eval --model " + kGolden + "/tiny-a-bf16/ckpt --tokens 1,x,3");
-  CHECK(bad_tokens.exit_code != 0);
+  CHECK(bad_tokens.exit_code == 2);
   CHECK_THAT(bad_tokens.err, Catch::Contains("'x'"));
   const auto out_of_vocab = run("eval --model " + kGolden + "/tiny-a-bf16/ckpt --tokens 1,99999 --quiet");
-  CHECK(out_of_vocab.exit_code != 0);
+  CHECK(out_of_vocab.exit_code == 2);
   CHECK_THAT(out_of_vocab.err, Catch::Contains("99999") && Catch::Contains("vocabulary"));
   const auto preset = run("make-model --preset enormous --out /tmp/never-written");
-  CHECK(preset.exit_code != 0);
+  CHECK(preset.exit_code == 2);
   CHECK_THAT(preset.err, Catch::Contains("enormous") && Catch::Contains("tiny"));
-  CHECK(run("no-such-command").exit_code != 0);
+  CHECK(run("no-such-command").exit_code == 2);
+}
+
+TEST_CASE("every command exits 0 for --help and 2 for a bad command line", "[cli][exit]") {
+  const auto top = run("--help");
+  REQUIRE(top.exit_code == 0);
+  CHECK_THAT(top.out, Catch::Contains("Subcommands:"));
+  CHECK(run("--version").exit_code == 0);
+  // The commands, as the top-level help lists them (two spaces, a name, spaces, a summary).
+  std::vector<std::string> commands;
+  std::istringstream lines(top.out.substr(top.out.find("Subcommands:")));
+  for (std::string line; std::getline(lines, line);)
+    if (line.size() > 2 && line.rfind("  ", 0) == 0 && line[2] != ' ') commands.push_back(line.substr(2, line.find(' ', 2) - 2));
+  CHECK(commands.size() >= 11);
+  for (const auto& command : commands) {
+    CAPTURE(command);
+    const auto help = run(command + " --help");
+    CHECK(help.exit_code == 0);
+    CHECK_THAT(help.out, Catch::Contains("Usage:"));
+    // CLI11 names a missing required option before an unknown one.
+    const auto unknown = run(command + " --no-such-option 1");
+    CHECK(unknown.exit_code == 2);
+    CHECK_THAT(unknown.err, Catch::Contains("--no-such-option") || Catch::Contains("is required"));
+  }
+  const auto none = run("");
+  CHECK(none.exit_code == 2);
+  CHECK_THAT(none.err, Catch::Contains("A subcommand is required"));
+  CHECK(run("no-such-command").exit_code == 2);
+  const auto missing = run("eval --tokens 1");
+  CHECK(missing.exit_code == 2);
+  CHECK_THAT(missing.err, Catch::Contains("--model is required"));
+  const auto not_a_number = run("eval --model x --tokens 1 --threads many");
+  CHECK(not_a_number.exit_code == 2);
+  CHECK_THAT(not_a_number.err, Catch::Contains("--threads"));
+}
+
+TEST_CASE("every command exits 2 naming what is wrong with its input", "[cli][exit]") {
+  temp_dir dir;
+  const auto check = [](const std::string& args, const std::string& input, const std::string& named) {
+    CAPTURE(args);
+    const auto r = run(args, input);
+    CHECK(r.exit_code == 2);
+    CHECK_THAT(r.err, Catch::Contains("shoal: error: ") && Catch::Contains(named));
+  };
+  const std::string model = kGolden + "/tiny-a-bf16/ckpt";
+  check("make-model --preset enormous --out " + (dir.path / "m").string(), "", "enormous");
+  check("make-model --preset tiny --out /dev/null/m", "", "/dev/null/m: cannot create the output directory");
+  check("eval --model /nonexistent/model --tokens 1 --json", "", "/nonexistent/model/config.json");
+  check("eval --model " + model + " --tokens 1,x,3", "", "'x'");
+  check("generate --model " + model + " --tokens 1,99999999 --quiet", "", "99999999");
+  check("generate --model /nonexistent/model --chat hi", "", "/nonexistent/model/tokenizer.json");
+  check("bench --model /nonexistent/model", "", "/nonexistent/model/config.json");
+  check("node --config /nonexistent/cluster.yaml --name a", "", "/nonexistent/cluster.yaml");
+  check("launch /nonexistent/cluster.yaml", "", "/nonexistent/cluster.yaml");
+  std::ofstream(dir.path / "bad.yaml") << "model: m\nnodes: []\n";
+  check("launch " + (dir.path / "bad.yaml").string(), "", (dir.path / "bad.yaml").string() + ":2:");
+  const std::string text_model = std::string(SHOAL_TEST_DATA_DIR) + "/tokenizer";
+  check("tokenize --model " + text_model, "\"fine\"\n[1]\n", "stdin line 2");
+  check("detokenize --model " + text_model, "{\"ids\": [\"a\"]}\n", "stdin line 1");
+  check("bench-tokenizer --model /nonexistent/model", "", "/nonexistent/model/tokenizer.json");
+  check("serve --model /nonexistent/model --port 0", "", "/nonexistent/model");
+  check("bench-serve --url http://127.0.0.1:1 --duration 1", "", "127.0.0.1:1");
 }

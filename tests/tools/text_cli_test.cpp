@@ -192,7 +192,7 @@ TEST_CASE("text commands fail clearly without a usable tokenizer or template", "
   CHECK(missing.exit_code == 2);
   CHECK_THAT(missing.err, Catch::Contains("tokenizer.json"));
   fs::remove_all(copy);
-  CHECK(run("generate" + tiny().model() + "--tokens 1 --prompt hi").exit_code != 0);
+  CHECK(run("generate" + tiny().model() + "--tokens 1 --prompt hi").exit_code == 2);
   CHECK(run("generate" + tiny().model() + "--quiet").exit_code == 2);
   CHECK(run("generate" + tiny().model() + "--prompt hi --top-p 0").exit_code == 2);
 }

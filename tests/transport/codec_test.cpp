@@ -9,6 +9,8 @@
 
 #include <chrono>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -272,4 +274,23 @@ TEST_CASE("garbage bytes are rejected without a crash", "[transport][codec][fuzz
   // Both outcomes must occur, or the mutations are not exercising the decoder.
   CHECK(mutated_ok > 0);
   CHECK(mutated_rejected > 0);
+}
+
+TEST_CASE("a list of 2^26 zero-sized elements is refused quickly, not walked", "[transport][codec][fuzz]") {
+  // Found by the envelope fuzzer: a 224-byte Activations envelope whose `entries` pointer
+  // claims 67 million elements of zero words. targetSize() counts no words for them, and the
+  // schema walk used to visit each one without a traversal limit (minutes of CPU per message).
+  std::ifstream in(std::string(SHOAL_TEST_DATA_DIR) + "/fuzz/envelope/regression-zero-size-list-amplification",
+                   std::ios::binary);
+  const std::vector<char> chars((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  REQUIRE(chars.size() == 224);
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    tp::decode_envelope(std::as_bytes(std::span(chars)));
+    FAIL("decoded an envelope that claims 2^26 list elements in 224 bytes");
+  } catch (const shoal::error& e) {
+    CHECK(e.code() == shoal::errc::invalid_argument);
+    CHECK_THAT(e.what(), Catch::Contains("malformed envelope") && Catch::Contains("traversal limit"));
+  }
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(2));
 }

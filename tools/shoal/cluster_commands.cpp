@@ -163,15 +163,26 @@ void add_launch(CLI::App& app) {
                "[launch] cluster ready: connect with `shoal generate --cluster {0} --tokens ...` or serve it over HTTP "
                "with `shoal serve --cluster {0} --model DIR`; Ctrl-C stops all nodes\n",
                info["connect"].get<std::string>());
+    std::optional<std::pair<std::string, int>> dead;
     while (true) {
       if (wait_stop_signal(signals, std::chrono::milliseconds(200))) break;
-      if (const auto dead = nodes->exited_node()) {
+      if ((dead = nodes->exited_node())) {
+        // Ctrl-C reaches the nodes too (one process group): a node that stopped on it is not
+        // a failure.
+        if (wait_stop_signal(signals, std::chrono::milliseconds(0))) {
+          dead.reset();
+          break;
+        }
         fmt::print(stderr, "[launch] node {} exited (status {}); stopping the cluster\n", dead->first, dead->second);
         break;
       }
     }
     nodes->stop();
     fmt::print(stderr, "[launch] all nodes stopped\n");
+    // Only Ctrl-C or SIGTERM is a success; a node that exited on its own is a failure.
+    if (dead)
+      shoal::fail(errc::unavailable, "node {} of {} exited (status {}); stopped the cluster", dead->first, o->config,
+                  dead->second);
   });
 }
 

@@ -1,6 +1,7 @@
 // The shoal command: one binary, many subcommands.
 
 #include "commands.hpp"
+#include "exit_codes.hpp"
 
 #include "shoal/base/error.hpp"
 
@@ -25,16 +26,16 @@ int main(int argc, char** argv) {
   shoal::tools::add_cluster_commands(app);
   shoal::tools::add_text_commands(app);
   shoal::tools::add_serve_commands(app);
+  // Every command exits 0 on success, 2 when the input (command line, files, requests) is
+  // wrong and 70 when Shoal itself failed (exit_codes.hpp); commands run inside parse(), from
+  // their callbacks.
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  } catch (const shoal::error& e) {
-    fmt::print(stderr, "shoal: error: {}\n", e.what());
-    return e.code() == shoal::errc::internal ? 70 : 2;
-  } catch (const std::exception& e) {
-    fmt::print(stderr, "shoal: error: {}\n", e.what());
-    return 1;
+    // --help and --version come here too, with CLI11's exit code 0; app.exit prints them.
+    return app.exit(e) == 0 ? shoal::tools::kExitSuccess : shoal::tools::kExitBadInput;
+  } catch (...) {
+    return shoal::tools::report_failure(std::current_exception());
   }
-  return 0;
+  return shoal::tools::kExitSuccess;
 }

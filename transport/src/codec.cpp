@@ -130,7 +130,16 @@ incoming_message decode_envelope(byte_buffer bytes, const decode_limits& limits)
         fail(errc::invalid_argument, "bulk buffer {} of {} bytes exceeds the limit of {}", i,
              bulk[i].getBytes(), limits.max_bulk_bytes);
     }
-    check_struct(capnp::toDynamic(root));
+    {
+      // The schema walk reads lists element by element, so it runs under the traversal limit
+      // too: a list of zero-sized elements occupies no words (targetSize() is 0) yet can claim
+      // 2^29 elements; Cap'n Proto charges a word per element against the limit.
+      capnp::ReaderOptions walked;
+      walked.traversalLimitInWords = limits.traversal_words;
+      walked.nestingLimit = limits.nesting;
+      capnp::FlatArrayMessageReader walk(words, walked);
+      check_struct(capnp::toDynamic(walk.getRoot<schema::Envelope>()));
+    }
   } catch (const kj::Exception& e) {
     fail(errc::invalid_argument, "malformed envelope: {}", e.getDescription().cStr());
   }

@@ -59,8 +59,9 @@ struct model_config {
   std::int64_t eos_token_id = 1;
   std::optional<yarn_scaling> rope_scaling;       ///< Absent: plain rope.
   std::optional<fp8_quantization> quantization;   ///< Absent: unquantized weights.
-  /// Keys present in the file that the runtime does not use (training-only and bookkeeping
-  /// keys such as `aux_loss_alpha`); reported, not fatal, as new versions add such keys.
+  /// Keys present in the file that the runtime neither uses nor knows (training-only and
+  /// bookkeeping keys such as `aux_loss_alpha` are known and accepted silently); reported,
+  /// not fatal, as new versions add such keys.
   std::vector<std::string> ignored_keys;
 
   /// Whether layer `layer` is a mixture-of-experts layer (else dense MLP).

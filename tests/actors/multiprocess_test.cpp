@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -152,51 +153,48 @@ void check_cluster(const std::string& host, std::uint16_t port) {
 
 bool run(const std::string& command) { return std::system((command + " >/dev/null 2>&1").c_str()) == 0; }
 
+// `shoal launch` of the 4-node config on loopback ports, waited for until it prints ready.
+struct launched_cluster {
+  temp_dir dir;
+  std::vector<std::uint16_t> ports;
+  std::unique_ptr<process> launch;
+  std::string ready;  // launch's ready line
+
+  explicit launched_cluster(const std::string& settings = "") {
+    for (int i = 0; i < 4; ++i) ports.push_back(free_port());
+    const auto config = dir.path / "cluster.yaml";
+    std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports, settings);
+    launch = std::make_unique<process>(
+        std::vector<std::string>{SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"},
+        true, "launch");
+    ready = launch->read_line(std::chrono::seconds(70));
+    INFO("launch printed: " << ready);
+    REQUIRE(ready.find("\"ready\":true") != std::string::npos);
+  }
+};
+
 }  // namespace
 
 TEST_CASE("shoal launch: 2 stages and 2 expert nodes as 4 processes match the single process") {
-  temp_dir dir;
-  std::vector<std::uint16_t> ports;
-  for (int i = 0; i < 4; ++i) ports.push_back(free_port());
-  const auto config = dir.path / "cluster.yaml";
-  std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports);
-  process launch({SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"}, true, "launch");
-  const auto ready = launch.read_line(std::chrono::seconds(70));
-  INFO("launch printed: " << ready);
-  REQUIRE(ready.find("\"ready\":true") != std::string::npos);
-  CHECK(ready.find("\"connect\":\"127.0.0.1:" + std::to_string(ports[0]) + "\"") != std::string::npos);
-  check_cluster("127.0.0.1", ports[0]);
-  CHECK(launch.stop() == 0);
+  launched_cluster c;
+  CHECK(c.ready.find("\"connect\":\"127.0.0.1:" + std::to_string(c.ports[0]) + "\"") != std::string::npos);
+  check_cluster("127.0.0.1", c.ports[0]);
+  CHECK(c.launch->stop() == 0);
 }
 
 TEST_CASE("shoal launch: concurrent requests with chunked prefill and preemption give the reference tokens") {
   // Every golden prompt twice at once, a 7-token step budget and a cache too small for all of
   // them: the router's scheduler batches, chunks and preempts, the stages in other processes
   // store latents in the blocks each step names.
-  temp_dir dir;
-  std::vector<std::uint16_t> ports;
-  for (int i = 0; i < 4; ++i) ports.push_back(free_port());
-  const auto config = dir.path / "cluster.yaml";
-  std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports,
-                                            "cache_blocks: 48\nblock_tokens: 8\nmax_batch_tokens: 7\n");
-  process launch({SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"}, true, "launch");
-  const auto ready = launch.read_line(std::chrono::seconds(70));
-  INFO("launch printed: " << ready);
-  REQUIRE(ready.find("\"ready\":true") != std::string::npos);
-  auto client = shoal::client::connect("127.0.0.1", ports[0], std::chrono::seconds(10));
+  launched_cluster c("cache_blocks: 48\nblock_tokens: 8\nmax_batch_tokens: 7\n");
+  auto client = shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10));
   shoal::testing::check_concurrent_golden(*client, 2);
-  CHECK(launch.stop() == 0);
+  CHECK(c.launch->stop() == 0);
 }
 
 TEST_CASE("shoal launch stops the cluster and exits 2 when a node dies") {
-  temp_dir dir;
-  std::vector<std::uint16_t> ports;
-  for (int i = 0; i < 4; ++i) ports.push_back(free_port());
-  const auto config = dir.path / "cluster.yaml";
-  std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports);
-  process launch({SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"}, true, "launch");
-  const auto ready = launch.read_line(std::chrono::seconds(70));
-  REQUIRE(ready.find("\"ready\":true") != std::string::npos);
+  launched_cluster c;
+  process& launch = *c.launch;
   // The nodes are launch's children; kill one of them.
   std::ifstream children("/proc/" + std::to_string(launch.pid) + "/task/" + std::to_string(launch.pid) + "/children");
   std::vector<pid_t> nodes;

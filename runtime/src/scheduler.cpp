@@ -172,7 +172,6 @@ void scheduler::remove(std::uint64_t id, bool keep_prefix) {
   release_blocks(seq);
   std::erase(waiting_, &seq);
   std::erase(running_, &seq);
-  std::erase(last_step_, &seq);
   sequences_.erase(it);
 }
 
@@ -257,7 +256,6 @@ bool scheduler::ensure_capacity(sequence& seq, std::int64_t positions, std::size
 
 std::vector<scheduled_chunk> scheduler::schedule() {
   admit();
-  last_step_.clear();
   std::vector<scheduled_chunk> step;
   std::int64_t budget = options_.max_batch_tokens;
   // Decode tokens first (one per sequence, cheap and latency-critical), then prompt chunks.
@@ -279,7 +277,6 @@ std::vector<scheduled_chunk> scheduler::schedule() {
                     .blocks = seq.blocks,
                     .samples = seq.computed + take == static_cast<std::int64_t>(seq.tokens.size()),
                     .fresh = seq.fresh});
-    last_step_.push_back(&seq);
     budget -= take;
   }
   return step;
@@ -299,7 +296,6 @@ void scheduler::commit(std::span<const scheduled_chunk> step) {
     // Prompt blocks become shareable as soon as they are computed, not when the sequence ends.
     if (options_.prefix_cache && seq.computed <= seq.prompt_length) prefix_->insert(seq.tokens, seq.blocks, seq.computed);
   }
-  last_step_.clear();
 }
 
 void scheduler::append(std::uint64_t id, token_id token) {

@@ -27,24 +27,7 @@ using shoal::testing::golden_prompts;
 using shoal::testing::single_process;
 const std::string kModelDir = shoal::testing::kClusterModelDir;
 
-shoal::config::cluster_config four_nodes() {
-  return shoal::config::parse_cluster_config(R"(model: ckpt
-threads: 1
-nodes:
-  - {name: s0, port: 1}
-  - {name: s1, port: 2}
-  - {name: e0, port: 3}
-  - {name: e1, port: 4}
-plan:
-  stages:
-    - {node: s0, layers: 0-2}
-    - {node: s1, layers: 3-5}
-  experts:
-    - {node: e0, experts: 0-15}
-    - {node: e1, experts: 16-31}
-)",
-                                             "four-nodes.yaml", kModelDir);
-}
+shoal::config::cluster_config four_nodes() { return shoal::testing::four_node_plan(); }
 
 void check_same(const shoal::testing::reference_run& want, const shoal::generate_result& got) {
   check_same(want, got.tokens, got.logits);

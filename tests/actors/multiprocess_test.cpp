@@ -112,6 +112,18 @@ struct process {
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   }
 
+  // The raw wait status once it exits by itself, failing the test after `limit`.
+  int wait_exit(std::chrono::seconds limit) {
+    int status = 0;
+    const auto deadline = clock_type::now() + limit;
+    while (::waitpid(pid, &status, WNOHANG) != pid) {
+      REQUIRE(clock_type::now() < deadline);
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    pid = -1;
+    return status;
+  }
+
   // The first stdout line, waiting at most `timeout`; "" when none came.
   std::string read_line(std::chrono::seconds timeout) {
     std::string line;
@@ -201,13 +213,7 @@ TEST_CASE("shoal launch stops the cluster and exits 2 when a node dies") {
   for (pid_t child; children >> child;) nodes.push_back(child);
   REQUIRE(nodes.size() == 4);
   REQUIRE(::kill(nodes.back(), SIGKILL) == 0);
-  int status = 0;
-  const auto deadline = clock_type::now() + std::chrono::seconds(40);
-  while (::waitpid(launch.pid, &status, WNOHANG) != launch.pid) {
-    REQUIRE(clock_type::now() < deadline);
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  launch.pid = -1;
+  const int status = launch.wait_exit(std::chrono::seconds(40));
   CHECK(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 2);
   // Every other node was stopped with it.
@@ -224,13 +230,7 @@ TEST_CASE("shoal launch refuses a bad config naming file and line") {
   text.replace(text.find("layers: 3-5"), 11, "layers: 4-5");
   std::ofstream(config) << text;
   process launch({SHOAL_BINARY, "launch", config.string()}, false, "launch");
-  int status = 0;
-  const auto deadline = clock_type::now() + std::chrono::seconds(20);
-  while (::waitpid(launch.pid, &status, WNOHANG) != launch.pid) {
-    REQUIRE(clock_type::now() < deadline);
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  launch.pid = -1;
+  const int status = launch.wait_exit(std::chrono::seconds(20));
   CHECK(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 2);
 }

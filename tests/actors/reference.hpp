@@ -2,6 +2,7 @@
 // The single-process greedy loop of `shoal generate` (prefill, then one token per step), as
 // the reference the cluster tests compare with.
 
+#include "shoal/config/cluster_config.hpp"
 #include "shoal/kernels/thread_pool.hpp"
 #include "shoal/runtime/model.hpp"
 #include "shoal/runtime/weights.hpp"
@@ -18,6 +19,26 @@
 namespace shoal::testing {
 
 inline const std::string kClusterModelDir = std::string(SHOAL_TEST_DATA_DIR) + "/golden/tiny-b-bf16";
+
+// The golden model on 4 in-process nodes: 2 stages of 3 layers, 2 expert nodes with disjoint
+// halves of the routed experts. `settings` adds top-level keys (cache and batching).
+inline config::cluster_config four_node_plan(const std::string& settings = "") {
+  return config::parse_cluster_config("model: ckpt\nthreads: 1\n" + settings + R"(
+nodes:
+  - {name: s0, port: 1}
+  - {name: s1, port: 2}
+  - {name: e0, port: 3}
+  - {name: e1, port: 4}
+plan:
+  stages:
+    - {node: s0, layers: 0-2}
+    - {node: s1, layers: 3-5}
+  experts:
+    - {node: e0, experts: 0-15}
+    - {node: e1, experts: 16-31}
+)",
+                                      "four-nodes.yaml", kClusterModelDir);
+}
 
 struct reference_run {
   std::vector<std::int32_t> tokens;

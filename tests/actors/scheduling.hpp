@@ -4,6 +4,7 @@
 // reuse) give exactly the golden greedy tokens of DeepSeek's reference, and no cache block
 // leaks. Shared by the one-process test and the multi-process one.
 
+#include "reference.hpp"
 #include "shoal/actors/client.hpp"
 
 #include <catch2/catch.hpp>
@@ -19,8 +20,6 @@
 
 namespace shoal::testing {
 
-inline const std::string kSchedulingModelDir = std::string(SHOAL_TEST_DATA_DIR) + "/golden/tiny-b-bf16";
-
 struct golden_prompt {
   std::string name;
   std::vector<std::int32_t> tokens;
@@ -28,7 +27,7 @@ struct golden_prompt {
 };
 
 inline std::vector<golden_prompt> scheduling_prompts() {
-  std::ifstream in(kSchedulingModelDir + "/golden.json");
+  std::ifstream in(kClusterModelDir + "/golden.json");
   const auto j = nlohmann::json::parse(in);
   std::vector<golden_prompt> out;
   for (const auto& p : j["prompts"])

@@ -16,23 +16,7 @@ namespace {
 
 using namespace shoal::testing;
 
-shoal::config::cluster_config four_nodes(const std::string& settings) {
-  return shoal::config::parse_cluster_config("model: ckpt\nthreads: 1\n" + settings + R"(
-nodes:
-  - {name: s0, port: 1}
-  - {name: s1, port: 2}
-  - {name: e0, port: 3}
-  - {name: e1, port: 4}
-plan:
-  stages:
-    - {node: s0, layers: 0-2}
-    - {node: s1, layers: 3-5}
-  experts:
-    - {node: e0, experts: 0-15}
-    - {node: e1, experts: 16-31}
-)",
-                                             "four-nodes.yaml", kSchedulingModelDir);
-}
+shoal::config::cluster_config four_nodes(const std::string& settings) { return four_node_plan(settings); }
 
 nlohmann::json run_golden(shoal::config::cluster_config config, int copies) {
   shoal::actors::local_cluster cluster(std::move(config), {.ready_timeout = std::chrono::seconds(60)});
@@ -69,7 +53,7 @@ TEST_CASE("actor path: cache pressure preempts and recomputes without changing r
 TEST_CASE("actor path: a shared prompt prefix is computed once, on one stage or two", "[actors][scheduling]") {
   for (const bool embedded : {true, false}) {
     CAPTURE(embedded);
-    auto config = embedded ? shoal::config::embedded_cluster_config(kSchedulingModelDir + "/ckpt", 6, 1)
+    auto config = embedded ? shoal::config::embedded_cluster_config(kClusterModelDir + "/ckpt", 6, 1)
                            : four_nodes("cache_blocks: 128\nblock_tokens: 8\n");
     config.cache_blocks = 128;
     config.block_tokens = 8;

@@ -72,6 +72,18 @@ std::vector<std::string> sse_events(const raw_response& r) {
   return events;
 }
 
+// The `reasoning_content` and `content` deltas of a streamed chat answer, each joined.
+std::pair<std::string, std::string> streamed_reasoning_and_content(const raw_response& r) {
+  std::string reasoning, content;
+  for (const auto& e : sse_events(r)) {
+    if (e == "[DONE]") continue;
+    const auto d = json::parse(e)["choices"][0]["delta"];
+    if (d.contains("reasoning_content")) reasoning += d["reasoning_content"].get<std::string>();
+    if (d.contains("content")) content += d["content"].get<std::string>();
+  }
+  return {reasoning, content};
+}
+
 template <typename F>
 bool eventually(F&& f, std::chrono::milliseconds timeout = 3s) {
   const auto end = std::chrono::steady_clock::now() + timeout;
@@ -234,13 +246,7 @@ TEST_CASE("R1 reasoning goes to reasoning_content, streamed and not", "[gateway]
   CHECK(m["content"] == "The answer is 4.");
   auto s = request(srv.port(), post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"Hi"}],"stream":true})"));
   REQUIRE(s.complete);
-  std::string reasoning, content;
-  for (const auto& e : sse_events(s)) {
-    if (e == "[DONE]") continue;
-    const auto d = json::parse(e)["choices"][0]["delta"];
-    if (d.contains("reasoning_content")) reasoning += d["reasoning_content"].get<std::string>();
-    if (d.contains("content")) content += d["content"].get<std::string>();
-  }
+  const auto [reasoning, content] = streamed_reasoning_and_content(s);
   CHECK(reasoning == "Let me think.");
   CHECK(content == "The answer is 4.");
 }
@@ -272,13 +278,7 @@ TEST_CASE("a template whose prompt opens <think>: the output starts inside the r
   CHECK(j["usage"]["prompt_tokens"] == static_cast<std::int64_t>(submitted[0].prompt.size()));
   auto s = request(srv.port(), post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"Hi"}],"stream":true})"));
   REQUIRE(s.complete);
-  std::string reasoning, content;
-  for (const auto& e : sse_events(s)) {
-    if (e == "[DONE]") continue;
-    const auto d = json::parse(e)["choices"][0]["delta"];
-    if (d.contains("reasoning_content")) reasoning += d["reasoning_content"].get<std::string>();
-    if (d.contains("content")) content += d["content"].get<std::string>();
-  }
+  const auto [reasoning, content] = streamed_reasoning_and_content(s);
   CHECK(reasoning == "Let me think.");
   CHECK(content == "The answer is 4.");
 }

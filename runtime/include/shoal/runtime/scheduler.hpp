@@ -126,7 +126,6 @@ class scheduler {
   std::map<std::uint64_t, std::unique_ptr<sequence>> sequences_;
   std::deque<sequence*> waiting_;
   std::vector<sequence*> running_;
-  std::vector<sequence*> last_step_;
   scheduler_stats counters_;
 };
 

@@ -70,6 +70,7 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
         stop();
         self->quit();
       },
+      [](heartbeat&) { return ok_atom::value; },
   };
 }
 

@@ -95,10 +95,13 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
 
   if (s.head) {
     router_options rop{.scheduling = scheduling_for(cluster, model), .step_timeout = t.step_timeout,
-                       .vocab_size = model.vocab_size, .max_positions = model.max_position_embeddings};
+                       .vocab_size = model.vocab_size, .max_positions = model.max_position_embeddings,
+                       .replay_limit = cluster.replay_limit};
     s.router = s.system->spawn(make_router, rop, s.book);
     s.book->register_actor({s.options.node, actor_ids::router}, caf::actor_cast<caf::actor>(s.router));
-    supervisor_options so{.cluster = cluster, .model = model, .ready_timeout = t.ready_timeout};
+    supervisor_options so{.cluster = cluster, .model = model, .ready_timeout = t.ready_timeout,
+                          .heartbeat_interval = std::chrono::milliseconds(cluster.heartbeat_ms),
+                          .heartbeat_misses = cluster.heartbeat_misses, .on_event = s.options.on_event};
     s.supervisor = s.system->spawn(make_supervisor, so, s.book, s.router);
     s.book->register_actor({s.options.node, actor_ids::supervisor}, caf::actor_cast<caf::actor>(s.supervisor));
   }

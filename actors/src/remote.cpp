@@ -250,6 +250,16 @@ void encode(transport::outgoing_message& m, const join_request& j) {
   s.setSchemaVersion(j.schema_version);
 }
 
+void encode(transport::outgoing_message& m, const heartbeat& h, const std::string& from) {
+  auto b = m.envelope().getBody().initHeartbeat();
+  b.setNode(from);
+  b.setSequence(h.sequence);
+  b.setSentUnixNanos(static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count()));
+  auto evicted = b.initEvicted(static_cast<unsigned>(h.evicted.size()));
+  for (unsigned i = 0; i < h.evicted.size(); ++i) evicted.set(i, h.evicted[i]);
+}
+
 void encode(transport::outgoing_message& m, const generate_request& g) {
   auto s = m.envelope().getBody().initGenerateRequest();
   s.setRequestId(g.request);
@@ -385,6 +395,7 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
       },
       [call](spawn_stage_cmd& c) { call([&](auto& m) { encode(m, c); }); },
       [call](spawn_expert_cmd& c) { call([&](auto& m) { encode(m, c); }); },
+      [call, book](heartbeat& h) { call([&](auto& m) { encode(m, h, book->options().node); }); },
       [call](join_atom, join_request& j, node_agent_actor&) { call([&](auto& m) { encode(m, j); }); },
       [tell, book](release_atom, std::vector<request_id>& ids) {
         for (auto id : ids) tell({book->options().node, 0}, [&](auto& m) { encode_cancel(m, id, "finished"); });
@@ -671,6 +682,25 @@ actor_address remote_fabric::address_of(const caf::actor& handle) {
   return address;
 }
 
+bool remote_fabric::remote(const std::string& node) const { return node != options_.node; }
+
+void remote_fabric::evict(const std::string& node, std::uint64_t epoch) {
+  std::vector<transport::peer_id> peers;
+  {
+    std::lock_guard lock(mutex_);
+    if (!evictions_.emplace(node, epoch).second) return;
+    for (const auto& [peer, name] : names_)
+      if (name == node) peers.push_back(peer);
+  }
+  wire_log().warn("[{}] node {} was declared dead in placement epoch {}: dropping its connections", options_.node,
+                  node, epoch);
+  for (auto peer : peers) {
+    if (node_) node_->disconnect(peer);
+    on_peer_lost(peer, shoal::error(errc::unavailable, fmt::format("declared dead in placement epoch {}", epoch)),
+                 false);
+  }
+}
+
 void remote_fabric::observe_epoch(std::uint64_t epoch) noexcept {
   auto current = epoch_.load();
   while (epoch > current && !epoch_.compare_exchange_weak(current, epoch)) {
@@ -871,9 +901,26 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         caf::anon_send(bridge_, std::move(in), std::move(c));
         return;
       }
-      case schema::Envelope::Body::HEARTBEAT:
+      case schema::Envelope::Body::HEARTBEAT: {
+        bool is_reply = false;
+        {
+          std::lock_guard lock(mutex_);
+          is_reply = in.correlation != 0 && pending_.count(in.correlation) > 0;
+        }
+        if (is_reply) return answer(ok_atom::value);
+        // A ping from the supervisor, answered here rather than by an actor: it proves this
+        // process and its transport make progress, whatever its actors are busy with.
+        const auto h = body.getHeartbeat();
+        observe_epoch(env.getEpoch());
+        for (auto name : h.getEvicted())
+          if (std::string(name.cStr()) != options_.node) evict(name.cStr(), env.getEpoch());
+        auto m = envelope({options_.node, in.receiver}, in.sender, in.correlation, epoch());
+        encode(m, heartbeat{.epoch = epoch(), .sequence = h.getSequence(), .evicted = {}}, options_.node);
+        send_to_peer(peer, std::move(m));
+        return;
+      }
       case schema::Envelope::Body::LEAVE:
-        return;  // TODO(test): heartbeats; UCX peer errors detect failures for now.
+        return;
     }
     shoal::fail(errc::invalid_argument, "unknown message kind {}", static_cast<int>(body.which()));
   } catch (const shoal::error& e) {

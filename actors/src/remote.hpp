@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 
 namespace shoal::actors {
@@ -62,7 +63,9 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   const remote_options& options() const noexcept { return options_; }
   caf::actor_system& system() noexcept { return system_; }
   std::uint64_t epoch() const noexcept { return epoch_.load(); }
-  void observe_epoch(std::uint64_t epoch) noexcept;
+  void observe_epoch(std::uint64_t epoch) noexcept override;
+  bool remote(const std::string& node) const override;
+  void evict(const std::string& node, std::uint64_t epoch) override;
 
  private:
   void on_message(transport::peer_id peer, transport::incoming_message message);
@@ -78,6 +81,7 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   std::map<transport::peer_id, std::string> names_;
   std::map<std::pair<std::string, std::uint64_t>, caf::actor> proxies_;
   std::map<std::uint64_t, caf::actor> pending_;       // correlation -> proxy
+  std::set<std::pair<std::string, std::uint64_t>> evictions_;  // (node, epoch) already evicted
   std::mutex connect_mutex_;
   std::atomic<std::uint64_t> correlation_{0};
   std::atomic<std::uint64_t> epoch_{0};

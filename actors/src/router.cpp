@@ -43,6 +43,31 @@ void finish(self_ptr self, std::uint64_t id, finish_reason reason, std::vector<s
 
 void schedule(self_ptr self);
 
+// The step in flight will not come back usable (a node died, the placement changed): its
+// requests go back to the queue with every token they streamed, to be recomputed.
+void abandon_step(self_ptr self, const shoal::error& why) {
+  auto& st = self->state;
+  if (!st.busy) return;
+  st.busy = false;
+  const auto step = std::move(st.in_flight);
+  st.in_flight.clear();
+  ++st.failed_steps;
+  for (const auto& chunk : step) {
+    const auto it = st.requests.find(chunk.id);
+    if (it == st.requests.end()) continue;
+    auto& r = it->second;
+    if (r.cancelled) {
+      finish(self, chunk.id, finish_reason::cancelled);
+    } else if (++r.replays > st.options.replay_limit) {
+      finish(self, chunk.id, finish_reason::error, {}, {}, why.code(),
+             fmt::format("the request's step failed {} times; the last time: {}", r.replays, why.what()));
+    } else {
+      ++st.replays;
+    }
+  }
+  st.plan->requeue_all();
+}
+
 void on_sampled(self_ptr self, sampled_batch& out) {
   auto& st = self->state;
   st.busy = false;
@@ -89,7 +114,7 @@ void on_sampled(self_ptr self, sampled_batch& out) {
 
 void schedule(self_ptr self) {
   auto& st = self->state;
-  if (st.busy || !st.first_stage) return;
+  if (st.busy || st.paused || !st.first_stage) return;
   const auto now = now_unix_ms();
   std::vector<std::uint64_t> expired;
   for (const auto& [id, r] : st.requests)
@@ -122,21 +147,35 @@ void schedule(self_ptr self) {
   }
   st.in_flight = std::move(chunks);
   st.busy = true;
+  const auto step = st.step;
+  // A reply to a step that was abandoned meanwhile (fenced, re-placed) is ignored.
+  auto current = [self, step] { return self->state.busy && self->state.step == step; };
   self->request(st.first_stage, st.options.step_timeout, std::move(batch))
-      .then([self](sampled_batch& out) { on_sampled(self, out); },
-            [self](caf::error& e) {
-              auto& st = self->state;
-              st.busy = false;
-              const auto step = std::move(st.in_flight);
-              st.in_flight.clear();
-              const auto err = from_caf_error(e);
-              // TODO(test): replay on a re-placed pipeline instead of failing, once the
-              // supervisor re-places failed stages.
-              for (const auto& chunk : step)
-                finish(self, chunk.id, finish_reason::error, {}, {}, err.code(),
-                       fmt::format("pipeline step failed: {}", err.what()));
-              schedule(self);
-            });
+      .then(
+          [self, current](sampled_batch& out) {
+            if (current()) on_sampled(self, out);
+          },
+          [self, current](caf::error& e) {
+            if (!current()) return;
+            auto& st = self->state;
+            const auto err = from_caf_error(e);
+            if (err.code() == errc::unavailable || err.code() == errc::aborted ||
+                err.code() == errc::deadline_exceeded) {
+              // A node is gone or going: keep the requests, and step again after a pause or
+              // on the placement the supervisor wires next, whichever comes first.
+              abandon_step(self, shoal::error(err.code(), fmt::format("pipeline step failed: {}", err.what())));
+              st.paused = true;
+              self->delayed_send(self, st.options.retry_pause, tick_atom::value);
+              return;
+            }
+            st.busy = false;
+            const auto failed = std::move(st.in_flight);
+            st.in_flight.clear();
+            for (const auto& chunk : failed)
+              finish(self, chunk.id, finish_reason::error, {}, {}, err.code(),
+                     fmt::format("pipeline step failed: {}", err.what()));
+            schedule(self);
+          });
 }
 
 }  // namespace
@@ -223,12 +262,18 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
                               {"preemptions", s.preemptions},
                               {"prefilled_tokens", s.prefilled_tokens},
                               {"cached_prompt_tokens", s.cached_prompt_tokens},
-                              {"steps", self->state.step}}
+                              {"steps", self->state.step},
+                              {"failed_steps", self->state.failed_steps},
+                              {"replayed_requests", self->state.replays},
+                              {"requeued_sequences", s.requeued},
+                              {"epoch", self->state.epoch}}
             .dump();
       },
       [self](wire_atom, placement_table& table) -> caf::result<ok_atom> {
         auto& st = self->state;
         if (table.stages.empty()) return to_caf_error(errc::invalid_argument, "placement without stages");
+        if (table.epoch < st.epoch)
+          return to_caf_error(errc::aborted, fmt::format("placement epoch {} is older than epoch {}", table.epoch, st.epoch));
         auto first = caf::actor_cast<stage_actor>(st.book->resolve(table.stages.front().address));
         if (!first)
           return to_caf_error(errc::not_found, fmt::format("first stage {}/{} is not reachable",
@@ -236,8 +281,24 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
                                                            table.stages.front().address.actor));
         st.first_stage = std::move(first);
         st.epoch = table.epoch;
+        abandon_step(self, shoal::error(errc::aborted, fmt::format("the placement changed (epoch {})", table.epoch)));
+        // Stages of a new placement may be new processes with empty stores: recompute all.
+        if (st.wired) st.plan->requeue_all();
+        st.wired = true;
+        st.paused = false;
         schedule(self);
         return ok_atom::value;
+      },
+      [self](fence_atom, std::uint64_t epoch) {
+        auto& st = self->state;
+        if (epoch <= st.epoch) return;
+        st.epoch = epoch;
+        st.first_stage = nullptr;
+        abandon_step(self, shoal::error(errc::unavailable, fmt::format("a node of the placement died (epoch {})", epoch)));
+      },
+      [self](tick_atom) {
+        self->state.paused = false;
+        schedule(self);
       },
   };
 }

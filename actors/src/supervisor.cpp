@@ -12,6 +12,13 @@ namespace shoal::actors {
 namespace {
 
 using self_ptr = supervisor_actor::stateful_pointer<supervisor_state>;
+using clock_type = std::chrono::steady_clock;
+
+void emit(self_ptr self, nlohmann::json event) {
+  auto& st = self->state;
+  event["epoch"] = st.epoch;
+  if (st.options.on_event) st.options.on_event(event.dump());
+}
 
 void fail_cluster(self_ptr self, errc code, std::string message) {
   auto& st = self->state;
@@ -21,16 +28,37 @@ void fail_cluster(self_ptr self, errc code, std::string message) {
   st.waiting.clear();
 }
 
-bool all_in(const std::vector<supervisor_state::placed>& v, placement_phase phase) {
+// Before the cluster first served, a failure is final (the operator fixes the config or the
+// node); after, the cluster waits for the node to come back and says why meanwhile.
+void setback(self_ptr self, errc code, std::string message) {
+  auto& st = self->state;
+  if (!st.served) return fail_cluster(self, code, std::move(message));
+  st.serving = false;
+  st.degraded = std::move(message);
+}
+
+bool active(placement_phase phase) { return phase == placement_phase::running || phase == placement_phase::serving; }
+
+bool all_active(const std::vector<supervisor_state::placed>& v) {
   for (const auto& p : v)
-    if (p.phase != phase) return false;
+    if (!active(p.phase)) return false;
   return true;
 }
+
+bool node_up(const supervisor_state& st, const std::string& node) {
+  const auto it = st.members.find(node);
+  return it != st.members.end() && it->second.agent && !it->second.down;
+}
+
+void place(self_ptr self);
 
 void wire(self_ptr self) {
   auto& st = self->state;
   st.table = placement_table{};
   st.table.epoch = ++st.epoch;
+  st.book->observe_epoch(st.epoch);
+  st.evicted.clear();  // a new epoch: the dead were replaced
+  st.wiring = true;
   st.table.router = {st.options.cluster.head, actor_ids::router};
   for (std::size_t i = 0; i < st.stages.size(); ++i) {
     const auto& spec = st.options.cluster.stages[i];
@@ -51,21 +79,34 @@ void wire(self_ptr self) {
   auto acked = [self, pending, epoch] {
     auto& st = self->state;
     if (--*pending > 0 || st.epoch != epoch || !st.failure.empty()) return;
+    st.wiring = false;
     for (auto& s : st.stages) s.phase = placement_phase::serving;
     for (auto& e : st.experts) e.phase = placement_phase::serving;
     st.serving = true;
+    if (st.served) {
+      ++st.recoveries;
+      emit(self, {{"event", "recovered"}, {"recoveries", st.recoveries}});
+    }
+    st.served = true;
+    st.degraded.clear();
     for (auto& rp : st.waiting) rp.deliver(st.table);
     st.waiting.clear();
   };
-  auto failed = [self](std::string what) {
-    return [self, what](caf::error& e) {
-      fail_cluster(self, errc::unavailable, fmt::format("wiring {} failed: {}", what, from_caf_error(e).what()));
+  auto failed = [self, epoch](std::string what) {
+    return [self, epoch, what](caf::error& e) {
+      auto& st = self->state;
+      if (st.epoch != epoch) return;  // a newer placement is under way
+      st.wiring = false;
+      setback(self, errc::unavailable, fmt::format("wiring {} failed: {}", what, from_caf_error(e).what()));
     };
   };
   const auto timeout = st.options.ready_timeout;
   for (auto& s : st.stages) {
     auto handle = caf::actor_cast<stage_actor>(st.book->resolve(s.address));
-    if (!handle) return fail_cluster(self, errc::unavailable, fmt::format("stage {}/{} is not reachable", s.address.node, s.address.actor));
+    if (!handle) {
+      st.wiring = false;
+      return setback(self, errc::unavailable, fmt::format("stage {}/{} is not reachable", s.address.node, s.address.actor));
+    }
     self->request(handle, timeout, wire_atom::value, st.table)
         .then([acked](ok_atom) { acked(); }, failed(fmt::format("stage on {}", s.address.node)));
   }
@@ -73,71 +114,147 @@ void wire(self_ptr self) {
       .then([acked](ok_atom) { acked(); }, failed("the router"));
 }
 
-void spawn_stages(self_ptr self) {
+// Spawns what is not running on nodes that are up (experts first, so that stages can be
+// wired to them), then wires the whole placement.
+void place(self_ptr self) {
   auto& st = self->state;
+  if (!st.failure.empty() || st.wiring) return;
   const auto& c = st.options.cluster;
-  // Every stage stores as many blocks as the router's scheduler hands out.
-  std::uint32_t cache_blocks = 0;
-  try {
-    cache_blocks = static_cast<std::uint32_t>(config::cache_blocks_for(c, st.options.model));
-  } catch (const shoal::error& e) {
-    return fail_cluster(self, e.code(), e.what());
+  for (const auto& [name, m] : st.members)
+    if (!m.agent || m.down) return;  // wait until every node is there
+  auto spawned = [self](std::vector<supervisor_state::placed> supervisor_state::*list, std::size_t i,
+                        std::string node) {
+    return [self, list, i, node](ok_atom) {
+      auto& st = self->state;
+      auto& p = (st.*list)[i];
+      if (p.phase != placement_phase::spawning || !node_up(st, node)) return;  // its node died meanwhile
+      p.phase = placement_phase::running;
+      place(self);
+    };
+  };
+  auto refused = [self](std::vector<supervisor_state::placed> supervisor_state::*list, std::size_t i) {
+    return [self, list, i](caf::error& e) {
+      auto& st = self->state;
+      auto& p = (st.*list)[i];
+      if (p.phase != placement_phase::spawning) return;
+      p.phase = placement_phase::failed;
+      p.error = from_caf_error(e).what();
+      setback(self, from_caf_error(e).code(), p.error);
+    };
+  };
+  if (!all_active(st.experts)) {
+    for (std::size_t j = 0; j < st.experts.size(); ++j) {
+      auto& e = st.experts[j];
+      if (e.phase != placement_phase::pending && e.phase != placement_phase::failed) continue;
+      e.phase = placement_phase::spawning;
+      e.error.clear();
+      spawn_expert_cmd cmd{.actor = e.address.actor, .experts = {}, .model_path = c.model.string()};
+      for (auto id : c.expert_groups[j].experts) cmd.experts.push_back(static_cast<std::uint32_t>(id));
+      self->request(st.members[e.address.node].agent, st.options.ready_timeout, std::move(cmd))
+          .then(spawned(&supervisor_state::experts, j, e.address.node), refused(&supervisor_state::experts, j));
+    }
+    return;
   }
-  for (std::size_t i = 0; i < st.stages.size(); ++i) {
-    auto& s = st.stages[i];
-    s.phase = placement_phase::spawning;
-    const auto& spec = c.stages[i];
-    spawn_stage_cmd cmd{.actor = s.address.actor, .stage = static_cast<std::uint32_t>(i),
-                        .stage_count = static_cast<std::uint32_t>(st.stages.size()),
-                        .first_layer = static_cast<std::uint32_t>(spec.layer_begin),
-                        .end_layer = static_cast<std::uint32_t>(spec.layer_end),
-                        .hold_experts = c.expert_groups.empty(), .model_path = c.model.string(),
-                        .cache_blocks = cache_blocks, .block_tokens = static_cast<std::uint32_t>(c.block_tokens)};
-    self->request(st.members[spec.node].agent, st.options.ready_timeout, std::move(cmd))
+  if (!all_active(st.stages)) {
+    // Every stage stores as many blocks as the router's scheduler hands out.
+    std::uint32_t cache_blocks = 0;
+    try {
+      cache_blocks = static_cast<std::uint32_t>(config::cache_blocks_for(c, st.options.model));
+    } catch (const shoal::error& e) {
+      return fail_cluster(self, e.code(), e.what());
+    }
+    for (std::size_t i = 0; i < st.stages.size(); ++i) {
+      auto& s = st.stages[i];
+      if (s.phase != placement_phase::pending && s.phase != placement_phase::failed) continue;
+      s.phase = placement_phase::spawning;
+      s.error.clear();
+      const auto& spec = c.stages[i];
+      spawn_stage_cmd cmd{.actor = s.address.actor, .stage = static_cast<std::uint32_t>(i),
+                          .stage_count = static_cast<std::uint32_t>(st.stages.size()),
+                          .first_layer = static_cast<std::uint32_t>(spec.layer_begin),
+                          .end_layer = static_cast<std::uint32_t>(spec.layer_end),
+                          .hold_experts = c.expert_groups.empty(), .model_path = c.model.string(),
+                          .cache_blocks = cache_blocks, .block_tokens = static_cast<std::uint32_t>(c.block_tokens)};
+      self->request(st.members[spec.node].agent, st.options.ready_timeout, std::move(cmd))
+          .then(spawned(&supervisor_state::stages, i, spec.node), refused(&supervisor_state::stages, i));
+    }
+    return;
+  }
+  if (!st.serving) wire(self);
+}
+
+void send_heartbeats(self_ptr self) {
+  auto& st = self->state;
+  st.last_heartbeat = clock_type::now();
+  const heartbeat beat{.epoch = st.epoch, .sequence = ++st.heartbeat_sequence, .evicted = st.evicted};
+  const auto patience = st.options.heartbeat_interval * st.options.heartbeat_misses;
+  for (auto& [name, m] : st.members) {
+    if (!m.agent || m.down || !st.book->remote(name)) continue;
+    const auto pid = m.info.pid;
+    self->request(m.agent, patience, beat)
         .then(
-            [self, i](ok_atom) {
+            [self, name = name, pid](ok_atom) {
               auto& st = self->state;
-              st.stages[i].phase = placement_phase::running;
-              if (all_in(st.stages, placement_phase::running) && st.failure.empty()) wire(self);
+              auto& m = st.members[name];
+              if (m.info.pid == pid && !m.down) m.last_seen = clock_type::now();
             },
-            [self, i](caf::error& e) {
-              auto& st = self->state;
-              st.stages[i].phase = placement_phase::failed;
-              st.stages[i].error = from_caf_error(e).what();
-              fail_cluster(self, from_caf_error(e).code(), st.stages[i].error);
-            });
+            [](caf::error&) {});  // counted by the missing answer, not by the error
   }
 }
 
-void place(self_ptr self) {
+// A node is gone: fence it and everything of the placement that included it.
+void declare_dead(self_ptr self, const std::string& name, const std::string& reason, bool evict) {
   auto& st = self->state;
-  const auto& c = st.options.cluster;
-  if (st.experts.empty()) return spawn_stages(self);
-  for (std::size_t j = 0; j < st.experts.size(); ++j) {
-    auto& e = st.experts[j];
-    e.phase = placement_phase::spawning;
-    spawn_expert_cmd cmd{.actor = e.address.actor, .experts = {}, .model_path = c.model.string()};
-    for (auto id : c.expert_groups[j].experts) cmd.experts.push_back(static_cast<std::uint32_t>(id));
-    self->request(st.members[e.address.node].agent, st.options.ready_timeout, std::move(cmd))
-        .then(
-            [self, j](ok_atom) {
-              auto& st = self->state;
-              st.experts[j].phase = placement_phase::running;
-              if (all_in(st.experts, placement_phase::running) && st.failure.empty()) spawn_stages(self);
-            },
-            [self, j](caf::error& e) {
-              auto& st = self->state;
-              st.experts[j].phase = placement_phase::failed;
-              st.experts[j].error = from_caf_error(e).what();
-              fail_cluster(self, from_caf_error(e).code(), st.experts[j].error);
-            });
+  auto& m = st.members[name];
+  if (m.down || !m.agent) return;
+  const auto pid = m.info.pid;
+  self->demonitor(m.agent.address());
+  m.agent = nullptr;
+  m.down = true;
+  m.down_reason = reason;
+  ++st.epoch;  // fences messages of the placement that included it
+  st.book->observe_epoch(st.epoch);
+  st.wiring = false;
+  for (auto* v : {&st.stages, &st.experts})
+    for (auto& p : *v)
+      if (p.address.node == name) {
+        p.phase = placement_phase::failed;
+        p.error = fmt::format("node {} is dead: {}", name, reason);
+      }
+  const auto message = fmt::format("node {} is dead ({}); waiting for it to come back", name, reason);
+  if (!st.served) return fail_cluster(self, errc::unavailable, fmt::format("node {} went down: {}", name, reason));
+  st.serving = false;
+  st.degraded = message;
+  if (evict) {
+    st.book->evict(name, st.epoch);
+    st.evicted.push_back(name);
   }
+  self->send(st.router, fence_atom::value, st.epoch);
+  emit(self, {{"event", "node_down"}, {"node", name}, {"pid", pid}, {"reason", reason}});
+  // Tell the others now rather than at the next heartbeat: calls waiting on the dead node
+  // fail as soon as they drop its connections.
+  if (st.options.heartbeat_interval.count() > 0) send_heartbeats(self);
+}
+
+void check_heartbeats(self_ptr self) {
+  auto& st = self->state;
+  if (st.options.heartbeat_interval.count() <= 0 || !st.failure.empty()) return;
+  const auto now = clock_type::now();
+  const auto patience = st.options.heartbeat_interval * st.options.heartbeat_misses;
+  std::vector<std::pair<std::string, std::string>> dead;
+  for (const auto& [name, m] : st.members)
+    if (m.agent && !m.down && st.book->remote(name) && now - m.last_seen > patience)
+      dead.emplace_back(name, fmt::format("no heartbeat answer for {} ms ({} missed)",
+                                          std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_seen).count(),
+                                          st.options.heartbeat_misses));
+  for (const auto& [name, reason] : dead) declare_dead(self, name, reason, true);
+  if (now - st.last_heartbeat >= st.options.heartbeat_interval) send_heartbeats(self);
 }
 
 std::string pending_summary(const supervisor_state& st) {
   std::vector<std::string> parts;
   for (const auto& [name, m] : st.members)
-    if (!m.agent) parts.push_back(fmt::format("node {} (not joined)", name));
+    if (!m.agent) parts.push_back(fmt::format("node {} ({})", name, m.down ? "dead" : "not joined"));
   for (std::size_t i = 0; i < st.stages.size(); ++i)
     if (st.stages[i].phase != placement_phase::serving)
       parts.push_back(fmt::format("stage {} on {} ({})", i, st.stages[i].address.node,
@@ -185,7 +302,8 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
   st.options = std::move(options);
   st.book = std::move(book);
   st.router = std::move(router);
-  st.started = std::chrono::steady_clock::now();
+  st.started = clock_type::now();
+  st.last_heartbeat = st.started;
   for (const auto& n : st.options.cluster.nodes) st.members[n.name] = {};
   for (std::size_t i = 0; i < st.options.cluster.stages.size(); ++i)
     st.stages.push_back({.address = {st.options.cluster.stages[i].node, actor_ids::first_stage + i},
@@ -195,20 +313,15 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
                           .phase = placement_phase::pending, .error = {}});
   self->set_down_handler([self](caf::down_msg& msg) {
     auto& st = self->state;
-    for (auto& [name, m] : st.members) {
-      if (!m.agent || m.agent.address() != msg.source) continue;
-      m.down = true;
-      ++st.epoch;  // fences messages of the placement that included it
-      for (auto* v : {&st.stages, &st.experts})
-        for (auto& p : *v)
-          if (p.address.node == name) {
-            p.phase = placement_phase::failed;
-            p.error = fmt::format("node {} went down", name);
-          }
-      fail_cluster(self, errc::unavailable, fmt::format("node {} went down; its stages and experts failed", name));
-    }
+    for (auto& [name, m] : st.members)
+      if (m.agent && m.agent.address() == msg.source) {
+        declare_dead(self, name, "its connection failed", true);
+        return;
+      }
   });
-  self->delayed_send(self, std::chrono::milliseconds(200), tick_atom::value);
+  const auto tick_every = std::chrono::milliseconds(
+      st.options.heartbeat_interval.count() > 0 ? std::min<std::int64_t>(st.options.heartbeat_interval.count(), 200) : 200);
+  self->delayed_send(self, tick_every, tick_atom::value);
   return {
       [self](join_atom, join_request& info, node_agent_actor& agent) -> caf::result<std::uint64_t> {
         auto& st = self->state;
@@ -224,14 +337,30 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
                               fmt::format("node '{}' is not in the cluster config {} (nodes: {})", info.node,
                                           st.options.cluster.source.string(), fmt::join(names, ", ")));
         }
-        if (it->second.agent)
-          return to_caf_error(errc::aborted, fmt::format("node '{}' has already joined (pid {})", info.node,
-                                                         it->second.info.pid));
-        it->second.agent = std::move(agent);
-        it->second.info = std::move(info);
-        self->monitor(it->second.agent);
+        auto& m = it->second;
+        if (m.agent && !m.down) {
+          if (m.info.pid == info.pid && m.info.host == info.host)
+            return to_caf_error(errc::aborted, fmt::format("node '{}' has already joined (pid {})", info.node, m.info.pid));
+          // Another process under the name: the old one is gone (it would hold the port
+          // otherwise) or must be fenced. The transport already dropped its connections.
+          if (!st.served)
+            return to_caf_error(errc::aborted, fmt::format("node '{}' has already joined (pid {})", info.node, m.info.pid));
+          declare_dead(self, info.node, fmt::format("replaced by a new process (pid {})", info.pid), false);
+        }
+        const bool rejoin = m.down;
+        if (rejoin) ++m.restarts;
+        m.agent = std::move(agent);
+        m.info = std::move(info);
+        m.down = false;
+        m.last_seen = clock_type::now();
+        std::erase(st.evicted, it->first);
+        self->monitor(m.agent);
+        if (rejoin) {
+          emit(self, {{"event", "node_rejoined"}, {"node", it->first}, {"pid", m.info.pid}, {"restarts", m.restarts}});
+          st.degraded = fmt::format("node {} rejoined; loading its stages and experts", it->first);
+        }
         bool all = true;
-        for (const auto& [name, m] : st.members) all = all && m.agent;
+        for (const auto& [name, other] : st.members) all = all && other.agent;
         if (all) place(self);
         return st.epoch;
       },
@@ -245,15 +374,24 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
       },
       [self](status_atom) -> std::string {
         auto& st = self->state;
+        const auto now = clock_type::now();
         nlohmann::json j;
         j["epoch"] = st.epoch;
         j["serving"] = st.serving;
         j["failure"] = st.failure;
+        j["degraded"] = st.degraded;
+        j["recoveries"] = st.recoveries;
         j["config"] = st.options.cluster.source.string();
+        j["heartbeat_ms"] = st.options.heartbeat_interval.count();
         auto& nodes = j["nodes"] = nlohmann::json::array();
-        for (const auto& [name, m] : st.members)
-          nodes.push_back({{"name", name}, {"joined", static_cast<bool>(m.agent)}, {"down", m.down},
-                           {"pid", m.info.pid}});
+        for (const auto& [name, m] : st.members) {
+          nlohmann::json n{{"name", name},          {"joined", static_cast<bool>(m.agent) || m.down},
+                           {"down", m.down},        {"pid", m.info.pid},
+                           {"restarts", m.restarts}, {"down_reason", m.down_reason}};
+          if (m.agent && st.book->remote(name))
+            n["last_heartbeat_ms"] = std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_seen).count();
+          nodes.push_back(std::move(n));
+        }
         auto list = [](const std::vector<supervisor_state::placed>& v) {
           auto a = nlohmann::json::array();
           for (const auto& p : v)
@@ -265,16 +403,19 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         j["experts"] = list(st.experts);
         return j.dump();
       },
-      [self](tick_atom) {
+      [self, tick_every](tick_atom) {
         auto& st = self->state;
-        if (st.serving || !st.failure.empty()) return;
-        if (std::chrono::steady_clock::now() - st.started > st.options.ready_timeout) {
+        if (!st.failure.empty()) return;
+        if (!st.served && clock_type::now() - st.started > st.options.ready_timeout) {
           fail_cluster(self, errc::deadline_exceeded,
                        fmt::format("the cluster was not ready within {} ms; still waiting for: {}",
                                    st.options.ready_timeout.count(), pending_summary(st)));
           return;
         }
-        self->delayed_send(self, std::chrono::milliseconds(200), tick_atom::value);
+        check_heartbeats(self);
+        // A wiring that failed after a recovery is retried on the next tick.
+        if (st.served && !st.serving && !st.wiring && st.degraded.starts_with("wiring")) place(self);
+        self->delayed_send(self, tick_every, tick_atom::value);
       },
   };
 }

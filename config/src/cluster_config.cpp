@@ -114,7 +114,8 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   if (!root.IsMap()) p.error(1, "the cluster config must be a mapping with keys model, nodes, plan");
   p.allow_keys(root, "the cluster config",
                {"model", "nodes", "head", "plan", "threads", "max_batch", "max_batch_tokens", "cache_mb", "cache_blocks",
-                "block_tokens", "prefix_cache", "ready_timeout_s"});
+                "block_tokens", "prefix_cache", "ready_timeout_s", "heartbeat_ms", "heartbeat_misses", "restart_limit",
+                "restart_window_s", "replay_limit"});
 
   cluster_config c;
   c.source = source;
@@ -138,6 +139,14 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   }
   if (root["ready_timeout_s"])
     c.ready_timeout_s = static_cast<int>(p.integer_at(root["ready_timeout_s"], "ready_timeout_s", 1, 86400));
+  if (root["heartbeat_ms"]) c.heartbeat_ms = static_cast<int>(p.integer_at(root["heartbeat_ms"], "heartbeat_ms", 0, 60000));
+  if (root["heartbeat_misses"])
+    c.heartbeat_misses = static_cast<int>(p.integer_at(root["heartbeat_misses"], "heartbeat_misses", 1, 1000));
+  if (root["restart_limit"])
+    c.restart_limit = static_cast<int>(p.integer_at(root["restart_limit"], "restart_limit", 0, 100000));
+  if (root["restart_window_s"])
+    c.restart_window_s = static_cast<int>(p.integer_at(root["restart_window_s"], "restart_window_s", 1, 86400 * 30));
+  if (root["replay_limit"]) c.replay_limit = static_cast<int>(p.integer_at(root["replay_limit"], "replay_limit", 0, 1000));
 
   const YAML::Node nodes = root["nodes"];
   if (!nodes || !nodes.IsSequence() || nodes.size() == 0)

@@ -84,6 +84,9 @@ class scheduler::prefix_tree {
 
   std::int64_t size() const noexcept { return size_; }
 
+  // Forgets every block no sequence holds (all of them once no sequence runs).
+  void clear() { evict(size_); }
+
  private:
   struct node {
     std::int32_t block = -1;
@@ -233,6 +236,16 @@ void scheduler::admit() {
     running_.push_back(&seq);
     waiting_.pop_front();
   }
+}
+
+void scheduler::requeue_all() {
+  for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
+    release_blocks(**it);
+    waiting_.push_front(*it);
+    ++counters_.requeued;
+  }
+  running_.clear();
+  prefix_->clear();
 }
 
 // Sends the youngest running sequence back to the queue; it will be recomputed from its tokens.

@@ -17,6 +17,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <thread>
@@ -204,22 +206,136 @@ TEST_CASE("shoal launch: concurrent requests with chunked prefill and preemption
   CHECK(c.launch->stop() == 0);
 }
 
-TEST_CASE("shoal launch stops the cluster and exits 2 when a node dies") {
-  launched_cluster c;
+namespace {
+
+// The pid of the node process named `node` among launch's children (of any of its threads:
+// restarted nodes are forked by its watcher thread), or -1.
+pid_t node_pid(pid_t launch, const std::string& node) {
+  std::vector<pid_t> all;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/" + std::to_string(launch) + "/task")) {
+    std::ifstream children(task.path() / "children");
+    for (pid_t child; children >> child;) all.push_back(child);
+  }
+  for (const pid_t child : all) {
+    std::ifstream in("/proc/" + std::to_string(child) + "/cmdline");
+    std::vector<std::string> args;
+    for (std::string arg; std::getline(in, arg, '\0');) args.push_back(arg);
+    for (std::size_t i = 0; i + 1 < args.size(); ++i)
+      if (args[i] == "--name" && args[i + 1] == node) return child;
+  }
+  return -1;
+}
+
+// Long greedy streams of every golden prompt, twice at once: `during` runs once some tokens
+// have streamed (and none finished). Returns each stream's tokens and how it ended, and the
+// longest gap between two tokens of any stream.
+struct streams_result {
+  std::vector<std::vector<std::int32_t>> tokens;
+  std::vector<shoal::actors::token_chunk> last;
+  std::chrono::milliseconds longest_gap{0};
+};
+
+streams_result long_streams(shoal::client& client, const std::function<void()>& during = {}) {
+  constexpr std::uint32_t kLong = 150;  // the longest golden prompt is 300 of 512 positions
+  const auto prompts = shoal::testing::scheduling_prompts();
+  std::mutex mutex;
+  std::vector<std::vector<std::int32_t>> tokens(prompts.size() * 2);
+  std::vector<shoal::actors::token_chunk> last(tokens.size());
+  std::vector<clock_type::time_point> previous(tokens.size(), clock_type::now());
+  std::size_t finished = 0;
+  std::size_t streamed = 0;
+  clock_type::duration gap{};
+  for (std::size_t slot = 0; slot < tokens.size(); ++slot)
+    client.submit({.prompt = prompts[slot % prompts.size()].tokens, .sampling = {}, .max_tokens = kLong,
+                   .stop_tokens = {}, .want_logits = false, .deadline = {}},
+                  [&, slot](const shoal::actors::token_chunk& c) {
+                    std::lock_guard lock(mutex);
+                    const auto now = clock_type::now();
+                    if (!tokens[slot].empty()) gap = std::max(gap, now - previous[slot]);
+                    previous[slot] = now;
+                    tokens[slot].insert(tokens[slot].end(), c.tokens.begin(), c.tokens.end());
+                    streamed += c.tokens.size();
+                    if (c.finish != shoal::actors::finish_reason::none) {
+                      last[slot] = c;
+                      ++finished;
+                    }
+                  });
+  auto wait_for = [&](auto done, std::chrono::seconds limit) {
+    const auto deadline = clock_type::now() + limit;
+    while (clock_type::now() < deadline) {
+      {
+        std::lock_guard lock(mutex);
+        if (done()) return true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return false;
+  };
+  if (during) {
+    REQUIRE(wait_for([&] { return streamed >= 4 * tokens.size(); }, std::chrono::seconds(60)));
+    {
+      std::lock_guard lock(mutex);
+      REQUIRE(finished == 0);  // the failure lands in the middle of every stream
+    }
+    during();
+  }
+  REQUIRE(wait_for([&] { return finished == tokens.size(); }, std::chrono::seconds(120)));
+  std::lock_guard lock(mutex);
+  return {tokens, last, std::chrono::duration_cast<std::chrono::milliseconds>(gap)};
+}
+
+void check_same_streams(const streams_result& want, const streams_result& got) {
+  for (std::size_t slot = 0; slot < want.tokens.size(); ++slot) {
+    CAPTURE(slot, got.last[slot].error);
+    CHECK(got.last[slot].finish == shoal::actors::finish_reason::length);
+    CHECK(got.tokens[slot] == want.tokens[slot]);  // no token lost, repeated or changed
+  }
+}
+
+}  // namespace
+
+TEST_CASE("shoal launch heals: a node killed or frozen mid-generation is replaced and no request is lost") {
+  // Heartbeats every 250 ms, 4 missed declare a node dead: a frozen node is noticed in ~1 s.
+  launched_cluster c("heartbeat_ms: 250\nheartbeat_misses: 4\n");
   process& launch = *c.launch;
-  // The nodes are launch's children; kill one of them.
-  std::ifstream children("/proc/" + std::to_string(launch.pid) + "/task/" + std::to_string(launch.pid) + "/children");
-  std::vector<pid_t> nodes;
-  for (pid_t child; children >> child;) nodes.push_back(child);
-  REQUIRE(nodes.size() == 4);
-  REQUIRE(::kill(nodes.back(), SIGKILL) == 0);
+  auto client = shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10));
+  const auto undisturbed = long_streams(*client);
+  for (std::size_t slot = 0; slot < undisturbed.tokens.size(); ++slot)
+    REQUIRE(undisturbed.last[slot].finish == shoal::actors::finish_reason::length);
+
+  // A crash: the expert node's connection fails at once.
+  const pid_t experts = node_pid(launch.pid, "experts1");
+  REQUIRE(experts > 0);
+  const auto crashed = long_streams(*client, [&] { REQUIRE(::kill(experts, SIGKILL) == 0); });
+  check_same_streams(undisturbed, crashed);
+  const pid_t restarted = node_pid(launch.pid, "experts1");
+  CHECK(restarted > 0);
+  CHECK(restarted != experts);
+
+  // A freeze: the stage node keeps its connections open and stops answering; heartbeats
+  // declare it dead, launch kills and restarts it.
+  const pid_t stage = node_pid(launch.pid, "stage1");
+  REQUIRE(stage > 0);
+  const auto frozen = long_streams(*client, [&] { REQUIRE(::kill(stage, SIGSTOP) == 0); });
+  check_same_streams(undisturbed, frozen);
+  INFO("longest pause of a stream across the freeze: " << frozen.longest_gap.count() << " ms");
+  CHECK(frozen.longest_gap < std::chrono::seconds(20));
+  CHECK(node_pid(launch.pid, "stage1") != stage);
+  CHECK(::kill(stage, 0) != 0);  // killed and reaped: it can never act under the old placement
+
+  // The head holds the router and supervisor: without a standby, launch stops and exits 2.
+  std::vector<pid_t> others;
+  for (const char* name : {"stage1", "experts0", "experts1"}) {
+    others.push_back(node_pid(launch.pid, name));
+    REQUIRE(others.back() > 0);
+  }
+  REQUIRE(::kill(node_pid(launch.pid, "stage0"), SIGKILL) == 0);
   const int status = launch.wait_exit(std::chrono::seconds(40));
   CHECK(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 2);
-  // Every other node was stopped with it.
-  for (std::size_t i = 0; i + 1 < nodes.size(); ++i) {
-    CAPTURE(nodes[i]);
-    CHECK(::kill(nodes[i], 0) != 0);  // launch waited for it: no such process
+  for (auto pid : others) {
+    CAPTURE(pid);
+    CHECK(::kill(pid, 0) != 0);  // launch stopped and reaped it
   }
 }
 

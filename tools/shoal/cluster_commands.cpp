@@ -95,8 +95,15 @@ void add_node(CLI::App& app) {
     auto cluster = config::load_cluster_config(o->config);
     const auto timeouts = to_cluster_options(o->timeouts, cluster);
     const auto* spec = cluster.find_node(o->name);
+    // Membership events go to stdout as JSON lines (the launcher restarts nodes on them) and
+    // to stderr for people.
+    auto on_event = [name = o->name](const std::string& event) {
+      fmt::print("{}\n", event);
+      std::fflush(stdout);
+      fmt::print(stderr, "[node {}] {}\n", name, event);
+    };
     actors::node_process node({.cluster = cluster, .node = o->name, .timeouts = timeouts,
-                               .transports = o->transports, .model_override = o->model});
+                               .transports = o->transports, .model_override = o->model, .on_event = on_event});
     fmt::print(stderr, "[node {}] listening on {}:{}{}\n", o->name, spec->host, spec->port,
                node.is_head() ? " (head: supervisor and router)" : "");
     if (node.is_head()) {
@@ -150,7 +157,9 @@ void add_launch(CLI::App& app) {
                                  .node_arguments = extra,
                                  .ready_timeout = std::chrono::duration_cast<std::chrono::seconds>(timeouts.ready_timeout),
                                  .interrupted = [&signals] { return wait_stop_signal(signals, std::chrono::milliseconds(0)) != 0; },
-                                 .log_prefix = "[launch]"});
+                                 .log_prefix = "[launch]",
+                                 .restart_limit = cluster.restart_limit,
+                                 .restart_window = std::chrono::seconds(cluster.restart_window_s)});
     } catch (const shoal::error& e) {
       if (e.code() != errc::cancelled) throw;
       fmt::print(stderr, "[launch] interrupted before the cluster was ready; stopped all nodes\n");
@@ -173,7 +182,8 @@ void add_launch(CLI::App& app) {
           dead.reset();
           break;
         }
-        fmt::print(stderr, "[launch] node {} exited (status {}); stopping the cluster\n", dead->first, dead->second);
+        fmt::print(stderr, "[launch] the head node {} exited (status {}): the cluster cannot serve without it; stopping it\n",
+                   dead->first, dead->second);
         break;
       }
     }
@@ -181,8 +191,8 @@ void add_launch(CLI::App& app) {
     fmt::print(stderr, "[launch] all nodes stopped\n");
     // Only Ctrl-C or SIGTERM is a success; a node that exited on its own is a failure.
     if (dead)
-      shoal::fail(errc::unavailable, "node {} of {} exited (status {}); stopped the cluster", dead->first, o->config,
-                  dead->second);
+      shoal::fail(errc::unavailable, "the head node {} of {} exited (status {}); stopped the cluster", dead->first,
+                  o->config, dead->second);
   });
 }
 

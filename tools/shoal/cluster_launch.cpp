@@ -3,12 +3,13 @@
 #include "shoal/base/error.hpp"
 
 #include <fmt/core.h>
+#include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
-#include <thread>
 
 #include <poll.h>
 #include <pthread.h>
@@ -28,65 +29,79 @@ bool is_local_host(const std::string& host) {
 
 int exit_code(int status) { return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status); }
 
+std::string describe_exit(int code) {
+  return code > 128 ? fmt::format("signal {}", code - 128) : fmt::format("status {}", code);
+}
+
 }  // namespace
 
-launched_cluster::launched_cluster(const config::cluster_config& cluster, settings s) : prefix_(s.log_prefix) {
+void launched_cluster::spawn(child& c) {
+  int pipe_fds[2] = {-1, -1};
+  if (c.head && ::pipe(pipe_fds) != 0) shoal::fail(errc::unavailable, "pipe: {}", std::strerror(errno));
+  const pid_t pid = ::fork();
+  if (pid < 0) shoal::fail(errc::unavailable, "fork: {}", std::strerror(errno));
+  if (pid == 0) {
+    sigset_t none;
+    sigemptyset(&none);
+    pthread_sigmask(SIG_SETMASK, &none, nullptr);
+    if (c.head) {
+      ::dup2(pipe_fds[1], STDOUT_FILENO);
+      ::close(pipe_fds[0]);
+      ::close(pipe_fds[1]);
+    }
+    std::vector<char*> argv;
+    for (auto& a : c.args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execvp(argv[0], argv.data());
+    std::fprintf(stderr, "shoal: cannot run %s: %s\n", argv[0], std::strerror(errno));
+    ::_exit(127);
+  }
+  c.pid = pid;
+  if (c.head) {
+    ::close(pipe_fds[1]);
+    c.out = pipe_fds[0];
+  }
+}
+
+launched_cluster::launched_cluster(const config::cluster_config& cluster, settings s)
+    : settings_(std::move(s)), prefix_(settings_.log_prefix) {
   const auto self_exe = std::filesystem::read_symlink("/proc/self/exe").string();
   int head_out = -1;
   try {
     for (const auto& node : cluster.nodes) {
-      std::vector<std::string> args;
+      child c;
+      c.node = node.name;
+      c.head = node.name == cluster.head;
       if (is_local_host(node.host))
-        args = {self_exe};
+        c.args = {self_exe};
       else  // the same command over ssh; the config path and the binary must exist there
-        args = {"ssh", "-o", "BatchMode=yes", node.host, "shoal"};
-      for (const auto& a : std::vector<std::string>{"node", "--config", s.config_path, "--name", node.name})
-        args.push_back(a);
-      args.insert(args.end(), s.node_arguments.begin(), s.node_arguments.end());
-      const bool head = node.name == cluster.head;
-      int pipe_fds[2] = {-1, -1};
-      if (head && ::pipe(pipe_fds) != 0) shoal::fail(errc::unavailable, "pipe: {}", std::strerror(errno));
-      const pid_t pid = ::fork();
-      if (pid < 0) shoal::fail(errc::unavailable, "fork: {}", std::strerror(errno));
-      if (pid == 0) {
-        sigset_t none;
-        sigemptyset(&none);
-        pthread_sigmask(SIG_SETMASK, &none, nullptr);
-        if (head) {
-          ::dup2(pipe_fds[1], STDOUT_FILENO);
-          ::close(pipe_fds[0]);
-          ::close(pipe_fds[1]);
-        }
-        std::vector<char*> argv;
-        for (auto& a : args) argv.push_back(a.data());
-        argv.push_back(nullptr);
-        ::execvp(argv[0], argv.data());
-        std::fprintf(stderr, "shoal: cannot run %s: %s\n", argv[0], std::strerror(errno));
-        ::_exit(127);
-      }
-      child c{node.name, pid, -1};
-      if (head) {
-        ::close(pipe_fds[1]);
-        c.out = head_out = pipe_fds[0];
+        c.args = {"ssh", "-o", "BatchMode=yes", node.host, "shoal"};
+      for (const auto& a : std::vector<std::string>{"node", "--config", settings_.config_path, "--name", node.name})
+        c.args.push_back(a);
+      c.args.insert(c.args.end(), settings_.node_arguments.begin(), settings_.node_arguments.end());
+      children_.push_back(std::move(c));
+      spawn(children_.back());
+      if (children_.back().head) {
+        head_out = children_.back().out;
         host_ = node.host;
         port_ = node.port;
       }
-      children_.push_back(c);
     }
     fmt::print(stderr, "{} started {} nodes; waiting up to {} s for the cluster\n", prefix_, children_.size(),
-               s.ready_timeout.count());
+               settings_.ready_timeout.count());
     // The head's ready line, a node dying, an interruption, or the deadline, whichever first.
-    const auto deadline = clock_type::now() + s.ready_timeout + std::chrono::seconds(5);
-    std::string line;
+    const auto deadline = clock_type::now() + settings_.ready_timeout + std::chrono::seconds(5);
+    std::string& line = head_buffer_;
     while (true) {
       if (auto dead = exited_node())
         shoal::fail(errc::unavailable, "node {} exited (status {}) before the cluster was ready; see its messages above",
                     dead->first, dead->second);
-      if (s.interrupted && s.interrupted()) shoal::fail(errc::cancelled, "interrupted before the cluster was ready");
+      if (settings_.interrupted && settings_.interrupted())
+        shoal::fail(errc::cancelled, "interrupted before the cluster was ready");
       if (clock_type::now() > deadline)
         shoal::fail(errc::deadline_exceeded,
                     "the cluster was not ready within {} s (waited for the head node {}'s ready line)",
-                    s.ready_timeout.count(), cluster.head);
+                    settings_.ready_timeout.count(), cluster.head);
       pollfd p{head_out, POLLIN, 0};
       if (::poll(&p, 1, 100) > 0) {
         char buffer[4096];
@@ -102,7 +117,7 @@ launched_cluster::launched_cluster(const config::cluster_config& cluster, settin
             ready = true;
             break;
           }
-          fmt::print(stderr, "{} head node {}: {}\n", prefix_, cluster.head, one);
+          on_head_line(one);
         }
         if (ready) break;
       }
@@ -111,11 +126,115 @@ launched_cluster::launched_cluster(const config::cluster_config& cluster, settin
     stop();
     throw;
   }
+  watcher_ = std::thread([this] { watch(); });
 }
 
 launched_cluster::~launched_cluster() { stop(); }
 
+// A line of the head's stdout: a membership event, or a library's message to pass on.
+void launched_cluster::on_head_line(const std::string& line) {
+  nlohmann::json event;
+  if (line.starts_with("{")) event = nlohmann::json::parse(line, nullptr, false);
+  if (!event.is_object() || !event.contains("event")) {
+    fmt::print(stderr, "{} head node: {}\n", prefix_, line);
+    return;
+  }
+  const auto kind = event.value("event", "");
+  const auto node = event.value("node", "");
+  if (kind == "node_down") {
+    fmt::print(stderr, "{} node {} was declared dead: {}\n", prefix_, node, event.value("reason", ""));
+    // A frozen process still holds its port and could wake up under the old placement:
+    // end it, so that the watcher restarts it like any exited node.
+    std::lock_guard lock(mutex_);
+    for (auto& c : children_)
+      if (c.node == node && c.pid > 0 && !c.head) {
+        fmt::print(stderr, "{} killing node {} (pid {})\n", prefix_, node, c.pid);
+        ::kill(c.pid, SIGKILL);
+      }
+  } else if (kind == "node_rejoined") {
+    fmt::print(stderr, "{} node {} rejoined (pid {}); loading its part of the placement\n", prefix_, node,
+               event.value("pid", 0));
+  } else if (kind == "recovered") {
+    fmt::print(stderr, "{} the cluster serves again (placement epoch {})\n", prefix_, event.value("epoch", 0));
+  }
+}
+
+void launched_cluster::watch() {
+  while (!stopping_) {
+    int head_out = -1;
+    {
+      std::lock_guard lock(mutex_);
+      for (const auto& c : children_)
+        if (c.head) head_out = c.out;
+    }
+    pollfd p{head_out, POLLIN, 0};
+    if (head_out >= 0 && ::poll(&p, 1, 100) > 0) {
+      char buffer[4096];
+      const auto n = ::read(head_out, buffer, sizeof(buffer));
+      if (n > 0) {
+        head_buffer_.append(buffer, static_cast<std::size_t>(n));
+        for (auto end = head_buffer_.find('\n'); end != std::string::npos; end = head_buffer_.find('\n')) {
+          const auto one = head_buffer_.substr(0, end);
+          head_buffer_.erase(0, end + 1);
+          on_head_line(one);
+        }
+      } else if (n == 0) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the head closed its stdout
+      }
+    } else if (head_out < 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    std::lock_guard lock(mutex_);
+    const auto now = clock_type::now();
+    // The head first: once it is gone the others stop by themselves and are not restarted.
+    std::stable_partition(children_.begin(), children_.end(), [](const child& c) { return c.head; });
+    for (auto& c : children_) {
+      if (head_gone_) break;
+      int status = 0;
+      if (c.pid > 0 && ::waitpid(c.pid, &status, WNOHANG) == c.pid) {
+        c.pid = -1;
+        const int code = exit_code(status);
+        if (c.head) {
+          head_exit_ = std::pair{c.node, code};
+          head_gone_ = true;
+          continue;
+        }
+        std::erase_if(c.recent, [&](auto t) { return now - t > settings_.restart_window; });
+        if (static_cast<int>(c.recent.size()) >= settings_.restart_limit) {
+          c.given_up = true;
+          fmt::print(stderr,
+                     "{} node {} exited ({}) and was restarted {} times within {} s already: not restarting it; "
+                     "the cluster stays degraded until it is back\n",
+                     prefix_, c.node, describe_exit(code), c.recent.size(), settings_.restart_window.count());
+          continue;
+        }
+        const auto backoff = std::chrono::milliseconds(500 << std::min<std::size_t>(c.recent.size(), 4));
+        c.restart_pending = true;
+        c.restart_at = now + backoff;
+        fmt::print(stderr, "{} node {} exited ({}); restarting it in {:.1f} s (restart {} of at most {} in {} s)\n",
+                   prefix_, c.node, describe_exit(code), backoff.count() / 1000.0, c.recent.size() + 1,
+                   settings_.restart_limit, settings_.restart_window.count());
+      }
+      if (c.restart_pending && now >= c.restart_at) {
+        c.restart_pending = false;
+        c.recent.push_back(now);
+        ++c.restarts;
+        try {
+          spawn(c);
+          fmt::print(stderr, "{} node {} started again (pid {})\n", prefix_, c.node, c.pid);
+        } catch (const shoal::error& e) {
+          fmt::print(stderr, "{} node {} could not be started again: {}\n", prefix_, c.node, e.what());
+        }
+      }
+    }
+  }
+}
+
 std::optional<std::pair<std::string, int>> launched_cluster::exited_node() {
+  if (watcher_.joinable()) {
+    std::lock_guard lock(mutex_);
+    return std::exchange(head_exit_, std::nullopt);
+  }
   for (auto& c : children_) {
     int status = 0;
     if (c.pid > 0 && ::waitpid(c.pid, &status, WNOHANG) == c.pid) {
@@ -126,9 +245,21 @@ std::optional<std::pair<std::string, int>> launched_cluster::exited_node() {
   return std::nullopt;
 }
 
+std::map<std::string, int> launched_cluster::restarts() const {
+  std::lock_guard lock(mutex_);
+  std::map<std::string, int> out;
+  for (const auto& c : children_) out[c.node] = c.restarts;
+  return out;
+}
+
 void launched_cluster::stop() {
-  for (auto& c : children_)
+  stopping_ = true;
+  if (watcher_.joinable()) watcher_.join();
+  std::lock_guard lock(mutex_);
+  for (auto& c : children_) {
+    c.restart_pending = false;
     if (c.pid > 0) ::kill(c.pid, SIGTERM);
+  }
   const auto deadline = clock_type::now() + std::chrono::seconds(10);
   for (auto& c : children_) {
     while (c.pid > 0) {

@@ -4,7 +4,11 @@
 
 #include "shoal/config/cluster_config.hpp"
 
+#include <atomic>
 #include <chrono>
+#include <map>
+#include <mutex>
+#include <thread>
 #include <functional>
 #include <optional>
 #include <string>
@@ -14,6 +18,13 @@ namespace shoal::tools {
 
 /// Every node of a cluster config as a child process: on this machine for local hosts, over
 /// ssh (`shoal node ...` on the remote PATH) for the others. Stops them all when destroyed.
+///
+/// Once the cluster is ready, a watcher thread keeps it whole: a node process that exits is
+/// started again after a backoff (0.5 s doubling to 8 s), at most `restart_limit` times within
+/// `restart_window`; a node the head declares dead (it prints a `node_down` event line, e.g.
+/// for a frozen process that missed its heartbeats) is killed first, so that its port is free
+/// and it can never come back under the old placement. The head node itself is not
+/// restarted: its exit is reported by `exited_node`.
 class launched_cluster {
  public:
   /// How to start the nodes.
@@ -24,6 +35,8 @@ class launched_cluster {
     /// Polled while waiting; returning true gives up with `errc::cancelled` (e.g. Ctrl-C).
     std::function<bool()> interrupted;
     std::string log_prefix = "[launch]";     ///< Prefix of the progress lines on stderr.
+    int restart_limit = 5;                   ///< Restarts of one node within `restart_window` (0: none).
+    std::chrono::seconds restart_window{600};
   };
 
   /// Starts the nodes and waits for the head node's ready line. Throws `unavailable` when a
@@ -40,8 +53,11 @@ class launched_cluster {
   const std::string& host() const { return host_; }
   std::uint16_t port() const { return port_; }
 
-  /// A node process that has exited since the last call, as (node, exit status), or nothing.
+  /// Before the cluster is ready: a node process that has exited since the last call, as
+  /// (node, exit status). After: only the head node (others are restarted), or nothing.
   std::optional<std::pair<std::string, int>> exited_node();
+  /// Restarts of each node so far.
+  std::map<std::string, int> restarts() const;
 
   /// SIGTERM to every node, SIGKILL to those still running 10 s later; idempotent.
   void stop();
@@ -49,14 +65,32 @@ class launched_cluster {
  private:
   struct child {
     std::string node;
+    std::vector<std::string> args;
+    bool head = false;
     int pid = -1;
-    int out = -1;  // the head's stdout, read for the ready line
+    int out = -1;  // the head's stdout, read for the ready line and events
+    int restarts = 0;
+    std::vector<std::chrono::steady_clock::time_point> recent;  // restart times in the window
+    std::chrono::steady_clock::time_point restart_at{};         // pending restart, if pid < 0
+    bool restart_pending = false;
+    bool given_up = false;
   };
+  void spawn(child& c);
+  void watch();
+  void on_head_line(const std::string& line);
+
+  settings settings_;
+  mutable std::mutex mutex_;  // children_ and head_exit_, once the watcher runs
   std::vector<child> children_;
   std::string prefix_;
   std::string ready_line_;
+  std::string head_buffer_;
   std::string host_;
   std::uint16_t port_ = 0;
+  std::optional<std::pair<std::string, int>> head_exit_;  // until `exited_node` reports it
+  bool head_gone_ = false;
+  std::atomic<bool> stopping_{false};
+  std::thread watcher_;
 };
 
 }  // namespace shoal::tools

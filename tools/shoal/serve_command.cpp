@@ -162,7 +162,9 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
                                  timespec zero{0, 0};
                                  return sigtimedwait(&signals, nullptr, &zero) > 0;
                                },
-                               .log_prefix = "[serve]"});
+                               .log_prefix = "[serve]",
+                               .restart_limit = cluster.restart_limit,
+                               .restart_window = std::chrono::seconds(cluster.restart_window_s)});
     host = nodes->host();
     port = nodes->port();
   }
@@ -186,14 +188,15 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
     if (signal > 0) break;
     if (nodes) {
       if (const auto dead = nodes->exited_node()) {
-        // Without a replacement for the node the cluster cannot answer; say so and stop
-        // rather than accept requests that would only fail.
-        fmt::print(stderr, "[serve] node {} exited (status {}): the cluster cannot serve; stopping\n", dead->first,
-                   dead->second);
+        // Other nodes are restarted by the launcher; without the head (supervisor and
+        // router) the cluster cannot answer: say so and stop rather than accept requests
+        // that would only fail.
+        fmt::print(stderr, "[serve] the head node {} exited (status {}): the cluster cannot serve; stopping\n",
+                   dead->first, dead->second);
         srv->shutdown(std::chrono::seconds(0));
         back.reset();
         srv.reset();
-        shoal::fail(errc::unavailable, "node {} of {} exited", dead->first, o.cluster);
+        shoal::fail(errc::unavailable, "the head node {} of {} exited", dead->first, o.cluster);
       }
     }
   }

@@ -23,12 +23,15 @@ struct JoinReply {
   heartbeatIntervalMs @2 :UInt32;       # How often the node must send Heartbeat.
 }
 
-# Node -> supervisor, periodically; a few missed ones mark the node failed.
+# Supervisor -> node, periodically (the envelope carries the supervisor's epoch); the node
+# answers with a Heartbeat of its own under the same call id. A node that misses a few is
+# declared dead and fenced.
 struct Heartbeat {
-  node @0 :Text;
+  node @0 :Text;                        # Sender.
   sequence @1 :UInt64;                  # Increments by one per heartbeat.
   sentUnixNanos @2 :UInt64;
-  load @3 :Float32;                     # Busy fraction in [0, 1] since the previous heartbeat.
+  load @3 :Float32;                     # Busy fraction in [0, 1] since the previous heartbeat (unused).
+  evicted @4 :List(Text);               # Nodes declared dead in this epoch: drop connections to them.
 }
 
 # Node -> supervisor, before an orderly shutdown (drain finished).

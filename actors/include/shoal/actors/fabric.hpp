@@ -41,6 +41,16 @@ class fabric {
   virtual caf::actor resolve(const actor_address& address);
   /// The engine registered at `address`, or null.
   std::shared_ptr<expert_engine> engine(const actor_address& address);
+  /// Whether `node` runs in another process (its liveness needs heartbeats; a local node's
+  /// agent is monitored directly).
+  virtual bool remote(const std::string& node) const { (void)node; return false; }
+  /// Drops every connection to `node`, failing the calls waiting on it with `unavailable`
+  /// (a node declared dead in `epoch`); idempotent per node and epoch. Nothing to do in one
+  /// process.
+  virtual void evict(const std::string& node, std::uint64_t epoch) { (void)node; (void)epoch; }
+  /// Records a placement epoch seen from the supervisor: data messages of older epochs are
+  /// refused from then on.
+  virtual void observe_epoch(std::uint64_t epoch) noexcept { (void)epoch; }
   /// Every local actor (for shutdown).
   std::map<std::pair<std::string, std::uint64_t>, caf::actor> local_actors();
 

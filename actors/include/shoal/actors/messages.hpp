@@ -14,7 +14,8 @@ namespace shoal::actors {
 /// Version of the messages this binary speaks (the wire schemas' `schemaVersion`); a node
 /// that speaks another one is refused when it joins.
 /// 2: steps carry block tables decided by the router; stages no longer keep caches per request.
-inline constexpr std::uint16_t schema_version = 2;
+/// 3: the supervisor sends heartbeats carrying its epoch and the nodes it evicted.
+inline constexpr std::uint16_t schema_version = 3;
 
 /// Identifies a request for its whole life, including replays after a failure.
 using request_id = std::uint64_t;
@@ -163,6 +164,17 @@ struct join_request {
   std::uint16_t schema_version = 0;    ///< Wire schema version it speaks.
 };
 
+/// Supervisor -> node, every heartbeat interval; the node answers at once from its transport
+/// thread, so a frozen process (SIGSTOP, a hung host, a cut link) stops answering even when
+/// its connections stay open.
+struct heartbeat {
+  std::uint64_t epoch = 0;             ///< The supervisor's placement epoch: messages of older ones are refused.
+  std::uint64_t sequence = 0;          ///< Increments by one per heartbeat.
+  /// Nodes declared dead in this epoch: every node drops its connections to them, so calls
+  /// waiting on a frozen node fail now instead of at their deadline.
+  std::vector<std::string> evicted;
+};
+
 /// Client -> router: generate tokens after a prompt.
 struct generate_request {
   request_id request = 0;              ///< Chosen by the client, unique per client.
@@ -251,6 +263,10 @@ typename Inspector::result_type inspect(Inspector& f, spawn_expert_cmd& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, join_request& x) {
   return f(x.node, x.host, x.port, x.pid, x.schema_version);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, heartbeat& x) {
+  return f(x.epoch, x.sequence, x.evicted);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, generate_request& x) {

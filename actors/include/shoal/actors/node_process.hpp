@@ -9,6 +9,7 @@
 #include "shoal/config/cluster_config.hpp"
 
 #include <memory>
+#include <functional>
 #include <string>
 
 namespace shoal::actors {
@@ -20,6 +21,9 @@ struct node_process_options {
   cluster_options timeouts;          ///< Deadlines (ready, step, expert round trip).
   std::string transports;            ///< UCX transports (UCX_TLS); empty: UCX's default.
   std::string model_override;        ///< Checkpoint path on this machine, if not the config's.
+  /// On the head: receives the supervisor's membership events as JSON lines (node_down,
+  /// node_rejoined, recovered); called on an actor thread.
+  std::function<void(const std::string&)> on_event = {};
 };
 
 /// A running node. The head node listens for the others' joins and for clients; every other

@@ -29,6 +29,7 @@ using release_atom = caf::atom_constant<caf::atom("release")>; ///< Forget reque
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;   ///< Client cancels a request.
 using stop_atom = caf::atom_constant<caf::atom("stop")>;       ///< Orderly shutdown.
 using tick_atom = caf::atom_constant<caf::atom("tick")>;       ///< Periodic timer.
+using fence_atom = caf::atom_constant<caf::atom("fence")>;     ///< The placement lost a node.
 
 /// Receives a request's tokens as they are generated (a client, or a proxy of a remote one).
 using token_sink_actor = caf::typed_actor<
@@ -60,8 +61,14 @@ using router_actor = caf::typed_actor<
     caf::reacts_to<generate_request, token_sink_actor>,
     /// Cancels a request of that sink; its stream ends with finish == cancelled.
     caf::reacts_to<cancel_atom, request_id, token_sink_actor>,
-    /// The placement of this epoch: the router looks up the stages.
+    /// The placement of this epoch: the router looks up the stages. A new epoch after a
+    /// failure: every request is recomputed from its prompt and the tokens it streamed.
     caf::replies_to<wire_atom, placement_table>::with<ok_atom>,
+    /// The placement of an older epoch lost a node: stop stepping, take the requests of the
+    /// step in flight back (they keep their tokens) and wait for the next `wire_atom`.
+    caf::reacts_to<fence_atom, std::uint64_t>,
+    /// Resumes stepping after a failed step's pause (sent to itself).
+    caf::reacts_to<tick_atom>,
     /// The scheduler's counters as a JSON object (requests waiting and running, cache blocks
     /// total, used and kept for prefix reuse, preemptions, prefilled and cached prompt tokens).
     caf::replies_to<status_atom>::with<std::string>>;
@@ -73,7 +80,10 @@ using node_agent_actor = caf::typed_actor<
     /// Loads an expert actor's weights and starts it under `cmd.actor`.
     caf::replies_to<spawn_expert_cmd>::with<ok_atom>,
     /// Stops every local actor (idempotent).
-    caf::reacts_to<stop_atom>>;
+    caf::reacts_to<stop_atom>,
+    /// Liveness and fencing (see `heartbeat`); a remote node answers from its transport
+    /// thread without reaching this actor.
+    caf::replies_to<heartbeat>::with<ok_atom>>;
 
 /// Membership and placement.
 using supervisor_actor = caf::typed_actor<

@@ -29,6 +29,13 @@ struct router_options {
   std::chrono::milliseconds step_timeout{60000};     ///< Deadline of one pipeline step.
   std::int64_t vocab_size = 0;                       ///< Token ids must be below it (0: unchecked).
   std::int64_t max_positions = 0;                    ///< Prompt + max_tokens limit (0: unchecked).
+  /// Failed steps a request lives through (each time it is recomputed on the next
+  /// placement); one more ends it with the step's error. Bounds a request that itself brings
+  /// nodes down.
+  int replay_limit = 3;
+  /// Pause after a step failed without a fence from the supervisor (a node that may be
+  /// dying), before the requests are stepped again.
+  std::chrono::milliseconds retry_pause{1000};
 };
 
 /// State of the router.
@@ -42,6 +49,7 @@ struct router_state {
     generate_request spec;                 ///< As submitted.
     std::uint32_t generated = 0;           ///< Tokens streamed so far.
     bool cancelled = false;                ///< Cancel arrived while it was in the step being computed.
+    int replays = 0;                       ///< Failed steps it was part of.
   };
 
   router_options options;                  ///< Settings.
@@ -54,6 +62,10 @@ struct router_state {
   std::uint64_t next_id = 1;               ///< Next internal id.
   std::uint64_t step = 0;                  ///< Steps started.
   bool busy = false;                       ///< A step is in the pipeline.
+  bool wired = false;                      ///< Wired at least once (a later wire means new stores).
+  bool paused = false;                     ///< A step failed; waiting for `retry_pause` or a new placement.
+  std::uint64_t failed_steps = 0;          ///< Steps abandoned because of a failure.
+  std::uint64_t replays = 0;               ///< Requests recomputed after a failure.
   std::mt19937_64 seeds{std::random_device{}()}; ///< Seeds for sampled requests that bring none.
   router_state();
   ~router_state();
@@ -68,6 +80,12 @@ runtime::scheduler_options scheduling_for(const config::cluster_config& cluster,
 /// admits requests while cache blocks are free, preempts the youngest by recompute when they
 /// run out, and reuses cached prompt prefixes; each entry carries its block table, so stages
 /// store latents where the router says. One step is in the pipeline at a time.
+///
+/// A failure never loses an accepted request: when the supervisor fences the placement (a
+/// node died) or a step fails for want of a node, the step's requests are taken back with
+/// every token they streamed, and the next placement recomputes them (greedy requests give
+/// the tokens they would have given; sampled ones continue their seeded stream). Clients see
+/// a pause, not an error, unless a request fails more than `replay_limit` times.
 /// TODO(perf): several micro-batches in flight so that stages do not wait for each other.
 router_actor::behavior_type make_router(router_actor::stateful_pointer<router_state> self, router_options options,
                                         std::shared_ptr<fabric> book);

@@ -12,7 +12,7 @@
 ///        ^                                  | (3) spawn error                  | (4) wired
 ///        |                                  |     or deadline                  v
 ///        |                                  v                            +---------+
-///        |     (7) re-placed           +--------+   (5) its node down     | serving |
+///        |     (7) its node rejoined   +--------+   (5) its node dead     | serving |
 ///        +---------------------------- | failed | <---------------------- +---------+
 ///                                      +--------+
 ///   (6) stop: any state -> stopped (idempotent)
@@ -22,15 +22,24 @@
 ///    node agent, then (once all are running) every stage, so stages can be wired to experts.
 /// 2. The node agent loaded the weights and registered the actor under its address.
 /// 3. Loading failed (the error names the node and what) or the agent did not answer within
-///    the ready deadline: the cluster cannot become ready; waiters get the error.
+///    the ready deadline: before the cluster first served, it cannot become ready and waiters
+///    get the error; after, the cluster stays degraded and says why in its status.
 /// 4. Once all are running the supervisor bumps the epoch and sends the placement table to
 ///    every stage and the router (`wire_atom`); when all acknowledged, the cluster serves and
 ///    `ready_atom` waiters get the table.
-/// 5. A node agent went down (monitor): its actors fail, the epoch is bumped so messages of
-///    the old placement are fenced, and status reports the cluster as degraded.
+/// 5. A node is declared dead when its connection fails (the node agent's proxy goes down),
+///    when it misses `heartbeat_misses` heartbeats in a row (a frozen process), or when a new
+///    process joins under its name. Its actors fail; the epoch is bumped (data messages of the
+///    old placement are refused from then on); every node drops its connections to it (the
+///    next heartbeat carries the eviction), so calls waiting on it fail at once; the router is
+///    fenced and takes the requests of the step in flight back. An event line goes to
+///    `on_event` so that whoever started the process can kill and restart it.
 /// 6. Stop is idempotent and goes through the node agents.
-/// 7. Not implemented yet: re-placing failed actors on survivors or a restarted node, after
-///    which the router replays in-flight requests from their prompt and streamed tokens.
+/// 7. A process of a dead node joins again (restarted by `shoal launch` or `shoal serve
+///    --cluster`): its actors are spawned there again and the whole placement is wired under a
+///    new epoch; the router recomputes every request from its prompt and streamed tokens.
+///    Not implemented yet: re-placing a node that does not come back onto survivors,
+///    redundant expert copies, a standby head.
 
 #include "shoal/actors/protocols.hpp"
 #include "shoal/config/cluster_config.hpp"
@@ -41,6 +50,7 @@
 #include <caf/typed_response_promise.hpp>
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -61,6 +71,13 @@ struct supervisor_options {
   config::cluster_config cluster;                  ///< Validated against `model`.
   config::model_config model;                      ///< The model's architecture.
   std::chrono::milliseconds ready_timeout{120000}; ///< Joins, loads and wiring must finish by then.
+  /// Interval of the heartbeats to nodes in other processes; 0 turns them off (failures are
+  /// then seen only when a connection fails).
+  std::chrono::milliseconds heartbeat_interval{500};
+  int heartbeat_misses = 4;                        ///< Missed in a row: the node is declared dead.
+  /// Receives one JSON object per membership event (`node_down`, `node_rejoined`,
+  /// `recovered`), e.g. for the launcher that restarts processes; may be empty.
+  std::function<void(const std::string&)> on_event = {};
 };
 
 /// State of the supervisor.
@@ -69,9 +86,12 @@ struct supervisor_state {
 
   /// A node of the config.
   struct member {
-    node_agent_actor agent;  ///< Null until joined.
+    node_agent_actor agent;  ///< Null until joined and while dead.
     join_request info;       ///< What it said when joining.
-    bool down = false;       ///< Its agent terminated.
+    bool down = false;       ///< Declared dead and not back yet.
+    std::string down_reason; ///< Why it was declared dead (kept after it is back).
+    int restarts = 0;        ///< Joins after the first.
+    std::chrono::steady_clock::time_point last_seen; ///< Its last heartbeat answer (or join).
   };
   /// A stage or expert actor of the placement.
   struct placed {
@@ -89,7 +109,14 @@ struct supervisor_state {
   std::uint64_t epoch = 0;                       ///< Current placement epoch.
   placement_table table;                         ///< The placement of `epoch`.
   bool serving = false;                          ///< Every actor serves.
-  std::string failure;                           ///< Why the cluster cannot serve, if so.
+  bool served = false;                           ///< It served at least once (failures heal from then on).
+  bool wiring = false;                           ///< A placement table is being acknowledged.
+  std::string failure;                           ///< Why the cluster can never serve, if so.
+  std::string degraded;                          ///< Why it does not serve right now, while it heals.
+  std::uint64_t recoveries = 0;                  ///< Times it served again after a failure.
+  std::uint64_t heartbeat_sequence = 0;          ///< Heartbeats sent.
+  std::vector<std::string> evicted;              ///< Nodes dead in the current epoch.
+  std::chrono::steady_clock::time_point last_heartbeat; ///< When the last round went out.
   std::chrono::steady_clock::time_point started; ///< For the ready deadline.
   std::vector<caf::typed_response_promise<placement_table>> waiting; ///< `ready_atom` callers.
 };

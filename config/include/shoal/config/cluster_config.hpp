@@ -64,6 +64,15 @@ struct cluster_config {
   bool prefix_cache = true;                      ///< Reuse cached blocks of shared prompt prefixes.
   int cache_line = 0;                            ///< Line of the cache settings (for errors).
   int ready_timeout_s = 120;                     ///< How long launch waits for every node.
+  /// Heartbeats from the supervisor to every other process: a node that misses
+  /// `heartbeat_misses` in a row is declared dead (frozen, hung or cut off). 0: off.
+  int heartbeat_ms = 500;
+  int heartbeat_misses = 4;                      ///< Consecutive misses that declare a node dead.
+  /// A node process that exits or is declared dead is restarted by whoever launched it, at
+  /// most `restart_limit` times within `restart_window_s` (then it stays down).
+  int restart_limit = 5;
+  int restart_window_s = 600;                    ///< Window of `restart_limit`.
+  int replay_limit = 3;                          ///< Failed steps a request lives through.
 
   /// The node named `name`, or null.
   const node_spec* find_node(std::string_view name) const noexcept;

@@ -51,6 +51,7 @@ struct scheduler_stats {
   std::uint64_t prefilled_tokens = 0;     ///< Prompt tokens computed (not from the cache).
   std::uint64_t cached_prompt_tokens = 0; ///< Prompt tokens served from the prefix cache.
   std::uint64_t preemptions = 0;          ///< Sequences evicted for recompute.
+  std::uint64_t requeued = 0;             ///< Sequences sent back by `requeue_all`.
 };
 
 /// Admission, batching and block accounting. A sequence is admitted, first come first served,
@@ -88,6 +89,11 @@ class scheduler {
   /// cached now, and computed prompt blocks become shareable. Sequences removed meanwhile
   /// are skipped.
   void commit(std::span<const scheduled_chunk> step);
+  /// The stores lost their contents (a stage was replaced after a failure), or the step in
+  /// flight was abandoned: every running sequence goes back to the front of the queue, in
+  /// order, to be recomputed from its tokens, and the prefix tree is emptied. Tokens and
+  /// prompt lengths are kept; the step formed last must not be committed.
+  void requeue_all();
   /// Appends the token chosen after a chunk that `samples`.
   void append(std::uint64_t id, token_id token);
 

@@ -43,10 +43,22 @@ client::client(actors::local_cluster& cluster) : impl_(std::make_unique<impl>())
   auto& c = cluster.internals();
   impl_->system = c.system.get();
   impl_->router = c.router;
+  impl_->supervisor = c.supervisor;
   impl_->sink = impl_->system->spawn(make_client_sink, impl_->box);
 }
 
 client::client(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
+
+std::string client::status(std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{*impl_->system};
+  std::string out;
+  std::optional<shoal::error> failure;
+  self->request(impl_->supervisor, timeout, actors::status_atom::value)
+      .receive([&](std::string& s) { out = std::move(s); },
+               [&](caf::error& e) { failure = actors::from_caf_error(e); });
+  if (failure) throw *failure;
+  return out;
+}
 
 client::impl::~impl() {
   if (sink) caf::anon_send_exit(sink, caf::exit_reason::user_shutdown);

@@ -42,6 +42,7 @@ class client::impl {
   std::shared_ptr<actors::remote_fabric> remote;
   caf::actor_system* system = nullptr;
   actors::router_actor router;
+  actors::supervisor_actor supervisor;
   actors::token_sink_actor sink;
   std::shared_ptr<client_inbox> box = std::make_shared<client_inbox>();
   std::mutex ids_mutex;

@@ -91,7 +91,7 @@ placement_table local_cluster::wait_ready() {
   return table;
 }
 
-std::string local_cluster::status() { return head_status(*impl_->system, impl_->supervisor, impl_->router); }
+std::string local_cluster::status() { return head_status(*impl_->system, impl_->supervisor); }
 
 std::vector<std::uint64_t> local_cluster::routed_tokens() {
   std::vector<std::uint64_t> sum;

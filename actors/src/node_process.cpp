@@ -146,7 +146,7 @@ placement_table node_process::wait_ready() {
 
 std::string node_process::status() {
   if (!impl_->head) shoal::fail(errc::failed_precondition, "only the head node has the cluster status");
-  return head_status(*impl_->system, impl_->supervisor, impl_->router);
+  return head_status(*impl_->system, impl_->supervisor);
 }
 
 bool node_process::head_alive() const {

@@ -396,6 +396,7 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
       [call](spawn_stage_cmd& c) { call([&](auto& m) { encode(m, c); }); },
       [call](spawn_expert_cmd& c) { call([&](auto& m) { encode(m, c); }); },
       [call, book](heartbeat& h) { call([&](auto& m) { encode(m, h, book->options().node); }); },
+      [call](status_atom) { call([&](auto& m) { m.envelope().getBody().initStatusRequest(); }); },
       [call](join_atom, join_request& j, node_agent_actor&) { call([&](auto& m) { encode(m, j); }); },
       [tell, book](release_atom, std::vector<request_id>& ids) {
         for (auto id : ids) tell({book->options().node, 0}, [&](auto& m) { encode_cancel(m, id, "finished"); });
@@ -411,6 +412,7 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
       [answer](reply_atom, std::uint64_t correlation, expert_combine& c) { answer(correlation, std::move(c)); },
       [answer](reply_atom, std::uint64_t correlation, ok_atom) { answer(correlation, ok_atom::value); },
       [answer](reply_atom, std::uint64_t correlation, std::uint64_t epoch) { answer(correlation, epoch); },
+      [answer](reply_atom, std::uint64_t correlation, std::string& json) { answer(correlation, std::move(json)); },
       [answer](reply_atom, std::uint64_t correlation, caf::error& e) { answer(correlation, std::move(e)); },
       [self, book, target](lost_atom, std::string& reason) {
         for (auto& [correlation, rp] : self->state.pending) {
@@ -536,6 +538,23 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
       },
       [=](inbound& in, token_chunk& c) {
         if (auto target = local(in)) self->send(caf::actor_cast<token_sink_actor>(target), std::move(c));
+      },
+      [=](inbound& in, status_atom) {
+        auto target = caf::actor_cast<supervisor_actor>(local(in));
+        if (!target) return missing(in);
+        auto status_reply = [reply, in](const std::string& json, std::optional<shoal::error> e) {
+          reply(in, [&](auto& m) {
+            auto r = m.envelope().getBody().initStatusReply();
+            if (e)
+              set_status(r.initStatus(), e->code(), e->what());
+            else
+              r.initStatus().setCode(schema::ErrorCode::OK);
+            r.setJson(json);
+          });
+        };
+        self->request(target, timeout, status_atom::value)
+            .then([status_reply](std::string& json) { status_reply(json, std::nullopt); },
+                  [status_reply](caf::error& e) { status_reply({}, from_caf_error(e)); });
       },
   };
 }
@@ -919,6 +938,14 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         send_to_peer(peer, std::move(m));
         return;
       }
+      case schema::Envelope::Body::STATUS_REQUEST:
+        caf::anon_send(bridge_, std::move(in), status_atom::value);
+        return;
+      case schema::Envelope::Body::STATUS_REPLY: {
+        const auto r = body.getStatusReply();
+        if (r.getStatus().getCode() != schema::ErrorCode::OK) return answer(to_caf_error(status_error(r.getStatus())));
+        return answer(std::string(r.getJson().cStr()));
+      }
       case schema::Envelope::Body::LEAVE:
         return;
     }
@@ -946,6 +973,8 @@ std::unique_ptr<client> client::connect(const std::string& host, std::uint16_t p
   state->sink = state->system->spawn(make_client_sink, state->box);
   state->remote->address_of(caf::actor_cast<caf::actor>(state->sink));
   state->router = caf::actor_cast<actors::router_actor>(state->remote->resolve({head, actors::actor_ids::router}));
+  state->supervisor =
+      caf::actor_cast<actors::supervisor_actor>(state->remote->resolve({head, actors::actor_ids::supervisor}));
   return std::unique_ptr<client>(new client(std::move(state)));
 }
 

@@ -280,19 +280,14 @@ const char* placement_phase_name(placement_phase phase) noexcept {
   return "unknown";
 }
 
-std::string head_status(caf::actor_system& system, const supervisor_actor& supervisor, const router_actor& router) {
+std::string head_status(caf::actor_system& system, const supervisor_actor& supervisor) {
   caf::scoped_actor self{system};
+  std::string out;
   std::optional<shoal::error> failure;
-  auto ask = [&](const auto& actor) {
-    std::string out;
-    self->request(actor, std::chrono::seconds(10), status_atom::value)
-        .receive([&](std::string& s) { out = std::move(s); }, [&](caf::error& e) { failure = from_caf_error(e); });
-    if (failure) throw *failure;
-    return nlohmann::json::parse(out);
-  };
-  auto status = ask(supervisor);
-  status["scheduler"] = ask(router);
-  return status.dump();
+  self->request(supervisor, std::chrono::seconds(15), status_atom::value)
+      .receive([&](std::string& s) { out = std::move(s); }, [&](caf::error& e) { failure = from_caf_error(e); });
+  if (failure) throw *failure;
+  return out;
 }
 
 supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_pointer<supervisor_state> self,
@@ -372,7 +367,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         st.waiting.push_back(rp);
         return rp;
       },
-      [self](status_atom) -> std::string {
+      [self](status_atom) -> caf::result<std::string> {
         auto& st = self->state;
         const auto now = clock_type::now();
         nlohmann::json j;
@@ -401,7 +396,16 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         };
         j["stages"] = list(st.stages);
         j["experts"] = list(st.experts);
-        return j.dump();
+        // The router's scheduler counters complete it under "scheduler".
+        auto rp = self->make_response_promise<std::string>();
+        self->request(st.router, std::chrono::seconds(10), status_atom::value)
+            .then(
+                [rp, j](std::string& scheduler) mutable {
+                  j["scheduler"] = nlohmann::json::parse(scheduler);
+                  rp.deliver(j.dump());
+                },
+                [rp](caf::error& e) mutable { rp.deliver(e); });
+        return rp;
       },
       [self, tick_every](tick_atom) {
         auto& st = self->state;

@@ -2,6 +2,7 @@
 // `shoal serve` as a real process for end-to-end tests, and the small shell helpers they
 // share. SHOAL_BINARY and SHOAL_GATEWAY_WORK_DIR (a scratch directory) come from CMake.
 
+#include <atomic>
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
@@ -37,12 +38,16 @@ struct command_result {
 // Runs a shell command with a time limit; stdout and stderr captured together.
 inline command_result run(const std::string& command, int timeout_s = 120) {
   std::filesystem::create_directories(SHOAL_GATEWAY_WORK_DIR);
-  const auto out = std::filesystem::path(SHOAL_GATEWAY_WORK_DIR) / ("cmd-" + std::to_string(::getpid()) + ".out");
+  // One file per call: tests run commands from several threads at once.
+  static std::atomic<unsigned> calls{0};
+  const auto out = std::filesystem::path(SHOAL_GATEWAY_WORK_DIR) /
+                   ("cmd-" + std::to_string(::getpid()) + "-" + std::to_string(calls++) + ".out");
   const std::string full = "timeout " + std::to_string(timeout_s) + " " + command + " > " + out.string() + " 2>&1";
   const int status = std::system(full.c_str());
   command_result r;
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   r.out = slurp(out);
+  std::filesystem::remove(out);
   return r;
 }
 

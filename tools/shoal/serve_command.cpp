@@ -242,22 +242,9 @@ void serve(const serve_options& o) {
   cluster.wait_ready();
   shoal::client client(cluster);
   const auto experts = model.n_routed_experts;
-  auto observe = [&cluster](runtime::engine_stats& s) {
-    try {
-      const auto j = nlohmann::json::parse(cluster.status())["scheduler"];
-      s.waiting = j["waiting"].get<std::int64_t>();
-      s.running = j["running"].get<std::int64_t>();
-      s.cache_blocks_total = j["cache_blocks_total"].get<std::int64_t>();
-      s.cache_blocks_used = j["cache_blocks_used"].get<std::int64_t>();
-      s.prefix_cache_blocks = j["prefix_cache_blocks"].get<std::int64_t>();
-      s.preemptions = j["preemptions"].get<std::uint64_t>();
-      s.prefilled_tokens = j["prefilled_tokens"].get<std::uint64_t>();
-      s.cached_prompt_tokens = j["cached_prompt_tokens"].get<std::uint64_t>();
-    } catch (const std::exception&) {
-      // A status that does not come (the cluster stopping) leaves the gateway's own counts.
-    }
-    s.expert_tokens = cluster.routed_tokens();
-  };
+  // Queue, cache and health gauges come through the client's status like for a remote
+  // cluster; routed tokens per expert from this process's stage engines.
+  auto observe = [&cluster](runtime::engine_stats& s) { s.expert_tokens = cluster.routed_tokens(); };
   const auto max_sequence = std::min(model.max_position_embeddings, cache_blocks * plan.block_tokens - 1);
   auto back = gateway::make_cluster_backend(client, tok, max_sequence, o.max_waiting + o.max_running, observe);
 

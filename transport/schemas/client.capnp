@@ -68,3 +68,14 @@ struct Error {
   requestId @0 :UInt64;
   status @1 :Common.Status;
 }
+
+# Client -> head (supervisor): the cluster's status for operators and gateways.
+struct StatusRequest {
+  reason @0 :Text;                      # Who asks (for traces); may be empty.
+}
+
+# Head -> client: answer to StatusRequest.
+struct StatusReply {
+  status @0 :Common.Status;             # ok, or why there is no status.
+  json @1 :Text;                        # Membership, placement and scheduler counters (JSON object).
+}

@@ -43,5 +43,7 @@ struct Envelope {
     tokenChunk @21 :Client.TokenChunk;
     cancel @22 :Client.Cancel;
     error @23 :Client.Error;
+    statusRequest @24 :Client.StatusRequest;
+    statusReply @25 :Client.StatusReply;
   }
 }

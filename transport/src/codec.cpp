@@ -119,7 +119,8 @@ incoming_message decode_envelope(byte_buffer bytes, const decode_limits& limits)
       fail(errc::failed_precondition, "peer speaks schema version {}, this node {}",
            root.getVersion(), schema_version);
     auto which = static_cast<std::uint16_t>(root.getBody().which());
-    if (which > static_cast<std::uint16_t>(schema::Envelope::Body::Which::ERROR))
+    // The last kind of the union (envelope.capnp): a newer peer's kinds are refused here.
+    if (which > static_cast<std::uint16_t>(schema::Envelope::Body::Which::STATUS_REPLY))
       fail(errc::invalid_argument, "envelope has unknown body kind {}", which);
     auto bulk = root.getBulk();
     if (bulk.size() > limits.max_bulk)

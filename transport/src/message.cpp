@@ -27,6 +27,8 @@ std::string_view message_kind_name(message_kind kind) noexcept {
     case W::TOKEN_CHUNK: return "tokenChunk";
     case W::CANCEL: return "cancel";
     case W::ERROR: return "error";
+    case W::STATUS_REQUEST: return "statusRequest";
+    case W::STATUS_REPLY: return "statusReply";
   }
   return "unknown";
 }

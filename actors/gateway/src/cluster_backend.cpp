@@ -8,6 +8,9 @@
 #include "shoal/base/error.hpp"
 #include "shoal/runtime/completion.hpp"
 
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -183,6 +186,7 @@ class cluster_backend final : public backend {
       std::lock_guard lock(state_->mutex);
       s = state_->counters;
     }
+    apply_cluster_status(s);
     if (observe_) observe_(s);
     return s;
   }
@@ -190,11 +194,64 @@ class cluster_backend final : public backend {
   std::int64_t max_sequence_tokens() const override { return max_sequence_tokens_; }
 
  private:
+  // The queue and cache gauges come from the router's scheduler, health from the supervisor,
+  // both in the head's status (one round trip, at most every `kStatusAge` for metric and
+  // readiness scrapes that come in bursts).
+  void apply_cluster_status(runtime::engine_stats& s) const {
+    static constexpr auto kStatusAge = std::chrono::milliseconds(250);
+    std::lock_guard lock(status_mutex_);
+    const auto now = clock_type::now();
+    if (status_at_ == clock_type::time_point{} || now - status_at_ > kStatusAge) {
+      status_at_ = now;
+      try {
+        status_ = nlohmann::json::parse(client_.status(std::chrono::seconds(3)));
+        status_error_.clear();
+      } catch (const std::exception& e) {
+        status_error_ = e.what();
+      }
+    }
+    if (!status_error_.empty()) {
+      s.unavailable = fmt::format("the cluster's head node does not answer: {}", status_error_);
+      return;
+    }
+    try {
+      const auto& sched = status_.at("scheduler");
+      s.waiting = sched.at("waiting").get<std::int64_t>();
+      s.running = sched.at("running").get<std::int64_t>();
+      s.cache_blocks_total = sched.at("cache_blocks_total").get<std::int64_t>();
+      s.cache_blocks_used = sched.at("cache_blocks_used").get<std::int64_t>();
+      s.prefix_cache_blocks = sched.at("prefix_cache_blocks").get<std::int64_t>();
+      s.preemptions = sched.at("preemptions").get<std::uint64_t>();
+      s.prefilled_tokens = sched.at("prefilled_tokens").get<std::uint64_t>();
+      s.cached_prompt_tokens = sched.at("cached_prompt_tokens").get<std::uint64_t>();
+      s.cluster.replayed_requests = sched.at("replayed_requests").get<std::uint64_t>();
+      s.cluster.failed_steps = sched.at("failed_steps").get<std::uint64_t>();
+      s.cluster.epoch = status_.at("epoch").get<std::uint64_t>();
+      s.cluster.recoveries = status_.at("recoveries").get<std::uint64_t>();
+      for (const auto& n : status_.at("nodes")) {
+        ++s.cluster.nodes;
+        if (n.at("down").get<bool>()) ++s.cluster.nodes_down;
+        s.cluster.node_restarts += n.at("restarts").get<std::uint64_t>();
+      }
+      if (!status_.at("serving").get<bool>()) {
+        auto why = status_.at("failure").get<std::string>();
+        if (why.empty()) why = status_.at("degraded").get<std::string>();
+        s.unavailable = why.empty() ? "the cluster is not serving yet" : why;
+      }
+    } catch (const std::exception& e) {
+      s.unavailable = fmt::format("the cluster's status is not understood: {}", e.what());
+    }
+  }
+
   shoal::client& client_;
   const runtime::tokenizer& tok_;
   std::int64_t max_sequence_tokens_;
   std::int64_t max_waiting_;
   std::function<void(runtime::engine_stats&)> observe_;
+  mutable std::mutex status_mutex_;
+  mutable clock_type::time_point status_at_{};
+  mutable nlohmann::json status_;
+  mutable std::string status_error_;
   std::shared_ptr<shared_state> state_ = std::make_shared<shared_state>();
 };
 

@@ -92,6 +92,22 @@ std::string metrics::render(const runtime::engine_stats& e, std::int64_t in_flig
   const auto since_step = e.steps == 0 ? -1.0
                                        : std::chrono::duration<double>(std::chrono::steady_clock::now() - e.last_step_end).count();
   series("shoal_engine_seconds_since_last_step", "gauge", "Seconds since the latest iteration ended (-1: none yet).", since_step);
+  if (e.cluster.nodes > 0) {
+    series("shoal_cluster_nodes", "gauge", "Nodes in the cluster config.", e.cluster.nodes);
+    series("shoal_cluster_nodes_down", "gauge", "Nodes declared dead and not back yet.", e.cluster.nodes_down);
+    series("shoal_cluster_node_restarts_total", "counter", "Nodes that joined again after being declared dead.",
+           e.cluster.node_restarts);
+    series("shoal_cluster_recoveries_total", "counter", "Times the cluster served again after a node failure.",
+           e.cluster.recoveries);
+    series("shoal_cluster_replayed_requests_total", "counter",
+           "Requests recomputed from their prompt and streamed tokens after a failed step.", e.cluster.replayed_requests);
+    series("shoal_cluster_failed_steps_total", "counter", "Pipeline steps abandoned because a node failed.",
+           e.cluster.failed_steps);
+    series("shoal_cluster_placement_epoch", "gauge", "Placement epoch (bumped on every failure and re-placement).",
+           e.cluster.epoch);
+    series("shoal_cluster_serving", "gauge", "1 while every stage and expert actor serves, 0 while the cluster heals.",
+           e.unavailable.empty() ? 1 : 0);
+  }
   out += "# HELP shoal_expert_routed_tokens_total Tokens routed to each expert.\n"
          "# TYPE shoal_expert_routed_tokens_total counter\n";
   for (std::size_t i = 0; i < e.expert_tokens.size(); ++i) {

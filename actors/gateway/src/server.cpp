@@ -759,6 +759,8 @@ void server_core::for_each_session(F&& f) {
 std::pair<readiness, std::string> server_core::check_ready(clock_type::time_point asked) {
   if (stopping) return {readiness::not_ready, "the server is shutting down"};
   const auto stats = back.stats();
+  // A cluster that is healing queues requests but cannot compute them: say why.
+  if (!stats.unavailable.empty()) return {readiness::not_ready, stats.unavailable};
   const auto now = clock_type::now();
   const auto work = stats.waiting + stats.running;
   const auto progress = std::max({stats.last_step_end, from_ns(last_event_ns.load()), from_ns(busy_since_ns.load())});

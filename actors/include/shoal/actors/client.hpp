@@ -69,6 +69,10 @@ class client {
   std::optional<token_event> next(std::uint64_t id, std::chrono::milliseconds timeout);
   /// Cancels request `id`; its stream ends with `finish_reason::cancelled` (idempotent).
   void cancel(std::uint64_t id);
+  /// The cluster's status as JSON: membership (nodes down, restarts), placement, the epoch,
+  /// whether it serves and why not ("degraded"), and the router's scheduler counters under
+  /// "scheduler". Throws `unavailable` when the head does not answer within `timeout`.
+  std::string status(std::chrono::milliseconds timeout = std::chrono::seconds(15));
   /// Submits and collects until the request finishes. Throws `shoal::error` with the
   /// router's error, or `deadline_exceeded` naming the wait when no chunk came in `timeout`.
   generate_result generate(const generate_options& options, std::chrono::milliseconds timeout);

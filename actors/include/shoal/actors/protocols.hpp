@@ -93,7 +93,8 @@ using supervisor_actor = caf::typed_actor<
     /// Replies with the placement once every stage and expert actor runs; deadline_exceeded
     /// (naming what it still waits for) when that takes longer than the config allows.
     caf::replies_to<ready_atom>::with<placement_table>,
-    /// Membership and placement as JSON, for operators.
+    /// Membership, placement and health as JSON, with the router's scheduler counters under
+    /// "scheduler", for operators and gateways (also over the wire: StatusRequest).
     caf::replies_to<status_atom>::with<std::string>,
     /// Checks the ready deadline (sent to itself).
     caf::reacts_to<tick_atom>>;

@@ -122,8 +122,9 @@ struct supervisor_state {
 };
 
 /// The head's status for operators: the supervisor's membership and placement JSON with the
-/// router's scheduler counters under "scheduler". Throws the error of either actor.
-std::string head_status(caf::actor_system& system, const supervisor_actor& supervisor, const router_actor& router);
+/// router's scheduler counters under "scheduler" (the supervisor's `status_atom` reply).
+/// Throws the supervisor's or router's error.
+std::string head_status(caf::actor_system& system, const supervisor_actor& supervisor);
 
 /// The supervisor. `router` runs on the head node and is wired with the stages.
 supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_pointer<supervisor_state> self,

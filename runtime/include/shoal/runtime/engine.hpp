@@ -79,6 +79,19 @@ struct engine_stats {
   /// `waiting + running` to spot an engine that holds work but makes no progress.
   std::chrono::steady_clock::time_point last_step_end{};
   std::vector<std::uint64_t> expert_tokens;  ///< Routed tokens per (layer * experts + expert).
+  /// Why requests cannot be computed right now (a node of the cluster is dead and not yet
+  /// replaced); empty when they can. Requests still queue: they run once it heals.
+  std::string unavailable;
+  /// Health of the cluster behind a gateway (all 0 for an engine without one).
+  struct cluster_health {
+    std::int64_t nodes = 0;                ///< Nodes in the config.
+    std::int64_t nodes_down = 0;           ///< Declared dead and not back.
+    std::uint64_t node_restarts = 0;       ///< Nodes that joined again after being declared dead.
+    std::uint64_t recoveries = 0;          ///< Times the cluster served again after a failure.
+    std::uint64_t replayed_requests = 0;   ///< Requests recomputed after a failed step.
+    std::uint64_t failed_steps = 0;        ///< Steps abandoned because a node failed.
+    std::uint64_t epoch = 0;               ///< Placement epoch.
+  } cluster;
 };
 
 /// Continuous batching: every iteration runs one decode token for each running sequence and

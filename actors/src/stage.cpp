@@ -15,7 +15,10 @@ namespace shoal::actors {
 /// The stage's `expert_backend`: sends each expert actor the rows routed to its experts (one
 /// row per token and choice), calls engines of its own node directly, and sums each token's
 /// choices in expert-id order as `kernels::moe_experts` does, so results are bit-identical
-/// to the single-process model.
+/// to the single-process model. An expert with several copies (`plan.redundancy`) sends all
+/// its rows of a layer to one of them, the least loaded in that layer so far: an expert's
+/// rows are then computed together whichever copy runs them, and results do not depend on
+/// the choice.
 class expert_dispatcher final : public runtime::expert_backend {
  public:
   struct group {
@@ -24,22 +27,38 @@ class expert_dispatcher final : public runtime::expert_backend {
     actor_address address;
   };
 
-  expert_dispatcher(caf::actor_system& system, std::vector<group> groups, std::vector<int> owner,
+  expert_dispatcher(caf::actor_system& system, std::vector<group> groups, std::vector<std::vector<int>> owners,
                     std::int64_t hidden, std::chrono::milliseconds timeout)
-      : self_(system), groups_(std::move(groups)), owner_(std::move(owner)), hidden_(hidden), timeout_(timeout) {}
+      : self_(system), groups_(std::move(groups)), owners_(std::move(owners)), hidden_(hidden), timeout_(timeout) {}
 
   std::uint64_t step = 0;
 
   void run(std::int64_t layer, const float* x, std::int64_t tokens, std::int64_t top_k, const std::int32_t* indices,
            const float* weights, float* y) override {
     const auto n = tokens * top_k;
-    std::vector<std::vector<std::int64_t>> choices(groups_.size());  // per group: choice indices t*k
+    const auto experts = static_cast<std::int64_t>(owners_.size());
+    std::vector<std::int64_t> rows_of(owners_.size(), 0);
     for (std::int64_t i = 0; i < n; ++i) {
       const auto e = indices[i];
-      const int g = e >= 0 && e < static_cast<std::int64_t>(owner_.size()) ? owner_[static_cast<std::size_t>(e)] : -1;
-      if (g < 0) shoal::fail(errc::internal, "layer {}: routed expert {} is placed on no expert actor", layer, e);
-      choices[static_cast<std::size_t>(g)].push_back(i);
+      if (e < 0 || e >= experts || owners_[static_cast<std::size_t>(e)].empty())
+        shoal::fail(errc::internal, "layer {}: routed expert {} is placed on no expert actor", layer, e);
+      ++rows_of[static_cast<std::size_t>(e)];
     }
+    // One copy per expert, least loaded first (in expert-id order, so the choice is the same
+    // for the same routing).
+    std::vector<int> chosen(owners_.size(), -1);
+    std::vector<std::int64_t> load(groups_.size(), 0);
+    for (std::size_t e = 0; e < owners_.size(); ++e) {
+      if (rows_of[e] == 0) continue;
+      int best = owners_[e].front();
+      for (int g : owners_[e])
+        if (load[static_cast<std::size_t>(g)] < load[static_cast<std::size_t>(best)]) best = g;
+      chosen[e] = best;
+      load[static_cast<std::size_t>(best)] += rows_of[e];
+    }
+    std::vector<std::vector<std::int64_t>> choices(groups_.size());  // per group: choice indices t*k
+    for (std::int64_t i = 0; i < n; ++i)
+      choices[static_cast<std::size_t>(chosen[static_cast<std::size_t>(indices[i])])].push_back(i);
     std::vector<const float*> output_of(static_cast<std::size_t>(n), nullptr);
     std::vector<std::vector<float>> outputs(groups_.size());
     std::vector<std::optional<decltype(self_->request(expert_actor(), caf::infinite, expert_dispatch()))>> pending(groups_.size());
@@ -103,7 +122,7 @@ class expert_dispatcher final : public runtime::expert_backend {
  private:
   caf::scoped_actor self_;
   std::vector<group> groups_;
-  std::vector<int> owner_;
+  std::vector<std::vector<int>> owners_;  // per routed expert: the groups holding a copy
   std::int64_t hidden_;
   std::chrono::milliseconds timeout_;
 };
@@ -160,7 +179,7 @@ stage_actor::behavior_type make_stage(stage_actor::stateful_pointer<stage_state>
           std::unique_ptr<expert_dispatcher> experts;
           if (!o.hold_experts) {
             std::vector<expert_dispatcher::group> groups;
-            std::vector<int> owner(static_cast<std::size_t>(config.n_routed_experts), -1);
+            std::vector<std::vector<int>> owners(static_cast<std::size_t>(config.n_routed_experts));
             for (const auto& p : table.experts) {
               expert_dispatcher::group g;
               g.address = p.address;
@@ -171,17 +190,16 @@ stage_actor::behavior_type make_stage(stage_actor::stateful_pointer<stage_state>
                   shoal::fail(errc::not_found, "expert actor {}/{} is not reachable", p.address.node, p.address.actor);
               }
               for (auto e : p.experts) {
-                if (e >= owner.size() || owner[e] >= 0)
-                  shoal::fail(errc::invalid_argument, "placement epoch {}: expert {} is out of range or placed twice",
-                              table.epoch, e);
-                owner[e] = static_cast<int>(groups.size());
+                if (e >= owners.size())
+                  shoal::fail(errc::invalid_argument, "placement epoch {}: expert {} is out of range", table.epoch, e);
+                owners[e].push_back(static_cast<int>(groups.size()));
               }
               groups.push_back(std::move(g));
             }
-            for (std::size_t e = 0; e < owner.size(); ++e)
-              if (owner[e] < 0)
+            for (std::size_t e = 0; e < owners.size(); ++e)
+              if (owners[e].empty())
                 shoal::fail(errc::invalid_argument, "placement epoch {}: expert {} is placed nowhere", table.epoch, e);
-            experts = std::make_unique<expert_dispatcher>(self->system(), std::move(groups), std::move(owner),
+            experts = std::make_unique<expert_dispatcher>(self->system(), std::move(groups), std::move(owners),
                                                           config.hidden_size, st.expert_timeout);
           }
           st.next = std::move(next);

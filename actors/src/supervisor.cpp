@@ -6,6 +6,8 @@
 #include <caf/scoped_actor.hpp>
 #include <caf/system_messages.hpp>
 
+#include <set>
+
 #include <nlohmann/json.hpp>
 
 namespace shoal::actors {
@@ -67,7 +69,10 @@ void wire(self_ptr self) {
                                .end_layer = static_cast<std::uint32_t>(spec.layer_end),
                                .address = st.stages[i].address});
   }
+  // Expert groups that run; with redundancy a dead node's copies are left out and the
+  // stages route to the other copy.
   for (std::size_t j = 0; j < st.experts.size(); ++j) {
+    if (!active(st.experts[j].phase)) continue;
     const auto& spec = st.options.cluster.expert_groups[j];
     expert_placement p;
     for (auto e : spec.experts) p.experts.push_back(static_cast<std::uint32_t>(e));
@@ -81,7 +86,9 @@ void wire(self_ptr self) {
     if (--*pending > 0 || st.epoch != epoch || !st.failure.empty()) return;
     st.wiring = false;
     for (auto& s : st.stages) s.phase = placement_phase::serving;
-    for (auto& e : st.experts) e.phase = placement_phase::serving;
+    for (const auto& p : st.table.experts)
+      for (auto& e : st.experts)
+        if (e.address == p.address && e.phase == placement_phase::running) e.phase = placement_phase::serving;
     st.serving = true;
     if (st.served) {
       ++st.recoveries;
@@ -91,6 +98,7 @@ void wire(self_ptr self) {
     st.degraded.clear();
     for (auto& rp : st.waiting) rp.deliver(st.table);
     st.waiting.clear();
+    place(self);  // a copy that came up while this table was being acknowledged
   };
   auto failed = [self, epoch](std::string what) {
     return [self, epoch, what](caf::error& e) {
@@ -114,14 +122,27 @@ void wire(self_ptr self) {
       .then([acked](ok_atom) { acked(); }, failed("the router"));
 }
 
+// Whether every routed expert has a running copy (trivially so when stages hold them).
+bool experts_covered(const supervisor_state& st) {
+  std::set<std::int64_t> missing;
+  for (const auto& g : st.options.cluster.expert_groups) missing.insert(g.experts.begin(), g.experts.end());
+  for (std::size_t j = 0; j < st.experts.size(); ++j)
+    if (active(st.experts[j].phase))
+      for (auto e : st.options.cluster.expert_groups[j].experts) missing.erase(e);
+  return missing.empty();
+}
+
 // Spawns what is not running on nodes that are up (experts first, so that stages can be
-// wired to them), then wires the whole placement.
+// wired to them), then wires the placement once every stage runs and every expert has a
+// running copy; again when a copy that the table lacks comes up (a node back after a
+// failure).
 void place(self_ptr self) {
   auto& st = self->state;
   if (!st.failure.empty() || st.wiring) return;
   const auto& c = st.options.cluster;
-  for (const auto& [name, m] : st.members)
-    if (!m.agent || m.down) return;  // wait until every node is there
+  if (!st.served)
+    for (const auto& [name, m] : st.members)
+      if (!m.agent || m.down) return;  // the first placement waits for every node
   auto spawned = [self](std::vector<supervisor_state::placed> supervisor_state::*list, std::size_t i,
                         std::string node) {
     return [self, list, i, node](ok_atom) {
@@ -142,20 +163,23 @@ void place(self_ptr self) {
       setback(self, from_caf_error(e).code(), p.error);
     };
   };
-  if (!all_active(st.experts)) {
-    for (std::size_t j = 0; j < st.experts.size(); ++j) {
-      auto& e = st.experts[j];
-      if (e.phase != placement_phase::pending && e.phase != placement_phase::failed) continue;
-      e.phase = placement_phase::spawning;
-      e.error.clear();
-      spawn_expert_cmd cmd{.actor = e.address.actor, .experts = {}, .model_path = c.model.string()};
-      for (auto id : c.expert_groups[j].experts) cmd.experts.push_back(static_cast<std::uint32_t>(id));
-      self->request(st.members[e.address.node].agent, st.options.ready_timeout, std::move(cmd))
-          .then(spawned(&supervisor_state::experts, j, e.address.node), refused(&supervisor_state::experts, j));
-    }
-    return;
+  bool spawning = false;
+  for (std::size_t j = 0; j < st.experts.size(); ++j) {
+    auto& e = st.experts[j];
+    if (e.phase == placement_phase::spawning) spawning = true;
+    if ((e.phase != placement_phase::pending && e.phase != placement_phase::failed) || !node_up(st, e.address.node))
+      continue;
+    e.phase = placement_phase::spawning;
+    e.error.clear();
+    spawning = true;
+    spawn_expert_cmd cmd{.actor = e.address.actor, .experts = {}, .model_path = c.model.string()};
+    for (auto id : c.expert_groups[j].experts) cmd.experts.push_back(static_cast<std::uint32_t>(id));
+    self->request(st.members[e.address.node].agent, st.options.ready_timeout, std::move(cmd))
+        .then(spawned(&supervisor_state::experts, j, e.address.node), refused(&supervisor_state::experts, j));
   }
+  if (!experts_covered(st)) return;
   if (!all_active(st.stages)) {
+    if (spawning && !st.served) return;  // first start: stages after every expert
     // Every stage stores as many blocks as the router's scheduler hands out.
     std::uint32_t cache_blocks = 0;
     try {
@@ -165,7 +189,8 @@ void place(self_ptr self) {
     }
     for (std::size_t i = 0; i < st.stages.size(); ++i) {
       auto& s = st.stages[i];
-      if (s.phase != placement_phase::pending && s.phase != placement_phase::failed) continue;
+      if ((s.phase != placement_phase::pending && s.phase != placement_phase::failed) || !node_up(st, s.address.node))
+        continue;
       s.phase = placement_phase::spawning;
       s.error.clear();
       const auto& spec = c.stages[i];
@@ -180,7 +205,13 @@ void place(self_ptr self) {
     }
     return;
   }
-  if (!st.serving) wire(self);
+  // First start: wire once everything runs. Serving already: wait for every copy under way,
+  // then wire again only for copies the table lacks.
+  if (spawning && (!st.served || st.serving)) return;
+  bool missing_copy = false;
+  for (const auto& e : st.experts)
+    if (e.phase == placement_phase::running) missing_copy = true;
+  if (!st.serving || missing_copy) wire(self);
 }
 
 void send_heartbeats(self_ptr self) {
@@ -234,6 +265,8 @@ void declare_dead(self_ptr self, const std::string& name, const std::string& rea
   // Tell the others now rather than at the next heartbeat: calls waiting on the dead node
   // fail as soon as they drop its connections.
   if (st.options.heartbeat_interval.count() > 0) send_heartbeats(self);
+  // With a second copy of its experts elsewhere (and no stage on it), serve on at once.
+  place(self);
 }
 
 void check_heartbeats(self_ptr self) {
@@ -356,7 +389,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         }
         bool all = true;
         for (const auto& [name, other] : st.members) all = all && other.agent;
-        if (all) place(self);
+        if (all || st.served) place(self);
         return st.epoch;
       },
       [self](ready_atom) -> caf::result<placement_table> {

@@ -196,7 +196,11 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   const YAML::Node plan = root["plan"];
   if (!plan) p.error(1, "missing key 'plan' (pipeline stages and expert placement)");
   p.require_map(plan, "plan");
-  p.allow_keys(plan, "plan", {"stages", "experts"});
+  p.allow_keys(plan, "plan", {"stages", "experts", "redundancy"});
+  if (plan["redundancy"]) {
+    c.redundancy_line = line_of(plan["redundancy"]);
+    c.redundancy = static_cast<int>(p.integer_at(plan["redundancy"], "plan.redundancy", 1, 2));
+  }
   const YAML::Node stages = plan["stages"];
   if (!stages || !stages.IsSequence() || stages.size() == 0)
     p.error(line_of(plan), "plan.stages must be a non-empty list of {node, layers}");
@@ -293,6 +297,31 @@ void validate_against_model(cluster_config& c, const model_config& model) {
       c.expert_groups.push_back(std::move(g));
     }
     c.expert_policy.clear();
+  }
+  if (c.redundancy > 1) {
+    if (c.expert_groups.empty())
+      shoal::fail(errc::invalid_argument, "{}: plan.redundancy {} needs expert nodes (plan.experts); stages that hold "
+                  "their own experts have no second copy", c.where(c.redundancy_line), c.redundancy);
+    std::vector<std::string> expert_nodes;
+    for (const auto& g : c.expert_groups)
+      if (g.copy == 0 && std::find(expert_nodes.begin(), expert_nodes.end(), g.node) == expert_nodes.end())
+        expert_nodes.push_back(g.node);
+    if (expert_nodes.size() < 2)
+      shoal::fail(errc::invalid_argument, "{}: plan.redundancy {} needs at least 2 expert nodes, the plan has {} ({})",
+                  c.where(c.redundancy_line), c.redundancy, expert_nodes.size(), fmt::join(expert_nodes, ", "));
+    // The second copy of each group goes to the next expert node in plan order, so that one
+    // node's death leaves a copy of every expert.
+    std::vector<expert_group_spec> copies;
+    for (const auto& g : c.expert_groups) {
+      if (g.copy != 0) continue;
+      const auto at = std::find(expert_nodes.begin(), expert_nodes.end(), g.node) - expert_nodes.begin();
+      auto second = g;
+      second.copy = 1;
+      second.node = expert_nodes[static_cast<std::size_t>(at + 1) % expert_nodes.size()];
+      copies.push_back(std::move(second));
+    }
+    std::erase_if(c.expert_groups, [](const expert_group_spec& g) { return g.copy != 0; });
+    c.expert_groups.insert(c.expert_groups.end(), copies.begin(), copies.end());
   }
   if (c.expert_groups.empty()) return;
   std::vector<bool> placed(static_cast<std::size_t>(model.n_routed_experts), false);

@@ -147,6 +147,27 @@ TEST_CASE("the split policy divides experts into contiguous, disjoint groups") {
 )", "    policy: even\n")).find("cluster.yaml:18: plan.experts.policy 'even' is unknown") != std::string::npos);
 }
 
+TEST_CASE("redundancy 2 puts a second copy of every expert group on the next expert node") {
+  auto c = parse_cluster_config(replace(kGood, "plan:\n", "plan:\n  redundancy: 2\n"), "cluster.yaml", "/base");
+  shoal::config::validate_against_model(c, model(6, 32));
+  REQUIRE(c.expert_groups.size() == 4);
+  CHECK(c.expert_groups[2].copy == 1);
+  CHECK(c.expert_groups[2].node == "c");  // b's group: its copy on c
+  CHECK(c.expert_groups[2].experts == c.expert_groups[0].experts);
+  CHECK(c.expert_groups[3].node == "b");  // and c's on b
+  CHECK(c.expert_groups[3].experts == c.expert_groups[1].experts);
+  shoal::config::validate_against_model(c, model(6, 32));  // idempotent
+  CHECK(c.expert_groups.size() == 4);
+
+  // One expert node cannot hold the second copy; stages holding experts have none.
+  auto lonely = parse_cluster_config(replace(kGood, "plan:\n", "plan:\n  redundancy: 2\n"), "cluster.yaml", "/base");
+  lonely.expert_groups[1].node = "b";
+  CHECK_THROWS_WITH(shoal::config::validate_against_model(lonely, model(6, 32)),
+                    Catch::Contains("cluster.yaml:12: plan.redundancy 2 needs at least 2 expert nodes, the plan has 1 (b)"));
+  const auto three = error_of(replace(kGood, "plan:\n", "plan:\n  redundancy: 3\n"));
+  CHECK_THAT(three, Catch::StartsWith("cluster.yaml:12:") && Catch::Contains("plan.redundancy"));
+}
+
 TEST_CASE("the example configs parse and fit the golden model") {
   for (const char* name : {"embedded.yaml", "local-4.yaml"}) {
     auto c = shoal::config::load_cluster_config(std::string(SHOAL_SOURCE_DIR) + "/config/examples/" + name);

@@ -11,6 +11,7 @@
 #include "reference.hpp"
 
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <csignal>
@@ -174,10 +175,12 @@ struct launched_cluster {
   std::unique_ptr<process> launch;
   std::string ready;  // launch's ready line
 
-  explicit launched_cluster(const std::string& settings = "") {
+  explicit launched_cluster(const std::string& settings = "", const std::string& plan = "plan:\n") {
     for (int i = 0; i < 4; ++i) ports.push_back(free_port());
     const auto config = dir.path / "cluster.yaml";
-    std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports, settings);
+    auto text = four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports, settings);
+    text.replace(text.find("plan:\n"), 6, plan);
+    std::ofstream(config) << text;
     launch = std::make_unique<process>(
         std::vector<std::string>{SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"},
         true, "launch");
@@ -337,6 +340,54 @@ TEST_CASE("shoal launch heals: a node killed or frozen mid-generation is replace
     CAPTURE(pid);
     CHECK(::kill(pid, 0) != 0);  // launch stopped and reaped it
   }
+}
+
+TEST_CASE("with redundancy 2 a dead expert node is routed around at once, before it is back") {
+  // Each expert node also holds the other's experts: when one dies, the stages route every
+  // expert to the remaining copy under a new epoch, without loading anything.
+  launched_cluster c("heartbeat_ms: 250\nheartbeat_misses: 4\n", "plan:\n  redundancy: 2\n");
+  process& launch = *c.launch;
+  auto client = shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10));
+  const auto undisturbed = long_streams(*client);
+  const pid_t experts = node_pid(launch.pid, "experts0");
+  REQUIRE(experts > 0);
+  clock_type::time_point killed_at;
+  std::chrono::milliseconds serving_again{-1};
+  const auto crashed = long_streams(*client, [&] {
+    killed_at = clock_type::now();
+    REQUIRE(::kill(experts, SIGKILL) == 0);
+    // The supervisor serves on without experts0 (still down, or reloading, meanwhile).
+    while (clock_type::now() - killed_at < std::chrono::seconds(20)) {
+      const auto s = nlohmann::json::parse(client->status());
+      if (s["serving"].get<bool>() && s["recoveries"].get<int>() >= 1) {
+        serving_again = std::chrono::duration_cast<std::chrono::milliseconds>(clock_type::now() - killed_at);
+        INFO(s.dump());
+        for (const auto& n : s["nodes"])
+          if (n["name"] == "experts0") CHECK(n["down"] == true);  // served on without it
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  });
+  check_same_streams(undisturbed, crashed);
+  INFO("serving again after " << serving_again.count() << " ms; longest pause of a stream " << crashed.longest_gap.count()
+                              << " ms");
+  CHECK(serving_again >= std::chrono::milliseconds(0));
+  CHECK(serving_again < std::chrono::seconds(1));
+  CHECK(crashed.longest_gap < std::chrono::seconds(2));
+  // Once experts0 is back, both copies serve again.
+  const auto deadline = clock_type::now() + std::chrono::seconds(60);
+  nlohmann::json s;
+  while (clock_type::now() < deadline) {
+    s = nlohmann::json::parse(client->status());
+    if (s["recoveries"].get<int>() >= 2) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  INFO(s.dump());
+  CHECK(s["recoveries"].get<int>() >= 2);
+  for (const auto& e : s["experts"]) CHECK(e["phase"] == "serving");
+  CHECK(long_streams(*client).tokens == undisturbed.tokens);
+  CHECK(launch.stop() == 0);
 }
 
 TEST_CASE("shoal launch refuses a bad config naming file and line") {

@@ -36,6 +36,9 @@ struct expert_group_spec {
   std::string node;                   ///< Node it runs on.
   std::vector<std::int64_t> experts;  ///< Routed expert ids, ascending.
   int line = 0;                       ///< 1-based line of the entry.
+  /// 0 for the group the plan names; 1 for the second copy `redundancy: 2` adds on another
+  /// expert node (same experts, same weights).
+  int copy = 0;
 };
 
 /// A parsed cluster config. `expert_groups` empty means every stage computes the routed
@@ -53,6 +56,11 @@ struct cluster_config {
   std::string expert_policy;
   std::vector<std::string> expert_policy_nodes;  ///< Nodes the policy spreads experts over.
   int expert_policy_line = 0;                    ///< Line of the policy entry.
+  /// Copies of every routed expert (`plan.redundancy`, 1 or 2): with 2, every expert group
+  /// also runs on the next expert node, so that a dead expert node is routed around at once,
+  /// without loading anything. Resolved into `expert_groups` by `validate_against_model`.
+  int redundancy = 1;
+  int redundancy_line = 0;                       ///< Line of the setting.
   int threads = 0;                               ///< Compute threads per process (0: cores).
   int max_batch = 64;                            ///< Sequences admitted (and in one step) at most.
   std::int64_t max_batch_tokens = 256;           ///< Token budget of one step: decode tokens + prompt chunks.

@@ -218,16 +218,20 @@ void send_heartbeats(self_ptr self) {
   auto& st = self->state;
   st.last_heartbeat = clock_type::now();
   const heartbeat beat{.epoch = st.epoch, .sequence = ++st.heartbeat_sequence, .evicted = st.evicted};
+  st.rounds[beat.sequence] = st.last_heartbeat;
+  while (st.rounds.size() > static_cast<std::size_t>(st.options.heartbeat_misses) + 2) st.rounds.erase(st.rounds.begin());
   const auto patience = st.options.heartbeat_interval * st.options.heartbeat_misses;
   for (auto& [name, m] : st.members) {
     if (!m.agent || m.down || !st.book->remote(name)) continue;
     const auto pid = m.info.pid;
     self->request(m.agent, patience, beat)
         .then(
-            [self, name = name, pid](ok_atom) {
+            [self, name = name, pid, round = beat.sequence](ok_atom) {
               auto& st = self->state;
               auto& m = st.members[name];
-              if (m.info.pid == pid && !m.down) m.last_seen = clock_type::now();
+              if (m.info.pid != pid || m.down) return;
+              m.last_seen = clock_type::now();
+              m.answered = std::max(m.answered, round);
             },
             [](caf::error&) {});  // counted by the missing answer, not by the error
   }
@@ -275,11 +279,16 @@ void check_heartbeats(self_ptr self) {
   const auto now = clock_type::now();
   const auto patience = st.options.heartbeat_interval * st.options.heartbeat_misses;
   std::vector<std::pair<std::string, std::string>> dead;
-  for (const auto& [name, m] : st.members)
-    if (m.agent && !m.down && st.book->remote(name) && now - m.last_seen > patience)
-      dead.emplace_back(name, fmt::format("no heartbeat answer for {} ms ({} missed)",
-                                          std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_seen).count(),
-                                          st.options.heartbeat_misses));
+  for (const auto& [name, m] : st.members) {
+    if (!m.agent || m.down || !st.book->remote(name)) continue;
+    const auto missed = st.heartbeat_sequence - m.answered;
+    if (missed < static_cast<std::uint64_t>(st.options.heartbeat_misses)) continue;
+    const auto first = st.rounds.lower_bound(m.answered + 1);  // the oldest unanswered round kept
+    if (first == st.rounds.end() || now - first->second < patience) continue;
+    dead.emplace_back(name, fmt::format("no heartbeat answer for {} ms ({} missed)",
+                                        std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_seen).count(),
+                                        missed));
+  }
   for (const auto& [name, reason] : dead) declare_dead(self, name, reason, true);
   if (now - st.last_heartbeat >= st.options.heartbeat_interval) send_heartbeats(self);
 }
@@ -381,6 +390,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         m.info = std::move(info);
         m.down = false;
         m.last_seen = clock_type::now();
+        m.answered = st.heartbeat_sequence;
         std::erase(st.evicted, it->first);
         self->monitor(m.agent);
         if (rejoin) {

@@ -32,7 +32,7 @@ struct router_options {
   /// Failed steps a request lives through (each time it is recomputed on the next
   /// placement); one more ends it with the step's error. Bounds a request that itself brings
   /// nodes down.
-  int replay_limit = 3;
+  int replay_limit = 5;
   /// Pause after a step failed without a fence from the supervisor (a node that may be
   /// dying), before the requests are stepped again.
   std::chrono::milliseconds retry_pause{1000};

@@ -92,6 +92,7 @@ struct supervisor_state {
     std::string down_reason; ///< Why it was declared dead (kept after it is back).
     int restarts = 0;        ///< Joins after the first.
     std::chrono::steady_clock::time_point last_seen; ///< Its last heartbeat answer (or join).
+    std::uint64_t answered = 0; ///< Latest heartbeat round it answered (the round current at its join).
   };
   /// A stage or expert actor of the placement.
   struct placed {
@@ -117,6 +118,11 @@ struct supervisor_state {
   std::uint64_t heartbeat_sequence = 0;          ///< Heartbeats sent.
   std::vector<std::string> evicted;              ///< Nodes dead in the current epoch.
   std::chrono::steady_clock::time_point last_heartbeat; ///< When the last round went out.
+  /// When each recent round went out, by sequence: a node is dead when it left
+  /// `heartbeat_misses` rounds in a row unanswered and the first of them went out at least
+  /// `heartbeat_misses` intervals ago. Counting rounds rather than time alone keeps a head
+  /// that was itself stalled (a loaded machine) from declaring its nodes dead.
+  std::map<std::uint64_t, std::chrono::steady_clock::time_point> rounds;
   std::chrono::steady_clock::time_point started; ///< For the ready deadline.
   std::vector<caf::typed_response_promise<placement_table>> waiting; ///< `ready_atom` callers.
 };

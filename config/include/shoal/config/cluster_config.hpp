@@ -80,7 +80,7 @@ struct cluster_config {
   /// most `restart_limit` times within `restart_window_s` (then it stays down).
   int restart_limit = 5;
   int restart_window_s = 600;                    ///< Window of `restart_limit`.
-  int replay_limit = 3;                          ///< Failed steps a request lives through.
+  int replay_limit = 5;                          ///< Failed steps a request lives through.
 
   /// The node named `name`, or null.
   const node_spec* find_node(std::string_view name) const noexcept;

@@ -1,6 +1,7 @@
 #include "shoal/runtime/weights.hpp"
 
 #include "shoal/base/error.hpp"
+#include "shoal/runtime/manifest.hpp"
 #include "shoal/runtime/safetensors.hpp"
 
 #include <cstdlib>
@@ -150,6 +151,10 @@ std::unique_ptr<model_weights> model_weights::load(const std::filesystem::path& 
                                                    const weight_selection& selection,
                                                    weight_residency residency,
                                                    const progress_fn& progress) {
+  // A checkpoint that carries a manifest is checked before anything of it is read.
+  if (const auto checked = verify_manifest(dir, progress); checked && progress && checked->seconds > 0)
+    progress(fmt::format("{} files ({:.2f} GB) match {} ({:.1f} s)", checked->files,
+                         static_cast<double>(checked->bytes) / 1e9, kManifestFile, checked->seconds));
   std::unique_ptr<model_weights> result(new model_weights());
   result->config_ = config::load_model_config(dir);
   const config::model_config& c = result->config_;

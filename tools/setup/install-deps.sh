@@ -22,6 +22,7 @@ packages=(
   capnproto libcapnp-dev          # wire schemas
   libboost-dev                    # Asio/Beast for the HTTP gateway
   libssl-dev                      # TLS, hashing
+  libjwt-dev                      # JWT bearer tokens (signature checks; OpenSSL flavour)
   nlohmann-json3-dev              # JSON: config.json, safetensors headers, HTTP API
   libyaml-cpp-dev                 # cluster configs
   libpcre2-dev                    # tokenizer pre-tokenizer regexes (Unicode properties)

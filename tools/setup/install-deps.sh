@@ -36,6 +36,7 @@ if [ "$purpose" = test ]; then
     catch2                        # tests (v2)
     python3-jinja2 python3-numpy  # chat-template cross-check against Jinja2
     iproute2                      # network-namespace cluster tests
+    openssl                       # test certificates and RSA keys, made at test time
     ucx-utils                     # ucx_perftest for the transport benchmark
     nodejs                        # the OpenAI Node SDK test of the HTTP gateway
     clang libclang-rt-14-dev      # the sanitizer build and libFuzzer targets of tools/test.sh

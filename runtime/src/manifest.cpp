@@ -173,7 +173,8 @@ manifest_summary write_manifest(const fs::path& dir, const manifest_progress& pr
   return summary;
 }
 
-std::optional<manifest_summary> verify_manifest(const fs::path& dir, const manifest_progress& progress) {
+std::optional<manifest_summary> verify_manifest(const fs::path& dir, const manifest_progress& progress,
+                                                const std::function<bool(const std::string& name)>& hash) {
   const auto manifest_path = dir / kManifestFile;
   if (!fs::exists(manifest_path)) return std::nullopt;
   const auto start = clock_type::now();
@@ -193,8 +194,11 @@ std::optional<manifest_summary> verify_manifest(const fs::path& dir, const manif
       manifest["version"] != 1 || manifest.value("algorithm", "") != "sha256" || !manifest.contains("files") ||
       !manifest["files"].is_object())
     malformed("not a version 1 shoal-manifest of SHA-256 hashes");
-  std::vector<std::string> names, expected;
-  std::vector<std::uint64_t> sizes;
+  struct listed {
+    std::string name, sha256;
+    std::uint64_t bytes = 0;
+  };
+  std::vector<listed> files;
   for (const auto& [name, entry] : manifest["files"].items()) {
     const fs::path relative(name);
     if (name.empty() || relative.is_absolute() || relative.lexically_normal().generic_string() != name ||
@@ -203,24 +207,18 @@ std::optional<manifest_summary> verify_manifest(const fs::path& dir, const manif
     if (!entry.is_object() || !entry.contains("sha256") || !entry["sha256"].is_string() || !entry.contains("bytes") ||
         !entry["bytes"].is_number_unsigned())
       malformed(fmt::format("the entry '{}' has no bytes and sha256", name));
-    names.push_back(name);
-    expected.push_back(entry["sha256"].get<std::string>());
-    sizes.push_back(entry["bytes"].get<std::uint64_t>());
+    files.push_back({name, entry["sha256"].get<std::string>(), entry["bytes"].get<std::uint64_t>()});
   }
   // Cheap checks first: every listed file there with its size, nothing the loader reads unlisted.
-  manifest_summary summary;
-  std::string signature = std::to_string(std::hash<std::string>{}(text)) + ";";
-  for (std::size_t i = 0; i < names.size(); ++i) {
-    const auto path = dir / names[i];
+  for (const auto& f : files) {
+    const auto path = dir / f.name;
     std::error_code ec;
     if (!fs::is_regular_file(path, ec))
       shoal::fail(errc::invalid_argument, "{}: listed in {} but missing", path.string(), kManifestFile);
     const auto size = fs::file_size(path, ec);
-    if (size != sizes[i])
+    if (size != f.bytes)
       shoal::fail(errc::invalid_argument, "{}: {} bytes, but {} says {}: the file was changed or truncated",
-                  path.string(), size, kManifestFile, sizes[i]);
-    summary.bytes += size;
-    signature += file_signature(path);
+                  path.string(), size, kManifestFile, f.bytes);
   }
   for (const auto& name : list_files(dir)) {
     const bool read_by_loader = name.ends_with(".safetensors") || name.ends_with(".json");
@@ -228,18 +226,31 @@ std::optional<manifest_summary> verify_manifest(const fs::path& dir, const manif
       shoal::fail(errc::invalid_argument, "{}: not listed in {}: remove it, or write the manifest again",
                   (dir / name).string(), kManifestFile);
   }
-  summary.files = names.size();
-  // Every stage and expert actor of a process loads from the same directory: hash it once.
-  // The memo is process-wide by nature (it stands for the files on disk), keyed by the
-  // canonical directory and invalidated by any change of manifest, size or mtime.
+  // Every stage and expert actor of a process loads from the same directory: a file is hashed
+  // once per process. The memo is process-wide by nature (it stands for files on disk), keyed
+  // by canonical path and invalidated by any change of expected hash, size or mtime.
   static std::mutex memo_mutex;
-  static std::map<std::string, std::string> verified;
-  std::error_code ec;
-  const auto key = fs::canonical(dir, ec).string();
-  {
-    std::lock_guard lock(memo_mutex);
-    if (auto it = verified.find(key); it != verified.end() && it->second == signature) return summary;
+  static std::map<std::string, std::string> hashed;
+  std::vector<std::string> names, expected, keys, signatures;
+  manifest_summary summary;
+  for (const auto& f : files) {
+    if (hash && !hash(f.name)) continue;
+    std::error_code ec;
+    const auto path = dir / f.name;
+    const auto key = fs::canonical(path, ec).string();
+    const auto signature = f.sha256 + ";" + file_signature(path);
+    {
+      std::lock_guard lock(memo_mutex);
+      if (auto it = hashed.find(key); it != hashed.end() && it->second == signature) continue;
+    }
+    names.push_back(f.name);
+    expected.push_back(f.sha256);
+    keys.push_back(key);
+    signatures.push_back(signature);
+    summary.bytes += f.bytes;
   }
+  summary.files = names.size();
+  if (names.empty()) return summary;
   if (progress)
     progress(fmt::format("checking {} files ({:.2f} GB) against {}", names.size(), static_cast<double>(summary.bytes) / 1e9,
                          kManifestFile));
@@ -250,7 +261,7 @@ std::optional<manifest_summary> verify_manifest(const fs::path& dir, const manif
                   (dir / names[i]).string(), hashes[i], kManifestFile, expected[i]);
   summary.seconds = std::chrono::duration<double>(clock_type::now() - start).count();
   std::lock_guard lock(memo_mutex);
-  verified[key] = signature;
+  for (std::size_t i = 0; i < names.size(); ++i) hashed[keys[i]] = signatures[i];
   return summary;
 }
 

@@ -23,7 +23,7 @@ inline constexpr const char* kManifestFile = "shoal-manifest.json";
 
 /// What a manifest covered.
 struct manifest_summary {
-  std::size_t files = 0;     ///< Files listed.
+  std::size_t files = 0;     ///< Files listed (written) or hashed now (checked).
   std::uint64_t bytes = 0;   ///< Their total size.
   double seconds = 0;        ///< Time spent hashing.
 };
@@ -39,9 +39,12 @@ manifest_summary write_manifest(const std::filesystem::path& dir, const manifest
 /// Checks `dir` against its manifest; nothing (and no work) when it has none. Throws
 /// `shoal::error` (`invalid_argument`) naming the first file that is missing, has another size
 /// or another hash, and any `.safetensors` or `.json` file the manifest does not list (a
-/// loader would read it unchecked). A directory already checked by this process, unchanged
-/// since (same manifest, same sizes and modification times), is not hashed again.
+/// loader would read it unchecked). Every listed file's size is checked; only the files for
+/// which `hash` returns true (all, when it is empty) are hashed. A file this process already
+/// hashed, unchanged since (same expected hash, size and modification time), is not hashed
+/// again.
 std::optional<manifest_summary> verify_manifest(const std::filesystem::path& dir,
-                                                const manifest_progress& progress = {});
+                                                const manifest_progress& progress = {},
+                                                const std::function<bool(const std::string& name)>& hash = {});
 
 }  // namespace shoal::runtime

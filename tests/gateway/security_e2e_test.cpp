@@ -414,6 +414,29 @@ TEST_CASE("TLS: HTTPS only, TLS 1.2 or later; plain HTTP to the TLS port is refu
   REQUIRE(ok.exit_code == 0);
   CHECK(json::parse(ok.out)["data"][0]["id"] == "shoal-tiny");
   CHECK(models("--tlsv1.2 --tls-max 1.2").exit_code == 0);
+  // Keep-alive over TLS: a whole answer, a streamed one, then another, on one connection.
+  {
+    std::ofstream(work() / "tls-chat.json") << chat_body();
+    auto streamed = json::parse(chat_body());
+    streamed["stream"] = true;
+    std::ofstream(work() / "tls-stream.json") << streamed.dump();
+    std::string cmd = "curl -sS -v -m 60";
+    const char* separator = "";
+    for (const char* body : {"tls-chat.json", "tls-stream.json", "tls-chat.json"}) {
+      cmd += std::string(separator) + " --cacert " + c.cert.string() + " " + url +
+             "/v1/chat/completions -H 'Content-Type: application/json' -H 'Authorization: Bearer " + token + "' -d @" +
+             (work() / body).string();
+      separator = " --next";
+    }
+    const auto r = run(cmd);
+    INFO(r.out);
+    CHECK(r.exit_code == 0);
+    CHECK(r.out.find("Re-using existing connection") != std::string::npos);
+    CHECK(r.out.find("data: [DONE]") != std::string::npos);
+    std::size_t oks = 0;
+    for (auto pos = r.out.find("< HTTP/1.1 200"); pos != std::string::npos; pos = r.out.find("< HTTP/1.1 200", pos + 1)) ++oks;
+    CHECK(oks == 3);
+  }
   CHECK(models("--tlsv1.3").exit_code == 0);
   // An unverified certificate is the client's business; this one is refused by curl itself.
   CHECK(run("curl -sS -m 30 " + url + "/health").exit_code != 0);

@@ -204,6 +204,12 @@ void check_serves(std::uint16_t port, const std::string& credential) {
   CHECK(json::parse(r.body)["usage"]["completion_tokens"].get<int>() >= 1);
 }
 
+// `path`, with what a previous run left there removed.
+fs::path fresh(const fs::path& path) {
+  fs::remove(path);
+  return path;
+}
+
 // Keys, both JWT algorithms, audience and issuer, /metrics behind a key, an audit log.
 serve_process& guarded() {
   const auto& c = creds();
@@ -212,7 +218,7 @@ serve_process& guarded() {
       {"serve", "--port", std::to_string(shoal::testing::free_port()), "--threads", "2", "--cache-mb", "64", "--api-keys",
        c.keys.string(), "--jwt-hs256-secret-file", c.hs_file.string(), "--jwt-rs256-public-key", c.rsa_public_file.string(),
        "--jwt-audience", kAudience, "--jwt-issuer", kIssuer, "--metrics-need-key", "--audit-log",
-       (work() / "audit.jsonl").string()},
+       fresh(work() / "audit.jsonl").string()},
       tiny_cache());
   return p;
 }
@@ -267,6 +273,21 @@ TEST_CASE("a malformed keys file is refused at start, naming file and line", "[g
   const auto r3 = run(shoal_cmd("serve --port 0 --jwt-hs256-secret-file /dev/null"));
   CHECK(r3.exit_code == 2);
   CHECK(r3.out.find("at least 32") != std::string::npos);
+  // Options that would leave a hole, or a certificate without its key, stop the start too.
+  const auto& c = creds();
+  for (const auto& [args, says] : std::vector<std::pair<std::string, std::string>>{
+           {"--metrics-need-key", "--metrics-need-key needs"},
+           {"--jwt-audience x", "need --jwt-hs256-secret-file"},
+           {"--audit-prompts", "--audit-prompts needs --audit-log"},
+           {"--tls-cert " + c.cert.string(), "go together"},
+           {"--tls-cert " + c.cert.string() + " --tls-key " + (work() / "rsa.key").string(), "is not the key of"},
+           {"--jwt-rs256-public-key " + c.cert.string(), "not a PEM RSA public key"}}) {
+    const auto r = run(shoal_cmd("serve --port 0 " + args));
+    INFO(args << "\n" << r.out);
+    CHECK(r.exit_code == 2);
+    CHECK(r.out.find(says) != std::string::npos);
+    CHECK(r.out.find("listening") == std::string::npos);
+  }
 }
 
 TEST_CASE("API keys: no key, wrong key, wrong scope refused; the server keeps serving", "[gateway][security]") {
@@ -350,6 +371,9 @@ TEST_CASE("JWT: every bad token is refused with 401 and the server keeps serving
   admin["scope"] = "admin";
   const auto dot1 = valid.find('.'), dot2 = valid.rfind('.');
   cases.push_back({"payload swapped", valid.substr(0, dot1 + 1) + b64url(admin.dump()) + valid.substr(dot2), "invalid_token"});
+  cases.push_back({"unknown crit extension",
+                   hs256_token(c.hs_secret, good_claims(), {{"alg", "HS256"}, {"crit", {"exp-ext"}}, {"exp-ext", 1}}),
+                   "invalid_token"});
   cases.push_back({"garbage", "abc.def.ghi", "invalid_token"});
   cases.push_back({"header not JSON", b64url("not json") + "." + b64url("{}") + ".c2ln", "invalid_token"});
   cases.push_back({"alg not a string", b64url(R"({"alg":5})") + "." + b64url(good_claims().dump()) + ".c2ln", "invalid_token"});
@@ -500,6 +524,9 @@ TEST_CASE("the audit log: one line per request, principal named, no key, no prom
     if (j["status"] == 401 && j["principal"].is_null()) saw_refusal = true;
     CHECK(!j.contains("prompt"));
   }
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
   CHECK(saw_alice);
   CHECK(saw_dave);
   CHECK(saw_refusal);

@@ -5,11 +5,26 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <ctime>
 #include <filesystem>
 
 namespace shoal::gateway {
+namespace {
+
+// Owner-only: with --audit-prompts the log holds prompts.
+std::FILE* open_append(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) return nullptr;
+  std::FILE* f = ::fdopen(fd, "a");
+  if (!f) ::close(fd);
+  return f;
+}
+
+}  // namespace
 
 audit_log::audit_log(const security_settings& s)
     : path_(s.audit_log_file),
@@ -17,7 +32,7 @@ audit_log::audit_log(const security_settings& s)
       keep_(std::max(s.audit_log_keep, 1)),
       prompts_(s.audit_prompts),
       capacity_(std::max<std::size_t>(s.audit_queue_lines, 1)) {
-  file_ = std::fopen(path_.c_str(), "ae");
+  file_ = open_append(path_);
   if (!file_) shoal::fail(errc::invalid_argument, "--audit-log {}: cannot be opened for appending", path_);
   std::error_code ec;
   size_ = std::filesystem::file_size(path_, ec);
@@ -106,7 +121,7 @@ void audit_log::rotate() {
   for (int k = keep_ - 1; k >= 1; --k)
     std::filesystem::rename(fmt::format("{}.{}", path_, k), fmt::format("{}.{}", path_, k + 1), ec);
   std::filesystem::rename(path_, path_ + ".1", ec);
-  file_ = std::fopen(path_.c_str(), "ae");
+  file_ = open_append(path_);
   size_ = 0;
 }
 

@@ -337,6 +337,8 @@ auth_result security::impl::check_jwt(std::string_view token) const {
   // The algorithm decides the key, and each key verifies one algorithm only: `none`, any other
   // algorithm, and an HS256 token where only an RS256 public key is configured are refused
   // before a signature is looked at.
+  // RFC 7515 4.1.11: extensions marked critical must be understood; this server knows none.
+  if (header.contains("crit")) return refuse("the token's header has `crit` extensions this server does not know", "invalid_token");
   const auto alg = header["alg"].get<std::string>();
   const std::string* key = nullptr;
   jwt_alg_t expected = JWT_ALG_INVAL;

@@ -565,6 +565,30 @@ TEST_CASE("the audit log rotates by size, keeps N files, and records prompts whe
   CHECK(s.terminate(30s) == 0);
 }
 
+TEST_CASE("an audit log that cannot be written drops lines, counts them, and slows nothing", "[gateway][security]") {
+  // /dev/full takes the open and fails every write with ENOSPC.
+  if (!fs::is_character_file("/dev/full")) {
+    WARN("no /dev/full here: the failing-disk case did not run");
+    return;
+  }
+  serve_process s("security-audit-full",
+                  {"serve", "--port", std::to_string(shoal::testing::free_port()), "--threads", "2", "--cache-mb", "64",
+                   "--audit-log", "/dev/full"},
+                  tiny_cache());
+  for (int i = 0; i < 3; ++i) check_serves(s.port(), "");
+  std::this_thread::sleep_for(300ms);
+  const auto metrics = get_with(s.port(), "/metrics", "");
+  REQUIRE(metrics.status == 200);
+  INFO(metrics.body);
+  std::smatch m;
+  const auto body = metrics.body;
+  REQUIRE(std::regex_search(body, m, std::regex("shoal_audit_dropped_total ([0-9]+)")));
+  CHECK(std::stoi(m[1]) >= 3);
+  CHECK(body.find("shoal_audit_lines_total 0") != std::string::npos);
+  CHECK(fs::is_character_file("/dev/full"));  // never rotated away
+  CHECK(s.terminate(30s) == 0);
+}
+
 TEST_CASE("shoal verify writes and checks the manifest; loading refuses a tampered file", "[gateway][security][manifest]") {
   const auto model = work() / "manifest-model";
   fs::remove_all(model);

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
 #include <ctime>
 #include <filesystem>
@@ -16,12 +17,19 @@ namespace shoal::gateway {
 namespace {
 
 // Owner-only: with --audit-prompts the log holds prompts.
-std::FILE* open_append(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-  if (fd < 0) return nullptr;
-  std::FILE* f = ::fdopen(fd, "a");
-  if (!f) ::close(fd);
-  return f;
+int open_append(const std::string& path) {
+  return ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+}
+
+// All of `data`, or false.
+bool write_all(int fd, std::string_view data) {
+  while (!data.empty()) {
+    const auto n = ::write(fd, data.data(), data.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    data.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return true;
 }
 
 }  // namespace
@@ -32,10 +40,12 @@ audit_log::audit_log(const security_settings& s)
       keep_(std::max(s.audit_log_keep, 1)),
       prompts_(s.audit_prompts),
       capacity_(std::max<std::size_t>(s.audit_queue_lines, 1)) {
-  file_ = open_append(path_);
-  if (!file_) shoal::fail(errc::invalid_argument, "--audit-log {}: cannot be opened for appending", path_);
+  fd_ = open_append(path_);
+  if (fd_ < 0) shoal::fail(errc::invalid_argument, "--audit-log {}: cannot be opened for appending", path_);
+  // Only a regular file is rotated (never a device or a pipe someone pointed the log at).
   std::error_code ec;
-  size_ = std::filesystem::file_size(path_, ec);
+  rotatable_ = std::filesystem::is_regular_file(path_, ec);
+  size_ = rotatable_ ? std::filesystem::file_size(path_, ec) : 0;
   if (ec) size_ = 0;
   writer_ = std::thread([this] { run(); });
 }
@@ -47,7 +57,7 @@ audit_log::~audit_log() {
   }
   wake_.notify_one();
   writer_.join();
-  if (file_) std::fclose(file_);
+  if (fd_ >= 0) ::close(fd_);
 }
 
 void audit_log::push(const audit_record& r) noexcept {
@@ -96,32 +106,42 @@ void audit_log::run() {
       if (queue_.empty() && stop_) return;
       batch.swap(queue_);
     }
-    for (const auto& line : batch) write_line(line);
+    // One write per run of lines that fits before the next rotation.
+    std::string chunk;
+    std::uint64_t lines = 0;
+    auto flush = [&] {
+      if (lines == 0) return;
+      if (fd_ >= 0 && write_all(fd_, chunk)) {
+        size_ += chunk.size();
+        written_.fetch_add(lines);
+      } else {
+        dropped_.fetch_add(lines);
+      }
+      chunk.clear();
+      lines = 0;
+    };
+    for (const auto& line : batch) {
+      if (rotatable_ && size_ + chunk.size() > 0 && size_ + chunk.size() + line.size() > max_bytes_) {
+        flush();
+        if (size_ > 0) rotate();
+      }
+      chunk += line;
+      ++lines;
+    }
+    flush();
     batch.clear();
-    if (file_) std::fflush(file_);
   }
-}
-
-void audit_log::write_line(const std::string& line) {
-  if (size_ > 0 && size_ + line.size() > max_bytes_) rotate();
-  if (!file_ || std::fwrite(line.data(), 1, line.size(), file_) != line.size()) {
-    dropped_.fetch_add(1);
-    return;
-  }
-  size_ += line.size();
-  written_.fetch_add(1);
 }
 
 // FILE -> FILE.1 -> FILE.2 ... -> FILE.keep, the oldest removed.
 void audit_log::rotate() {
-  if (file_) std::fclose(file_);
-  file_ = nullptr;
+  if (fd_ >= 0) ::close(fd_);
   std::error_code ec;
   std::filesystem::remove(fmt::format("{}.{}", path_, keep_), ec);
   for (int k = keep_ - 1; k >= 1; --k)
     std::filesystem::rename(fmt::format("{}.{}", path_, k), fmt::format("{}.{}", path_, k + 1), ec);
   std::filesystem::rename(path_, path_ + ".1", ec);
-  file_ = open_append(path_);
+  fd_ = open_append(path_);
   size_ = 0;
 }
 

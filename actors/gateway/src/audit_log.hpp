@@ -7,7 +7,6 @@
 
 #include <atomic>
 #include <condition_variable>
-#include <cstdio>
 #include <deque>
 #include <mutex>
 #include <string>
@@ -32,7 +31,6 @@ class audit_log {
 
  private:
   void run();
-  void write_line(const std::string& line);
   void rotate();
 
   std::string path_;
@@ -40,7 +38,8 @@ class audit_log {
   int keep_;
   bool prompts_;
   std::size_t capacity_;
-  std::FILE* file_ = nullptr;
+  int fd_ = -1;
+  bool rotatable_ = false;
   std::uint64_t size_ = 0;
   std::mutex mutex_;
   std::condition_variable wake_;

@@ -341,12 +341,12 @@ class session : public session_base, public std::enable_shared_from_this<session
     };
     // /health and /ready stay open (probes carry no credentials); /metrics when not asked
     // to need a key; everything else, unknown routes included, needs a key or a token.
-    const auto& sec = srv_.opt.security;
+    const security& sec = *srv_.opt.security;  // set by server_core's constructor
     const bool open_route =
-        path == "/health" || path == "/ready" || (path == "/metrics" && !sec->settings().metrics_need_key);
-    if (sec && sec->requires_auth() && !open_route) {
+        path == "/health" || path == "/ready" || (path == "/metrics" && !sec.settings().metrics_need_key);
+    if (sec.requires_auth() && !open_route) {
       const auto header = req[http::field::authorization];
-      auto checked = sec->authenticate(std::string_view(header.data(), header.size()));
+      auto checked = sec.authenticate(std::string_view(header.data(), header.size()));
       if (!checked.who) throw api_error(checked.status, "invalid_request_error", checked.message, {}, checked.code);
       principal_ = std::move(checked.who);
       const bool admin_route = path.starts_with("/admin/");
@@ -367,7 +367,7 @@ class session : public session_base, public std::enable_shared_from_this<session
     if (path == "/metrics") {
       require(http::verb::get);
       auto text = srv_.counters.render(srv_.back.stats(), srv_.in_flight.load(), srv_.opt.experts_per_layer);
-      if (sec) text += sec->metrics_text();
+      text += sec.metrics_text();
       if (srv_.tls)
         text += fmt::format("# HELP shoal_tls_handshake_failures_total TLS handshakes that failed (plain HTTP included).\n"
                             "# TYPE shoal_tls_handshake_failures_total counter\nshoal_tls_handshake_failures_total {}\n",
@@ -433,10 +433,11 @@ class session : public session_base, public std::enable_shared_from_this<session
   void start_generation(endpoint kind, const std::string& body) {
     if (srv_.stopping) throw api_error(503, "server_error", "the server is shutting down", {}, "unavailable");
     audit_model_ = srv_.opt.model_name;
-    if (srv_.opt.security && srv_.opt.security->settings().audit_prompts) {
+    if (srv_.opt.security->settings().audit_prompts) {
       const auto j = nlohmann::json::parse(body, nullptr, false);
       const char* field = kind == endpoint::chat ? "messages" : "prompt";
-      if (j.is_object() && j.contains(field)) audit_prompt_ = j[field].dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+      if (j.is_object() && j.contains(field))
+        audit_prompt_ = j[field].dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     }
     auto parsed = parse_request(body, kind, srv_.opt.model_name);
     const char* prompt_param = kind == endpoint::chat ? "messages" : "prompt";
@@ -635,9 +636,8 @@ class session : public session_base, public std::enable_shared_from_this<session
   void start_watch() {
     if (watch_pending_ || closed_ || buffer_.size() > 64 * 1024) return;
     watch_pending_ = true;
-    stream_.async_read_some(buffer_.prepare(4096), [self = this->shared_from_this()](beast::error_code ec, std::size_t n) {
-      self->on_watch(ec, n);
-    });
+    stream_.async_read_some(buffer_.prepare(4096),
+                            [self = this->shared_from_this()](beast::error_code ec, std::size_t n) { self->on_watch(ec, n); });
   }
 
   void on_watch(beast::error_code ec, std::size_t n) {
@@ -687,7 +687,7 @@ class session : public session_base, public std::enable_shared_from_this<session
   void finish_log(int status) {
     const std::string_view path = std::string_view(target_).substr(0, target_.find('?'));
     srv_.counters.count_request(route_label(path), status);
-    if (srv_.opt.security) {
+    if (!srv_.opt.security->settings().audit_log_file.empty()) {
       audit_record r;
       r.time = wall_start_;
       if (principal_) {
@@ -736,7 +736,8 @@ class session : public session_base, public std::enable_shared_from_this<session
     write_timer_.async_wait([self = this->shared_from_this()](beast::error_code ec) {
       if (!ec) self->close();  // the client stopped reading
     });
-    net::async_write(stream_, net::buffer(out_.front()), [self = this->shared_from_this()](beast::error_code ec, std::size_t) {
+    net::async_write(stream_, net::buffer(out_.front()),
+                     [self = this->shared_from_this()](beast::error_code ec, std::size_t) {
       self->write_timer_.cancel();
       if (ec) {
         self->writing_ = false;
@@ -775,7 +776,9 @@ class session : public session_base, public std::enable_shared_from_this<session
     tcp_socket().shutdown(tcp::socket::shutdown_send, ec);
     beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(1));
     drain_.consume(drain_.size());
-    beast::get_lowest_layer(stream_).async_read_some(drain_.prepare(16 * 1024), [self = this->shared_from_this()](beast::error_code ec, std::size_t n) {
+    // On the TCP layer: what is left of a TLS stream is discarded unread.
+    beast::get_lowest_layer(stream_).async_read_some(
+        drain_.prepare(16 * 1024), [self = this->shared_from_this()](beast::error_code ec, std::size_t n) {
       if (ec) return self->close();
       self->drained_bytes_ += n;
       if (self->drained_bytes_ > (8u << 20)) return self->close();
@@ -784,7 +787,9 @@ class session : public session_base, public std::enable_shared_from_this<session
   }
   void linger_close_read() {
     drain_.consume(drain_.size());
-    beast::get_lowest_layer(stream_).async_read_some(drain_.prepare(16 * 1024), [self = this->shared_from_this()](beast::error_code ec, std::size_t n) {
+    // On the TCP layer: what is left of a TLS stream is discarded unread.
+    beast::get_lowest_layer(stream_).async_read_some(
+        drain_.prepare(16 * 1024), [self = this->shared_from_this()](beast::error_code ec, std::size_t n) {
       if (ec) return self->close();
       self->drained_bytes_ += n;
       if (self->drained_bytes_ > (8u << 20)) return self->close();

@@ -1029,7 +1029,7 @@ void server::shutdown(std::chrono::milliseconds grace) {
     i.accept_retry.cancel();
   });
   i.for_each_session([](session_base& s) { s.close_if_idle(); });
-  auto wait_until = [&i](clock_type::time_point deadline, auto done) {
+  auto wait_until = [](clock_type::time_point deadline, auto done) {
     while (!done() && clock_type::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   };
   wait_until(clock_type::now() + grace, [&i] { return i.in_flight.load() == 0; });

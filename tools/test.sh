@@ -34,14 +34,15 @@ fi
 
 # The tests of everything that parses or moves untrusted bytes (safetensors and its index,
 # config.json, cluster YAML, Cap'n Proto envelopes, HTTP requests and JSON bodies, chat
-# messages, the tokenizer) and the in-process cluster, under ASan + UBSan; then each libFuzzer
-# target for SHOAL_FUZZ_SECONDS from its committed corpus. clang builds it when installed
-# (libFuzzer needs it); otherwise the fuzz_* tests report Skipped and the rest still runs.
+# messages, the tokenizer, Authorization headers and tokens) and the in-process cluster, under
+# ASan + UBSan; then each libFuzzer target for SHOAL_FUZZ_SECONDS from its committed corpus.
+# clang builds it when installed (libFuzzer needs it); otherwise the fuzz_* tests report Skipped
+# and the rest still runs.
 san_dir=${SHOAL_SANITIZE_BUILD_DIR:-build-asan}
 san_tests=(config_model_config_test runtime_safetensors_test runtime_tokenizer_test runtime_text_test
            actors_cluster_config_test transport_codec_test gateway_api_test gateway_server_test
            actors_cluster_test)
-fuzz_names=(safetensors_header model_config cluster_yaml envelope chat_request tokenizer_encode)
+fuzz_names=(safetensors_header model_config cluster_yaml envelope chat_request tokenizer_encode bearer_token)
 compilers=()
 if command -v clang++ >/dev/null 2>&1; then
   compilers=(-DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++)

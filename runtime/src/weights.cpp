@@ -1,6 +1,7 @@
 #include "shoal/runtime/weights.hpp"
 
 #include "shoal/base/error.hpp"
+#include "shoal/runtime/manifest.hpp"
 #include "shoal/runtime/safetensors.hpp"
 
 #include <cstdlib>
@@ -90,6 +91,8 @@ class loader {
   }
 
   std::size_t resident_bytes() const noexcept { return resident_bytes_; }
+  /// Shards (normalized paths) that held a tensor this load read.
+  const std::set<std::string>& used_files() const noexcept { return used_files_; }
 
  private:
   tensor_ref require(const std::string& name) {
@@ -97,6 +100,7 @@ class loader {
     const tensor_ref ref = files_.find(name);
     if (!ref.entry)
       shoal::fail(errc::invalid_argument, "{}: missing tensor '{}'", files_.directory().string(), name);
+    used_files_.insert(ref.file->path().lexically_normal().string());
     return ref;
   }
 
@@ -128,6 +132,7 @@ class loader {
   weight_residency residency_;
   bool quantized_;
   std::set<std::string, std::less<>> known_;
+  std::set<std::string> used_files_;
   std::size_t resident_bytes_ = 0;
 };
 
@@ -150,6 +155,18 @@ std::unique_ptr<model_weights> model_weights::load(const std::filesystem::path& 
                                                    const weight_selection& selection,
                                                    weight_residency residency,
                                                    const progress_fn& progress) {
+  // With a manifest: before anything is parsed, every file's size and the small files'
+  // hashes (config, index, tokenizer); the shards this selection read, once they are loaded
+  // and before any weight is used. A node holding a slice of the model hashes its slice.
+  auto report = [&progress](const std::optional<manifest_summary>& checked) {
+    if (checked && progress && checked->files > 0)
+      progress(fmt::format("{} files ({:.2f} GB) match {} ({:.1f} s)", checked->files,
+                           static_cast<double>(checked->bytes) / 1e9, kManifestFile, checked->seconds));
+  };
+  const auto manifest = verify_manifest(dir, progress, [](const std::string& name) {
+    return !name.ends_with(".safetensors");
+  });
+  report(manifest);
   std::unique_ptr<model_weights> result(new model_weights());
   result->config_ = config::load_model_config(dir);
   const config::model_config& c = result->config_;
@@ -245,6 +262,12 @@ std::unique_ptr<model_weights> model_weights::load(const std::filesystem::path& 
     report_layer(i);
   }
   l.check_no_unexpected(c);
+  if (manifest) {
+    const auto& used = l.used_files();
+    report(verify_manifest(dir, progress, [&used, &dir](const std::string& name) {
+      return used.contains((dir / name).lexically_normal().string());
+    }));
+  }
   result->resident_bytes_ = l.resident_bytes();
   return result;
 }

@@ -83,7 +83,7 @@ class serve_process {
       ::execv(SHOAL_BINARY, argv.data());
       ::_exit(127);
     }
-    const std::regex listening("listening on http://127\\.0\\.0\\.1:([0-9]+)");
+    const std::regex listening("listening on https?://127\\.0\\.0\\.1:([0-9]+)");
     const auto end = std::chrono::steady_clock::now() + start_limit;
     while (std::chrono::steady_clock::now() < end) {
       std::smatch m;

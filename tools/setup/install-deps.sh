@@ -22,6 +22,7 @@ packages=(
   capnproto libcapnp-dev          # wire schemas
   libboost-dev                    # Asio/Beast for the HTTP gateway
   libssl-dev                      # TLS, hashing
+  libjwt-dev                      # JWT bearer tokens (signature checks; OpenSSL flavour)
   nlohmann-json3-dev              # JSON: config.json, safetensors headers, HTTP API
   libyaml-cpp-dev                 # cluster configs
   libpcre2-dev                    # tokenizer pre-tokenizer regexes (Unicode properties)
@@ -35,6 +36,7 @@ if [ "$purpose" = test ]; then
     catch2                        # tests (v2)
     python3-jinja2 python3-numpy  # chat-template cross-check against Jinja2
     iproute2                      # network-namespace cluster tests
+    openssl                       # test certificates and RSA keys, made at test time
     ucx-utils                     # ucx_perftest for the transport benchmark
     nodejs                        # the OpenAI Node SDK test of the HTTP gateway
     clang libclang-rt-14-dev      # the sanitizer build and libFuzzer targets of tools/test.sh

@@ -24,6 +24,9 @@ void add_cluster_commands(CLI::App& app);
 /// serve, bench-serve: the OpenAI-compatible HTTP server and a load generator for it.
 void add_serve_commands(CLI::App& app);
 
+/// keys new, verify: API keys for serve, the checkpoint's SHA-256 manifest.
+void add_security_commands(CLI::App& app);
+
 /// `bench --cluster CONFIG`: decode on one process vs. the config's nodes started on this
 /// machine, same run, and what each network leg of a step costs.
 struct bench_cluster_options {

@@ -21,6 +21,7 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <unistd.h>
@@ -91,6 +92,9 @@ struct serve_options {
   double drain_seconds = 30;
   std::size_t max_body_bytes = 1 << 20;
   std::int64_t default_max_tokens = 1024;
+  gateway::security_settings security;  // keys, tokens, TLS, audit log (paths and switches)
+  double audit_log_max_mb = 100;
+  std::shared_ptr<gateway::security> loaded_security;  // `security`, loaded once at start
 };
 
 gateway::server_options server_settings(const serve_options& o, const std::string& name, std::int64_t experts,
@@ -104,6 +108,7 @@ gateway::server_options server_settings(const serve_options& o, const std::strin
   so.max_in_flight = o.max_waiting + o.max_running;
   so.default_max_tokens = o.default_max_tokens;
   so.experts_per_layer = experts;
+  so.security = o.loaded_security;
   so.log = [&log_mutex](const std::string& line) {
     std::lock_guard lock(log_mutex);
     fmt::print(stderr, "[serve] {}\n", line);
@@ -113,10 +118,24 @@ gateway::server_options server_settings(const serve_options& o, const std::strin
 
 void print_ready(const serve_options& o, const gateway::server& srv, const std::string& name,
                  clock_type::time_point start) {
-  fmt::print(stderr, "[serve] listening on http://{}:{}\n", o.host, srv.port());
-  fmt::print(stderr, "[serve] ready in {:.1f} s: try\n  curl http://{}:{}/v1/chat/completions -H 'Content-Type: application/json' "
+  const auto& sec = o.security;
+  const std::string scheme = sec.tls_cert_file.empty() ? "http" : "https";
+  fmt::print(stderr, "[serve] listening on {}://{}:{}\n", scheme, o.host, srv.port());
+  std::vector<std::string> access;
+  if (!sec.api_keys_file.empty()) access.push_back(fmt::format("API keys from {}", sec.api_keys_file));
+  if (!sec.jwt_hs256_secret_file.empty()) access.push_back("JWT HS256");
+  if (!sec.jwt_rs256_public_key_file.empty()) access.push_back("JWT RS256");
+  if (!access.empty())
+    fmt::print(stderr, "[serve] requests need a bearer credential ({}); /health and /ready are open{}\n",
+               fmt::join(access, ", "), sec.metrics_need_key ? "" : ", and /metrics");
+  else
+    fmt::print(stderr, "[serve] no --api-keys or --jwt-*: every route is open to whoever reaches {}:{}\n", o.host, srv.port());
+  if (!sec.audit_log_file.empty())
+    fmt::print(stderr, "[serve] audit log {}{}\n", sec.audit_log_file, sec.audit_prompts ? " (with prompts)" : "");
+  fmt::print(stderr, "[serve] ready in {:.1f} s: try\n  curl {}{}://{}:{}/v1/chat/completions -H 'Content-Type: application/json' {}"
                      "-d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",
-             seconds_since(start), o.host, srv.port(), name);
+             seconds_since(start), scheme == "https" ? "--cacert CERT " : "", scheme, o.host, srv.port(),
+             access.empty() ? "" : "-H \"Authorization: Bearer $KEY\" ", name);
 }
 
 // HOST:PORT of a running cluster's head node, or nothing when `spec` is not one.
@@ -211,7 +230,7 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
   fmt::print(stderr, "[serve] stopped\n");
 }
 
-void serve(const serve_options& o) {
+void serve(const serve_options& options) {
   // Signals are taken synchronously by this thread: block them before any thread starts.
   sigset_t signals;
   sigemptyset(&signals);
@@ -219,6 +238,11 @@ void serve(const serve_options& o) {
   sigaddset(&signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
+  // Keys, tokens, certificates and the audit log are checked before any model is loaded or
+  // node started: a malformed keys file is refused now, naming its line.
+  serve_options o = options;
+  o.security.audit_log_max_bytes = static_cast<std::uint64_t>(o.audit_log_max_mb * 1024 * 1024);
+  o.loaded_security = gateway::security::load(o.security);
 
   if (!o.cluster.empty()) return serve_cluster(o, signals);
   const auto start = clock_type::now();
@@ -292,6 +316,26 @@ void add_serve(CLI::App& app) {
       ->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-body-bytes", o->max_body_bytes, "Larger request bodies get 413")->capture_default_str();
   cmd->add_option("--default-max-tokens", o->default_max_tokens, "max_tokens of requests that name none")->capture_default_str()->check(CLI::PositiveNumber);
+  auto& sec = o->security;
+  const std::string access = "Access (docs/security.md)";
+  cmd->add_option("--api-keys", sec.api_keys_file,
+                  "Keys file (shoal keys new): requests need `Authorization: Bearer KEY`")->group(access);
+  cmd->add_option("--jwt-hs256-secret-file", sec.jwt_hs256_secret_file,
+                  "Accept JWTs signed HS256 with the secret in this file (at least 32 bytes)")->group(access);
+  cmd->add_option("--jwt-rs256-public-key", sec.jwt_rs256_public_key_file,
+                  "Accept JWTs signed RS256 by the key of this PEM public key")->group(access);
+  cmd->add_option("--jwt-audience", sec.jwt_audience, "JWTs must carry this aud")->group(access);
+  cmd->add_option("--jwt-issuer", sec.jwt_issuer, "JWTs must carry this iss")->group(access);
+  cmd->add_flag("--metrics-need-key", sec.metrics_need_key, "/metrics needs a key or token too (any scope)")->group(access);
+  cmd->add_option("--tls-cert", sec.tls_cert_file, "PEM certificate chain: serve HTTPS (TLS 1.2+) instead of HTTP")->group(access);
+  cmd->add_option("--tls-key", sec.tls_key_file, "PEM private key of --tls-cert")->group(access);
+  cmd->add_option("--audit-log", sec.audit_log_file,
+                  "Append one JSON line per request (who, route, model, tokens, status, latency, client)")->group(access);
+  cmd->add_option("--audit-log-max-mb", o->audit_log_max_mb, "Rotate the audit log at this size")
+      ->capture_default_str()->check(CLI::PositiveNumber)->group(access);
+  cmd->add_option("--audit-log-keep", sec.audit_log_keep, "Rotated audit logs kept (FILE.1 ... FILE.N)")
+      ->capture_default_str()->check(CLI::Range(1, 1000))->group(access);
+  cmd->add_flag("--audit-prompts", sec.audit_prompts, "Also record each request's prompt in the audit log")->group(access);
   cmd->callback([o] { serve(*o); });
 }
 

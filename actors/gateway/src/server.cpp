@@ -17,8 +17,13 @@
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #include <atomic>
 #include <deque>
@@ -74,7 +79,8 @@ api_error error_from(errc code, const std::string& message) {
 
 // Routes get metric labels; anything else is "other" so that random paths cannot grow /metrics.
 std::string_view route_label(std::string_view path) {
-  for (std::string_view known : {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics"})
+  for (std::string_view known :
+       {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics", "/admin/status"})
     if (path == known) return known;
   return "other";
 }
@@ -83,7 +89,22 @@ enum class readiness { ready, not_ready, probing };
 
 }  // namespace
 
-class session;
+// What the server asks of every connection, plain or TLS.
+class session_base {
+ public:
+  virtual ~session_base() = default;
+  // Begins serving (the TLS handshake first, for HTTPS).
+  virtual void start() = 0;
+  // Shutdown: drop connections that are not serving a request.
+  virtual void close_if_idle() = 0;
+  // Shutdown after the grace period: cancel what is still generating.
+  virtual void cancel_generation() = 0;
+};
+
+// TLS 1.2 and 1.3 only; for 1.2, forward-secret AEAD suites only (Mozilla's "intermediate").
+constexpr const char* kTls12Ciphers =
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 
 // Everything the connections share; `server::impl` is this plus nothing, so that the
 // connection class can name it without being a friend of `server`.
@@ -91,7 +112,7 @@ struct server_core {
   server_core(backend& b, const runtime::tokenizer& t, server_options o);
 
   void do_accept();
-  void forget(session* s) {
+  void forget(session_base* s) {
     std::lock_guard lock(sessions_mutex);
     sessions.erase(s);
   }
@@ -131,7 +152,9 @@ struct server_core {
   // Sessions before the io_context: sessions still owned by queued handlers are destroyed
   // with the io_context and unregister themselves here.
   std::mutex sessions_mutex;
-  std::unordered_map<session*, std::weak_ptr<session>> sessions;
+  std::unordered_map<session_base*, std::weak_ptr<session_base>> sessions;
+  std::optional<net::ssl::context> tls;
+  std::atomic<std::uint64_t> tls_handshake_failures{0};
   net::io_context ioc;
   std::optional<net::executor_work_guard<net::io_context::executor_type>> work;
   tcp::acceptor acceptor;
@@ -165,28 +188,37 @@ struct job_state {
 
 }  // namespace
 
-class session : public std::enable_shared_from_this<session> {
+// One connection; `Stream` is beast::tcp_stream, or beast::ssl_stream over one for HTTPS.
+template <typename Stream>
+class session : public session_base, public std::enable_shared_from_this<session<Stream>> {
+  static constexpr bool kTls = !std::is_same_v<Stream, beast::tcp_stream>;
+
  public:
-  session(tcp::socket socket, server_core& srv)
-      : stream_(std::move(socket)),
+  template <typename... StreamArgs>
+  session(server_core& srv, std::string client, StreamArgs&&... stream_args)
+      : stream_(std::forward<StreamArgs>(stream_args)...),
         srv_(srv),
+        client_(std::move(client)),
         read_timer_(stream_.get_executor()),
         write_timer_(stream_.get_executor()),
         ready_timer_(stream_.get_executor()) {}
-  ~session() { srv_.forget(this); }
+  ~session() override { srv_.forget(this); }
 
-  void start() {
-    net::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->do_read(true); });
+  void start() override {
+    net::dispatch(stream_.get_executor(), [self = this->shared_from_this()] {
+      if constexpr (kTls)
+        self->do_handshake();
+      else
+        self->do_read(true);
+    });
   }
-  // Shutdown: drop connections that are not serving a request.
-  void close_if_idle() {
-    net::post(stream_.get_executor(), [self = shared_from_this()] {
+  void close_if_idle() override {
+    net::post(stream_.get_executor(), [self = this->shared_from_this()] {
       if (!self->job_ && !self->writing_ && !self->response_done_ && !self->handling_) self->close();
     });
   }
-  // Shutdown after the grace period: cancel what is still generating.
-  void cancel_generation() {
-    net::post(stream_.get_executor(), [self = shared_from_this()] {
+  void cancel_generation() override {
+    net::post(stream_.get_executor(), [self = this->shared_from_this()] {
       if (self->job_)
         for (auto& c : self->job_->choices)
           if (!c.done) self->srv_.back.cancel(c.engine_id);
@@ -194,6 +226,40 @@ class session : public std::enable_shared_from_this<session> {
   }
 
  private:
+  tcp::socket& tcp_socket() { return beast::get_lowest_layer(stream_).socket(); }
+
+  // ---- TLS ----
+
+  void do_handshake() {
+    beast::get_lowest_layer(stream_).expires_after(srv_.opt.read_timeout);
+    if constexpr (kTls)
+      stream_.async_handshake(net::ssl::stream_base::server, [self = this->shared_from_this()](beast::error_code ec) {
+        beast::get_lowest_layer(self->stream_).expires_never();
+        if (!ec) return self->do_read(true);
+        self->srv_.tls_handshake_failures.fetch_add(1);
+        // Plain HTTP to the TLS port: say so in plain HTTP (as nginx does), then close.
+        if (ec.category() == net::error::get_ssl_category() &&
+            ERR_GET_REASON(static_cast<unsigned long>(ec.value())) == SSL_R_HTTP_REQUEST)
+          return self->refuse_plain_http();
+        self->close();
+      });
+  }
+
+  void refuse_plain_http() {
+    static const std::string response = format_response(
+        400, "application/json",
+        R"({"error":{"message":"this port serves HTTPS; plain HTTP is refused","type":"invalid_request_error","param":null,"code":"https_required"}})",
+        false);
+    beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(2));
+    net::async_write(beast::get_lowest_layer(stream_), net::buffer(response),
+                     [self = this->shared_from_this()](beast::error_code ec, std::size_t) {
+                       if (ec) return self->close();
+                       self->linger_close();
+                     });
+  }
+
+  // ---- requests ----
+
   void do_read(bool first) {
     if (closed_) return;
     parser_.emplace();
@@ -204,14 +270,14 @@ class session : public std::enable_shared_from_this<session> {
     read_timed_out_ = false;
     reading_ = true;
     read_timer_.expires_after(first ? srv_.opt.read_timeout : srv_.opt.idle_timeout);
-    read_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+    read_timer_.async_wait([self = this->shared_from_this()](beast::error_code ec) {
       if (ec || !self->reading_) return;
       self->read_timed_out_ = true;
       beast::error_code ignored;
-      self->stream_.socket().cancel(ignored);
+      self->tcp_socket().cancel(ignored);
     });
     http::async_read(stream_, buffer_, *parser_,
-                     [self = shared_from_this()](beast::error_code ec, std::size_t) { self->on_read(ec); });
+                     [self = this->shared_from_this()](beast::error_code ec, std::size_t) { self->on_read(ec); });
   }
 
   void on_read(beast::error_code ec) {
@@ -222,6 +288,10 @@ class session : public std::enable_shared_from_this<session> {
     if (ec == http::error::end_of_stream) return close();
     if (ec) {
       start_ = clock_type::now();
+      wall_start_ = std::chrono::system_clock::now();
+      principal_.reset();
+      audit_model_.clear();
+      audit_prompt_.reset();
       method_ = "-";
       target_ = "-";
       keep_alive_ = false;
@@ -255,6 +325,10 @@ class session : public std::enable_shared_from_this<session> {
 
   void handle(http::request<http::string_body> req) {
     start_ = clock_type::now();
+    wall_start_ = std::chrono::system_clock::now();
+    principal_.reset();
+    audit_model_.clear();
+    audit_prompt_.reset();
     method_ = std::string(req.method_string());
     target_ = std::string(req.target());
     keep_alive_ = req.keep_alive();
@@ -265,6 +339,23 @@ class session : public std::enable_shared_from_this<session> {
         throw api_error(405, "invalid_request_error", fmt::format("{} does not support {}", path, method_), {},
                         "method_not_allowed");
     };
+    // /health and /ready stay open (probes carry no credentials); /metrics when not asked
+    // to need a key; everything else, unknown routes included, needs a key or a token.
+    const security& sec = *srv_.opt.security;  // set by server_core's constructor
+    const bool open_route =
+        path == "/health" || path == "/ready" || (path == "/metrics" && !sec.settings().metrics_need_key);
+    if (sec.requires_auth() && !open_route) {
+      const auto header = req[http::field::authorization];
+      auto checked = sec.authenticate(std::string_view(header.data(), header.size()));
+      if (!checked.who) throw api_error(checked.status, "invalid_request_error", checked.message, {}, checked.code);
+      principal_ = std::move(checked.who);
+      const bool admin_route = path.starts_with("/admin/");
+      if (admin_route && !principal_->admin)
+        throw api_error(403, "permission_error", fmt::format("{} needs the admin scope", path), {}, "insufficient_scope");
+      if (!admin_route && path != "/metrics" && !principal_->model)
+        throw api_error(403, "permission_error", "this credential does not grant model use (scope model or admin)", {},
+                        "insufficient_scope");
+    }
     if (path == "/health") {
       require(http::verb::get);
       return respond(200, "application/json", R"({"status":"ok"})");
@@ -275,8 +366,25 @@ class session : public std::enable_shared_from_this<session> {
     }
     if (path == "/metrics") {
       require(http::verb::get);
-      return respond(200, "text/plain; version=0.0.4; charset=utf-8",
-                     srv_.counters.render(srv_.back.stats(), srv_.in_flight.load(), srv_.opt.experts_per_layer));
+      auto text = srv_.counters.render(srv_.back.stats(), srv_.in_flight.load(), srv_.opt.experts_per_layer);
+      text += sec.metrics_text();
+      if (srv_.tls)
+        text += fmt::format("# HELP shoal_tls_handshake_failures_total TLS handshakes that failed (plain HTTP included).\n"
+                            "# TYPE shoal_tls_handshake_failures_total counter\nshoal_tls_handshake_failures_total {}\n",
+                            srv_.tls_handshake_failures.load());
+      return respond(200, "text/plain; version=0.0.4; charset=utf-8", text);
+    }
+    if (path == "/admin/status") {
+      require(http::verb::get);
+      const auto stats = srv_.back.stats();
+      nlohmann::json j{{"model", srv_.opt.model_name},
+                       {"in_flight", srv_.in_flight.load()},
+                       {"waiting", stats.waiting},
+                       {"running", stats.running},
+                       {"cache_blocks_total", stats.cache_blocks_total},
+                       {"cache_blocks_used", stats.cache_blocks_used},
+                       {"preemptions", stats.preemptions}};
+      return respond(200, "application/json", j.dump());
     }
     if (path == "/v1/models") {
       require(http::verb::get);
@@ -303,7 +411,7 @@ class session : public std::enable_shared_from_this<session> {
 
   void poll_ready() {
     ready_timer_.expires_after(std::chrono::milliseconds(10));
-    ready_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+    ready_timer_.async_wait([self = this->shared_from_this()](beast::error_code ec) {
       if (ec || self->closed_) return;
       auto [state, message] = self->srv_.check_ready(self->ready_asked_);
       if (state == readiness::probing && clock_type::now() < self->ready_deadline_) return self->poll_ready();
@@ -324,6 +432,13 @@ class session : public std::enable_shared_from_this<session> {
 
   void start_generation(endpoint kind, const std::string& body) {
     if (srv_.stopping) throw api_error(503, "server_error", "the server is shutting down", {}, "unavailable");
+    audit_model_ = srv_.opt.model_name;
+    if (srv_.opt.security->settings().audit_prompts) {
+      const auto j = nlohmann::json::parse(body, nullptr, false);
+      const char* field = kind == endpoint::chat ? "messages" : "prompt";
+      if (j.is_object() && j.contains(field))
+        audit_prompt_ = j[field].dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    }
     auto parsed = parse_request(body, kind, srv_.opt.model_name);
     const char* prompt_param = kind == endpoint::chat ? "messages" : "prompt";
     std::vector<runtime::token_id> prompt;
@@ -394,7 +509,7 @@ class session : public std::enable_shared_from_this<session> {
       r.limits.stop = j.body.stop;
       if (!j.body.ignore_eos && srv_.tok.eos_id()) r.limits.stop_token_ids.push_back(*srv_.tok.eos_id());
       r.deadline = clock_type::now() + srv_.opt.request_deadline;
-      r.on_event = [self = shared_from_this(), i](const runtime::generation_event& ev) {
+      r.on_event = [self = this->shared_from_this(), i](const runtime::generation_event& ev) {
         self->srv_.note_progress();
         net::post(self->stream_.get_executor(), [self, i, ev] { self->on_event(static_cast<std::size_t>(i), ev); });
       };
@@ -521,9 +636,8 @@ class session : public std::enable_shared_from_this<session> {
   void start_watch() {
     if (watch_pending_ || closed_ || buffer_.size() > 64 * 1024) return;
     watch_pending_ = true;
-    stream_.async_read_some(buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, std::size_t n) {
-      self->on_watch(ec, n);
-    });
+    stream_.async_read_some(buffer_.prepare(4096),
+                            [self = this->shared_from_this()](beast::error_code ec, std::size_t n) { self->on_watch(ec, n); });
   }
 
   void on_watch(beast::error_code ec, std::size_t n) {
@@ -556,6 +670,8 @@ class session : public std::enable_shared_from_this<session> {
       keep_alive_ = false;
     std::string extra;
     if (e.status() == 429 || e.status() == 503) extra = "Retry-After: 1\r\n";
+    if (e.status() == 401) extra = fmt::format("WWW-Authenticate: Bearer realm=\"shoal\", error=\"{}\"\r\n",
+                                               e.code() == "missing_credentials" ? "invalid_request" : "invalid_token");
     respond(e.status(), "application/json", error_body(e), extra);
   }
 
@@ -571,16 +687,37 @@ class session : public std::enable_shared_from_this<session> {
   void finish_log(int status) {
     const std::string_view path = std::string_view(target_).substr(0, target_.find('?'));
     srv_.counters.count_request(route_label(path), status);
+    if (!srv_.opt.security->settings().audit_log_file.empty()) {
+      audit_record r;
+      r.time = wall_start_;
+      if (principal_) {
+        r.principal = principal_->name;
+        r.auth_method = principal_->method;
+      }
+      r.method = method_;
+      r.route = std::string(path.substr(0, 200));
+      r.model = audit_model_;
+      if (usage_) {
+        r.prompt_tokens = usage_->prompt_tokens;
+        r.completion_tokens = usage_->completion_tokens;
+      }
+      r.status = status;
+      r.latency_ms = seconds(clock_type::now() - start_) * 1e3;
+      r.client = client_;
+      r.prompt = std::move(audit_prompt_);
+      audit_prompt_.reset();
+      srv_.opt.security->audit(r);
+    }
     if (srv_.opt.log) {
       std::string line = fmt::format("{} {} {} {:.3f}s", method_, target_.size() > 200 ? target_.substr(0, 200) : target_,
                                      status, seconds(clock_type::now() - start_));
       if (usage_) {
         line += fmt::format(" prompt={} cached={} completion={}", usage_->prompt_tokens, usage_->cached_tokens,
                             usage_->completion_tokens);
-        usage_.reset();
       }
       srv_.opt.log(line);
     }
+    usage_.reset();
   }
 
   void send(std::string data) {
@@ -596,10 +733,11 @@ class session : public std::enable_shared_from_this<session> {
     }
     writing_ = true;
     write_timer_.expires_after(srv_.opt.write_timeout);
-    write_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+    write_timer_.async_wait([self = this->shared_from_this()](beast::error_code ec) {
       if (!ec) self->close();  // the client stopped reading
     });
-    net::async_write(stream_, net::buffer(out_.front()), [self = shared_from_this()](beast::error_code ec, std::size_t) {
+    net::async_write(stream_, net::buffer(out_.front()),
+                     [self = this->shared_from_this()](beast::error_code ec, std::size_t) {
       self->write_timer_.cancel();
       if (ec) {
         self->writing_ = false;
@@ -619,7 +757,7 @@ class session : public std::enable_shared_from_this<session> {
     if (watch_pending_) {
       resume_ = true;
       beast::error_code ec;
-      stream_.socket().cancel(ec);
+      tcp_socket().cancel(ec);
       return;
     }
     proceed();
@@ -635,10 +773,12 @@ class session : public std::enable_shared_from_this<session> {
   void linger_close() {
     if (closed_) return;
     beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-    stream_.expires_after(std::chrono::seconds(1));
+    tcp_socket().shutdown(tcp::socket::shutdown_send, ec);
+    beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(1));
     drain_.consume(drain_.size());
-    stream_.async_read_some(drain_.prepare(16 * 1024), [self = shared_from_this()](beast::error_code ec, std::size_t n) {
+    // On the TCP layer: what is left of a TLS stream is discarded unread.
+    beast::get_lowest_layer(stream_).async_read_some(
+        drain_.prepare(16 * 1024), [self = this->shared_from_this()](beast::error_code ec, std::size_t n) {
       if (ec) return self->close();
       self->drained_bytes_ += n;
       if (self->drained_bytes_ > (8u << 20)) return self->close();
@@ -647,7 +787,9 @@ class session : public std::enable_shared_from_this<session> {
   }
   void linger_close_read() {
     drain_.consume(drain_.size());
-    stream_.async_read_some(drain_.prepare(16 * 1024), [self = shared_from_this()](beast::error_code ec, std::size_t n) {
+    // On the TCP layer: what is left of a TLS stream is discarded unread.
+    beast::get_lowest_layer(stream_).async_read_some(
+        drain_.prepare(16 * 1024), [self = this->shared_from_this()](beast::error_code ec, std::size_t n) {
       if (ec) return self->close();
       self->drained_bytes_ += n;
       if (self->drained_bytes_ > (8u << 20)) return self->close();
@@ -660,15 +802,20 @@ class session : public std::enable_shared_from_this<session> {
     closed_ = true;
     client_gone();
     beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
-    stream_.close();
+    tcp_socket().shutdown(tcp::socket::shutdown_both, ec);
+    beast::get_lowest_layer(stream_).close();
     read_timer_.cancel();
     write_timer_.cancel();
     ready_timer_.cancel();
   }
 
-  beast::tcp_stream stream_;
+  Stream stream_;
   server_core& srv_;
+  std::string client_;  // the peer's address:port, for the audit log
+  std::optional<principal> principal_;
+  std::string audit_model_;
+  std::optional<std::string> audit_prompt_;
+  std::chrono::system_clock::time_point wall_start_{};
   net::steady_timer read_timer_;
   net::steady_timer write_timer_;
   net::steady_timer ready_timer_;
@@ -707,6 +854,23 @@ server_core::server_core(backend& b, const runtime::tokenizer& t, server_options
     if (opt.log) opt.log(fmt::format("chat requests will be refused: {}", tmpl_error));
   }
   created = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  if (!opt.security) opt.security = security::load({});
+  if (opt.security->tls()) {
+    const auto& s = opt.security->settings();
+    try {
+      tls.emplace(net::ssl::context::tls_server);
+      tls->set_options(net::ssl::context::default_workarounds | net::ssl::context::no_sslv2 |
+                       net::ssl::context::no_sslv3 | net::ssl::context::no_tlsv1 | net::ssl::context::no_tlsv1_1 |
+                       net::ssl::context::single_dh_use);
+      SHOAL_REQUIRE(SSL_CTX_set_min_proto_version(tls->native_handle(), TLS1_2_VERSION) == 1, "TLS 1.2 minimum refused");
+      SHOAL_REQUIRE(SSL_CTX_set_cipher_list(tls->native_handle(), kTls12Ciphers) == 1, "TLS 1.2 cipher list refused");
+      tls->use_certificate_chain_file(s.tls_cert_file);
+      tls->use_private_key_file(s.tls_key_file, net::ssl::context::pem);
+    } catch (const boost::system::system_error& e) {
+      shoal::fail(errc::invalid_argument, "--tls-cert {} / --tls-key {}: {}", s.tls_cert_file, s.tls_key_file,
+                  e.code().message());
+    }
+  }
   try {
     tcp::resolver resolver(ioc);
     const auto results = resolver.resolve(opt.host, std::to_string(opt.port), tcp::resolver::passive);
@@ -735,7 +899,14 @@ void server_core::do_accept() {
     }
     beast::error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);  // every streamed token is a small write
-    auto s = std::make_shared<session>(std::move(socket), *this);
+    std::string client = "-";
+    const auto peer = socket.remote_endpoint(ignored);
+    if (!ignored) client = fmt::format("{}:{}", peer.address().to_string(), peer.port());
+    std::shared_ptr<session_base> s;
+    if (tls)
+      s = std::make_shared<session<beast::ssl_stream<beast::tcp_stream>>>(*this, std::move(client), std::move(socket), *tls);
+    else
+      s = std::make_shared<session<beast::tcp_stream>>(*this, std::move(client), std::move(socket));
     {
       std::lock_guard lock(sessions_mutex);
       sessions.emplace(s.get(), s);
@@ -747,7 +918,7 @@ void server_core::do_accept() {
 
 template <typename F>
 void server_core::for_each_session(F&& f) {
-  std::vector<std::shared_ptr<session>> live;
+  std::vector<std::shared_ptr<session_base>> live;
   {
     std::lock_guard lock(sessions_mutex);
     for (auto& [ptr, weak] : sessions)
@@ -859,13 +1030,13 @@ void server::shutdown(std::chrono::milliseconds grace) {
     i.acceptor.close(ec);
     i.accept_retry.cancel();
   });
-  i.for_each_session([](session& s) { s.close_if_idle(); });
-  auto wait_until = [&i](clock_type::time_point deadline, auto done) {
+  i.for_each_session([](session_base& s) { s.close_if_idle(); });
+  auto wait_until = [](clock_type::time_point deadline, auto done) {
     while (!done() && clock_type::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   };
   wait_until(clock_type::now() + grace, [&i] { return i.in_flight.load() == 0; });
   if (i.in_flight.load() > 0) {
-    i.for_each_session([](session& s) { s.cancel_generation(); });
+    i.for_each_session([](session_base& s) { s.cancel_generation(); });
     wait_until(clock_type::now() + std::chrono::seconds(5), [&i] { return i.in_flight.load() == 0; });
   }
   // The probe's handler points at this server: it must have run before the server goes.

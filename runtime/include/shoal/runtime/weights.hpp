@@ -64,7 +64,8 @@ class model_weights {
   /// Loads from a checkpoint directory. Every tensor the selection needs must be present with
   /// the right dtype and shape; a tensor the architecture does not know is an error (MTP
   /// layers `model.layers.{num_hidden_layers + k}` are recognised and skipped). Errors name
-  /// the file and the tensor.
+  /// the file and the tensor. A directory with `shoal-manifest.json` is first checked against
+  /// it (`verify_manifest`, manifest.hpp): a changed, missing or unlisted file is refused by name.
   static std::unique_ptr<model_weights> load(const std::filesystem::path& dir,
                                              const weight_selection& selection = {},
                                              weight_residency residency = weight_residency::copy,

@@ -8,6 +8,12 @@
 ///   GET  /health                                       200 while the process serves HTTP
 ///   GET  /ready                                        200 when the engine demonstrably makes progress
 ///   GET  /metrics                                      Prometheus text
+///   GET  /admin/status                                 engine queue and cache (admin scope)
+///
+/// With keys or tokens configured (`server_options::security`), every route but /health and
+/// /ready (and /metrics unless `metrics_need_key`) needs `Authorization: Bearer ...`: 401
+/// without a valid one, 403 when its scope does not cover the route. With a certificate it
+/// serves HTTPS (TLS 1.2+) instead; plain HTTP to that port gets a plain 400 and is closed.
 ///
 /// Every refusal is an OpenAI error object with the status that tells the client what to do:
 /// 400 bad input, 404 unknown model or route, 405 wrong method, 408 a request that did not
@@ -15,6 +21,7 @@
 /// A client that disconnects has its request cancelled in the backend.
 
 #include "shoal/gateway/backend.hpp"
+#include "shoal/gateway/security.hpp"
 #include "shoal/runtime/tokenizer.hpp"
 
 #include <chrono>
@@ -42,6 +49,8 @@ struct server_options {
   std::chrono::milliseconds probe_interval{10'000};  ///< /ready: idle longer than this, run a one-token probe.
   std::chrono::milliseconds probe_timeout{3'000};    ///< /ready: a probe slower than this is a hang.
   std::int64_t experts_per_layer = 0;                ///< Splits per-expert metrics into layer/expert labels.
+  /// Keys, tokens, TLS and the audit log (see security.hpp); null: an open HTTP server.
+  std::shared_ptr<gateway::security> security;
   /// One line per finished request (method, path, status, tokens, time); none if empty.
   std::function<void(const std::string&)> log;
 };

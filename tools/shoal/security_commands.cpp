@@ -1,0 +1,85 @@
+// shoal keys new: API keys for `shoal serve --api-keys`; shoal verify: the checkpoint's
+// SHA-256 manifest.
+
+#include "commands.hpp"
+
+#include "shoal/base/error.hpp"
+#include "shoal/gateway/security.hpp"
+#include "shoal/runtime/manifest.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+
+namespace shoal::tools {
+namespace {
+
+struct keys_new_options {
+  std::string file;
+  std::string name;
+  std::string scope = "model";
+};
+
+void add_keys(CLI::App& app) {
+  auto* keys = app.add_subcommand("keys", "API keys for shoal serve --api-keys");
+  keys->require_subcommand(1);
+  auto o = std::make_shared<keys_new_options>();
+  auto* add = keys->add_subcommand(
+      "new", "Make a key: its salted SHA-256 is appended to --file and the key is printed on stdout, the only time it is shown");
+  add->add_option("--file", o->file, "Keys file (created, mode 0600, when absent)")->required();
+  add->add_option("--name", o->name, "Who the key is for ([A-Za-z0-9._@-], unique in the file; the audit log shows it)")
+      ->required();
+  add->add_option("--scope", o->scope, "model: generate and list models; admin: that and the admin routes")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"model", "admin"}));
+  add->callback([o] {
+    const auto key = gateway::add_api_key(o->file, o->name, o->scope == "admin");
+    fmt::print(stderr, "added key '{}' (scope {}) to {}; it is shown once, below\n", o->name, o->scope, o->file);
+    fmt::print("{}\n", key);
+    std::fflush(stdout);
+  });
+}
+
+struct verify_options {
+  std::string model;
+  bool write = false;
+  bool quiet = false;
+};
+
+void add_verify(CLI::App& app) {
+  auto o = std::make_shared<verify_options>();
+  auto* cmd = app.add_subcommand("verify",
+                                 "Check a checkpoint directory against its shoal-manifest.json (SHA-256 of every file), "
+                                 "or --write one");
+  cmd->add_option("--model", o->model, "Checkpoint directory")->required();
+  cmd->add_flag("--write", o->write, "Hash every file and write shoal-manifest.json (replacing one that is there)");
+  cmd->add_flag("--quiet", o->quiet, "No progress lines on stderr");
+  cmd->callback([o] {
+    runtime::manifest_progress progress;
+    if (!o->quiet) progress = [](const std::string& line) { fmt::print(stderr, "[verify] {}\n", line); };
+    if (o->write) {
+      const auto s = runtime::write_manifest(o->model, progress);
+      fmt::print("wrote {}/{}: {} files, {:.2f} GB, {:.1f} s\n", o->model, runtime::kManifestFile, s.files,
+                 static_cast<double>(s.bytes) / 1e9, s.seconds);
+      return;
+    }
+    const auto s = runtime::verify_manifest(o->model, progress);
+    if (!s)
+      shoal::fail(errc::invalid_argument, "{} has no {}; write one with `shoal verify --model {} --write`", o->model,
+                  runtime::kManifestFile, o->model);
+    fmt::print("{}: {} files, {:.2f} GB match {} ({:.1f} s)\n", o->model, s->files, static_cast<double>(s->bytes) / 1e9,
+               runtime::kManifestFile, s->seconds);
+  });
+}
+
+}  // namespace
+
+void add_security_commands(CLI::App& app) {
+  add_keys(app);
+  add_verify(app);
+}
+
+}  // namespace shoal::tools

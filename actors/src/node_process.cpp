@@ -48,6 +48,17 @@ struct node_process::impl {
 
 namespace {
 
+// MemAvailable of /proc/meminfo, or 0 when it cannot be read.
+std::uint64_t available_memory_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  std::uint64_t kb = 0;
+  std::string unit;
+  while (in >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return 0;
+}
+
 config::model_config read_model_config(const std::filesystem::path& model) {
   const auto path = model / "config.json";
   std::ifstream in(path);
@@ -101,7 +112,8 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
     s.book->register_actor({s.options.node, actor_ids::router}, caf::actor_cast<caf::actor>(s.router));
     supervisor_options so{.cluster = cluster, .model = model, .ready_timeout = t.ready_timeout,
                           .heartbeat_interval = std::chrono::milliseconds(cluster.heartbeat_ms),
-                          .heartbeat_misses = cluster.heartbeat_misses, .on_event = s.options.on_event};
+                          .heartbeat_misses = cluster.heartbeat_misses,
+                          .replace_after = std::chrono::seconds(cluster.replace_after_s), .on_event = s.options.on_event};
     s.supervisor = s.system->spawn(make_supervisor, so, s.book, s.router);
     s.book->register_actor({s.options.node, actor_ids::supervisor}, caf::actor_cast<caf::actor>(s.supervisor));
   }
@@ -110,7 +122,10 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   // head is not up yet.
   caf::scoped_actor self{*s.system};
   const join_request join{.node = s.options.node, .host = s.self_spec->host, .port = s.self_spec->port,
-                          .pid = static_cast<std::uint32_t>(::getpid()), .schema_version = schema_version};
+                          .pid = static_cast<std::uint32_t>(::getpid()), .schema_version = schema_version,
+                          .memory_bytes = s.self_spec->memory_gb > 0
+                                              ? static_cast<std::uint64_t>(s.self_spec->memory_gb * 1e9)
+                                              : available_memory_bytes()};
   const auto deadline = std::chrono::steady_clock::now() + t.ready_timeout;
   std::string last_error;
   while (true) {

@@ -248,6 +248,7 @@ void encode(transport::outgoing_message& m, const join_request& j) {
   s.setPort(j.port);
   s.setPid(j.pid);
   s.setSchemaVersion(j.schema_version);
+  s.setMemoryBytes(j.memory_bytes);
 }
 
 void encode(transport::outgoing_message& m, const heartbeat& h, const std::string& from) {
@@ -867,7 +868,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
       case schema::Envelope::Body::JOIN: {
         const auto j = body.getJoin();
         join_request r{.node = j.getNode().cStr(), .host = j.getHost().cStr(), .port = j.getPort(), .pid = j.getPid(),
-                       .schema_version = j.getSchemaVersion()};
+                       .schema_version = j.getSchemaVersion(), .memory_bytes = j.getMemoryBytes()};
         if (r.node != in.sender.node)
           shoal::fail(errc::invalid_argument, "join for node '{}' sent by node '{}'", r.node, in.sender.node);
         caf::anon_send(bridge_, std::move(in), std::move(r));

@@ -1,11 +1,15 @@
 #include "shoal/actors/supervisor.hpp"
 
 #include "shoal/actors/fabric.hpp"
+#include "shoal/runtime/safetensors.hpp"
 
 #include <caf/actor_cast.hpp>
 #include <caf/scoped_actor.hpp>
 #include <caf/system_messages.hpp>
 
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -200,8 +204,8 @@ void place(self_ptr self) {
                           .end_layer = static_cast<std::uint32_t>(spec.layer_end),
                           .hold_experts = c.expert_groups.empty(), .model_path = c.model.string(),
                           .cache_blocks = cache_blocks, .block_tokens = static_cast<std::uint32_t>(c.block_tokens)};
-      self->request(st.members[spec.node].agent, st.options.ready_timeout, std::move(cmd))
-          .then(spawned(&supervisor_state::stages, i, spec.node), refused(&supervisor_state::stages, i));
+      self->request(st.members[s.address.node].agent, st.options.ready_timeout, std::move(cmd))
+          .then(spawned(&supervisor_state::stages, i, s.address.node), refused(&supervisor_state::stages, i));
     }
     return;
   }
@@ -247,6 +251,7 @@ void declare_dead(self_ptr self, const std::string& name, const std::string& rea
   m.agent = nullptr;
   m.down = true;
   m.down_reason = reason;
+  m.down_at = clock_type::now();
   ++st.epoch;  // fences messages of the placement that included it
   st.book->observe_epoch(st.epoch);
   st.wiring = false;
@@ -271,6 +276,136 @@ void declare_dead(self_ptr self, const std::string& name, const std::string& rea
   if (st.options.heartbeat_interval.count() > 0) send_heartbeats(self);
   // With a second copy of its experts elsewhere (and no stage on it), serve on at once.
   place(self);
+}
+
+// Weights (and, for a stage, latent cache) an actor needs, from the checkpoint's tensor sizes
+// on the head; 0 when the checkpoint cannot be read here.
+std::uint64_t actor_bytes(supervisor_state& st, bool stage, std::size_t index) {
+  const auto& c = st.options.cluster;
+  if (!st.sizes_loaded) {
+    st.sizes_loaded = true;
+    try {
+      const auto ckpt = runtime::checkpoint::open(c.model);
+      for (const auto& file : ckpt.files())
+        for (const auto& [name, entry] : file->entries()) st.tensor_sizes.emplace_back(name, entry.end - entry.begin);
+    } catch (const shoal::error&) {
+      st.tensor_sizes.clear();  // sizes unknown: placement checks only what the nodes report
+    }
+  }
+  std::uint64_t bytes = 0;
+  auto in_layers = [](const std::string& name, std::int64_t first, std::int64_t end) {
+    constexpr std::string_view prefix = "model.layers.";
+    if (!name.starts_with(prefix)) return false;
+    const auto layer = std::atoll(name.c_str() + prefix.size());
+    return layer >= first && layer < end;
+  };
+  if (stage) {
+    const auto& spec = c.stages[index];
+    const bool first = index == 0, last = index + 1 == c.stages.size();
+    for (const auto& [name, size] : st.tensor_sizes)
+      if ((in_layers(name, spec.layer_begin, spec.layer_end) &&
+           (c.expert_groups.empty() || name.find(".mlp.experts.") == std::string::npos)) ||
+          (first && name.starts_with("model.embed_tokens.")) ||
+          (last && (name.starts_with("model.norm.") || name.starts_with("lm_head."))))
+        bytes += size;
+    try {
+      bytes += static_cast<std::uint64_t>(config::cache_blocks_for(c, st.options.model) * c.block_tokens *
+                                          st.options.model.latent_dim() * (spec.layer_end - spec.layer_begin)) *
+               sizeof(float);
+    } catch (const shoal::error&) {
+    }
+    return bytes;
+  }
+  const auto& experts = c.expert_groups[index].experts;
+  for (const auto& [name, size] : st.tensor_sizes) {
+    const auto at = name.find(".mlp.experts.");
+    if (at == std::string::npos) continue;
+    const auto id = std::atoll(name.c_str() + at + 13);
+    if (std::binary_search(experts.begin(), experts.end(), id)) bytes += size;
+  }
+  return bytes;
+}
+
+std::string human_bytes(double bytes) {
+  return bytes >= 1e9 ? fmt::format("{:.2f} GB", bytes / 1e9) : fmt::format("{:.1f} MB", bytes / 1e6);
+}
+
+// What the actors placed on `node` take, and what it offers (0: unknown, no limit).
+std::pair<std::uint64_t, std::uint64_t> node_memory(supervisor_state& st, const std::string& node) {
+  std::uint64_t used = 0;
+  for (std::size_t i = 0; i < st.stages.size(); ++i)
+    if (st.stages[i].address.node == node && st.stages[i].phase != placement_phase::failed) used += actor_bytes(st, true, i);
+  for (std::size_t j = 0; j < st.experts.size(); ++j)
+    if (st.experts[j].address.node == node && st.experts[j].phase != placement_phase::failed)
+      used += actor_bytes(st, false, j);
+  return {used, st.members[node].info.memory_bytes};
+}
+
+// A node that did not come back in time: its stages and expert groups move to surviving nodes
+// with the memory for them (nodes of the same role first, then the one with most room).
+void replace_node(self_ptr self, const std::string& dead) {
+  auto& st = self->state;
+  const auto& c = st.options.cluster;
+  std::vector<std::string> unplaced;
+  auto move = [&](supervisor_state::placed& p, bool stage, std::size_t index, const std::string& what) {
+    const auto bytes = actor_bytes(st, stage, index);
+    std::string best;
+    bool best_same_role = false;
+    std::int64_t best_room = 0;
+    std::vector<std::string> rooms;
+    for (const auto& [name, m] : st.members) {
+      if (name == dead || !m.agent || m.down) continue;
+      const auto [used, offered] = node_memory(st, name);
+      const auto room = offered == 0 ? std::numeric_limits<std::int64_t>::max()
+                                     : static_cast<std::int64_t>(offered) - static_cast<std::int64_t>(used);
+      rooms.push_back(offered == 0 ? fmt::format("{} unknown", name)
+                                   : fmt::format("{} {}", name, human_bytes(static_cast<double>(room))));
+      if (room < static_cast<std::int64_t>(bytes)) continue;
+      bool same_role = false;
+      if (stage)
+        for (const auto& s : c.stages) same_role = same_role || s.node == name;
+      else
+        for (const auto& g : c.expert_groups) same_role = same_role || g.node == name;
+      if (best.empty() || (same_role && !best_same_role) || (same_role == best_same_role && room > best_room)) {
+        best = name;
+        best_same_role = same_role;
+        best_room = room;
+      }
+    }
+    if (best.empty()) {
+      unplaced.push_back(fmt::format("{} needs {}; room: {}", what, human_bytes(static_cast<double>(bytes)),
+                                     fmt::join(rooms, ", ")));
+      return;
+    }
+    emit(self, {{"event", "replaced"}, {"actor", p.address.actor}, {"what", what}, {"from", dead}, {"to", best},
+                {"bytes", bytes}});
+    p.address.node = best;
+    p.phase = placement_phase::pending;
+    p.error.clear();
+  };
+  for (std::size_t j = 0; j < st.experts.size(); ++j)
+    if (st.experts[j].address.node == dead && st.experts[j].phase == placement_phase::failed)
+      move(st.experts[j], false, j, fmt::format("expert group {}", j));
+  for (std::size_t i = 0; i < st.stages.size(); ++i)
+    if (st.stages[i].address.node == dead && st.stages[i].phase == placement_phase::failed)
+      move(st.stages[i], true, i, fmt::format("stage {} (layers {}-{})", i, c.stages[i].layer_begin, c.stages[i].layer_end - 1));
+  if (!unplaced.empty())
+    st.degraded = fmt::format("node {} is dead and did not come back; nothing surviving has the memory for: {}", dead,
+                              fmt::join(unplaced, "; "));
+  place(self);
+}
+
+void check_replacements(self_ptr self) {
+  auto& st = self->state;
+  if (!st.served || st.options.replace_after.count() <= 0) return;
+  const auto now = clock_type::now();
+  for (const auto& [name, m] : st.members) {
+    if (!m.down || now - m.down_at < st.options.replace_after) continue;
+    bool holds = false;
+    for (const auto* v : {&st.stages, &st.experts})
+      for (const auto& p : *v) holds = holds || (p.address.node == name && p.phase == placement_phase::failed);
+    if (holds) return replace_node(self, name);  // one node per tick; `place` re-wires
+  }
 }
 
 void check_heartbeats(self_ptr self) {
@@ -460,6 +595,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
           return;
         }
         check_heartbeats(self);
+        check_replacements(self);
         // A wiring that failed after a recovery is retried on the next tick.
         if (st.served && !st.serving && !st.wiring && st.degraded.starts_with("wiring")) place(self);
         self->delayed_send(self, tick_every, tick_atom::value);

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <fstream>
 #include <map>
 #include <set>
@@ -56,6 +57,16 @@ struct parser {
       error(line_of(node), fmt::format("{} must be an integer, got '{}'", what, text));
     if (value < lo || value > hi)
       error(line_of(node), fmt::format("{} = {} is out of range [{}, {}]", what, value, lo, hi));
+    return value;
+  }
+
+  double number_at(const YAML::Node& node, std::string_view what, double lo, double hi) const {
+    const std::string text = node.IsScalar() ? node.Scalar() : std::string();
+    double value = 0;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (!node.IsScalar() || ec != std::errc() || end != text.data() + text.size() || !std::isfinite(value))
+      error(line_of(node), fmt::format("{} must be a number, got '{}'", what, text));
+    if (value < lo || value > hi) error(line_of(node), fmt::format("{} = {} is out of range [{}, {}]", what, value, lo, hi));
     return value;
   }
 
@@ -115,7 +126,7 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   p.allow_keys(root, "the cluster config",
                {"model", "nodes", "head", "plan", "threads", "max_batch", "max_batch_tokens", "cache_mb", "cache_blocks",
                 "block_tokens", "prefix_cache", "ready_timeout_s", "heartbeat_ms", "heartbeat_misses", "restart_limit",
-                "restart_window_s", "replay_limit"});
+                "restart_window_s", "replay_limit", "replace_after_s"});
 
   cluster_config c;
   c.source = source;
@@ -147,6 +158,8 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   if (root["restart_window_s"])
     c.restart_window_s = static_cast<int>(p.integer_at(root["restart_window_s"], "restart_window_s", 1, 86400 * 30));
   if (root["replay_limit"]) c.replay_limit = static_cast<int>(p.integer_at(root["replay_limit"], "replay_limit", 0, 1000));
+  if (root["replace_after_s"])
+    c.replace_after_s = static_cast<int>(p.integer_at(root["replace_after_s"], "replace_after_s", 0, 86400));
 
   const YAML::Node nodes = root["nodes"];
   if (!nodes || !nodes.IsSequence() || nodes.size() == 0)
@@ -154,7 +167,7 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   std::set<std::pair<std::string, std::uint16_t>> endpoints;
   for (const auto& n : nodes) {
     p.require_map(n, "a node");
-    p.allow_keys(n, "a node", {"name", "host", "port", "devices"});
+    p.allow_keys(n, "a node", {"name", "host", "port", "devices", "memory_gb"});
     node_spec spec;
     spec.line = line_of(n);
     if (!n["name"]) p.error(spec.line, "node without a 'name'");
@@ -165,6 +178,7 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
     if (n["host"]) spec.host = p.string_at(n["host"], "host");
     if (!n["port"]) p.error(spec.line, fmt::format("node '{}' has no 'port'", spec.name));
     spec.port = static_cast<std::uint16_t>(p.integer_at(n["port"], "port", 1, 65535));
+    if (n["memory_gb"]) spec.memory_gb = p.number_at(n["memory_gb"], "memory_gb", 0, 1e6);
     if (!endpoints.emplace(spec.host, spec.port).second)
       p.error(line_of(n["port"]), fmt::format("node '{}': {}:{} is already used by another node", spec.name,
                                               spec.host, spec.port));

@@ -188,6 +188,10 @@ TEST_CASE("every refusal of a cluster config names the file and the line") {
   refused(replace(kGood, "model: ckpt", "model: ckpt\nthreads: lots"), "cluster.yaml:2: threads must be an integer, got 'lots'");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nmax_batch: 0"), "cluster.yaml:2: max_batch = 0 is out of range [1, 65536]");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nreplicas: 2"), "cluster.yaml:2: unknown key 'replicas' in the cluster config");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nheartbeat_misses: 0"), "cluster.yaml:2: heartbeat_misses = 0 is out of range [1, 1000]");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nreplace_after_s: soon"), "cluster.yaml:2: replace_after_s must be an integer, got 'soon'");
+  refused(replace(kGood, "port: 7001", "port: 7001\n    memory_gb: lots"), "cluster.yaml:11: memory_gb must be a number, got 'lots'");
+  refused(replace(kGood, "port: 7001", "port: 7001\n    memory_gb: -1"), "cluster.yaml:11: memory_gb = -1 is out of range [0, 1000000]");
   refused("model: ckpt\nplan: {stages: [{node: a, layers: 0-1}]}\n",
           "cluster.yaml:1: 'nodes' must be a non-empty list of {name, host, port, devices}");
   refused("model: ckpt\nnodes: []\n", "cluster.yaml:2: 'nodes' must be a non-empty list");

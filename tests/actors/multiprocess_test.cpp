@@ -20,6 +20,7 @@
 #include <fstream>
 #include <functional>
 #include <mutex>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -175,11 +176,19 @@ struct launched_cluster {
   std::unique_ptr<process> launch;
   std::string ready;  // launch's ready line
 
-  explicit launched_cluster(const std::string& settings = "", const std::string& plan = "plan:\n") {
+  // `settings`: top-level keys; `plan`: replaces the "plan:" line; `node_keys`: extra keys
+  // of each node entry, by name.
+  explicit launched_cluster(const std::string& settings = "", const std::string& plan = "plan:\n",
+                            const std::map<std::string, std::string>& node_keys = {}) {
     for (int i = 0; i < 4; ++i) ports.push_back(free_port());
     const auto config = dir.path / "cluster.yaml";
     auto text = four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports, settings);
     text.replace(text.find("plan:\n"), 6, plan);
+    for (const auto& [node, keys] : node_keys) {
+      const auto at = text.find("{name: " + node + ",");
+      REQUIRE(at != std::string::npos);
+      text.insert(at + 8 + node.size(), " " + keys + ",");
+    }
     std::ofstream(config) << text;
     launch = std::make_unique<process>(
         std::vector<std::string>{SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"},
@@ -387,6 +396,45 @@ TEST_CASE("with redundancy 2 a dead expert node is routed around at once, before
   CHECK(s["recoveries"].get<int>() >= 2);
   for (const auto& e : s["experts"]) CHECK(e["phase"] == "serving");
   CHECK(long_streams(*client).tokens == undisturbed.tokens);
+  CHECK(launch.stop() == 0);
+}
+
+TEST_CASE("a node that does not come back is re-placed onto survivors with the memory for it", "[healing]") {
+  // No restarts; a dead node's actors move after 1 s. Memory offered (memory_gb): experts0 has
+  // room for the other expert group (2.2 MB) besides its own, nobody has room for stage 1
+  // (1.1 MB of weights + 2.1 MB of latent cache: 68 blocks of 32 positions x 3 layers x
+  // 80 floats at cache_mb: 2).
+  launched_cluster c("heartbeat_ms: 250\nrestart_limit: 0\nreplace_after_s: 1\ncache_mb: 2\n", "plan:\n",
+                     {{"stage0", "memory_gb: 0.0045"}, {"experts0", "memory_gb: 0.005"}});
+  process& launch = *c.launch;
+  auto client = shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10));
+  const auto undisturbed = long_streams(*client);
+  const pid_t experts1 = node_pid(launch.pid, "experts1");
+  REQUIRE(experts1 > 0);
+  const auto moved = long_streams(*client, [&] { REQUIRE(::kill(experts1, SIGKILL) == 0); });
+  check_same_streams(undisturbed, moved);
+  auto s = nlohmann::json::parse(client->status());
+  INFO(s.dump());
+  CHECK(s["experts"][1]["node"] == "experts0");  // the expert group of experts1 runs there now
+  CHECK(s["experts"][1]["phase"] == "serving");
+  CHECK(node_pid(launch.pid, "experts1") < 0);  // not restarted (restart_limit: 0)
+
+  // stage 1 fits nowhere: the cluster waits and says why; requests queue, none fails.
+  REQUIRE(::kill(node_pid(launch.pid, "stage1"), SIGKILL) == 0);
+  const auto deadline = clock_type::now() + std::chrono::seconds(20);
+  while (clock_type::now() < deadline) {
+    s = nlohmann::json::parse(client->status());
+    if (s["degraded"].get<std::string>().find("memory") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  INFO(s.dump());
+  CHECK(s["serving"] == false);
+  CHECK_THAT(s["degraded"].get<std::string>(),
+             Catch::Contains("node stage1 is dead and did not come back; nothing surviving has the memory for: "
+                             "stage 1 (layers 3-5) needs 3.2 MB; room: experts0 0.6 MB, stage0 0.7 MB"));
+  const auto waiting = client->submit({.prompt = {1, 2, 3}, .sampling = {}, .max_tokens = 4, .stop_tokens = {},
+                                       .want_logits = false, .deadline = {}});
+  CHECK_FALSE(client->next(waiting, std::chrono::seconds(2)));  // queued, not failed
   CHECK(launch.stop() == 0);
 }
 

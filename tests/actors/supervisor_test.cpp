@@ -81,7 +81,7 @@ plan:
   // Sends a join and runs the supervisor; returns the epoch or the error.
   std::pair<std::optional<std::uint64_t>, std::string> join(const std::string& node, std::uint16_t version) {
     caf::scoped_actor self{*sys};
-    self->send(supervisor, join_atom::value, join_request{node, "h", 1, 42, version}, agent);
+    self->send(supervisor, join_atom::value, join_request{node, "h", 1, 42, version, 0}, agent);
     sched->run();
     std::pair<std::optional<std::uint64_t>, std::string> out;
     self->receive([&](std::uint64_t epoch) { out.first = epoch; },

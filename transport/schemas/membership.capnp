@@ -14,6 +14,7 @@ struct Join {
   pid @3 :UInt32;
   devices @4 :List(Common.Device);
   schemaVersion @5 :UInt16;             # Common.schemaVersion of the joining binary.
+  memoryBytes @6 :UInt64;               # Memory it offers for placement (0: unknown).
 }
 
 # Supervisor -> node, answer to Join.

@@ -162,6 +162,9 @@ struct join_request {
   std::uint16_t port = 0;              ///< Port it listens on.
   std::uint32_t pid = 0;               ///< Process id, for operators.
   std::uint16_t schema_version = 0;    ///< Wire schema version it speaks.
+  /// Memory it offers for placement: the node's `memory_gb`, or what the OS reports available
+  /// at the join (0: unknown). Re-placement after a failure keeps within it.
+  std::uint64_t memory_bytes = 0;
 };
 
 /// Supervisor -> node, every heartbeat interval; the node answers at once from its transport
@@ -262,7 +265,7 @@ typename Inspector::result_type inspect(Inspector& f, spawn_expert_cmd& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, join_request& x) {
-  return f(x.node, x.host, x.port, x.pid, x.schema_version);
+  return f(x.node, x.host, x.port, x.pid, x.schema_version, x.memory_bytes);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, heartbeat& x) {

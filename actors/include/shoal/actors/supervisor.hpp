@@ -38,8 +38,10 @@
 /// 7. A process of a dead node joins again (restarted by `shoal launch` or `shoal serve
 ///    --cluster`): its actors are spawned there again and the whole placement is wired under a
 ///    new epoch; the router recomputes every request from its prompt and streamed tokens.
-///    Not implemented yet: re-placing a node that does not come back onto survivors,
-///    redundant expert copies, a standby head.
+///    A node not back within `replace_after` has its actors re-placed onto surviving nodes
+///    that offer the memory for them (nodes of the same role first); if none does, the
+///    cluster waits and its status says what fits nowhere. Not implemented yet: a standby
+///    head.
 
 #include "shoal/actors/protocols.hpp"
 #include "shoal/config/cluster_config.hpp"
@@ -75,6 +77,8 @@ struct supervisor_options {
   /// then seen only when a connection fails).
   std::chrono::milliseconds heartbeat_interval{500};
   int heartbeat_misses = 4;                        ///< Missed in a row: the node is declared dead.
+  /// A dead node not back after this long has its actors re-placed onto survivors; 0: never.
+  std::chrono::milliseconds replace_after{30000};
   /// Receives one JSON object per membership event (`node_down`, `node_rejoined`,
   /// `recovered`), e.g. for the launcher that restarts processes; may be empty.
   std::function<void(const std::string&)> on_event = {};
@@ -93,6 +97,7 @@ struct supervisor_state {
     int restarts = 0;        ///< Joins after the first.
     std::chrono::steady_clock::time_point last_seen; ///< Its last heartbeat answer (or join).
     std::uint64_t answered = 0; ///< Latest heartbeat round it answered (the round current at its join).
+    std::chrono::steady_clock::time_point down_at; ///< When it was declared dead.
   };
   /// A stage or expert actor of the placement.
   struct placed {
@@ -123,6 +128,8 @@ struct supervisor_state {
   /// `heartbeat_misses` intervals ago. Counting rounds rather than time alone keeps a head
   /// that was itself stalled (a loaded machine) from declaring its nodes dead.
   std::map<std::uint64_t, std::chrono::steady_clock::time_point> rounds;
+  bool sizes_loaded = false;                     ///< `tensor_sizes` was read (or could not be).
+  std::vector<std::pair<std::string, std::uint64_t>> tensor_sizes; ///< Checkpoint tensors' bytes, for placement.
   std::chrono::steady_clock::time_point started; ///< For the ready deadline.
   std::vector<caf::typed_response_promise<placement_table>> waiting; ///< `ready_atom` callers.
 };

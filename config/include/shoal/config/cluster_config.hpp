@@ -20,6 +20,9 @@ struct node_spec {
   std::string host = "127.0.0.1";    ///< Address it listens on and is reached at.
   std::uint16_t port = 0;            ///< Port it listens on.
   std::vector<std::string> devices;  ///< `cpu` or `cuda:N`; empty means `cpu`.
+  /// Memory (GB) this node offers for placement after a failure; 0: what the OS reports
+  /// available when it joins.
+  double memory_gb = 0;
   int line = 0;                      ///< 1-based line of the entry in the config file.
 };
 
@@ -81,6 +84,9 @@ struct cluster_config {
   int restart_limit = 5;
   int restart_window_s = 600;                    ///< Window of `restart_limit`.
   int replay_limit = 5;                          ///< Failed steps a request lives through.
+  /// A dead node that has not joined again after this long has its stages and expert groups
+  /// re-placed onto surviving nodes with the memory for them. 0: never; wait for it.
+  int replace_after_s = 30;
 
   /// The node named `name`, or null.
   const node_spec* find_node(std::string_view name) const noexcept;

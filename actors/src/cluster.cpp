@@ -93,15 +93,7 @@ placement_table local_cluster::wait_ready() {
 
 std::string local_cluster::status() { return head_status(*impl_->system, impl_->supervisor); }
 
-std::vector<std::uint64_t> local_cluster::routed_tokens() {
-  std::vector<std::uint64_t> sum;
-  for (const auto& engine : impl_->book->stage_engines()) {
-    const auto counts = engine->routed_tokens();
-    if (sum.size() < counts.size()) sum.resize(counts.size(), 0);
-    for (std::size_t i = 0; i < counts.size(); ++i) sum[i] += counts[i];
-  }
-  return sum;
-}
+std::vector<std::uint64_t> local_cluster::routed_tokens() { return impl_->book->routed_tokens(); }
 
 const config::cluster_config& local_cluster::config() const noexcept { return impl_->config; }
 

@@ -41,6 +41,16 @@ std::vector<std::shared_ptr<stage_engine>> fabric::stage_engines() {
   return out;
 }
 
+std::vector<std::uint64_t> fabric::routed_tokens() {
+  std::vector<std::uint64_t> sum;
+  for (const auto& engine : stage_engines()) {
+    const auto counts = engine->routed_tokens();
+    if (sum.size() < counts.size()) sum.resize(counts.size(), 0);
+    for (std::size_t i = 0; i < counts.size(); ++i) sum[i] += counts[i];
+  }
+  return sum;
+}
+
 std::shared_ptr<expert_engine> fabric::engine(const actor_address& address) {
   std::lock_guard lock(mutex_);
   const auto it = engines_.find({address.node, address.actor});

@@ -70,7 +70,8 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
         stop();
         self->quit();
       },
-      [](heartbeat&) { return ok_atom::value; },
+      [](heartbeat& h) { return heartbeat{.epoch = h.epoch, .sequence = h.sequence, .evicted = {}, .routed_index = {},
+                                          .routed_count = {}}; },
   };
 }
 

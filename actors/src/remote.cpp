@@ -259,6 +259,10 @@ void encode(transport::outgoing_message& m, const heartbeat& h, const std::strin
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count()));
   auto evicted = b.initEvicted(static_cast<unsigned>(h.evicted.size()));
   for (unsigned i = 0; i < h.evicted.size(); ++i) evicted.set(i, h.evicted[i]);
+  auto index = b.initRoutedIndex(static_cast<unsigned>(h.routed_index.size()));
+  for (unsigned i = 0; i < h.routed_index.size(); ++i) index.set(i, h.routed_index[i]);
+  auto count = b.initRoutedCount(static_cast<unsigned>(h.routed_count.size()));
+  for (unsigned i = 0; i < h.routed_count.size(); ++i) count.set(i, h.routed_count[i]);
 }
 
 void encode(transport::outgoing_message& m, const generate_request& g) {
@@ -414,6 +418,7 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
       [answer](reply_atom, std::uint64_t correlation, ok_atom) { answer(correlation, ok_atom::value); },
       [answer](reply_atom, std::uint64_t correlation, std::uint64_t epoch) { answer(correlation, epoch); },
       [answer](reply_atom, std::uint64_t correlation, std::string& json) { answer(correlation, std::move(json)); },
+      [answer](reply_atom, std::uint64_t correlation, heartbeat& h) { answer(correlation, std::move(h)); },
       [answer](reply_atom, std::uint64_t correlation, caf::error& e) { answer(correlation, std::move(e)); },
       [self, book, target](lost_atom, std::string& reason) {
         for (auto& [correlation, rp] : self->state.pending) {
@@ -927,15 +932,35 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
           std::lock_guard lock(mutex_);
           is_reply = in.correlation != 0 && pending_.count(in.correlation) > 0;
         }
-        if (is_reply) return answer(ok_atom::value);
+        const auto h = body.getHeartbeat();
+        if (is_reply) {
+          heartbeat answered{.epoch = env.getEpoch(), .sequence = h.getSequence(), .evicted = {}, .routed_index = {},
+                             .routed_count = {}};
+          const auto index = h.getRoutedIndex();
+          const auto count = h.getRoutedCount();
+          if (index.size() != count.size())
+            shoal::fail(errc::invalid_argument, "heartbeat with {} routed indices and {} counts", index.size(), count.size());
+          for (unsigned i = 0; i < index.size(); ++i) {
+            answered.routed_index.push_back(index[i]);
+            answered.routed_count.push_back(count[i]);
+          }
+          return answer(std::move(answered));
+        }
         // A ping from the supervisor, answered here rather than by an actor: it proves this
         // process and its transport make progress, whatever its actors are busy with.
-        const auto h = body.getHeartbeat();
         observe_epoch(env.getEpoch());
         for (auto name : h.getEvicted())
           if (std::string(name.cStr()) != options_.node) evict(name.cStr(), env.getEpoch());
+        heartbeat answer_beat{.epoch = epoch(), .sequence = h.getSequence(), .evicted = {}, .routed_index = {},
+                              .routed_count = {}};
+        const auto routed = routed_tokens();
+        for (std::size_t i = 0; i < routed.size(); ++i)
+          if (routed[i] != 0) {
+            answer_beat.routed_index.push_back(static_cast<std::uint32_t>(i));
+            answer_beat.routed_count.push_back(routed[i]);
+          }
         auto m = envelope({options_.node, in.receiver}, in.sender, in.correlation, epoch());
-        encode(m, heartbeat{.epoch = epoch(), .sequence = h.getSequence(), .evicted = {}}, options_.node);
+        encode(m, answer_beat, options_.node);
         send_to_peer(peer, std::move(m));
         return;
       }

@@ -221,7 +221,7 @@ void place(self_ptr self) {
 void send_heartbeats(self_ptr self) {
   auto& st = self->state;
   st.last_heartbeat = clock_type::now();
-  const heartbeat beat{.epoch = st.epoch, .sequence = ++st.heartbeat_sequence, .evicted = st.evicted};
+  const heartbeat beat{.epoch = st.epoch, .sequence = ++st.heartbeat_sequence, .evicted = st.evicted, .routed_index = {}, .routed_count = {}};
   st.rounds[beat.sequence] = st.last_heartbeat;
   while (st.rounds.size() > static_cast<std::size_t>(st.options.heartbeat_misses) + 2) st.rounds.erase(st.rounds.begin());
   const auto patience = st.options.heartbeat_interval * st.options.heartbeat_misses;
@@ -230,12 +230,14 @@ void send_heartbeats(self_ptr self) {
     const auto pid = m.info.pid;
     self->request(m.agent, patience, beat)
         .then(
-            [self, name = name, pid, round = beat.sequence](ok_atom) {
+            [self, name = name, pid, round = beat.sequence](heartbeat& answer) {
               auto& st = self->state;
               auto& m = st.members[name];
               if (m.info.pid != pid || m.down) return;
               m.last_seen = clock_type::now();
               m.answered = std::max(m.answered, round);
+              for (std::size_t i = 0; i < answer.routed_index.size() && i < answer.routed_count.size(); ++i)
+                m.routed[answer.routed_index[i]] = answer.routed_count[i];
             },
             [](caf::error&) {});  // counted by the missing answer, not by the error
   }
@@ -252,6 +254,8 @@ void declare_dead(self_ptr self, const std::string& name, const std::string& rea
   m.down = true;
   m.down_reason = reason;
   m.down_at = clock_type::now();
+  for (const auto& [index, count] : m.routed) st.retired_routed[index] += count;
+  m.routed.clear();
   ++st.epoch;  // fences messages of the placement that included it
   st.book->observe_epoch(st.epoch);
   st.wiring = false;
@@ -574,6 +578,19 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         };
         j["stages"] = list(st.stages);
         j["experts"] = list(st.experts);
+        // Tokens routed to each expert: this process's stages, the others' latest heartbeat
+        // answers, and what dead processes had counted.
+        if (st.options.model.n_routed_experts > 0) {
+          auto routed = st.book->routed_tokens();
+          routed.resize(static_cast<std::size_t>(st.options.model.num_hidden_layers * st.options.model.n_routed_experts), 0);
+          auto add = [&](const std::map<std::uint32_t, std::uint64_t>& sparse) {
+            for (const auto& [index, count] : sparse)
+              if (index < routed.size()) routed[index] += count;
+          };
+          add(st.retired_routed);
+          for (const auto& [name, m] : st.members) add(m.routed);
+          j["routed_tokens"] = routed;
+        }
         // The router's scheduler counters complete it under "scheduler".
         auto rp = self->make_response_promise<std::string>();
         self->request(st.router, std::chrono::seconds(10), status_atom::value)

@@ -10,6 +10,8 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <map>
+
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -386,6 +388,63 @@ TEST_CASE("a node killed mid-stream costs the streams a pause, not a token; a fr
   CHECK(::kill(stage1, 0) != 0);  // killed and reaped: it cannot wake up under the old placement
   CHECK(node_pid(many.pid(), "stage1") > 0);
   CHECK(content(chat(many, body)) == undisturbed);
+}
+
+namespace {
+
+// Per layer: the sum over experts of shoal_expert_routed_tokens_total.
+std::map<int, double> routed_per_layer(const serve_process& s) {
+  const auto r = run("curl -sS -m 10 " + s.url() + "/metrics", 15);
+  std::map<int, double> out;
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);) {
+    if (!line.starts_with("shoal_expert_routed_tokens_total{layer=\"")) continue;
+    const int layer = std::stoi(line.substr(40));
+    out[layer] += std::stod(line.substr(line.rfind(' ') + 1));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("/metrics counts the tokens routed to each expert, embedded and across processes alike",
+          "[gateway][e2e][cluster]") {
+  // Every token a stage computes is routed to top_k experts in each MoE layer: a request adds
+  // top_k x (prompt tokens computed + completion tokens - 1) per MoE layer.
+  std::ifstream in(tiny_model() / "config.json");
+  const auto config = json::parse(in);
+  const int top_k = config["num_experts_per_tok"].get<int>();
+  const int layers = config["num_hidden_layers"].get<int>();
+  const int dense = config.value("first_k_dense_replace", 0);
+  for (serve_process* server : {&single(), &clustered()}) {
+    CAPTURE(server->url());
+    const auto before = routed_per_layer(*server);
+    const double prefilled_before = metric(*server, "shoal_engine_prefilled_tokens_total");
+    const auto answer = chat(*server, {{"temperature", 0},
+                                       {"max_tokens", 6},
+                                       {"messages", {{{"role", "user"}, {"content", "Count the routed tokens: " + server->url()}}}}});
+    const double completion = answer["usage"]["completion_tokens"].get<double>();
+    // Counts of other processes arrive with their heartbeat answers: wait for them.
+    std::map<int, double> after;
+    double expected = -1;
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    bool consistent = false;
+    while (!consistent && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(200ms);
+      after = routed_per_layer(*server);
+      expected = top_k * (metric(*server, "shoal_engine_prefilled_tokens_total") - prefilled_before + completion - 1);
+      consistent = expected > 0;
+      for (int layer = 0; layer < layers; ++layer) {
+        const double added = after[layer] - (before.count(layer) ? before.at(layer) : 0);
+        consistent = consistent && added == (layer < dense ? 0 : expected);
+      }
+    }
+    INFO("expected per MoE layer " << expected);
+    for (int layer = 0; layer < layers; ++layer) {
+      CAPTURE(layer);
+      CHECK(after[layer] - (before.count(layer) ? before.at(layer) : 0) == (layer < dense ? 0 : expected));
+    }
+  }
 }
 
 TEST_CASE("SIGTERM stops the cluster gateway and every node it started", "[gateway][e2e][cluster]") {

@@ -266,9 +266,9 @@ void serve(const serve_options& options) {
   cluster.wait_ready();
   shoal::client client(cluster);
   const auto experts = model.n_routed_experts;
-  // Queue, cache and health gauges come through the client's status like for a remote
-  // cluster; routed tokens per expert from this process's stage engines.
-  auto observe = [&cluster](runtime::engine_stats& s) { s.expert_tokens = cluster.routed_tokens(); };
+  // Queue, cache, health gauges and routed tokens per expert come through the client's
+  // status, as for a remote cluster.
+  std::function<void(runtime::engine_stats&)> observe;
   const auto max_sequence = std::min(model.max_position_embeddings, cache_blocks * plan.block_tokens - 1);
   auto back = gateway::make_cluster_backend(client, tok, max_sequence, o.max_waiting + o.max_running, observe);
 

@@ -33,6 +33,8 @@ struct Heartbeat {
   sentUnixNanos @2 :UInt64;
   load @3 :Float32;                     # Busy fraction in [0, 1] since the previous heartbeat (unused).
   evicted @4 :List(Text);               # Nodes declared dead in this epoch: drop connections to them.
+  routedIndex @5 :List(UInt32);         # Answer: layer * experts + expert of nonzero counts ...
+  routedCount @6 :List(UInt64);         # ... and the tokens this node's stages routed there so far.
 }
 
 # Node -> supervisor, before an orderly shutdown (drain finished).

@@ -227,6 +227,7 @@ class cluster_backend final : public backend {
       s.cluster.replayed_requests = sched.at("replayed_requests").get<std::uint64_t>();
       s.cluster.failed_steps = sched.at("failed_steps").get<std::uint64_t>();
       s.cluster.epoch = status_.at("epoch").get<std::uint64_t>();
+      if (status_.contains("routed_tokens")) s.expert_tokens = status_.at("routed_tokens").get<std::vector<std::uint64_t>>();
       s.cluster.recoveries = status_.at("recoveries").get<std::uint64_t>();
       for (const auto& n : status_.at("nodes")) {
         ++s.cluster.nodes;

@@ -33,6 +33,9 @@ class fabric {
   void register_stage_engine(const actor_address& address, std::shared_ptr<stage_engine> engine);
   /// Every stage engine of this process.
   std::vector<std::shared_ptr<stage_engine>> stage_engines();
+  /// Tokens the stage engines of this process routed to each expert so far,
+  /// `[layer * n_routed_experts + expert]` (empty without stages).
+  std::vector<std::uint64_t> routed_tokens();
   /// Removes an address (idempotent).
   void unregister(const actor_address& address);
 

@@ -176,6 +176,10 @@ struct heartbeat {
   /// Nodes declared dead in this epoch: every node drops its connections to them, so calls
   /// waiting on a frozen node fail now instead of at their deadline.
   std::vector<std::string> evicted;
+  /// In a node's answer: tokens its stages routed to each expert so far, as sparse
+  /// `[layer * n_routed_experts + expert]` indices and counts (nonzero ones only).
+  std::vector<std::uint32_t> routed_index;
+  std::vector<std::uint64_t> routed_count;
 };
 
 /// Client -> router: generate tokens after a prompt.
@@ -269,7 +273,7 @@ typename Inspector::result_type inspect(Inspector& f, join_request& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, heartbeat& x) {
-  return f(x.epoch, x.sequence, x.evicted);
+  return f(x.epoch, x.sequence, x.evicted, x.routed_index, x.routed_count);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, generate_request& x) {

@@ -81,9 +81,9 @@ using node_agent_actor = caf::typed_actor<
     caf::replies_to<spawn_expert_cmd>::with<ok_atom>,
     /// Stops every local actor (idempotent).
     caf::reacts_to<stop_atom>,
-    /// Liveness and fencing (see `heartbeat`); a remote node answers from its transport
-    /// thread without reaching this actor.
-    caf::replies_to<heartbeat>::with<ok_atom>>;
+    /// Liveness and fencing (see `heartbeat`); the answer carries the node's routed-token
+    /// counts. A remote node answers from its transport thread without reaching this actor.
+    caf::replies_to<heartbeat>::with<heartbeat>>;
 
 /// Membership and placement.
 using supervisor_actor = caf::typed_actor<

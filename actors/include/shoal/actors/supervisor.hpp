@@ -98,6 +98,9 @@ struct supervisor_state {
     std::chrono::steady_clock::time_point last_seen; ///< Its last heartbeat answer (or join).
     std::uint64_t answered = 0; ///< Latest heartbeat round it answered (the round current at its join).
     std::chrono::steady_clock::time_point down_at; ///< When it was declared dead.
+    /// Tokens its stages routed to each expert, from its latest heartbeat answer (sparse,
+    /// `layer * n_routed_experts + expert`).
+    std::map<std::uint32_t, std::uint64_t> routed;
   };
   /// A stage or expert actor of the placement.
   struct placed {
@@ -128,6 +131,9 @@ struct supervisor_state {
   /// `heartbeat_misses` intervals ago. Counting rounds rather than time alone keeps a head
   /// that was itself stalled (a loaded machine) from declaring its nodes dead.
   std::map<std::uint64_t, std::chrono::steady_clock::time_point> rounds;
+  /// Routed-token counts of node processes that have since died or been replaced, so that
+  /// the cluster's counters never go back.
+  std::map<std::uint32_t, std::uint64_t> retired_routed;
   bool sizes_loaded = false;                     ///< `tensor_sizes` was read (or could not be).
   std::vector<std::pair<std::string, std::uint64_t>> tensor_sizes; ///< Checkpoint tensors' bytes, for placement.
   std::chrono::steady_clock::time_point started; ///< For the ready deadline.

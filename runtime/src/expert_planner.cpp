@@ -122,6 +122,96 @@ void improve_by_swaps(std::vector<std::vector<int>>& packs, const std::vector<do
   }
 }
 
+// Device loads of a domain whose devices list local experts, each expert's load split over
+// its `count` copies.
+std::vector<double> device_loads(const std::vector<std::vector<int>>& devices, const std::vector<double>& load,
+                                 const std::vector<int>& count) {
+  std::vector<double> result(devices.size(), 0.0);
+  for (std::size_t d = 0; d < devices.size(); ++d) {
+    for (const int e : devices[d]) result[d] += load[e] / count[e];
+  }
+  return result;
+}
+
+// Lowers the heaviest device by giving one of its slots that holds a spare copy (of an expert
+// with two or more) to another expert: the spare's expert gets heavier on its other devices,
+// the receiving expert lighter on all of its. Makes the move that leaves the heaviest device of
+// the domain lightest, if that is lighter than now; returns whether it moved.
+bool move_one_copy(std::vector<std::vector<int>>& devices, const std::vector<double>& load, std::vector<int>& count) {
+  const int n = static_cast<int>(devices.size());
+  const std::vector<double> loads = device_loads(devices, load, count);
+  std::vector<int> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int x, int y) { return loads[x] > loads[y]; });
+  const int a = order.front();
+  // holders[e]: the devices holding a copy of e, once per copy.
+  std::vector<std::vector<int>> holders(load.size());
+  for (int d = 0; d < n; ++d) {
+    for (const int e : devices[d]) holders[e].push_back(d);
+  }
+  std::vector<double> change(n, 0.0);
+  std::vector<char> touched(n, 0);
+  double best = loads[a] * (1 - 1e-12);
+  std::size_t best_slot = 0;
+  int best_to = -1;
+  for (std::size_t slot = 0; slot < devices[a].size(); ++slot) {
+    const int x = devices[a][slot];
+    if (count[x] < 2) continue;
+    const double dx = load[x] / (count[x] - 1) - load[x] / count[x];
+    for (int y = 0; y < static_cast<int>(load.size()); ++y) {
+      if (y == x) continue;
+      const double dy = load[y] / count[y] - load[y] / (count[y] + 1);
+      for (const int d : holders[x]) change[d] += dx, touched[d] = 1;
+      for (const int d : holders[y]) change[d] -= dy, touched[d] = 1;
+      // Device a loses this copy of x (its share was counted above as growing) and gains y.
+      change[a] += -load[x] / count[x] - dx + load[y] / (count[y] + 1);
+      touched[a] = 1;
+      double heaviest = 0;
+      for (const int d : order) {
+        if (!touched[d]) {
+          heaviest = std::max(heaviest, loads[d]);
+          break;
+        }
+      }
+      for (const int d : holders[x]) heaviest = std::max(heaviest, loads[d] + change[d]);
+      for (const int d : holders[y]) heaviest = std::max(heaviest, loads[d] + change[d]);
+      heaviest = std::max(heaviest, loads[a] + change[a]);
+      if (heaviest < best) {
+        best = heaviest;
+        best_slot = slot;
+        best_to = y;
+      }
+      for (const int d : holders[x]) change[d] = 0, touched[d] = 0;
+      for (const int d : holders[y]) change[d] = 0, touched[d] = 0;
+      change[a] = 0;
+      touched[a] = 0;
+    }
+  }
+  if (best_to < 0) return false;
+  --count[devices[a][best_slot]];
+  ++count[best_to];
+  devices[a][best_slot] = best_to;
+  return true;
+}
+
+// Swaps copies between devices (improve_by_swaps) on a domain whose devices list local experts.
+void swap_copies(std::vector<std::vector<int>>& devices, const std::vector<double>& load, const std::vector<int>& count) {
+  std::vector<int> expert_of;
+  std::vector<double> weight;
+  std::vector<std::vector<int>> packs(devices.size());
+  for (std::size_t d = 0; d < devices.size(); ++d) {
+    for (const int e : devices[d]) {
+      packs[d].push_back(static_cast<int>(expert_of.size()));
+      expert_of.push_back(e);
+      weight.push_back(load[e] / count[e]);
+    }
+  }
+  improve_by_swaps(packs, weight);
+  for (std::size_t d = 0; d < devices.size(); ++d) {
+    for (std::size_t s = 0; s < packs[d].size(); ++s) devices[d][s] = expert_of[packs[d][s]];
+  }
+}
+
 // Places the experts `experts` (logical ids, in the order EPLB numbers them inside the domain)
 // on `devices` devices of `per_device` slots.
 domain_placement place_domain(const std::vector<double>& layer, const std::vector<int>& experts,
@@ -143,6 +233,12 @@ domain_placement place_domain(const std::vector<double>& layer, const std::vecto
   placement.devices.resize(devices);
   for (int d = 0; d < devices; ++d) {
     for (const int item : packs[d]) placement.devices[d].push_back(items[item]);
+  }
+  // Then move spare copies from the heaviest device to other experts, re-swapping after each.
+  std::vector<double> load(n);
+  for (int e = 0; e < n; ++e) load[e] = layer[experts[e]];
+  for (int round = 0; round < kMaxSwapRounds && move_one_copy(placement.devices, load, count); ++round) {
+    swap_copies(placement.devices, load, count);
   }
   return placement;
 }

@@ -34,7 +34,7 @@ packages=(
 if [ "$purpose" = test ]; then
   packages+=(
     catch2                        # tests (v2)
-    python3-jinja2 python3-numpy  # chat-template cross-check against Jinja2
+    python3-jinja2 python3-numpy  # chat-template cross-check against Jinja2; EPLB port (numpy)
     iproute2                      # network-namespace cluster tests
     openssl                       # test certificates and RSA keys, made at test time
     ucx-utils                     # ucx_perftest for the transport benchmark

@@ -27,6 +27,10 @@ void add_serve_commands(CLI::App& app);
 /// keys new, verify: API keys for serve, the checkpoint's SHA-256 manifest.
 void add_security_commands(CLI::App& app);
 
+/// admin: the operator's console; `admin plan` plans expert placement offline from a loads
+/// file. Subcommands that talk to a running cluster are added to the same group.
+void add_admin_commands(CLI::App& app);
+
 /// `bench --cluster CONFIG`: decode on one process vs. the config's nodes started on this
 /// machine, same run, and what each network leg of a step costs.
 struct bench_cluster_options {

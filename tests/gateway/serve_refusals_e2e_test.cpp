@@ -8,9 +8,9 @@
 // (the engine deadline is the server's fixed `server_options::request_deadline`, 600 s, with
 // no flag), so there is nothing a client can set to expire.
 
-#include "free_port.hpp"
 #include "raw_http.hpp"
 #include "serve_process.hpp"
+#include "tiny_cluster.hpp"
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -30,44 +30,6 @@ using namespace shoal::gateway::testing;
 
 namespace {
 
-const fs::path kWork = SHOAL_GATEWAY_WORK_DIR;
-
-fs::path tiny_model() {
-  static const fs::path dir = [] {
-    const auto d = kWork / "tiny";
-    if (!fs::exists(d / "tokenizer.json")) {
-      fs::remove_all(d);
-      const auto r = run(std::string(SHOAL_BINARY) + " make-model --preset tiny --out " + d.string(), 300);
-      INFO(r.out);
-      REQUIRE(r.exit_code == 0);
-    }
-    return d;
-  }();
-  return dir;
-}
-
-// The tiny model: 4 layers, 16 routed experts.
-fs::path cluster_config() {
-  static const fs::path path = [] {
-    const auto p = kWork / "cluster.yaml";
-    std::ofstream out(p);
-    out << "model: " << tiny_model().string() << "\nthreads: 1\nready_timeout_s: 90\nnodes:\n";
-    for (const char* n : {"stage0", "stage1", "experts0", "experts1"})
-      out << "  - {name: " << n << ", host: 127.0.0.1, port: " << shoal::testing::free_port() << "}\n";
-    out << R"(head: stage0
-plan:
-  stages:
-    - {node: stage0, layers: 0-1}
-    - {node: stage1, layers: 2-3}
-  experts:
-    - {node: experts0, experts: 0-7}
-    - {node: experts1, experts: 8-15}
-)";
-    return p;
-  }();
-  return path;
-}
-
 // One process of each kind for the whole run; the last case stops both.
 serve_process& embedded() {
   static serve_process p("refusals-embedded", {"serve", "--model", tiny_model().string(), "--port", "0", "--threads",
@@ -76,7 +38,7 @@ serve_process& embedded() {
 }
 
 serve_process& clustered() {
-  static serve_process p("refusals-cluster", {"serve", "--cluster", cluster_config().string(), "--transports", "tcp",
+  static serve_process p("refusals-cluster", {"serve", "--cluster", tiny_cluster_config().string(), "--transports", "tcp",
                                               "--port", "0", "--name", "tiny", "--drain-seconds", "30"});
   return p;
 }

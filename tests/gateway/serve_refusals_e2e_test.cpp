@@ -555,6 +555,9 @@ void check_metrics_match(const serve_process& s, bool cluster) {
   }
 }
 
+// Draining: the listener closes as soon as the signal is taken, so a new request meets a
+// refused connection; the 503 "shutting down" of start_generation is reachable only by a
+// request that races the signal on a connection accepted just before it.
 void check_drain(serve_process& s) {
   // A long streamed request in flight, and an idle keep-alive connection.
   raw_connection in_flight(s.port());

@@ -55,6 +55,9 @@ class raw_connection {
     fd_ = -1;
   }
 
+  // What has arrived and not been consumed by `read_response` yet.
+  const std::string& received() const { return in_; }
+
   // Reads what arrives within `timeout`; false on timeout, true on data or EOF (eof_ set).
   bool fill(std::chrono::milliseconds timeout) {
     pollfd p{fd_, POLLIN, 0};

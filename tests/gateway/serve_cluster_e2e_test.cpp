@@ -4,8 +4,8 @@
 // C++ client example streams from it. Answers must be those of the single-process server
 // (`shoal serve --model`) on the same checkpoint: greedy, seeded sampling and stop strings.
 
-#include "free_port.hpp"
 #include "serve_process.hpp"
+#include "tiny_cluster.hpp"
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -27,45 +27,8 @@ namespace {
 
 const fs::path kWork = SHOAL_GATEWAY_WORK_DIR;
 
-fs::path tiny_model() {
-  static const fs::path dir = [] {
-    const auto d = kWork / "tiny";
-    if (!fs::exists(d / "tokenizer.json")) {
-      fs::remove_all(d);
-      const auto r = run(std::string(SHOAL_BINARY) + " make-model --preset tiny --out " + d.string(), 300);
-      INFO(r.out);
-      REQUIRE(r.exit_code == 0);
-    }
-    return d;
-  }();
-  return dir;
-}
-
-// The tiny model has 4 layers and 16 routed experts.
-fs::path cluster_config() {
-  static const fs::path path = [] {
-    const auto p = kWork / "cluster.yaml";
-    std::ofstream out(p);
-    out << "model: " << tiny_model().string() << "\nthreads: 1\nready_timeout_s: 90\nnodes:\n";
-    const char* names[] = {"stage0", "stage1", "experts0", "experts1"};
-    for (const char* n : names)
-      out << "  - {name: " << n << ", host: 127.0.0.1, port: " << shoal::testing::free_port() << "}\n";
-    out << R"(head: stage0
-plan:
-  stages:
-    - {node: stage0, layers: 0-1}
-    - {node: stage1, layers: 2-3}
-  experts:
-    - {node: experts0, experts: 0-7}
-    - {node: experts1, experts: 8-15}
-)";
-    return p;
-  }();
-  return path;
-}
-
 std::string head_address() {
-  std::ifstream in(cluster_config());
+  std::ifstream in(tiny_cluster_config());
   std::string line;
   while (std::getline(in, line))
     if (line.find("name: stage0") != std::string::npos) {
@@ -83,7 +46,7 @@ serve_process& single() {
 }
 
 serve_process& clustered() {
-  static serve_process p("serve-cluster", {"serve", "--cluster", cluster_config().string(), "--transports", "tcp",
+  static serve_process p("serve-cluster", {"serve", "--cluster", tiny_cluster_config().string(), "--transports", "tcp",
                                            "--port", "0", "--name", "tiny", "--drain-seconds", "5"});
   return p;
 }

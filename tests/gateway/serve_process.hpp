@@ -115,6 +115,11 @@ class serve_process {
   // SIGTERM; the exit status, or -1 if it did not stop within `timeout`.
   int terminate(std::chrono::seconds timeout) {
     ::kill(pid_, SIGTERM);
+    return wait_exit(timeout);
+  }
+  // Waits for the process to exit (after a signal sent with `pid()`); the exit status, or -1
+  // if it did not stop within `timeout`.
+  int wait_exit(std::chrono::seconds timeout) {
     const auto end = std::chrono::steady_clock::now() + timeout;
     while (std::chrono::steady_clock::now() < end) {
       int status = 0;

@@ -292,6 +292,7 @@ void encode(transport::outgoing_message& m, token_chunk c) {
   auto tokens = t.initTokens(static_cast<unsigned>(c.tokens.size()));
   for (unsigned i = 0; i < c.tokens.size(); ++i) tokens.set(i, c.tokens[i]);
   t.setFinish(static_cast<schema::FinishReason>(static_cast<std::uint16_t>(c.finish)));
+  t.setCachedPromptTokens(c.cached_prompt_tokens);
   t.setHasLogits(!c.logits.empty());
   if (!c.logits.empty() && !c.tokens.empty()) {
     const std::uint64_t n = c.tokens.size();
@@ -905,6 +906,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         c.request = t.getRequestId();
         for (auto x : t.getTokens()) c.tokens.push_back(x);
         c.finish = static_cast<finish_reason>(static_cast<std::uint16_t>(t.getFinish()));
+        c.cached_prompt_tokens = t.getCachedPromptTokens();
         if (t.getHasLogits()) c.logits = tensor_values<float>(message, t.getLogits(), schema::DType::F32, "token chunk");
         caf::anon_send(bridge_, std::move(in), std::move(c));
         return;
@@ -922,7 +924,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         if (is_reply) return answer(to_caf_error(status_error(e.getStatus())));
         const auto err = status_error(e.getStatus());
         token_chunk c{.request = e.getRequestId(), .tokens = {}, .logits = {}, .finish = finish_reason::error,
-                      .error_code = static_cast<std::uint8_t>(err.code()), .error = err.what()};
+                      .error_code = static_cast<std::uint8_t>(err.code()), .error = err.what(), .cached_prompt_tokens = 0};
         caf::anon_send(bridge_, std::move(in), std::move(c));
         return;
       }

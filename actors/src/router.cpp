@@ -29,7 +29,8 @@ void finish(self_ptr self, std::uint64_t id, finish_reason reason, std::vector<s
   const auto it = st.requests.find(id);
   if (it == st.requests.end()) return;
   token_chunk chunk{.request = it->second.client_id, .tokens = std::move(tokens), .logits = std::move(logits),
-                    .finish = reason, .error_code = 0, .error = {}};
+                    .finish = reason, .error_code = 0, .error = {},
+                    .cached_prompt_tokens = static_cast<std::uint32_t>(st.plan->cached_prompt_tokens(id))};
   if (reason == finish_reason::error) {
     chunk.error_code = static_cast<std::uint8_t>(code);
     chunk.error = std::move(message);
@@ -106,7 +107,8 @@ void on_sampled(self_ptr self, sampled_batch& out) {
       finish(self, chunk.id, finish_reason::length, {token}, std::move(logits));
     } else {
       self->send(r.sink, token_chunk{.request = r.client_id, .tokens = {token}, .logits = std::move(logits),
-                                     .finish = finish_reason::none, .error_code = 0, .error = {}});
+                                     .finish = finish_reason::none, .error_code = 0, .error = {},
+                                     .cached_prompt_tokens = static_cast<std::uint32_t>(st.plan->cached_prompt_tokens(chunk.id))});
     }
   }
   schedule(self);
@@ -203,7 +205,7 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
         auto reject = [&](std::string message) {
           self->send(sink, token_chunk{.request = spec.request, .tokens = {}, .logits = {}, .finish = finish_reason::error,
                                        .error_code = static_cast<std::uint8_t>(errc::invalid_argument),
-                                       .error = std::move(message)});
+                                       .error = std::move(message), .cached_prompt_tokens = 0});
         };
         if (spec.prompt.empty()) return reject("the prompt is empty");
         if (spec.max_tokens == 0) return reject("max_tokens must be at least 1");

@@ -121,9 +121,10 @@ metrics_map scrape(const serve_process& s) {
 
 // The queue, cache and prefill gauges come from the head node's status, which the gateway
 // asks for at most every 250 ms (cluster_backend.cpp, kStatusAge); wait that out for values
-// that include everything finished so far.
-metrics_map settled_scrape(const serve_process& s) {
-  std::this_thread::sleep_for(300ms);
+// that include everything finished so far. Across processes, routed-token counts reach the
+// head with the nodes' heartbeat answers (every 500 ms by default): wait longer there.
+metrics_map settled_scrape(const serve_process& s, std::chrono::milliseconds settle = 300ms) {
+  std::this_thread::sleep_for(settle);
   return scrape(s);
 }
 
@@ -428,7 +429,8 @@ moe_layout layout() {
 }
 
 void check_metrics_match(const serve_process& s, bool cluster) {
-  const auto before = settled_scrape(s);
+  const auto settle = cluster ? 1200ms : 300ms;
+  const auto before = settled_scrape(s, settle);
   std::map<std::string, double> expected_requests;  // series -> increase
   expected_requests[requests_series("/metrics", 200)] += 1;  // `before` itself is counted once answered
   std::int64_t prompt = 0, cached = 0, completion = 0, routed = 0;  // routed: tokens through each MoE layer
@@ -482,7 +484,7 @@ void check_metrics_match(const serve_process& s, bool cluster) {
   CHECK(request(s.port(), get("/no/such/route")).status == 404);
   expected_requests[requests_series("other", 404)] += 1;
 
-  const auto after = settled_scrape(s);
+  const auto after = settled_scrape(s, settle);
   // Requests by route and status: exactly those made here, and nothing else moved.
   for (const auto& [series, value] : after) {
     if (!series.starts_with("shoal_http_requests_total{")) continue;
@@ -506,12 +508,8 @@ void check_metrics_match(const serve_process& s, bool cluster) {
   const auto engine_cached = static_cast<std::int64_t>(increase("shoal_engine_cached_prompt_tokens_total"));
   CHECK(engine_cached > 0);
   CHECK(increase("shoal_engine_prefilled_tokens_total") + static_cast<double>(engine_cached) == prompt);
-  // TODO(issue 15): usage.prompt_tokens_details.cached_tokens (and with it
-  // shoal_request_cached_prompt_tokens_total) is 0 on both server kinds although the router
-  // served prompt tokens from its prefix cache: the cluster's token_chunk carries no cached
-  // count, so cluster_backend.cpp never sets generation_event::cached_prompt_tokens. When it
-  // does, this must read CHECK(cached == engine_cached).
-  CHECK(cached == 0);
+  // usage.prompt_tokens_details.cached_tokens reports what the router's prefix cache served.
+  CHECK(cached == engine_cached);
   CHECK(increase("shoal_time_to_first_token_seconds_count") == 4);
   // Idle again: nothing queued or running, only the prefix cache holds blocks.
   CHECK(at(after, "shoal_requests_in_flight") == 0);
@@ -528,14 +526,7 @@ void check_metrics_match(const serve_process& s, bool cluster) {
   std::size_t expert_series = 0;
   for (const auto& [series, value] : after)
     if (series.starts_with("shoal_expert_routed_tokens_total{")) ++expert_series;
-  if (cluster) {
-    // TODO(issue 15): `serve --cluster` has no per-expert counts: the gateway's backend is given
-    // no observer for the nodes' routed tokens (tools/shoal/serve_command.cpp, serve_cluster),
-    // so /metrics carries no shoal_expert_routed_tokens_total series at all. When the nodes
-    // report them, this branch must check the same sums as the embedded one.
-    CHECK(expert_series == 0);
-    return;
-  }
+  // Both server kinds: `serve --cluster` sums what the nodes report with their heartbeats.
   CHECK(expert_series == static_cast<std::size_t>(moe.layers * moe.experts));
   for (std::int64_t layer = 0; layer < moe.layers; ++layer) {
     double sum = 0;
@@ -545,8 +536,7 @@ void check_metrics_match(const serve_process& s, bool cluster) {
       REQUIRE(after.count(series) == 1);
       sum += increase(series);
     }
-    // The cached prompt tokens the usage did not report (see the TODO above) never went through.
-    const auto through = routed - (engine_cached - cached);
+    const auto through = routed;
     CAPTURE(layer, through, moe.top_k);
     if (layer < moe.first_dense)
       CHECK(sum == 0);  // a dense layer routes nothing

@@ -56,6 +56,7 @@ struct TokenChunk {
   finish @3 :FinishReason;
   hasLogits @4 :Bool;
   logits @5 :Common.TensorRef;        # [tokens, vocab] f32 when the request wanted logits.
+  cachedPromptTokens @6 :UInt32;      # Prompt tokens served from the router's prefix cache.
 }
 
 struct Cancel {

@@ -100,6 +100,7 @@ class cluster_backend final : public backend {
       runtime::generation_event e;
       e.request_id = id;
       e.prompt_tokens = static_cast<std::int64_t>(r->spec.prompt.size());
+      e.cached_prompt_tokens = chunk.cached_prompt_tokens;
       bool cancel_cluster = false;
       {
         std::lock_guard lock(state->mutex);

@@ -210,6 +210,7 @@ struct token_chunk {
   finish_reason finish = finish_reason::none; ///< Whether and why the stream ended.
   std::uint8_t error_code = 0;        ///< `shoal::errc` value when finish == error.
   std::string error;                  ///< What went wrong, when finish == error.
+  std::uint32_t cached_prompt_tokens = 0; ///< Prompt tokens the router served from its prefix cache.
 };
 
 // CAF 0.17 inspection: lets local actors pass these by value and prints them in logs.
@@ -281,7 +282,7 @@ typename Inspector::result_type inspect(Inspector& f, generate_request& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, token_chunk& x) {
-  return f(x.request, x.tokens, x.logits, x.finish, x.error_code, x.error);
+  return f(x.request, x.tokens, x.logits, x.finish, x.error_code, x.error, x.cached_prompt_tokens);
 }
 
 }  // namespace shoal::actors

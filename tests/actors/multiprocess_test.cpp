@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -201,10 +202,37 @@ struct launched_cluster {
 
 }  // namespace
 
+// stdout of a shell command and its exit status.
+std::pair<std::string, int> output_of(const std::string& command) {
+  std::string out;
+  FILE* pipe = ::popen(command.c_str(), "r");
+  REQUIRE(pipe != nullptr);
+  char buffer[4096];
+  for (std::size_t n; (n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0;) out.append(buffer, n);
+  const int status = ::pclose(pipe);
+  return {out, WIFEXITED(status) ? WEXITSTATUS(status) : -1};
+}
+
 TEST_CASE("shoal launch: 2 stages and 2 expert nodes as 4 processes match the single process") {
   launched_cluster c;
   CHECK(c.ready.find("\"connect\":\"127.0.0.1:" + std::to_string(c.ports[0]) + "\"") != std::string::npos);
   check_cluster("127.0.0.1", c.ports[0]);
+  // The operator's console reads the same status over the transport.
+  const auto head = "127.0.0.1:" + std::to_string(c.ports[0]);
+  const auto [json_text, json_exit] = output_of(std::string(SHOAL_BINARY) + " admin status --json --cluster " + head);
+  REQUIRE(json_exit == 0);
+  const auto status = nlohmann::json::parse(json_text);
+  CHECK(status["serving"] == true);
+  CHECK(status["nodes"].size() == 4);
+  CHECK(status["stages"][1]["node"] == "stage1");
+  CHECK(status["scheduler"]["steps"].get<int>() > 0);
+  std::uint64_t routed = 0;
+  for (const auto& n : status["routed_tokens"]) routed += n.get<std::uint64_t>();
+  CHECK(routed > 0);
+  const auto [table, table_exit] = output_of(std::string(SHOAL_BINARY) + " admin status --cluster " + head);
+  CHECK(table_exit == 0);
+  CHECK_THAT(table, Catch::Contains("serving") && Catch::Contains("experts1") && Catch::Contains("expert group 1"));
+  CHECK(output_of(std::string(SHOAL_BINARY) + " admin status --cluster nowhere 2>/dev/null").second == 2);
   CHECK(c.launch->stop() == 0);
 }
 

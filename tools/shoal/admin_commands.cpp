@@ -4,11 +4,14 @@
 
 #include "commands.hpp"
 
+#include "shoal/actors/client.hpp"
 #include "shoal/base/error.hpp"
 #include "shoal/runtime/expert_planner.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -78,12 +81,111 @@ void add_admin_plan(CLI::App& admin) {
   });
 }
 
+// HOST:PORT of a head node.
+std::pair<std::string, std::uint16_t> parse_head(const std::string& spec) {
+  const auto colon = spec.rfind(':');
+  int port = 0;
+  if (colon != std::string::npos && colon > 0) {
+    try {
+      std::size_t used = 0;
+      port = std::stoi(spec.substr(colon + 1), &used);
+      if (used != spec.size() - colon - 1) port = 0;
+    } catch (const std::exception&) {
+      port = 0;
+    }
+  }
+  if (port <= 0 || port > 65535)
+    fail(errc::invalid_argument, "--cluster '{}' is not HOST:PORT of a head node (shoal launch prints it)", spec);
+  return {spec.substr(0, colon), static_cast<std::uint16_t>(port)};
+}
+
+// The status for people: health first, then nodes, placement, scheduler and expert load.
+void print_status(const nlohmann::json& s) {
+  const bool serving = s.value("serving", false);
+  std::string health = serving ? "serving" : "NOT SERVING";
+  if (!s.value("failure", std::string()).empty())
+    health += ": " + s["failure"].get<std::string>();
+  else if (!s.value("degraded", std::string()).empty())
+    health += ": " + s["degraded"].get<std::string>();
+  fmt::print("cluster {}  epoch {}  recoveries {}\n{}\n\n", s.value("config", std::string()), s.value("epoch", 0),
+             s.value("recoveries", 0), health);
+  fmt::print("{:<16} {:<8} {:>8} {:>9} {:>12}  {}\n", "node", "state", "pid", "restarts", "answered", "last failure");
+  for (const auto& n : s["nodes"]) {
+    const auto state = n.value("down", false) ? "dead" : n.value("joined", false) ? "up" : "absent";
+    const auto beat = n.contains("last_heartbeat_ms") ? fmt::format("{} ms ago", n["last_heartbeat_ms"].get<std::int64_t>())
+                                                      : std::string("-");
+    fmt::print("{:<16} {:<8} {:>8} {:>9} {:>12}  {}\n", n.value("name", std::string()), state, n.value("pid", 0),
+               n.value("restarts", 0), beat, n.value("down_reason", std::string()));
+  }
+  fmt::print("\n{:<16} {:<18} {:<10} {}\n", "actor", "on node", "phase", "error");
+  for (std::size_t i = 0; i < s["stages"].size(); ++i) {
+    const auto& a = s["stages"][i];
+    fmt::print("{:<16} {:<18} {:<10} {}\n", fmt::format("stage {}", i), a.value("node", std::string()),
+               a.value("phase", std::string()), a.value("error", std::string()));
+  }
+  for (std::size_t j = 0; j < s["experts"].size(); ++j) {
+    const auto& a = s["experts"][j];
+    fmt::print("{:<16} {:<18} {:<10} {}\n", fmt::format("expert group {}", j), a.value("node", std::string()),
+               a.value("phase", std::string()), a.value("error", std::string()));
+  }
+  if (s.contains("scheduler")) {
+    const auto& q = s["scheduler"];
+    fmt::print("\nrequests {} (waiting {}, running {})  cache blocks {}/{} ({} kept for prefixes)  preemptions {}\n"
+               "steps {}  failed steps {}  replayed requests {}\n",
+               q.value("requests", 0), q.value("waiting", 0), q.value("running", 0), q.value("cache_blocks_used", 0),
+               q.value("cache_blocks_total", 0), q.value("prefix_cache_blocks", 0), q.value("preemptions", 0),
+               q.value("steps", 0), q.value("failed_steps", 0), q.value("replayed_requests", 0));
+  }
+  if (s.contains("routed_tokens")) {
+    std::uint64_t total = 0, hottest = 0;
+    std::size_t hot = 0, used = 0;
+    const auto& routed = s["routed_tokens"];
+    for (std::size_t i = 0; i < routed.size(); ++i) {
+      const auto n = routed[i].get<std::uint64_t>();
+      total += n;
+      if (n > 0) ++used;
+      if (n > hottest) {
+        hottest = n;
+        hot = i;
+      }
+    }
+    fmt::print("routed tokens {} over {} (layer, expert) pairs; hottest: index {} with {}\n", total, used, hot, hottest);
+  }
+}
+
+struct status_options {
+  std::string cluster;
+  bool json = false;
+  int timeout_s = 10;
+};
+
+void add_admin_status(CLI::App& admin) {
+  auto o = std::make_shared<status_options>();
+  auto* cmd = admin.add_subcommand("status", "A running cluster's health: nodes (dead, restarts, heartbeats), placement, "
+                                             "epoch, scheduler counters, routed tokens");
+  cmd->add_option("--cluster", o->cluster, "HOST:PORT of the head node")->required();
+  cmd->add_flag("--json", o->json, "Print the head's status JSON as is");
+  cmd->add_option("--timeout", o->timeout_s, "Seconds to wait for the head")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->callback([o] {
+    const auto [host, port] = parse_head(o->cluster);
+    const auto timeout = std::chrono::seconds(o->timeout_s);
+    auto client = shoal::client::connect(host, port, timeout);
+    const auto status = nlohmann::json::parse(client->status(timeout));
+    if (o->json)
+      fmt::print("{}\n", status.dump());
+    else
+      print_status(status);
+    std::fflush(stdout);
+  });
+}
+
 }  // namespace
 
 void add_admin_commands(CLI::App& app) {
-  auto* admin = app.add_subcommand("admin", "Operator's console: expert placement (and, later, a running cluster)");
+  auto* admin = app.add_subcommand("admin", "Operator's console: a running cluster's status, expert placement planning");
   admin->require_subcommand(1);
   add_admin_plan(*admin);
+  add_admin_status(*admin);
 }
 
 }  // namespace shoal::tools

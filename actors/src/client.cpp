@@ -49,6 +49,19 @@ client::client(actors::local_cluster& cluster) : impl_(std::make_unique<impl>())
 
 client::client(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
 
+std::string client::admin(const std::string& command, const std::vector<std::string>& args, const std::string& token,
+                          std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{*impl_->system};
+  std::string out;
+  std::optional<shoal::error> failure;
+  self->request(impl_->supervisor, timeout, actors::admin_atom::value,
+                actors::admin_request{.command = command, .args = args, .token = token})
+      .receive([&](std::string& s) { out = std::move(s); },
+               [&](caf::error& e) { failure = actors::from_caf_error(e); });
+  if (failure) throw *failure;
+  return out;
+}
+
 std::string client::status(std::chrono::milliseconds timeout) {
   caf::scoped_actor self{*impl_->system};
   std::string out;

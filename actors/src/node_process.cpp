@@ -59,6 +59,22 @@ std::uint64_t available_memory_bytes() {
   return 0;
 }
 
+// The admin token of the config (surrounding whitespace dropped), or "" when none is set.
+std::string read_admin_token(const config::cluster_config& cluster) {
+  if (cluster.admin_token_file.empty()) return {};
+  std::ifstream in(cluster.admin_token_file);
+  if (!in) shoal::fail(errc::not_found, "{}: cannot read the admin token file (admin_token_file)", cluster.admin_token_file.string());
+  std::stringstream text;
+  text << in.rdbuf();
+  auto token = text.str();
+  const auto first = token.find_first_not_of(" \t\r\n");
+  const auto last = token.find_last_not_of(" \t\r\n");
+  token = first == std::string::npos ? std::string() : token.substr(first, last - first + 1);
+  if (token.size() < 16)
+    shoal::fail(errc::invalid_argument, "{}: the admin token must be at least 16 characters", cluster.admin_token_file.string());
+  return token;
+}
+
 config::model_config read_model_config(const std::filesystem::path& model) {
   const auto path = model / "config.json";
   std::ifstream in(path);
@@ -113,7 +129,8 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
     supervisor_options so{.cluster = cluster, .model = model, .ready_timeout = t.ready_timeout,
                           .heartbeat_interval = std::chrono::milliseconds(cluster.heartbeat_ms),
                           .heartbeat_misses = cluster.heartbeat_misses,
-                          .replace_after = std::chrono::seconds(cluster.replace_after_s), .on_event = s.options.on_event};
+                          .replace_after = std::chrono::seconds(cluster.replace_after_s),
+                          .admin_token = read_admin_token(cluster), .on_event = s.options.on_event};
     s.supervisor = s.system->spawn(make_supervisor, so, s.book, s.router);
     s.book->register_actor({s.options.node, actor_ids::supervisor}, caf::actor_cast<caf::actor>(s.supervisor));
   }

@@ -403,6 +403,15 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
       [call](spawn_expert_cmd& c) { call([&](auto& m) { encode(m, c); }); },
       [call, book](heartbeat& h) { call([&](auto& m) { encode(m, h, book->options().node); }); },
       [call](status_atom) { call([&](auto& m) { m.envelope().getBody().initStatusRequest(); }); },
+      [call](admin_atom, admin_request& r) {
+        call([&](auto& m) {
+          auto q = m.envelope().getBody().initStatusRequest();
+          q.setCommand(r.command);
+          auto args = q.initArgs(static_cast<unsigned>(r.args.size()));
+          for (unsigned i = 0; i < r.args.size(); ++i) args.set(i, r.args[i]);
+          q.setToken(r.token);
+        });
+      },
       [call](join_atom, join_request& j, node_agent_actor&) { call([&](auto& m) { encode(m, j); }); },
       [tell, book](release_atom, std::vector<request_id>& ids) {
         for (auto id : ids) tell({book->options().node, 0}, [&](auto& m) { encode_cancel(m, id, "finished"); });
@@ -562,6 +571,23 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
         self->request(target, timeout, status_atom::value)
             .then([status_reply](std::string& json) { status_reply(json, std::nullopt); },
                   [status_reply](caf::error& e) { status_reply({}, from_caf_error(e)); });
+      },
+      [=](inbound& in, admin_atom, admin_request& r) {
+        auto target = caf::actor_cast<supervisor_actor>(local(in));
+        if (!target) return missing(in);
+        auto admin_reply = [reply, in](const std::string& json, std::optional<shoal::error> e) {
+          reply(in, [&](auto& m) {
+            auto r = m.envelope().getBody().initStatusReply();
+            if (e)
+              set_status(r.initStatus(), e->code(), e->what());
+            else
+              r.initStatus().setCode(schema::ErrorCode::OK);
+            r.setJson(json);
+          });
+        };
+        self->request(target, timeout, admin_atom::value, std::move(r))
+            .then([admin_reply](std::string& json) { admin_reply(json, std::nullopt); },
+                  [admin_reply](caf::error& e) { admin_reply({}, from_caf_error(e)); });
       },
   };
 }
@@ -966,9 +992,17 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         send_to_peer(peer, std::move(m));
         return;
       }
-      case schema::Envelope::Body::STATUS_REQUEST:
-        caf::anon_send(bridge_, std::move(in), status_atom::value);
+      case schema::Envelope::Body::STATUS_REQUEST: {
+        const auto q = body.getStatusRequest();
+        if (q.getCommand().size() == 0) {
+          caf::anon_send(bridge_, std::move(in), status_atom::value);
+          return;
+        }
+        admin_request r{.command = q.getCommand().cStr(), .args = {}, .token = q.getToken().cStr()};
+        for (auto a : q.getArgs()) r.args.emplace_back(a.cStr());
+        caf::anon_send(bridge_, std::move(in), admin_atom::value, std::move(r));
         return;
+      }
       case schema::Envelope::Body::STATUS_REPLY: {
         const auto r = body.getStatusReply();
         if (r.getStatus().getCode() != schema::ErrorCode::OK) return answer(to_caf_error(status_error(r.getStatus())));

@@ -3,6 +3,8 @@
 #include "shoal/actors/fabric.hpp"
 #include "shoal/runtime/safetensors.hpp"
 
+#include <openssl/crypto.h>
+
 #include <caf/actor_cast.hpp>
 #include <caf/scoped_actor.hpp>
 #include <caf/system_messages.hpp>
@@ -209,13 +211,13 @@ void place(self_ptr self) {
     }
     return;
   }
-  // First start: wire once everything runs. Serving already: wait for every copy under way,
-  // then wire again only for copies the table lacks.
+  // First start: wire once everything runs. Serving already: wait for every actor under way,
+  // then wire again for actors the table lacks (a copy back, an actor moved by a drain).
   if (spawning && (!st.served || st.serving)) return;
-  bool missing_copy = false;
-  for (const auto& e : st.experts)
-    if (e.phase == placement_phase::running) missing_copy = true;
-  if (!st.serving || missing_copy) wire(self);
+  bool unwired = false;
+  for (const auto* v : {&st.stages, &st.experts})
+    for (const auto& p : *v) unwired = unwired || p.phase == placement_phase::running;
+  if (!st.serving || unwired) wire(self);
 }
 
 void send_heartbeats(self_ptr self) {
@@ -345,9 +347,10 @@ std::pair<std::uint64_t, std::uint64_t> node_memory(supervisor_state& st, const 
   return {used, st.members[node].info.memory_bytes};
 }
 
-// A node that did not come back in time: its stages and expert groups move to surviving nodes
-// with the memory for them (nodes of the same role first, then the one with most room).
-void replace_node(self_ptr self, const std::string& dead) {
+// Moves the actors on `from` (only the failed ones, or all of them) to other nodes that are
+// up, not drained, and have the memory (nodes of the same role first, then the one with the
+// most room). Returns what fits nowhere, each with what it needs and every node's room.
+std::vector<std::string> move_actors(self_ptr self, const std::string& from, bool only_failed, const char* cause) {
   auto& st = self->state;
   const auto& c = st.options.cluster;
   std::vector<std::string> unplaced;
@@ -358,7 +361,7 @@ void replace_node(self_ptr self, const std::string& dead) {
     std::int64_t best_room = 0;
     std::vector<std::string> rooms;
     for (const auto& [name, m] : st.members) {
-      if (name == dead || !m.agent || m.down) continue;
+      if (name == from || !m.agent || m.down || st.drained.contains(name)) continue;
       const auto [used, offered] = node_memory(st, name);
       const auto room = offered == 0 ? std::numeric_limits<std::int64_t>::max()
                                      : static_cast<std::int64_t>(offered) - static_cast<std::int64_t>(used);
@@ -378,25 +381,79 @@ void replace_node(self_ptr self, const std::string& dead) {
     }
     if (best.empty()) {
       unplaced.push_back(fmt::format("{} needs {}; room: {}", what, human_bytes(static_cast<double>(bytes)),
-                                     fmt::join(rooms, ", ")));
+                                     rooms.empty() ? std::string("no other node is up")
+                                                   : fmt::format("{}", fmt::join(rooms, ", "))));
       return;
     }
-    emit(self, {{"event", "replaced"}, {"actor", p.address.actor}, {"what", what}, {"from", dead}, {"to", best},
-                {"bytes", bytes}});
+    emit(self, {{"event", "replaced"}, {"cause", cause}, {"actor", p.address.actor}, {"what", what}, {"from", from},
+                {"to", best}, {"bytes", bytes}});
     p.address.node = best;
     p.phase = placement_phase::pending;
     p.error.clear();
   };
+  auto movable = [&](const supervisor_state::placed& p) {
+    return p.address.node == from && (p.phase == placement_phase::failed || (!only_failed && active(p.phase)));
+  };
   for (std::size_t j = 0; j < st.experts.size(); ++j)
-    if (st.experts[j].address.node == dead && st.experts[j].phase == placement_phase::failed)
-      move(st.experts[j], false, j, fmt::format("expert group {}", j));
+    if (movable(st.experts[j])) move(st.experts[j], false, j, fmt::format("expert group {}", j));
   for (std::size_t i = 0; i < st.stages.size(); ++i)
-    if (st.stages[i].address.node == dead && st.stages[i].phase == placement_phase::failed)
-      move(st.stages[i], true, i, fmt::format("stage {} (layers {}-{})", i, c.stages[i].layer_begin, c.stages[i].layer_end - 1));
+    if (movable(st.stages[i]))
+      move(st.stages[i], true, i,
+           fmt::format("stage {} (layers {}-{})", i, c.stages[i].layer_begin, c.stages[i].layer_end - 1));
+  return unplaced;
+}
+
+// A node that did not come back in time: its stages and expert groups move to survivors.
+void replace_node(self_ptr self, const std::string& dead) {
+  auto& st = self->state;
+  const auto unplaced = move_actors(self, dead, true, "dead");
   if (!unplaced.empty())
     st.degraded = fmt::format("node {} is dead and did not come back; nothing surviving has the memory for: {}", dead,
                               fmt::join(unplaced, "; "));
   place(self);
+}
+
+// An operator's command (`shoal admin`). Changes need the admin token of the cluster config.
+caf::result<std::string> admin_command(self_ptr self, admin_request& request) {
+  auto& st = self->state;
+  const auto refuse = [&](errc code, std::string message) {
+    emit(self, {{"event", "admin"}, {"command", request.command}, {"args", request.args}, {"result", message}});
+    return to_caf_error(code, std::move(message));
+  };
+  if (st.options.admin_token.empty())
+    return refuse(errc::failed_precondition,
+                  "admin commands are disabled: set admin_token_file in the cluster config to enable them");
+  if (request.token.size() != st.options.admin_token.size() ||
+      CRYPTO_memcmp(request.token.data(), st.options.admin_token.data(), request.token.size()) != 0)
+    return refuse(errc::invalid_argument, "the admin token is wrong");
+  if (request.command != "drain" && request.command != "undrain")
+    return refuse(errc::invalid_argument, fmt::format("unknown admin command '{}' (known: drain, undrain)", request.command));
+  if (request.args.size() != 1) return refuse(errc::invalid_argument, fmt::format("{} takes one node name", request.command));
+  const auto& node = request.args[0];
+  const auto it = st.members.find(node);
+  if (it == st.members.end()) return refuse(errc::not_found, fmt::format("no node '{}' in the cluster", node));
+  nlohmann::json reply{{"command", request.command}, {"node", node}};
+  if (request.command == "undrain") {
+    st.drained.erase(node);
+  } else {
+    if (node == st.options.cluster.head)
+      return refuse(errc::invalid_argument, fmt::format("node {} is the head (supervisor and router): it cannot be drained", node));
+    if (!st.serving || st.wiring)
+      return refuse(errc::unavailable, "the cluster is not serving right now (a failure or a change is under way): retry");
+    st.drained.insert(node);
+    const auto unplaced = move_actors(self, node, false, "drain");
+    if (!unplaced.empty()) {
+      // Nothing moved is undone: the actors that found room move, the others stay.
+      st.drained.erase(node);
+      place(self);
+      return refuse(errc::resource_exhausted,
+                    fmt::format("cannot drain {}: nothing else has the memory for: {}", node, fmt::join(unplaced, "; ")));
+    }
+    place(self);
+  }
+  reply["drained"] = std::vector<std::string>(st.drained.begin(), st.drained.end());
+  emit(self, {{"event", "admin"}, {"command", request.command}, {"args", request.args}, {"result", "ok"}});
+  return reply.dump();
 }
 
 void check_replacements(self_ptr self) {
@@ -541,6 +598,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         if (all || st.served) place(self);
         return st.epoch;
       },
+      [self](admin_atom, admin_request& request) -> caf::result<std::string> { return admin_command(self, request); },
       [self](ready_atom) -> caf::result<placement_table> {
         auto& st = self->state;
         if (st.serving) return st.table;
@@ -560,6 +618,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         j["recoveries"] = st.recoveries;
         j["config"] = st.options.cluster.source.string();
         j["heartbeat_ms"] = st.options.heartbeat_interval.count();
+        j["drained"] = std::vector<std::string>(st.drained.begin(), st.drained.end());
         auto& nodes = j["nodes"] = nlohmann::json::array();
         for (const auto& [name, m] : st.members) {
           nlohmann::json n{{"name", name},          {"joined", static_cast<bool>(m.agent) || m.down},

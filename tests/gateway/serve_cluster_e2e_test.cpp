@@ -381,7 +381,15 @@ TEST_CASE("/metrics counts the tokens routed to each expert, embedded and across
   const int dense = config.value("first_k_dense_replace", 0);
   for (serve_process* server : {&single(), &clustered()}) {
     CAPTURE(server->url());
-    const auto before = routed_per_layer(*server);
+    // Counts of other processes reach the head with their heartbeat answers (every 500 ms):
+    // start from counts that have stopped moving.
+    auto before = routed_per_layer(*server);
+    for (int i = 0; i < 12; ++i) {
+      std::this_thread::sleep_for(800ms);
+      auto again = routed_per_layer(*server);
+      if (again == before) break;
+      before = std::move(again);
+    }
     const double prefilled_before = metric(*server, "shoal_engine_prefilled_tokens_total");
     const auto answer = chat(*server, {{"temperature", 0},
                                        {"max_tokens", 6},

@@ -14,6 +14,8 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <thread>
+#include <cstdlib>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -179,6 +181,70 @@ void add_admin_status(CLI::App& admin) {
   });
 }
 
+struct change_options {
+  std::string cluster;
+  std::string node;
+  std::string token_file;
+  int timeout_s = 300;
+};
+
+std::string read_token(const std::string& option_value) {
+  std::string path = option_value;
+  if (path.empty())
+    if (const char* env = std::getenv("SHOAL_ADMIN_TOKEN_FILE")) path = env;
+  if (path.empty())
+    fail(errc::invalid_argument, "--token-file (or SHOAL_ADMIN_TOKEN_FILE) must name the cluster's admin token file");
+  std::ifstream in(path);
+  if (!in) fail(errc::not_found, "{}: cannot read the admin token file", path);
+  std::stringstream text;
+  text << in.rdbuf();
+  auto token = text.str();
+  const auto first = token.find_first_not_of(" \t\r\n");
+  const auto last = token.find_last_not_of(" \t\r\n");
+  return first == std::string::npos ? std::string() : token.substr(first, last - first + 1);
+}
+
+// drain / undrain: the command, then (drain) progress until nothing is left on the node and
+// the cluster serves on the new placement.
+void add_admin_change(CLI::App& admin, const std::string& command, const std::string& help) {
+  auto o = std::make_shared<change_options>();
+  auto* cmd = admin.add_subcommand(command, help);
+  cmd->add_option("node", o->node, "Node name from the cluster config")->required();
+  cmd->add_option("--cluster", o->cluster, "HOST:PORT of the head node")->required();
+  cmd->add_option("--token-file", o->token_file, "The cluster's admin token file (default: $SHOAL_ADMIN_TOKEN_FILE)");
+  cmd->add_option("--timeout", o->timeout_s, "Seconds to wait for the new placement to serve")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->callback([o, command] {
+    const auto [host, port] = parse_head(o->cluster);
+    const auto token = read_token(o->token_file);
+    auto client = shoal::client::connect(host, port, std::chrono::seconds(10));
+    const auto start = std::chrono::steady_clock::now();
+    const auto reply = nlohmann::json::parse(client->admin(command, {o->node}, token));
+    if (command == "drain") {
+      fmt::print(stderr, "[admin] draining {}: its stages and experts move to other nodes\n", o->node);
+      const auto deadline = start + std::chrono::seconds(o->timeout_s);
+      while (true) {
+        const auto s = nlohmann::json::parse(client->status());
+        std::size_t left = 0;
+        for (const auto* list : {&s["stages"], &s["experts"]})
+          for (const auto& a : *list)
+            if (a.value("node", std::string()) == o->node) ++left;
+        if (left == 0 && s.value("serving", false)) break;
+        if (std::chrono::steady_clock::now() > deadline)
+          fail(errc::deadline_exceeded, "node {} still holds {} actors after {} s (cluster: {})", o->node, left,
+               o->timeout_s, s.value("serving", false) ? "serving" : s.value("degraded", std::string("not serving")));
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+      fmt::print(stderr, "[admin] {} is drained ({:.1f} s): it can be stopped without affecting clients\n", o->node,
+                 took.count());
+    }
+    fmt::print("{}\n", reply.dump());
+    std::fflush(stdout);
+  });
+}
+
 }  // namespace
 
 void add_admin_commands(CLI::App& app) {
@@ -186,6 +252,10 @@ void add_admin_commands(CLI::App& app) {
   admin->require_subcommand(1);
   add_admin_plan(*admin);
   add_admin_status(*admin);
+  add_admin_change(*admin, "drain",
+                   "Move every stage and expert group off a node (requests in flight are recomputed, none fails), "
+                   "so that it can be stopped; needs the cluster's admin token");
+  add_admin_change(*admin, "undrain", "Let placement use a drained node again (nothing moves back by itself)");
 }
 
 }  // namespace shoal::tools

@@ -156,6 +156,13 @@ void launched_cluster::on_head_line(const std::string& line) {
                event.value("pid", 0));
   } else if (kind == "recovered") {
     fmt::print(stderr, "{} the cluster serves again (placement epoch {})\n", prefix_, event.value("epoch", 0));
+  } else if (kind == "replaced") {
+    fmt::print(stderr, "{} {} moves from {} to {} ({})\n", prefix_, event.value("what", ""), event.value("from", ""),
+               event.value("to", ""), event.value("cause", ""));
+  } else if (kind == "admin") {
+    // The audit trail of operators' commands (the token is never part of it).
+    fmt::print(stderr, "{} admin {} {}: {}\n", prefix_, event.value("command", ""),
+               event.contains("args") ? event["args"].dump() : std::string("[]"), event.value("result", ""));
   }
 }
 

@@ -73,6 +73,9 @@ struct Error {
 # Client -> head (supervisor): the cluster's status for operators and gateways.
 struct StatusRequest {
   reason @0 :Text;                      # Who asks (for traces); may be empty.
+  command @1 :Text;                     # Empty: the status. Else an admin command (drain, undrain) ...
+  args @2 :List(Text);                  # ... its arguments ...
+  token @3 :Text;                       # ... and the cluster's admin token.
 }
 
 # Head -> client: answer to StatusRequest.

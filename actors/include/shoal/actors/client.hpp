@@ -73,6 +73,11 @@ class client {
   /// whether it serves and why not ("degraded"), and the router's scheduler counters under
   /// "scheduler". Throws `unavailable` when the head does not answer within `timeout`.
   std::string status(std::chrono::milliseconds timeout = std::chrono::seconds(15));
+  /// An operator's command to the supervisor (`drain NODE`, `undrain NODE`) with the
+  /// cluster's admin token; returns its JSON summary. Throws the supervisor's refusal
+  /// (`invalid_argument` for a wrong token, `resource_exhausted` when nothing has room).
+  std::string admin(const std::string& command, const std::vector<std::string>& args, const std::string& token,
+                    std::chrono::milliseconds timeout = std::chrono::seconds(15));
   /// Submits and collects until the request finishes. Throws `shoal::error` with the
   /// router's error, or `deadline_exceeded` naming the wait when no chunk came in `timeout`.
   generate_result generate(const generate_options& options, std::chrono::milliseconds timeout);

@@ -182,6 +182,13 @@ struct heartbeat {
   std::vector<std::uint64_t> routed_count;
 };
 
+/// Operator -> supervisor (`shoal admin`): a command that changes the cluster.
+struct admin_request {
+  std::string command;                 ///< drain, undrain.
+  std::vector<std::string> args;       ///< Its arguments (a node name).
+  std::string token;                   ///< The cluster's admin token.
+};
+
 /// Client -> router: generate tokens after a prompt.
 struct generate_request {
   request_id request = 0;              ///< Chosen by the client, unique per client.
@@ -275,6 +282,10 @@ typename Inspector::result_type inspect(Inspector& f, join_request& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, heartbeat& x) {
   return f(x.epoch, x.sequence, x.evicted, x.routed_index, x.routed_count);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, admin_request& x) {
+  return f(x.command, x.args, x.token);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, generate_request& x) {

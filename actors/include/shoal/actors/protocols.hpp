@@ -30,6 +30,7 @@ using cancel_atom = caf::atom_constant<caf::atom("cancel")>;   ///< Client cance
 using stop_atom = caf::atom_constant<caf::atom("stop")>;       ///< Orderly shutdown.
 using tick_atom = caf::atom_constant<caf::atom("tick")>;       ///< Periodic timer.
 using fence_atom = caf::atom_constant<caf::atom("fence")>;     ///< The placement lost a node.
+using admin_atom = caf::atom_constant<caf::atom("admin")>;     ///< An operator's command.
 
 /// Receives a request's tokens as they are generated (a client, or a proxy of a remote one).
 using token_sink_actor = caf::typed_actor<
@@ -96,6 +97,11 @@ using supervisor_actor = caf::typed_actor<
     /// Membership, placement and health as JSON, with the router's scheduler counters under
     /// "scheduler", for operators and gateways (also over the wire: StatusRequest).
     caf::replies_to<status_atom>::with<std::string>,
+    /// An operator's command (drain or undrain a node); replies with a JSON summary. Errors:
+    /// failed_precondition (no admin token configured), invalid_argument (wrong token,
+    /// bad command), not_found (no such node), resource_exhausted (nothing has
+    /// room for the node's actors), unavailable (a failure or change is under way).
+    caf::replies_to<admin_atom, admin_request>::with<std::string>,
     /// Checks the ready deadline (sent to itself).
     caf::reacts_to<tick_atom>>;
 

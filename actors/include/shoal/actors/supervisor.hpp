@@ -54,6 +54,7 @@
 #include <chrono>
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <vector>
@@ -79,6 +80,8 @@ struct supervisor_options {
   int heartbeat_misses = 4;                        ///< Missed in a row: the node is declared dead.
   /// A dead node not back after this long has its actors re-placed onto survivors; 0: never.
   std::chrono::milliseconds replace_after{30000};
+  /// Token `shoal admin` commands that change the cluster must bring; empty: they are refused.
+  std::string admin_token = {};
   /// Receives one JSON object per membership event (`node_down`, `node_rejoined`,
   /// `recovered`), e.g. for the launcher that restarts processes; may be empty.
   std::function<void(const std::string&)> on_event = {};
@@ -134,6 +137,7 @@ struct supervisor_state {
   /// Routed-token counts of node processes that have since died or been replaced, so that
   /// the cluster's counters never go back.
   std::map<std::uint32_t, std::uint64_t> retired_routed;
+  std::set<std::string> drained;                 ///< Nodes emptied by `drain`: nothing is placed there.
   bool sizes_loaded = false;                     ///< `tensor_sizes` was read (or could not be).
   std::vector<std::pair<std::string, std::uint64_t>> tensor_sizes; ///< Checkpoint tensors' bytes, for placement.
   std::chrono::steady_clock::time_point started; ///< For the ready deadline.

@@ -276,7 +276,8 @@ struct streams_result {
   std::chrono::milliseconds longest_gap{0};
 };
 
-streams_result long_streams(shoal::client& client, const std::function<void()>& during = {}) {
+// `sampled`: every stream samples (temperature 0.9, top-p 0.95) with a seed of its own.
+streams_result long_streams(shoal::client& client, const std::function<void()>& during = {}, bool sampled = false) {
   constexpr std::uint32_t kLong = 150;  // the longest golden prompt is 300 of 512 positions
   const auto prompts = shoal::testing::scheduling_prompts();
   std::mutex mutex;
@@ -287,8 +288,11 @@ streams_result long_streams(shoal::client& client, const std::function<void()>& 
   std::size_t streamed = 0;
   clock_type::duration gap{};
   for (std::size_t slot = 0; slot < tokens.size(); ++slot)
-    client.submit({.prompt = prompts[slot % prompts.size()].tokens, .sampling = {}, .max_tokens = kLong,
-                   .stop_tokens = {}, .want_logits = false, .deadline = {}},
+    client.submit({.prompt = prompts[slot % prompts.size()].tokens,
+                   .sampling = sampled ? shoal::sampling_options{.temperature = 0.9f, .top_p = 0.95f, .has_seed = true,
+                                                                 .seed = 1000 + slot}
+                                       : shoal::sampling_options{},
+                   .max_tokens = kLong, .stop_tokens = {}, .want_logits = false, .deadline = {}},
                   [&, slot](const shoal::actors::token_chunk& c) {
                     std::lock_guard lock(mutex);
                     const auto now = clock_type::now();
@@ -353,6 +357,12 @@ TEST_CASE("shoal launch heals: a node killed or frozen mid-generation is replace
   const pid_t restarted = node_pid(launch.pid, "experts1");
   CHECK(restarted > 0);
   CHECK(restarted != experts);
+
+  // Seeded sampling across a crash: recomputed requests continue their random stream.
+  const auto sampled = long_streams(*client, {}, true);
+  const auto sampled_crashed = long_streams(*client, [&] { REQUIRE(::kill(restarted, SIGKILL) == 0); }, true);
+  check_same_streams(sampled, sampled_crashed);
+  CHECK(sampled.tokens != undisturbed.tokens);  // they did sample
 
   // A freeze: the stage node keeps its connections open and stops answering; heartbeats
   // declare it dead, launch kills and restarts it.

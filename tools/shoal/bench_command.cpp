@@ -22,6 +22,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 namespace shoal::tools {
 namespace {
 
@@ -31,18 +33,51 @@ double seconds_since(clock_type::time_point start) {
   return std::chrono::duration<double>(clock_type::now() - start).count();
 }
 
-// STREAM triad a = b + s*c over arrays far larger than the caches; best of several passes.
-double triad_bandwidth(kernels::thread_pool& pool, std::size_t bytes_per_array) {
+// The triad's inner loop, vectorized whatever the build's optimization level (the arrays do
+// not alias); a scalar or alias-checked loop measures the core, not the memory.
+__attribute__((noinline, optimize("O3"))) void triad_slice(float* __restrict a, const float* __restrict b,
+                                                          const float* __restrict c, std::size_t begin,
+                                                          std::size_t end) {
+  for (std::size_t i = begin; i < end; ++i) a[i] = b[i] + 3.0f * c[i];
+}
+
+// Bytes of each triad array by default: 4 x the last-level cache, at least 256 MiB, as
+// STREAM asks (and as ../shared/baselines/llamacpp/triad.c sizes them).
+std::size_t default_triad_bytes() {
+  long llc = ::sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (llc <= 0) llc = ::sysconf(_SC_LEVEL2_CACHE_SIZE);
+  if (llc <= 0) llc = 32L << 20;
+  return std::max<std::size_t>(4 * static_cast<std::size_t>(llc), std::size_t{256} << 20);
+}
+
+// STREAM triad a = b + s*c, counted as STREAM counts it (3 arrays, write-allocate traffic not
+// counted), best of 7 passes. Each of `threads` threads owns a fixed slice, first-touched by
+// itself, so that the measure is the memory's and not the thread pool's scheduling.
+double triad_bandwidth(int threads, std::size_t bytes_per_array) {
   const std::size_t n = bytes_per_array / sizeof(float);
-  std::vector<float> a(n), b(n, 1.0f), c(n, 2.0f);
-  pool.parallel_for(static_cast<std::int64_t>(n), [&](std::int64_t begin, std::int64_t end) {
-    for (std::int64_t i = begin; i < end; ++i) a[i] = 0.0f;  // first touch on the thread that uses it
+  const auto a = std::make_unique_for_overwrite<float[]>(n);
+  const auto b = std::make_unique_for_overwrite<float[]>(n);
+  const auto c = std::make_unique_for_overwrite<float[]>(n);
+  const auto slice = [&](int t) {
+    return std::pair{n * static_cast<std::size_t>(t) / static_cast<std::size_t>(threads),
+                     n * static_cast<std::size_t>(t + 1) / static_cast<std::size_t>(threads)};
+  };
+  auto on_every_thread = [&](auto&& work) {
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back([&, t] { work(t); });
+    work(0);
+    for (auto& th : pool) th.join();
+  };
+  on_every_thread([&](int t) {
+    const auto [begin, end] = slice(t);
+    for (std::size_t i = begin; i < end; ++i) a[i] = 0.0f, b[i] = 1.0f, c[i] = 2.0f;
   });
   double best = 0.0;
-  for (int pass = 0; pass < 5; ++pass) {
+  for (int pass = 0; pass < 7; ++pass) {
     const auto start = clock_type::now();
-    pool.parallel_for(static_cast<std::int64_t>(n), [&](std::int64_t begin, std::int64_t end) {
-      for (std::int64_t i = begin; i < end; ++i) a[i] = b[i] + 3.0f * c[i];
+    on_every_thread([&](int t) {
+      const auto [begin, end] = slice(t);
+      triad_slice(a.get(), b.get(), c.get(), begin, end);
     });
     const double seconds = seconds_since(start);
     best = std::max(best, 3.0 * static_cast<double>(n * sizeof(float)) / seconds / 1e9);
@@ -156,7 +191,7 @@ void add_bench_command(CLI::App& app) {
     int decode_tokens = 64;
     int threads = 0;
     int repeats = 2;
-    std::size_t triad_mb = 256;
+    std::size_t triad_mb = 0;
     std::string cluster;
     std::string transports;
     bool json = false;
@@ -178,7 +213,9 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--threads", o->threads, "Threads for the multi-threaded rows (0: all cores)");
   cmd->add_option("--repeats", o->repeats, "Interleaved rounds per configuration (best is reported)")
       ->capture_default_str()->check(CLI::Range(1, 100));
-  cmd->add_option("--triad-mb", o->triad_mb, "Size of each triad array in MB")->capture_default_str();
+  cmd->add_option("--triad-mb", o->triad_mb,
+                  "Size of each triad array in MiB (0: 4 x the last-level cache, at least 256 MiB)")
+      ->capture_default_str();
   cmd->callback([o, cmd] {
     if (!o->cluster.empty()) {
       // Short defaults: the point is the per-step messaging cost, not long-context speed.
@@ -208,10 +245,11 @@ void add_bench_command(CLI::App& app) {
       double flops = 0, gemm_gflops = 0;
     };
     std::vector<row> rows;
+    const std::size_t triad_bytes = o->triad_mb > 0 ? o->triad_mb << 20 : default_triad_bytes();
     for (int threads : thread_counts) {
       kernels::thread_pool pool(threads);
       fmt::print(stderr, "[bench] {} thread(s): measuring memory bandwidth\n", threads);
-      const double before = triad_bandwidth(pool, o->triad_mb << 20);
+      const double before = triad_bandwidth(threads, triad_bytes);
       fmt::print(stderr, "[bench] {} thread(s): measuring the FP32 GEMM rate\n", threads);
       const double gemm = gemm_gflops(pool);
       std::vector<std::unique_ptr<runtime::model>> nets;
@@ -231,7 +269,7 @@ void add_bench_command(CLI::App& app) {
           these[m].best.prefill_tokens_per_s = std::max(these[m].best.prefill_tokens_per_s, s.prefill_tokens_per_s);
           these[m].best.decode_tokens_per_s = std::max(these[m].best.decode_tokens_per_s, s.decode_tokens_per_s);
         }
-      const double after = triad_bandwidth(pool, o->triad_mb << 20);
+      const double after = triad_bandwidth(threads, triad_bytes);
       for (auto& r : these) {
         r.bandwidth_after = after;
         rows.push_back(r);

@@ -86,6 +86,17 @@ TEST_CASE("curl gets a chat answer, whole and streamed", "[gateway][e2e]") {
   const auto bad = run("curl -sS -m 10 -w ' %{http_code}' " + s.url() + "/v1/chat/completions -d '{\"messages\": 3}'");
   CHECK(bad.out.ends_with(" 400"));
   CHECK(bad.out.find("\"param\":\"messages\"") != std::string::npos);
+
+  // The request log keeps paths, not query strings (which may carry a credential).
+  const auto queried = run("curl -sS -m 10 -o /dev/null -w '%{http_code}' '" + s.url() + "/v1/models?api_key=sk-query-secret-123'");
+  CHECK(queried.out == "200");
+  std::string log;
+  for (int i = 0; i < 50 && log.find("GET /v1/models?... 200") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    log = s.log();
+  }
+  CHECK(log.find("GET /v1/models?... 200") != std::string::npos);
+  CHECK(log.find("sk-query-secret-123") == std::string::npos);
 }
 
 TEST_CASE("the official OpenAI Node SDK, streaming and not", "[gateway][e2e][node]") {

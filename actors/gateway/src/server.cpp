@@ -709,8 +709,11 @@ class session : public session_base, public std::enable_shared_from_this<session
       srv_.opt.security->audit(r);
     }
     if (srv_.opt.log) {
-      std::string line = fmt::format("{} {} {} {:.3f}s", method_, target_.size() > 200 ? target_.substr(0, 200) : target_,
-                                     status, seconds(clock_type::now() - start_));
+      // The path only: a query string may carry a credential (`?api_key=...`) and logs are
+      // read by more people than the server's keys should be.
+      auto logged = target_.substr(0, std::min(target_.find('?'), std::size_t{200}));
+      if (target_.find('?') != std::string::npos) logged += "?...";
+      std::string line = fmt::format("{} {} {} {:.3f}s", method_, logged, status, seconds(clock_type::now() - start_));
       if (usage_) {
         line += fmt::format(" prompt={} cached={} completion={}", usage_->prompt_tokens, usage_->cached_tokens,
                             usage_->completion_tokens);

@@ -469,6 +469,24 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
   auto fail_reply = [reply](const inbound& in) {
     return [reply, in](caf::error& e) { reply(in, [&](auto& m) { encode_error(m, from_caf_error(e)); }); };
   };
+  // Status and admin requests: the supervisor's JSON answer, or its refusal, as StatusReply.
+  auto ask_supervisor = [=](const inbound& in, auto... message) {
+    auto target = caf::actor_cast<supervisor_actor>(local(in));
+    if (!target) return missing(in);
+    auto answer = [reply, in](const std::string& json, std::optional<shoal::error> e) {
+      reply(in, [&](auto& m) {
+        auto r = m.envelope().getBody().initStatusReply();
+        if (e)
+          set_status(r.initStatus(), e->code(), e->what());
+        else
+          r.initStatus().setCode(schema::ErrorCode::OK);
+        r.setJson(json);
+      });
+    };
+    self->request(target, timeout, std::move(message)...)
+        .then([answer](std::string& json) { answer(json, std::nullopt); },
+              [answer](caf::error& e) { answer({}, from_caf_error(e)); });
+  };
   return {
       [=](inbound& in, step_batch& b) {
         auto target = caf::actor_cast<stage_actor>(local(in));
@@ -555,40 +573,8 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
       [=](inbound& in, token_chunk& c) {
         if (auto target = local(in)) self->send(caf::actor_cast<token_sink_actor>(target), std::move(c));
       },
-      [=](inbound& in, status_atom) {
-        auto target = caf::actor_cast<supervisor_actor>(local(in));
-        if (!target) return missing(in);
-        auto status_reply = [reply, in](const std::string& json, std::optional<shoal::error> e) {
-          reply(in, [&](auto& m) {
-            auto r = m.envelope().getBody().initStatusReply();
-            if (e)
-              set_status(r.initStatus(), e->code(), e->what());
-            else
-              r.initStatus().setCode(schema::ErrorCode::OK);
-            r.setJson(json);
-          });
-        };
-        self->request(target, timeout, status_atom::value)
-            .then([status_reply](std::string& json) { status_reply(json, std::nullopt); },
-                  [status_reply](caf::error& e) { status_reply({}, from_caf_error(e)); });
-      },
-      [=](inbound& in, admin_atom, admin_request& r) {
-        auto target = caf::actor_cast<supervisor_actor>(local(in));
-        if (!target) return missing(in);
-        auto admin_reply = [reply, in](const std::string& json, std::optional<shoal::error> e) {
-          reply(in, [&](auto& m) {
-            auto r = m.envelope().getBody().initStatusReply();
-            if (e)
-              set_status(r.initStatus(), e->code(), e->what());
-            else
-              r.initStatus().setCode(schema::ErrorCode::OK);
-            r.setJson(json);
-          });
-        };
-        self->request(target, timeout, admin_atom::value, std::move(r))
-            .then([admin_reply](std::string& json) { admin_reply(json, std::nullopt); },
-                  [admin_reply](caf::error& e) { admin_reply({}, from_caf_error(e)); });
-      },
+      [=](inbound& in, status_atom) { ask_supervisor(in, status_atom::value); },
+      [=](inbound& in, admin_atom, admin_request& r) { ask_supervisor(in, admin_atom::value, std::move(r)); },
   };
 }
 

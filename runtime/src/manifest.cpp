@@ -1,6 +1,7 @@
 #include "shoal/runtime/manifest.hpp"
 
 #include "shoal/base/error.hpp"
+#include "shoal/base/hex.hpp"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -32,16 +33,6 @@ constexpr std::uint64_t kProgressEvery = 1ull << 30;
 struct md_ctx_free {
   void operator()(EVP_MD_CTX* c) const { EVP_MD_CTX_free(c); }
 };
-
-std::string to_hex(const unsigned char* data, std::size_t n) {
-  static constexpr char digits[] = "0123456789abcdef";
-  std::string out(2 * n, '0');
-  for (std::size_t i = 0; i < n; ++i) {
-    out[2 * i] = digits[data[i] >> 4];
-    out[2 * i + 1] = digits[data[i] & 15];
-  }
-  return out;
-}
 
 // SHA-256 of one file, streamed; progress every GiB of a big file.
 std::string sha256_file(const fs::path& path, const std::string& name, const manifest_progress& progress) {

@@ -6,6 +6,7 @@
 #include "shoal/base/error.hpp"
 
 #include "free_port.hpp"
+#include "node_pid.hpp"
 #include "scheduling.hpp"
 #include "skip.hpp"
 #include "reference.hpp"
@@ -249,23 +250,7 @@ TEST_CASE("shoal launch: concurrent requests with chunked prefill and preemption
 
 namespace {
 
-// The pid of the node process named `node` among launch's children (of any of its threads:
-// restarted nodes are forked by its watcher thread), or -1.
-pid_t node_pid(pid_t launch, const std::string& node) {
-  std::vector<pid_t> all;
-  for (const auto& task : std::filesystem::directory_iterator("/proc/" + std::to_string(launch) + "/task")) {
-    std::ifstream children(task.path() / "children");
-    for (pid_t child; children >> child;) all.push_back(child);
-  }
-  for (const pid_t child : all) {
-    std::ifstream in("/proc/" + std::to_string(child) + "/cmdline");
-    std::vector<std::string> args;
-    for (std::string arg; std::getline(in, arg, '\0');) args.push_back(arg);
-    for (std::size_t i = 0; i + 1 < args.size(); ++i)
-      if (args[i] == "--name" && args[i + 1] == node) return child;
-  }
-  return -1;
-}
+using shoal::testing::node_pid;
 
 // Long greedy streams of every golden prompt, twice at once: `during` runs once some tokens
 // have streamed (and none finished). Returns each stream's tokens and how it ended, and the

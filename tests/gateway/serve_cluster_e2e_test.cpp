@@ -4,6 +4,7 @@
 // C++ client example streams from it. Answers must be those of the single-process server
 // (`shoal serve --model`) on the same checkpoint: greedy, seeded sampling and stop strings.
 
+#include "node_pid.hpp"
 #include "serve_process.hpp"
 #include "tiny_cluster.hpp"
 
@@ -22,6 +23,7 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 using namespace std::chrono_literals;
 using namespace shoal::gateway::testing;
+using shoal::testing::node_pid;
 
 namespace {
 
@@ -210,21 +212,6 @@ TEST_CASE("concurrent requests: serve and serve --cluster give the same greedy a
 }
 
 namespace {
-
-// The pid of the node process named `node` among the children of `parent` (any thread).
-pid_t node_pid(pid_t parent, const std::string& node) {
-  for (const auto& task : fs::directory_iterator("/proc/" + std::to_string(parent) + "/task")) {
-    std::ifstream in(task.path() / "children");
-    for (pid_t pid; in >> pid;) {
-      std::ifstream cmd("/proc/" + std::to_string(pid) + "/cmdline");
-      std::vector<std::string> args;
-      for (std::string arg; std::getline(cmd, arg, '\0');) args.push_back(arg);
-      for (std::size_t i = 0; i + 1 < args.size(); ++i)
-        if (args[i] == "--name" && args[i + 1] == node) return pid;
-    }
-  }
-  return -1;
-}
 
 // A streamed chat completion (`curl -N`) into a file, on its own thread.
 struct sse_stream {

@@ -83,22 +83,11 @@ void add_admin_plan(CLI::App& admin) {
   });
 }
 
-// HOST:PORT of a head node.
+// HOST:PORT of a head node, or a refusal naming the option.
 std::pair<std::string, std::uint16_t> parse_head(const std::string& spec) {
-  const auto colon = spec.rfind(':');
-  int port = 0;
-  if (colon != std::string::npos && colon > 0) {
-    try {
-      std::size_t used = 0;
-      port = std::stoi(spec.substr(colon + 1), &used);
-      if (used != spec.size() - colon - 1) port = 0;
-    } catch (const std::exception&) {
-      port = 0;
-    }
-  }
-  if (port <= 0 || port > 65535)
-    fail(errc::invalid_argument, "--cluster '{}' is not HOST:PORT of a head node (shoal launch prints it)", spec);
-  return {spec.substr(0, colon), static_cast<std::uint16_t>(port)};
+  auto address = head_address(spec);
+  if (!address) fail(errc::invalid_argument, "--cluster '{}' is not HOST:PORT of a head node (shoal launch prints it)", spec);
+  return *address;
 }
 
 // The status for people: health first, then nodes, placement, scheduler and expert load.

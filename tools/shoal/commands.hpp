@@ -1,6 +1,9 @@
 #pragma once
 // Each group of subcommands registers itself on the top-level CLI.
 
+#include <cstdint>
+#include <optional>
+#include <utility>
 #include <string>
 
 namespace CLI {
@@ -30,6 +33,10 @@ void add_security_commands(CLI::App& app);
 /// admin: the operator's console; `admin plan` plans expert placement offline from a loads
 /// file. Subcommands that talk to a running cluster are added to the same group.
 void add_admin_commands(CLI::App& app);
+
+/// HOST:PORT of a running cluster's head node, or nothing when `spec` is not one (a file of
+/// that name is a config, not an address).
+std::optional<std::pair<std::string, std::uint16_t>> head_address(const std::string& spec);
 
 /// `bench --cluster CONFIG`: decode on one process vs. the config's nodes started on this
 /// machine, same run, and what each network leg of a step costs.

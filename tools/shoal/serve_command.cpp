@@ -138,16 +138,6 @@ void print_ready(const serve_options& o, const gateway::server& srv, const std::
              access.empty() ? "" : "-H \"Authorization: Bearer $KEY\" ", name);
 }
 
-// HOST:PORT of a running cluster's head node, or nothing when `spec` is not one.
-std::optional<std::pair<std::string, std::uint16_t>> head_address(const std::string& spec) {
-  const auto colon = spec.rfind(':');
-  if (colon == std::string::npos || colon == 0 || colon + 1 == spec.size() || fs::exists(spec)) return std::nullopt;
-  int port = 0;
-  const auto r = std::from_chars(spec.data() + colon + 1, spec.data() + spec.size(), port);
-  if (r.ec != std::errc() || r.ptr != spec.data() + spec.size() || port <= 0 || port > 65535) return std::nullopt;
-  return std::pair{spec.substr(0, colon), static_cast<std::uint16_t>(port)};
-}
-
 // The gateway in front of a cluster: a running one (HOST:PORT of its head node) or the nodes
 // of a config, started here and stopped with the server.
 void serve_cluster(const serve_options& o, const sigset_t& signals) {
@@ -268,9 +258,8 @@ void serve(const serve_options& options) {
   const auto experts = model.n_routed_experts;
   // Queue, cache, health gauges and routed tokens per expert come through the client's
   // status, as for a remote cluster.
-  std::function<void(runtime::engine_stats&)> observe;
   const auto max_sequence = std::min(model.max_position_embeddings, cache_blocks * plan.block_tokens - 1);
-  auto back = gateway::make_cluster_backend(client, tok, max_sequence, o.max_waiting + o.max_running, observe);
+  auto back = gateway::make_cluster_backend(client, tok, max_sequence, o.max_waiting + o.max_running);
 
   std::mutex log_mutex;
   auto srv = std::make_unique<gateway::server>(*back, tok, server_settings(o, name, experts, log_mutex));
@@ -479,6 +468,16 @@ void add_bench_serve(CLI::App& app) {
 void add_serve_commands(CLI::App& app) {
   add_serve(app);
   add_bench_serve(app);
+}
+
+// HOST:PORT of a running cluster's head node, or nothing when `spec` is not one.
+std::optional<std::pair<std::string, std::uint16_t>> head_address(const std::string& spec) {
+  const auto colon = spec.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == spec.size() || std::filesystem::exists(spec)) return std::nullopt;
+  int port = 0;
+  const auto r = std::from_chars(spec.data() + colon + 1, spec.data() + spec.size(), port);
+  if (r.ec != std::errc() || r.ptr != spec.data() + spec.size() || port <= 0 || port > 65535) return std::nullopt;
+  return std::pair{spec.substr(0, colon), static_cast<std::uint16_t>(port)};
 }
 
 }  // namespace shoal::tools

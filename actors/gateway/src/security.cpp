@@ -8,6 +8,7 @@
 
 #include "audit_log.hpp"
 #include "shoal/base/error.hpp"
+#include "shoal/base/hex.hpp"
 
 #include <fmt/format.h>
 #include <jwt.h>
@@ -60,16 +61,6 @@ struct jwt_deleter {
 struct c_free {
   void operator()(char* p) const { std::free(p); }
 };
-
-std::string to_hex(const unsigned char* data, std::size_t n) {
-  static constexpr char digits[] = "0123456789abcdef";
-  std::string out(2 * n, '0');
-  for (std::size_t i = 0; i < n; ++i) {
-    out[2 * i] = digits[data[i] >> 4];
-    out[2 * i + 1] = digits[data[i] & 15];
-  }
-  return out;
-}
 
 std::optional<std::vector<unsigned char>> from_hex(std::string_view s) {
   if (s.size() % 2) return std::nullopt;

@@ -38,9 +38,8 @@ struct shared_state {
 class cluster_backend final : public backend {
  public:
   cluster_backend(shoal::client& client, const runtime::tokenizer& tok, std::int64_t max_sequence_tokens,
-                  std::int64_t max_waiting, std::function<void(runtime::engine_stats&)> observe)
-      : client_(client), tok_(tok), max_sequence_tokens_(max_sequence_tokens), max_waiting_(max_waiting),
-        observe_(std::move(observe)) {}
+                  std::int64_t max_waiting)
+      : client_(client), tok_(tok), max_sequence_tokens_(max_sequence_tokens), max_waiting_(max_waiting) {}
 
   ~cluster_backend() override {
     std::vector<std::uint64_t> ids;
@@ -188,7 +187,6 @@ class cluster_backend final : public backend {
       s = state_->counters;
     }
     apply_cluster_status(s);
-    if (observe_) observe_(s);
     return s;
   }
 
@@ -249,7 +247,6 @@ class cluster_backend final : public backend {
   const runtime::tokenizer& tok_;
   std::int64_t max_sequence_tokens_;
   std::int64_t max_waiting_;
-  std::function<void(runtime::engine_stats&)> observe_;
   mutable std::mutex status_mutex_;
   mutable clock_type::time_point status_at_{};
   mutable nlohmann::json status_;
@@ -260,9 +257,8 @@ class cluster_backend final : public backend {
 }  // namespace
 
 std::unique_ptr<backend> make_cluster_backend(shoal::client& client, const runtime::tokenizer& tok,
-                                              std::int64_t max_sequence_tokens, std::int64_t max_waiting,
-                                              std::function<void(runtime::engine_stats&)> observe) {
-  return std::make_unique<cluster_backend>(client, tok, max_sequence_tokens, max_waiting, std::move(observe));
+                                              std::int64_t max_sequence_tokens, std::int64_t max_waiting) {
+  return std::make_unique<cluster_backend>(client, tok, max_sequence_tokens, max_waiting);
 }
 
 }  // namespace shoal::gateway

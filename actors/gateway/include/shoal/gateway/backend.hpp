@@ -36,10 +36,9 @@ class backend {
 /// Prompts go to the cluster as token ids with the request's sampling parameters; the text
 /// side (detokenization, stop strings, EOS from `tok`) runs here. `max_sequence_tokens` is
 /// the model's context; at most `max_waiting` requests are in progress at once (more get
-/// `resource_exhausted`). `observe`, when given, completes each stats snapshot with what the
-/// cluster itself counts (the scheduler's queue and cache gauges, routed tokens per expert).
+/// `resource_exhausted`). Stats add what the cluster itself counts, from its status (the
+/// scheduler's queue and cache gauges, health, routed tokens per expert).
 std::unique_ptr<backend> make_cluster_backend(shoal::client& client, const runtime::tokenizer& tok,
-                                              std::int64_t max_sequence_tokens, std::int64_t max_waiting,
-                                              std::function<void(runtime::engine_stats&)> observe = {});
+                                              std::int64_t max_sequence_tokens, std::int64_t max_waiting);
 
 }  // namespace shoal::gateway

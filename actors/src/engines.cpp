@@ -53,6 +53,7 @@ void expert_engine::compute(std::int64_t layer, const float* x, const std::int32
   kernels::moe_experts_params p{.x = x, .tokens = rows, .hidden = c.hidden_size, .top_k = 1, .indices = ids,
                                 .weights = ones.data(), .experts = weights_->layers()[layer].experts, .y = out};
   kernels::moe_experts(*pool_, p);
+  rows_computed_.fetch_add(static_cast<std::uint64_t>(rows), std::memory_order_relaxed);
 }
 
 stage_engine::stage_engine(const options& o) : options_(o) {

@@ -51,6 +51,13 @@ std::vector<std::uint64_t> fabric::routed_tokens() {
   return sum;
 }
 
+std::map<std::pair<std::string, std::uint64_t>, std::uint64_t> fabric::served_rows() {
+  std::lock_guard lock(mutex_);
+  std::map<std::pair<std::string, std::uint64_t>, std::uint64_t> out;
+  for (const auto& [key, engine] : engines_) out[key] = engine->rows_computed();
+  return out;
+}
+
 std::shared_ptr<expert_engine> fabric::engine(const actor_address& address) {
   std::lock_guard lock(mutex_);
   const auto it = engines_.find({address.node, address.actor});

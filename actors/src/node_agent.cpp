@@ -66,12 +66,29 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
         }
         return ok_atom::value;
       },
+      [self](retire_actor_cmd& cmd) -> caf::result<ok_atom> {
+        auto& st = self->state;
+        const actor_address address{st.options.node, cmd.actor};
+        for (std::size_t i = 0; i < st.addresses.size(); ++i) {
+          if (st.addresses[i] != address) continue;
+          st.book->unregister(address);
+          self->send_exit(st.children[i], caf::exit_reason::user_shutdown);
+          st.children.erase(st.children.begin() + static_cast<std::ptrdiff_t>(i));
+          st.addresses.erase(st.addresses.begin() + static_cast<std::ptrdiff_t>(i));
+          break;
+        }
+        return ok_atom::value;
+      },
       [self, stop](stop_atom) {
         stop();
         self->quit();
       },
-      [](heartbeat& h) { return heartbeat{.epoch = h.epoch, .sequence = h.sequence, .evicted = {}, .routed_index = {},
-                                          .routed_count = {}}; },
+      [](heartbeat& h) {
+        heartbeat answer;
+        answer.epoch = h.epoch;
+        answer.sequence = h.sequence;
+        return answer;
+      },
   };
 }
 

@@ -193,6 +193,7 @@ void encode(transport::outgoing_message& m, expert_combine c) {
 void encode(transport::outgoing_message& m, const placement_table& t) {
   auto p = m.envelope().getBody().initPlacementTable();
   p.setEpoch(t.epoch);
+  p.setFence(t.fence);
   auto stages = p.initStages(static_cast<unsigned>(t.stages.size()));
   for (unsigned i = 0; i < t.stages.size(); ++i) {
     stages[i].setStage(t.stages[i].stage);
@@ -263,6 +264,15 @@ void encode(transport::outgoing_message& m, const heartbeat& h, const std::strin
   for (unsigned i = 0; i < h.routed_index.size(); ++i) index.set(i, h.routed_index[i]);
   auto count = b.initRoutedCount(static_cast<unsigned>(h.routed_count.size()));
   for (unsigned i = 0; i < h.routed_count.size(); ++i) count.set(i, h.routed_count[i]);
+  b.setFence(h.fence);
+  auto actors = b.initServedActor(static_cast<unsigned>(h.served_actor.size()));
+  for (unsigned i = 0; i < h.served_actor.size(); ++i) actors.set(i, h.served_actor[i]);
+  auto rows = b.initServedRows(static_cast<unsigned>(h.served_rows.size()));
+  for (unsigned i = 0; i < h.served_rows.size(); ++i) rows.set(i, h.served_rows[i]);
+}
+
+void encode(transport::outgoing_message& m, const retire_actor_cmd& c) {
+  m.envelope().getBody().initRetireActor().setActor(c.actor);
 }
 
 void encode(transport::outgoing_message& m, const generate_request& g) {
@@ -396,11 +406,12 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
       [call](step_batch& b) { call([&](auto& m) { encode(m, std::move(b)); }); },
       [call](expert_dispatch& d) { call([&](auto& m) { encode(m, std::move(d)); }); },
       [call, book](wire_atom, placement_table& t) {
-        book->observe_epoch(t.epoch);
+        book->observe_epoch(t.epoch, t.fence);
         call([&](auto& m) { encode(m, t); });
       },
       [call](spawn_stage_cmd& c) { call([&](auto& m) { encode(m, c); }); },
       [call](spawn_expert_cmd& c) { call([&](auto& m) { encode(m, c); }); },
+      [call](retire_actor_cmd& c) { call([&](auto& m) { encode(m, c); }); },
       [call, book](heartbeat& h) { call([&](auto& m) { encode(m, h, book->options().node); }); },
       [call](status_atom) { call([&](auto& m) { m.envelope().getBody().initStatusRequest(); }); },
       [call](admin_atom, admin_request& r) {
@@ -501,7 +512,7 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
             .then([reply, in](expert_combine& c) { reply(in, [&](auto& m) { encode(m, std::move(c)); }); }, fail_reply(in));
       },
       [=](inbound& in, placement_table& t) {
-        if (auto book = weak.lock()) book->observe_epoch(t.epoch);
+        if (auto book = weak.lock()) book->observe_epoch(t.epoch, t.fence);
         auto target = local(in);
         if (!target) return missing(in);
         auto spawn_reply = [reply, in](std::optional<shoal::error> e) {
@@ -526,6 +537,16 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
                   });
       },
       [=](inbound& in, spawn_expert_cmd& c) {
+        auto target = caf::actor_cast<node_agent_actor>(local(in));
+        if (!target) return missing(in);
+        const auto actor = c.actor;
+        self->request(target, timeout, std::move(c))
+            .then([reply, in, actor](ok_atom) { reply(in, [&](auto& m) { encode_spawn_reply(m, actor, std::nullopt); }); },
+                  [reply, in, actor](caf::error& e) {
+                    reply(in, [&](auto& m) { encode_spawn_reply(m, actor, from_caf_error(e)); });
+                  });
+      },
+      [=](inbound& in, retire_actor_cmd& c) {
         auto target = caf::actor_cast<node_agent_actor>(local(in));
         if (!target) return missing(in);
         const auto actor = c.actor;
@@ -739,10 +760,14 @@ void remote_fabric::evict(const std::string& node, std::uint64_t epoch) {
   }
 }
 
-void remote_fabric::observe_epoch(std::uint64_t epoch) noexcept {
-  auto current = epoch_.load();
-  while (epoch > current && !epoch_.compare_exchange_weak(current, epoch)) {
-  }
+void remote_fabric::observe_epoch(std::uint64_t epoch, std::uint64_t fence) noexcept {
+  auto raise = [](std::atomic<std::uint64_t>& value, std::uint64_t to) {
+    auto current = value.load();
+    while (to > current && !value.compare_exchange_weak(current, to)) {
+    }
+  };
+  raise(epoch_, epoch);
+  raise(fence_, fence);
 }
 
 void remote_fabric::on_peer_lost(transport::peer_id peer, const shoal::error& reason, bool orderly) {
@@ -797,11 +822,11 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
     const bool data = body.which() == schema::Envelope::Body::STEP_BATCH ||
                       body.which() == schema::Envelope::Body::ACTIVATIONS ||
                       body.which() == schema::Envelope::Body::EXPERT_DISPATCH;
-    if (data && env.getEpoch() < epoch()) {
-      // Fencing: the sender acted on a placement that has since changed.
+    if (data && env.getEpoch() < fence()) {
+      // Fencing: the sender acted on a placement that included a node since declared dead.
       auto m = envelope({options_.node, in.receiver}, in.sender, in.correlation, epoch());
-      encode_error(m, shoal::error(errc::aborted, fmt::format("message of placement epoch {} arrived in epoch {}",
-                                                               env.getEpoch(), epoch())));
+      encode_error(m, shoal::error(errc::aborted, fmt::format("message of placement epoch {} arrived after the fence of epoch {}",
+                                                               env.getEpoch(), fence())));
       send_to_peer(peer, std::move(m));
       return;
     }
@@ -850,6 +875,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         const auto p = body.getPlacementTable();
         placement_table t;
         t.epoch = p.getEpoch();
+        t.fence = p.getFence();
         for (auto s : p.getStages())
           t.stages.push_back({.stage = s.getStage(), .first_layer = s.getFirstLayer(), .end_layer = s.getEndLayer(),
                               .address = get_address(s.getAddress())});
@@ -876,6 +902,10 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         spawn_expert_cmd c{.actor = s.getActor(), .experts = {}, .model_path = s.getModelPath().cStr()};
         for (auto id : s.getExperts()) c.experts.push_back(id);
         caf::anon_send(bridge_, std::move(in), std::move(c));
+        return;
+      }
+      case schema::Envelope::Body::RETIRE_ACTOR: {
+        caf::anon_send(bridge_, std::move(in), retire_actor_cmd{.actor = body.getRetireActor().getActor()});
         return;
       }
       case schema::Envelope::Body::SPAWN_REPLY: {
@@ -948,8 +978,9 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         }
         const auto h = body.getHeartbeat();
         if (is_reply) {
-          heartbeat answered{.epoch = env.getEpoch(), .sequence = h.getSequence(), .evicted = {}, .routed_index = {},
-                             .routed_count = {}};
+          heartbeat answered;
+          answered.epoch = env.getEpoch();
+          answered.sequence = h.getSequence();
           const auto index = h.getRoutedIndex();
           const auto count = h.getRoutedCount();
           if (index.size() != count.size())
@@ -958,15 +989,28 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
             answered.routed_index.push_back(index[i]);
             answered.routed_count.push_back(count[i]);
           }
+          const auto actors = h.getServedActor();
+          const auto rows = h.getServedRows();
+          if (actors.size() != rows.size())
+            shoal::fail(errc::invalid_argument, "heartbeat with {} expert actors and {} row counts", actors.size(), rows.size());
+          for (unsigned i = 0; i < actors.size(); ++i) {
+            answered.served_actor.push_back(actors[i]);
+            answered.served_rows.push_back(rows[i]);
+          }
           return answer(std::move(answered));
         }
         // A ping from the supervisor, answered here rather than by an actor: it proves this
         // process and its transport make progress, whatever its actors are busy with.
-        observe_epoch(env.getEpoch());
+        observe_epoch(env.getEpoch(), h.getFence());
         for (auto name : h.getEvicted())
           if (std::string(name.cStr()) != options_.node) evict(name.cStr(), env.getEpoch());
-        heartbeat answer_beat{.epoch = epoch(), .sequence = h.getSequence(), .evicted = {}, .routed_index = {},
-                              .routed_count = {}};
+        heartbeat answer_beat;
+        answer_beat.epoch = epoch();
+        answer_beat.sequence = h.getSequence();
+        for (const auto& [address, rows] : served_rows()) {
+          answer_beat.served_actor.push_back(address.second);
+          answer_beat.served_rows.push_back(rows);
+        }
         const auto routed = routed_tokens();
         for (std::size_t i = 0; i < routed.size(); ++i)
           if (routed[i] != 0) {

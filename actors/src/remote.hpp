@@ -63,7 +63,8 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   const remote_options& options() const noexcept { return options_; }
   caf::actor_system& system() noexcept { return system_; }
   std::uint64_t epoch() const noexcept { return epoch_.load(); }
-  void observe_epoch(std::uint64_t epoch) noexcept override;
+  std::uint64_t fence() const noexcept { return fence_.load(); }
+  void observe_epoch(std::uint64_t epoch, std::uint64_t fence) noexcept override;
   bool remote(const std::string& node) const override;
   void evict(const std::string& node, std::uint64_t epoch) override;
 
@@ -85,6 +86,7 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   std::mutex connect_mutex_;
   std::atomic<std::uint64_t> correlation_{0};
   std::atomic<std::uint64_t> epoch_{0};
+  std::atomic<std::uint64_t> fence_{0};
   std::uint64_t next_local_id_ = actor_ids::first_client;
   bool trace_ = false;  // SHOAL_TRACE_WIRE set: log every envelope
 

@@ -281,8 +281,22 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
           return to_caf_error(errc::not_found, fmt::format("first stage {}/{} is not reachable",
                                                            table.stages.front().address.node,
                                                            table.stages.front().address.actor));
+        std::vector<actor_address> stages;
+        for (const auto& s : table.stages) stages.push_back(s.address);
+        // The same stages and no node lost since the last placement (an expert copied, moved
+        // or dropped): the step in flight finishes and the stages keep their latent caches.
+        const bool seamless = st.wired && st.first_stage && stages == st.stages && table.fence == st.fence;
         st.first_stage = std::move(first);
         st.epoch = table.epoch;
+        st.fence = table.fence;
+        st.stages = std::move(stages);
+        if (seamless) {
+          if (st.paused) {
+            st.paused = false;
+            schedule(self);
+          }
+          return ok_atom::value;
+        }
         abandon_step(self, shoal::error(errc::aborted, fmt::format("the placement changed (epoch {})", table.epoch)));
         // Stages of a new placement may be new processes with empty stores: recompute all.
         if (st.wired) st.plan->requeue_all();

@@ -10,8 +10,10 @@
 #include <caf/system_messages.hpp>
 
 #include <algorithm>
+#include <charconv>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -59,14 +61,26 @@ bool node_up(const supervisor_state& st, const std::string& node) {
 }
 
 void place(self_ptr self);
+void settle_changes(self_ptr self);
+
+// Whether the placement table routes anything to `address`.
+bool in_table(const placement_table& table, const actor_address& address) {
+  for (const auto& s : table.stages)
+    if (s.address == address) return true;
+  for (const auto& e : table.experts)
+    if (e.address == address) return true;
+  return false;
+}
 
 void wire(self_ptr self) {
   auto& st = self->state;
   st.table = placement_table{};
   st.table.epoch = ++st.epoch;
-  st.book->observe_epoch(st.epoch);
+  st.table.fence = st.fence;
+  st.book->observe_epoch(st.epoch, st.fence);
   st.evicted.clear();  // a new epoch: the dead were replaced
   st.wiring = true;
+  st.rewire = false;
   st.table.router = {st.options.cluster.head, actor_ids::router};
   for (std::size_t i = 0; i < st.stages.size(); ++i) {
     const auto& spec = st.options.cluster.stages[i];
@@ -78,8 +92,8 @@ void wire(self_ptr self) {
   // Expert groups that run; with redundancy a dead node's copies are left out and the
   // stages route to the other copy.
   for (std::size_t j = 0; j < st.experts.size(); ++j) {
-    if (!active(st.experts[j].phase)) continue;
     const auto& spec = st.options.cluster.expert_groups[j];
+    if (!active(st.experts[j].phase) || spec.experts.empty()) continue;
     expert_placement p;
     for (auto e : spec.experts) p.experts.push_back(static_cast<std::uint32_t>(e));
     p.address = st.experts[j].address;
@@ -96,15 +110,23 @@ void wire(self_ptr self) {
       for (auto& e : st.experts)
         if (e.address == p.address && e.phase == placement_phase::running) e.phase = placement_phase::serving;
     st.serving = true;
-    if (st.served) {
+    if (st.served && st.healing) {
       ++st.recoveries;
       emit(self, {{"event", "recovered"}, {"recoveries", st.recoveries}});
+      bool whole = true;
+      for (const auto& [name, m] : st.members) whole = whole && !m.down;
+      for (const auto* v : {&st.stages, &st.experts})
+        for (const auto& p : *v) whole = whole && p.phase != placement_phase::failed;
+      st.healing = !whole;
+    } else if (st.served) {
+      emit(self, {{"event", "placement"}, {"stages", st.table.stages.size()}, {"expert_actors", st.table.experts.size()}});
     }
     st.served = true;
     st.degraded.clear();
     for (auto& rp : st.waiting) rp.deliver(st.table);
     st.waiting.clear();
-    place(self);  // a copy that came up while this table was being acknowledged
+    settle_changes(self);
+    place(self);  // a copy that came up while this table was being acknowledged, or a change to wire
   };
   auto failed = [self, epoch](std::string what) {
     return [self, epoch, what](caf::error& e) {
@@ -217,13 +239,17 @@ void place(self_ptr self) {
   bool unwired = false;
   for (const auto* v : {&st.stages, &st.experts})
     for (const auto& p : *v) unwired = unwired || p.phase == placement_phase::running;
-  if (!st.serving || unwired) wire(self);
+  if (!st.serving || unwired || st.rewire) wire(self);
 }
 
 void send_heartbeats(self_ptr self) {
   auto& st = self->state;
   st.last_heartbeat = clock_type::now();
-  const heartbeat beat{.epoch = st.epoch, .sequence = ++st.heartbeat_sequence, .evicted = st.evicted, .routed_index = {}, .routed_count = {}};
+  heartbeat beat;
+  beat.epoch = st.epoch;
+  beat.sequence = ++st.heartbeat_sequence;
+  beat.evicted = st.evicted;
+  beat.fence = st.fence;
   st.rounds[beat.sequence] = st.last_heartbeat;
   while (st.rounds.size() > static_cast<std::size_t>(st.options.heartbeat_misses) + 2) st.rounds.erase(st.rounds.begin());
   const auto patience = st.options.heartbeat_interval * st.options.heartbeat_misses;
@@ -240,6 +266,9 @@ void send_heartbeats(self_ptr self) {
               m.answered = std::max(m.answered, round);
               for (std::size_t i = 0; i < answer.routed_index.size() && i < answer.routed_count.size(); ++i)
                 m.routed[answer.routed_index[i]] = answer.routed_count[i];
+              m.served.clear();
+              for (std::size_t i = 0; i < answer.served_actor.size() && i < answer.served_rows.size(); ++i)
+                m.served[answer.served_actor[i]] = answer.served_rows[i];
             },
             [](caf::error&) {});  // counted by the missing answer, not by the error
   }
@@ -258,8 +287,11 @@ void declare_dead(self_ptr self, const std::string& name, const std::string& rea
   m.down_at = clock_type::now();
   for (const auto& [index, count] : m.routed) st.retired_routed[index] += count;
   m.routed.clear();
+  m.served.clear();
   ++st.epoch;  // fences messages of the placement that included it
-  st.book->observe_epoch(st.epoch);
+  st.fence = st.epoch;
+  st.healing = true;
+  st.book->observe_epoch(st.epoch, st.fence);
   st.wiring = false;
   for (auto* v : {&st.stages, &st.experts})
     for (auto& p : *v)
@@ -284,20 +316,27 @@ void declare_dead(self_ptr self, const std::string& name, const std::string& rea
   place(self);
 }
 
+// The checkpoint's tensor sizes, read once on the head; none when it cannot be read here
+// (placement then checks only what the nodes report).
+void load_tensor_sizes(supervisor_state& st) {
+  if (st.sizes_loaded) return;
+  st.sizes_loaded = true;
+  try {
+    const auto ckpt = runtime::checkpoint::open(st.options.cluster.model);
+    for (const auto& file : ckpt.files())
+      for (const auto& [name, entry] : file->entries()) st.tensor_sizes.emplace_back(name, entry.end - entry.begin);
+  } catch (const shoal::error&) {
+    st.tensor_sizes.clear();
+  }
+}
+
+std::uint64_t experts_bytes(supervisor_state& st, const std::vector<std::int64_t>& experts);
+
 // Weights (and, for a stage, latent cache) an actor needs, from the checkpoint's tensor sizes
 // on the head; 0 when the checkpoint cannot be read here.
 std::uint64_t actor_bytes(supervisor_state& st, bool stage, std::size_t index) {
   const auto& c = st.options.cluster;
-  if (!st.sizes_loaded) {
-    st.sizes_loaded = true;
-    try {
-      const auto ckpt = runtime::checkpoint::open(c.model);
-      for (const auto& file : ckpt.files())
-        for (const auto& [name, entry] : file->entries()) st.tensor_sizes.emplace_back(name, entry.end - entry.begin);
-    } catch (const shoal::error&) {
-      st.tensor_sizes.clear();  // sizes unknown: placement checks only what the nodes report
-    }
-  }
+  load_tensor_sizes(st);
   std::uint64_t bytes = 0;
   auto in_layers = [](const std::string& name, std::int64_t first, std::int64_t end) {
     constexpr std::string_view prefix = "model.layers.";
@@ -322,7 +361,13 @@ std::uint64_t actor_bytes(supervisor_state& st, bool stage, std::size_t index) {
     }
     return bytes;
   }
-  const auto& experts = c.expert_groups[index].experts;
+  return experts_bytes(st, c.expert_groups[index].experts);
+}
+
+// Weights of `experts` (ascending ids) in every MoE layer.
+std::uint64_t experts_bytes(supervisor_state& st, const std::vector<std::int64_t>& experts) {
+  load_tensor_sizes(st);
+  std::uint64_t bytes = 0;
   for (const auto& [name, size] : st.tensor_sizes) {
     const auto at = name.find(".mlp.experts.");
     if (at == std::string::npos) continue;
@@ -342,7 +387,8 @@ std::pair<std::uint64_t, std::uint64_t> node_memory(supervisor_state& st, const 
   for (std::size_t i = 0; i < st.stages.size(); ++i)
     if (st.stages[i].address.node == node && st.stages[i].phase != placement_phase::failed) used += actor_bytes(st, true, i);
   for (std::size_t j = 0; j < st.experts.size(); ++j)
-    if (st.experts[j].address.node == node && st.experts[j].phase != placement_phase::failed)
+    if (st.experts[j].address.node == node && st.experts[j].phase != placement_phase::failed &&
+        st.experts[j].phase != placement_phase::stopped)
       used += actor_bytes(st, false, j);
   return {used, st.members[node].info.memory_bytes};
 }
@@ -387,6 +433,7 @@ std::vector<std::string> move_actors(self_ptr self, const std::string& from, boo
     }
     emit(self, {{"event", "replaced"}, {"cause", cause}, {"actor", p.address.actor}, {"what", what}, {"from", from},
                 {"to", best}, {"bytes", bytes}});
+    if (active(p.phase)) st.retiring.push_back(p.address);  // a drain: stopped once the move is wired
     p.address.node = best;
     p.phase = placement_phase::pending;
     p.error.clear();
@@ -413,6 +460,298 @@ void replace_node(self_ptr self, const std::string& dead) {
   place(self);
 }
 
+// --- Expert loads ----------------------------------------------------------------------------
+
+// Tokens routed to each (layer, expert) so far, `[layer * n_routed_experts + expert]`: this
+// process's stages, the others' latest heartbeat answers, and what dead processes had counted.
+std::vector<std::uint64_t> routed_totals(supervisor_state& st) {
+  auto routed = st.book->routed_tokens();
+  routed.resize(static_cast<std::size_t>(st.options.model.num_hidden_layers * st.options.model.n_routed_experts), 0);
+  auto add = [&](const std::map<std::uint32_t, std::uint64_t>& sparse) {
+    for (const auto& [index, count] : sparse)
+      if (index < routed.size()) routed[index] += count;
+  };
+  add(st.retired_routed);
+  for (const auto& [name, m] : st.members) add(m.routed);
+  return routed;
+}
+
+// Rows each expert actor computed so far, by (node, actor id).
+std::map<std::pair<std::string, std::uint64_t>, std::uint64_t> served_totals(supervisor_state& st) {
+  auto served = st.book->served_rows();
+  for (const auto& [name, m] : st.members)
+    for (const auto& [actor, rows] : m.served) served[{name, actor}] = rows;
+  return served;
+}
+
+// Records the counters every 1/12 of the load window, keeping one window of samples.
+void sample_loads(self_ptr self, bool placement_changed) {
+  auto& st = self->state;
+  if (st.options.model.n_routed_experts <= 0 || st.options.cluster.expert_groups.empty()) return;
+  const auto now = clock_type::now();
+  const auto every = std::max<clock_type::duration>(std::chrono::seconds(1), st.options.load_window / 12);
+  if (placement_changed) st.served_history.clear();  // rows per copy describe one placement
+  auto record = [&](std::deque<supervisor_state::load_sample>& history, bool routed) {
+    if (!history.empty() && now - history.back().at < every) return;
+    supervisor_state::load_sample sample{.at = now, .routed = {}, .served = {}};
+    if (routed)
+      sample.routed = routed_totals(st);
+    else
+      sample.served = served_totals(st);
+    history.push_back(std::move(sample));
+    while (history.size() > 1 && now - history[1].at >= st.options.load_window) history.pop_front();
+  };
+  record(st.routed_history, true);
+  record(st.served_history, false);
+}
+
+// Measured loads over the window: tokens routed to each expert (summed over layers), and rows
+// computed by the expert actors of each node (since the expert placement last changed, if
+// that is later).
+struct measured_loads {
+  std::vector<double> per_expert;
+  std::map<std::string, double> per_node;
+  double seconds = 0;       // of per_expert
+  double node_seconds = 0;  // of per_node
+};
+
+measured_loads measure(supervisor_state& st) {
+  measured_loads out;
+  const auto n = st.options.model.n_routed_experts;
+  if (n <= 0) return out;
+  out.per_expert.assign(static_cast<std::size_t>(n), 0.0);
+  const auto now = clock_type::now();
+  const auto routed = routed_totals(st);
+  const auto* base = st.routed_history.empty() ? nullptr : &st.routed_history.front().routed;
+  for (std::size_t i = 0; i < routed.size(); ++i) {
+    const auto before = base && i < base->size() ? (*base)[i] : 0;
+    out.per_expert[i % static_cast<std::size_t>(n)] += static_cast<double>(routed[i] > before ? routed[i] - before : 0);
+  }
+  if (!st.routed_history.empty())
+    out.seconds = std::chrono::duration<double>(now - st.routed_history.front().at).count();
+  const auto served = served_totals(st);
+  for (std::size_t j = 0; j < st.experts.size(); ++j) {
+    const auto& p = st.experts[j];
+    if (!active(p.phase)) continue;
+    auto& load = out.per_node[p.address.node];
+    const auto it = served.find({p.address.node, p.address.actor});
+    if (it == served.end()) continue;
+    std::uint64_t before = 0;
+    if (!st.served_history.empty()) {
+      const auto& first = st.served_history.front().served;
+      if (const auto b = first.find(it->first); b != first.end()) before = b->second;
+    }
+    load += static_cast<double>(it->second > before ? it->second - before : 0);
+  }
+  if (!st.served_history.empty())
+    out.node_seconds = std::chrono::duration<double>(now - st.served_history.front().at).count();
+  return out;
+}
+
+// The heaviest node's load over the mean load of the nodes that hold expert actors (1 is
+// perfect balance; 0 when nothing was measured).
+double imbalance(const std::map<std::string, double>& per_node) {
+  double sum = 0, most = 0;
+  for (const auto& [node, load] : per_node) {
+    sum += load;
+    most = std::max(most, load);
+  }
+  return sum > 0 ? most / (sum / static_cast<double>(per_node.size())) : 0.0;
+}
+
+// --- Expert copies -----------------------------------------------------------------------------
+
+// Expert groups that route `expert` now (serving or about to), by index.
+std::vector<std::size_t> copies_of(const supervisor_state& st, std::int64_t expert) {
+  std::vector<std::size_t> out;
+  for (std::size_t j = 0; j < st.experts.size(); ++j) {
+    const auto phase = st.experts[j].phase;
+    if (phase == placement_phase::stopped || phase == placement_phase::failed) continue;
+    const auto& ids = st.options.cluster.expert_groups[j].experts;
+    if (std::binary_search(ids.begin(), ids.end(), expert)) out.push_back(j);
+  }
+  return out;
+}
+
+// Whether `node` may take a new copy: in the cluster, up and not drained; otherwise why not.
+std::string refuse_target(const supervisor_state& st, const std::string& node) {
+  const auto it = st.members.find(node);
+  if (it == st.members.end()) return fmt::format("no node '{}' in the cluster", node);
+  if (!it->second.agent || it->second.down) return fmt::format("node {} is not up", node);
+  if (st.drained.contains(node)) return fmt::format("node {} is drained (undrain it first)", node);
+  return {};
+}
+
+// A new expert group holding only `expert` on `node` (spawned by `place`); its index.
+std::size_t add_copy(self_ptr self, std::int64_t expert, const std::string& node) {
+  auto& st = self->state;
+  const auto j = st.experts.size();
+  st.options.cluster.expert_groups.push_back({.node = node, .experts = {expert}, .line = 0, .copy = 1});
+  st.experts.push_back({.address = {node, actor_ids::first_expert + j}, .phase = placement_phase::pending, .error = {}});
+  return j;
+}
+
+// Stops routing `expert` to group `j`; a group left with nothing is retired once the placement
+// without it is acknowledged. Its weights stay loaded meanwhile, so the change is safe for the
+// step in flight.
+void drop_from_group(self_ptr self, std::size_t j, std::int64_t expert) {
+  auto& st = self->state;
+  auto& ids = st.options.cluster.expert_groups[j].experts;
+  std::erase(ids, expert);
+  if (ids.empty()) st.retiring.push_back(st.experts[j].address);
+  st.rewire = true;
+}
+
+// After a placement was acknowledged by every stage and the router: moves whose new copy
+// serves drop the old ones, and actors no stage can reach any more are stopped.
+void settle_changes(self_ptr self) {
+  auto& st = self->state;
+  for (auto it = st.moves.begin(); it != st.moves.end();) {
+    if (st.experts[it->copy].phase != placement_phase::serving) {
+      ++it;
+      continue;
+    }
+    for (const auto source : it->sources)
+      if (st.experts[source].phase != placement_phase::stopped) drop_from_group(self, source, it->expert);
+    emit(self, {{"event", "expert_moved"}, {"expert", it->expert}, {"to", st.experts[it->copy].address.node}});
+    it = st.moves.erase(it);
+  }
+  for (auto it = st.retiring.begin(); it != st.retiring.end();) {
+    if (in_table(st.table, *it)) {
+      ++it;
+      continue;
+    }
+    const auto address = *it;
+    it = st.retiring.erase(it);
+    for (auto& p : st.experts)
+      if (p.address == address && st.options.cluster.expert_groups[static_cast<std::size_t>(&p - st.experts.data())].experts.empty())
+        p.phase = placement_phase::stopped;
+    if (!node_up(st, address.node)) continue;
+    self->request(st.members[address.node].agent, st.options.ready_timeout, retire_actor_cmd{.actor = address.actor})
+        .then([](ok_atom) {}, [](caf::error&) {});  // a node that fails meanwhile is handled as dead
+    emit(self, {{"event", "retired"}, {"node", address.node}, {"actor", address.actor}});
+  }
+  sample_loads(self, true);
+}
+
+// Changes still under way: copies loading, placements to wire, moves and retirements waiting.
+std::size_t changes_pending(const supervisor_state& st) {
+  std::size_t n = st.moves.size() + st.retiring.size() + (st.rewire || st.wiring ? 1 : 0);
+  for (const auto* v : {&st.stages, &st.experts})
+    for (const auto& p : *v)
+      if (p.phase == placement_phase::pending || p.phase == placement_phase::spawning ||
+          p.phase == placement_phase::running)
+        ++n;
+  return n;
+}
+
+// --- Rebalancing --------------------------------------------------------------------------------
+
+// A rebalancing plan: copies of hot experts on the least loaded expert nodes, chosen greedily
+// against the measured loads (an expert's load split evenly over its copies) within each
+// node's memory. Copies only, no moves: every step lowers the heaviest node's load without
+// taking anything away from a node that serves it now.
+struct rebalance_plan {
+  std::vector<std::pair<std::int64_t, std::string>> copies;  // expert, node
+  double before = 0;
+  double after = 0;
+  std::map<std::string, double> predicted_before;
+  std::map<std::string, double> predicted_after;
+};
+
+rebalance_plan plan_rebalance(supervisor_state& st, const std::vector<double>& per_expert, std::size_t max_copies) {
+  rebalance_plan plan;
+  // Expert nodes: those running expert actors now, up and not drained.
+  std::map<std::string, std::set<std::int64_t>> holds;
+  for (std::size_t j = 0; j < st.experts.size(); ++j) {
+    const auto& p = st.experts[j];
+    if (!active(p.phase) || st.drained.contains(p.address.node) || !node_up(st, p.address.node)) continue;
+    for (auto e : st.options.cluster.expert_groups[j].experts) holds[p.address.node].insert(e);
+  }
+  if (holds.size() < 2) return plan;
+  std::map<std::int64_t, int> copies;
+  for (const auto& [node, experts] : holds)
+    for (auto e : experts) ++copies[e];
+  std::map<std::string, std::int64_t> room;
+  for (const auto& [node, experts] : holds) {
+    const auto [used, offered] = node_memory(st, node);
+    room[node] = offered == 0 ? std::numeric_limits<std::int64_t>::max() / 2
+                              : static_cast<std::int64_t>(offered) - static_cast<std::int64_t>(used);
+  }
+  auto node_loads = [&] {
+    std::map<std::string, double> load;
+    for (const auto& [node, experts] : holds) {
+      auto& l = load[node];
+      for (auto e : experts)
+        if (static_cast<std::size_t>(e) < per_expert.size())
+          l += per_expert[static_cast<std::size_t>(e)] / copies[e];
+    }
+    return load;
+  };
+  plan.predicted_before = node_loads();
+  plan.before = imbalance(plan.predicted_before);
+  auto load = plan.predicted_before;
+  for (std::size_t step = 0; step < max_copies; ++step) {
+    // The heaviest node sheds part of one of its experts to the lightest node that has room
+    // and no copy of it; the pair that leaves the lowest maximum wins.
+    const auto heaviest = std::max_element(load.begin(), load.end(),
+                                           [](const auto& a, const auto& b) { return a.second < b.second; });
+    double best_max = heaviest->second;
+    std::int64_t best_expert = -1;
+    std::string best_node;
+    for (auto e : holds[heaviest->first]) {
+      const double share = per_expert[static_cast<std::size_t>(e)];
+      if (share <= 0) continue;
+      const auto bytes = static_cast<std::int64_t>(experts_bytes(st, {e}));
+      for (const auto& [node, l] : load) {
+        if (holds[node].contains(e) || room[node] < bytes) continue;
+        // With one more copy every holder carries share / (copies + 1).
+        const double now_each = share / copies[e], then_each = share / (copies[e] + 1);
+        double new_max = 0;
+        for (const auto& [other, ol] : load) {
+          double v = ol;
+          if (holds[other].contains(e)) v -= now_each - then_each;
+          if (other == node) v += then_each;
+          new_max = std::max(new_max, v);
+        }
+        if (new_max < best_max * 0.99 || (best_expert >= 0 && new_max < best_max)) {
+          best_max = new_max;
+          best_expert = e;
+          best_node = node;
+        }
+      }
+    }
+    if (best_expert < 0) break;
+    plan.copies.emplace_back(best_expert, best_node);
+    holds[best_node].insert(best_expert);
+    ++copies[best_expert];
+    room[best_node] -= static_cast<std::int64_t>(experts_bytes(st, {best_expert}));
+    load = node_loads();
+  }
+  plan.predicted_after = load;
+  plan.after = imbalance(load);
+  return plan;
+}
+
+// --- Operators' commands ------------------------------------------------------------------------
+
+// An expert id argument, or an error naming it.
+std::optional<std::int64_t> parse_expert(const supervisor_state& st, const std::string& text) {
+  std::int64_t id = -1;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), id);
+  if (ec != std::errc() || end != text.data() + text.size() || id < 0 || id >= st.options.model.n_routed_experts)
+    return std::nullopt;
+  return id;
+}
+
+nlohmann::json loads_json(supervisor_state& st) {
+  const auto m = measure(st);
+  nlohmann::json nodes = nlohmann::json::object();
+  for (const auto& [node, load] : m.per_node) nodes[node] = load;
+  return {{"window_s", st.options.load_window.count()}, {"measured_s", m.seconds}, {"nodes_measured_s", m.node_seconds},
+          {"per_expert", m.per_expert}, {"per_node", nodes}, {"imbalance", imbalance(m.per_node)}};
+}
+
 // An operator's command (`shoal admin`). Changes need the admin token of the cluster config.
 caf::result<std::string> admin_command(self_ptr self, admin_request& request) {
   auto& st = self->state;
@@ -426,34 +765,150 @@ caf::result<std::string> admin_command(self_ptr self, admin_request& request) {
   if (request.token.size() != st.options.admin_token.size() ||
       CRYPTO_memcmp(request.token.data(), st.options.admin_token.data(), request.token.size()) != 0)
     return refuse(errc::invalid_argument, "the admin token is wrong");
-  if (request.command != "drain" && request.command != "undrain")
-    return refuse(errc::invalid_argument, fmt::format("unknown admin command '{}' (known: drain, undrain)", request.command));
-  if (request.args.size() != 1) return refuse(errc::invalid_argument, fmt::format("{} takes one node name", request.command));
-  const auto& node = request.args[0];
-  const auto it = st.members.find(node);
-  if (it == st.members.end()) return refuse(errc::not_found, fmt::format("no node '{}' in the cluster", node));
-  nlohmann::json reply{{"command", request.command}, {"node", node}};
-  if (request.command == "undrain") {
-    st.drained.erase(node);
-  } else {
-    if (node == st.options.cluster.head)
-      return refuse(errc::invalid_argument, fmt::format("node {} is the head (supervisor and router): it cannot be drained", node));
-    if (!st.serving || st.wiring)
-      return refuse(errc::unavailable, "the cluster is not serving right now (a failure or a change is under way): retry");
-    st.drained.insert(node);
-    const auto unplaced = move_actors(self, node, false, "drain");
-    if (!unplaced.empty()) {
-      // Nothing moved is undone: the actors that found room move, the others stay.
-      st.drained.erase(node);
-      place(self);
-      return refuse(errc::resource_exhausted,
-                    fmt::format("cannot drain {}: nothing else has the memory for: {}", node, fmt::join(unplaced, "; ")));
-    }
+  const auto& command = request.command;
+  const auto& args = request.args;
+  static const std::set<std::string> known{"drain", "undrain", "move-expert", "replicate-expert", "drop-replica",
+                                           "rebalance"};
+  if (!known.contains(command))
+    return refuse(errc::invalid_argument,
+                  fmt::format("unknown admin command '{}' (known: {})", command, fmt::join(known, ", ")));
+  const bool changes_experts = command != "drain" && command != "undrain";
+  if (changes_experts && st.options.cluster.expert_groups.empty())
+    return refuse(errc::failed_precondition, "this cluster has no expert actors: the stages hold every expert");
+  if (command != "undrain" && (!st.serving || st.wiring || !st.moves.empty()))
+    return refuse(errc::unavailable,
+                  "the cluster is not serving right now (a failure or another change is under way): retry");
+  nlohmann::json reply{{"command", command}, {"args", args}};
+  auto ok = [&] {
+    emit(self, {{"event", "admin"}, {"command", command}, {"args", args}, {"result", "ok"}});
     place(self);
+    return reply.dump();
+  };
+
+  if (command == "drain" || command == "undrain") {
+    if (args.size() != 1) return refuse(errc::invalid_argument, fmt::format("{} takes one node name", command));
+    const auto& node = args[0];
+    if (!st.members.contains(node)) return refuse(errc::not_found, fmt::format("no node '{}' in the cluster", node));
+    reply["node"] = node;
+    if (command == "undrain") {
+      st.drained.erase(node);
+    } else {
+      if (node == st.options.cluster.head)
+        return refuse(errc::invalid_argument,
+                      fmt::format("node {} is the head (supervisor and router): it cannot be drained", node));
+      st.drained.insert(node);
+      const auto unplaced = move_actors(self, node, false, "drain");
+      if (!unplaced.empty()) {
+        // Nothing moved is undone: the actors that found room move, the others stay.
+        st.drained.erase(node);
+        place(self);
+        return refuse(errc::resource_exhausted,
+                      fmt::format("cannot drain {}: nothing else has the memory for: {}", node, fmt::join(unplaced, "; ")));
+      }
+    }
+    reply["drained"] = std::vector<std::string>(st.drained.begin(), st.drained.end());
+    return ok();
   }
-  reply["drained"] = std::vector<std::string>(st.drained.begin(), st.drained.end());
-  emit(self, {{"event", "admin"}, {"command", request.command}, {"args", request.args}, {"result", "ok"}});
-  return reply.dump();
+
+  if (command == "rebalance") {
+    // args: "apply" or "dry-run", then the most copies to add.
+    if (args.size() != 2 || (args[0] != "apply" && args[0] != "dry-run"))
+      return refuse(errc::invalid_argument, "rebalance takes apply|dry-run and the most copies to add");
+    std::size_t max_copies = 0;
+    const auto [end, ec] = std::from_chars(args[1].data(), args[1].data() + args[1].size(), max_copies);
+    if (ec != std::errc() || end != args[1].data() + args[1].size() || max_copies == 0 || max_copies > 4096)
+      return refuse(errc::invalid_argument, fmt::format("rebalance: '{}' is not a number of copies in [1, 4096]", args[1]));
+    const auto measured = measure(st);
+    double total = 0;
+    for (auto l : measured.per_expert) total += l;
+    if (total <= 0)
+      return refuse(errc::failed_precondition,
+                    fmt::format("no expert load measured in the last {} s: serve some traffic first",
+                                st.options.load_window.count()));
+    const auto plan = plan_rebalance(st, measured.per_expert, max_copies);
+    auto actions = nlohmann::json::array();
+    for (const auto& [expert, node] : plan.copies) actions.push_back({{"replicate", expert}, {"to", node}});
+    reply["actions"] = actions;
+    reply["dry_run"] = args[0] == "dry-run";
+    reply["measured_imbalance"] = imbalance(measured.per_node);
+    reply["predicted_imbalance_before"] = plan.before;
+    reply["predicted_imbalance_after"] = plan.after;
+    reply["predicted_before"] = plan.predicted_before;
+    reply["predicted_after"] = plan.predicted_after;
+    reply["window_s"] = measured.seconds;
+    if (args[0] == "apply") {
+      auto groups = nlohmann::json::array();
+      for (const auto& [expert, node] : plan.copies) groups.push_back(add_copy(self, expert, node));
+      reply["groups"] = groups;
+    }
+    return ok();
+  }
+
+  // move-expert E NODE [FROM], replicate-expert E NODE, drop-replica E NODE
+  if (args.size() < 2 || args.size() > (command == "move-expert" ? 3u : 2u))
+    return refuse(errc::invalid_argument, fmt::format("{} takes an expert id and a node name", command));
+  const auto expert = parse_expert(st, args[0]);
+  if (!expert)
+    return refuse(errc::invalid_argument, fmt::format("'{}' is not a routed expert id of this model (0-{})", args[0],
+                                                      st.options.model.n_routed_experts - 1));
+  const auto& node = args[1];
+  if (!st.members.contains(node)) return refuse(errc::not_found, fmt::format("no node '{}' in the cluster", node));
+  const auto copies = copies_of(st, *expert);
+  auto on = [&](const std::string& where) {
+    return std::find_if(copies.begin(), copies.end(), [&](std::size_t j) { return st.experts[j].address.node == where; }) !=
+           copies.end();
+  };
+  reply["expert"] = *expert;
+
+  if (command == "drop-replica") {
+    std::vector<std::size_t> here, elsewhere;
+    for (auto j : copies) (st.experts[j].address.node == node ? here : elsewhere).push_back(j);
+    if (here.empty()) return refuse(errc::not_found, fmt::format("node {} holds no copy of expert {}", node, *expert));
+    if (elsewhere.empty())
+      return refuse(errc::failed_precondition,
+                    fmt::format("expert {} has no copy besides the one on {}: dropping it would leave it placed nowhere",
+                                *expert, node));
+    for (auto j : here) drop_from_group(self, j, *expert);
+    reply["from"] = node;
+    return ok();
+  }
+
+  if (const auto why = refuse_target(st, node); !why.empty()) return refuse(errc::failed_precondition, why);
+  const auto bytes = experts_bytes(st, {*expert});
+  const auto [used, offered] = node_memory(st, node);
+  if (!on(node) && offered != 0 && used + bytes > offered)
+    return refuse(errc::resource_exhausted,
+                  fmt::format("node {} has {} free, expert {} needs {}", node,
+                              human_bytes(static_cast<double>(offered > used ? offered - used : 0)), *expert,
+                              human_bytes(static_cast<double>(bytes))));
+
+  if (command == "replicate-expert") {
+    if (on(node)) return refuse(errc::invalid_argument, fmt::format("node {} already holds expert {}", node, *expert));
+    reply["to"] = node;
+    reply["group"] = add_copy(self, *expert, node);
+    return ok();
+  }
+
+  // move-expert: a copy on the target first; the sources stop serving it once that copy serves.
+  std::vector<std::size_t> sources;
+  const std::string from = args.size() == 3 ? args[2] : std::string();
+  if (!from.empty() && !st.members.contains(from))
+    return refuse(errc::not_found, fmt::format("no node '{}' in the cluster", from));
+  for (auto j : copies)
+    if (st.experts[j].address.node != node && (from.empty() || st.experts[j].address.node == from)) sources.push_back(j);
+  if (sources.empty())
+    return refuse(errc::invalid_argument,
+                  from.empty() ? fmt::format("expert {} is already only on {}", *expert, node)
+                               : fmt::format("node {} holds no copy of expert {}", from, *expert));
+  reply["to"] = node;
+  if (on(node)) {
+    for (auto j : sources) drop_from_group(self, j, *expert);  // the target serves it already
+  } else {
+    const auto copy = add_copy(self, *expert, node);
+    reply["group"] = copy;
+    st.moves.push_back({.expert = *expert, .copy = copy, .sources = sources});
+  }
+  return ok();
 }
 
 void check_replacements(self_ptr self) {
@@ -590,6 +1045,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         std::erase(st.evicted, it->first);
         self->monitor(m.agent);
         if (rejoin) {
+          st.healing = true;
           emit(self, {{"event", "node_rejoined"}, {"node", it->first}, {"pid", m.info.pid}, {"restarts", m.restarts}});
           st.degraded = fmt::format("node {} rejoined; loading its stages and experts", it->first);
         }
@@ -637,18 +1093,14 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         };
         j["stages"] = list(st.stages);
         j["experts"] = list(st.experts);
-        // Tokens routed to each expert: this process's stages, the others' latest heartbeat
-        // answers, and what dead processes had counted.
+        for (std::size_t g = 0; g < st.experts.size(); ++g) {
+          j["experts"][g]["experts"] = st.options.cluster.expert_groups[g].experts;
+          j["experts"][g]["copy"] = st.options.cluster.expert_groups[g].copy > 0;
+        }
+        j["changes_pending"] = changes_pending(st);
         if (st.options.model.n_routed_experts > 0) {
-          auto routed = st.book->routed_tokens();
-          routed.resize(static_cast<std::size_t>(st.options.model.num_hidden_layers * st.options.model.n_routed_experts), 0);
-          auto add = [&](const std::map<std::uint32_t, std::uint64_t>& sparse) {
-            for (const auto& [index, count] : sparse)
-              if (index < routed.size()) routed[index] += count;
-          };
-          add(st.retired_routed);
-          for (const auto& [name, m] : st.members) add(m.routed);
-          j["routed_tokens"] = routed;
+          j["routed_tokens"] = routed_totals(st);
+          if (!st.options.cluster.expert_groups.empty()) j["expert_load"] = loads_json(st);
         }
         // The router's scheduler counters complete it under "scheduler".
         auto rp = self->make_response_promise<std::string>();
@@ -672,6 +1124,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         }
         check_heartbeats(self);
         check_replacements(self);
+        sample_loads(self, false);
         // A wiring that failed after a recovery is retried on the next tick.
         if (st.served && !st.serving && !st.wiring && st.degraded.starts_with("wiring")) place(self);
         self->delayed_send(self, tick_every, tick_atom::value);

@@ -126,7 +126,7 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   p.allow_keys(root, "the cluster config",
                {"model", "nodes", "head", "plan", "threads", "max_batch", "max_batch_tokens", "cache_mb", "cache_blocks",
                 "block_tokens", "prefix_cache", "ready_timeout_s", "heartbeat_ms", "heartbeat_misses", "restart_limit",
-                "restart_window_s", "replay_limit", "replace_after_s", "admin_token_file"});
+                "restart_window_s", "replay_limit", "replace_after_s", "admin_token_file", "load_window_s"});
 
   cluster_config c;
   c.source = source;
@@ -164,6 +164,8 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   }
   if (root["replace_after_s"])
     c.replace_after_s = static_cast<int>(p.integer_at(root["replace_after_s"], "replace_after_s", 0, 86400));
+  if (root["load_window_s"])
+    c.load_window_s = static_cast<int>(p.integer_at(root["load_window_s"], "load_window_s", 1, 86400));
 
   const YAML::Node nodes = root["nodes"];
   if (!nodes || !nodes.IsSequence() || nodes.size() == 0)

@@ -180,13 +180,19 @@ struct launched_cluster {
   std::string ready;  // launch's ready line
 
   // `settings`: top-level keys; `plan`: replaces the "plan:" line; `node_keys`: extra keys
-  // of each node entry, by name.
+  // of each node entry, by name; `edits`: text of the config replaced by other text.
   explicit launched_cluster(const std::string& settings = "", const std::string& plan = "plan:\n",
-                            const std::map<std::string, std::string>& node_keys = {}) {
+                            const std::map<std::string, std::string>& node_keys = {},
+                            const std::map<std::string, std::string>& edits = {}) {
     for (int i = 0; i < 4; ++i) ports.push_back(free_port());
     const auto config = dir.path / "cluster.yaml";
     auto text = four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports, settings);
     text.replace(text.find("plan:\n"), 6, plan);
+    for (const auto& [from, to] : edits) {
+      const auto at = text.find(from);
+      REQUIRE(at != std::string::npos);
+      text.replace(at, from.size(), to);
+    }
     for (const auto& [node, keys] : node_keys) {
       const auto at = text.find("{name: " + node + ",");
       REQUIRE(at != std::string::npos);
@@ -616,5 +622,123 @@ TEST_CASE("chaos: four node deaths in a row under load lose no request and chang
   INFO(s.dump());
   CHECK(s["serving"] == true);
   CHECK(s["recoveries"].get<int>() >= 2);
+  CHECK(launch.stop() == 0);
+}
+
+namespace {
+
+// The head's measured imbalance of the expert nodes' loads (rows computed since the expert
+// placement last changed), once every node's heartbeat has reported its counts.
+double measured_imbalance(shoal::client& client) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // two heartbeats
+  const auto s = nlohmann::json::parse(client.status());
+  INFO(s.dump());
+  REQUIRE(s.contains("expert_load"));
+  return s["expert_load"]["imbalance"].get<double>();
+}
+
+// The nodes whose expert groups route `expert` now.
+std::vector<std::string> holders(const nlohmann::json& status, std::int64_t expert) {
+  std::vector<std::string> nodes;
+  for (const auto& g : status["experts"]) {
+    if (g["phase"] == "stopped") continue;
+    const auto ids = g["experts"].get<std::vector<std::int64_t>>();
+    if (std::find(ids.begin(), ids.end(), expert) != ids.end()) nodes.push_back(g["node"]);
+  }
+  std::sort(nodes.begin(), nodes.end());
+  return nodes;
+}
+
+}  // namespace
+
+TEST_CASE("shoal admin moves, copies and drops experts and rebalances under load; tokens never change", "[admin]") {
+  // A skewed placement: experts0 holds three quarters of the routed experts.
+  temp_dir secrets;
+  const auto token_file = secrets.path / "admin.token";
+  std::ofstream(token_file) << "admin-test-token-0123456789\n";
+  launched_cluster c("admin_token_file: " + token_file.string() + "\nload_window_s: 600\n", "plan:\n", {},
+                     {{"experts: 0-15}", "experts: 0-23}"}, {"experts: 16-31}", "experts: 24-31}"}});
+  process& launch = *c.launch;
+  const auto head = "127.0.0.1:" + std::to_string(c.ports[0]);
+  const auto admin = [&](const std::string& args) {
+    return output_of(std::string(SHOAL_BINARY) + " admin " + args + " --cluster " + head + " --token-file " +
+                     token_file.string() + " 2>&1");
+  };
+  auto client = shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10));
+  const auto undisturbed = long_streams(*client);
+  const double before = measured_imbalance(*client);
+
+  SECTION("rebalance adds copies of hot experts and lowers the measured imbalance") {
+    const auto dry = admin("rebalance --dry-run --json");
+    INFO(dry.first);
+    REQUIRE(dry.second == 0);
+    const auto plan = nlohmann::json::parse(dry.first.substr(dry.first.find('{')));
+    CHECK(plan["dry_run"] == true);
+    CHECK_FALSE(plan["actions"].empty());
+    CHECK(plan["predicted_imbalance_after"].get<double>() < plan["predicted_imbalance_before"].get<double>());
+    CHECK(nlohmann::json::parse(client->status())["experts"].size() == 2);  // a dry run changes nothing
+
+    std::pair<std::string, int> applied;
+    const auto during = long_streams(*client, [&] { applied = admin("rebalance --max-copies 8"); });
+    INFO(applied.first);
+    CHECK(applied.second == 0);
+    CHECK_THAT(applied.first, Catch::Contains("predicted from the expert loads"));
+    check_same_streams(undisturbed, during);  // requests in flight through the change lose nothing
+
+    const auto s = nlohmann::json::parse(client->status());
+    INFO(s.dump());
+    CHECK(s["serving"] == true);
+    CHECK(s["changes_pending"] == 0);
+    CHECK(s["experts"].size() > 2);  // the copies
+    const auto after_run = long_streams(*client);
+    CHECK(after_run.tokens == undisturbed.tokens);
+    const double after = measured_imbalance(*client);
+    std::printf("expert-node imbalance measured before rebalance %.3f, after %.3f (predicted %.3f -> %.3f)\n", before,
+                after, plan["predicted_imbalance_before"].get<double>(), plan["predicted_imbalance_after"].get<double>());
+    CHECK(before > 1.2);  // three quarters of the experts on one of two nodes
+    CHECK(after < before);
+  }
+
+  SECTION("move-expert in a loop while serving; copies and drops, with their refusals") {
+    std::vector<std::pair<std::string, int>> moves;
+    const auto during = long_streams(*client, [&] {
+      // Experts 3 and 7 go to experts1 and back, one move at a time, while every stream runs.
+      for (const char* step : {"move-expert 3 --to experts1", "move-expert 7 --to experts1",
+                               "move-expert 3 --to experts0", "move-expert 7 --to experts0"})
+        moves.push_back(admin(step));
+    });
+    for (const auto& [out, code] : moves) {
+      INFO(out);
+      CHECK(code == 0);
+    }
+    check_same_streams(undisturbed, during);
+    auto s = nlohmann::json::parse(client->status());
+    INFO(s.dump());
+    CHECK(holders(s, 3) == std::vector<std::string>{"experts0"});
+    CHECK(holders(s, 7) == std::vector<std::string>{"experts0"});
+    std::size_t stopped = 0;
+    for (const auto& g : s["experts"]) stopped += g["phase"] == "stopped" ? 1 : 0;
+    CHECK(stopped == 2);  // the copies on experts1 were unloaded once nothing could reach them
+
+    // A copy, then dropping the original: expert 30 ends up on experts0 only.
+    CHECK(admin("replicate-expert 30 --to experts0").second == 0);
+    s = nlohmann::json::parse(client->status());
+    CHECK(holders(s, 30) == std::vector<std::string>{"experts0", "experts1"});
+    CHECK(admin("drop-replica 30 --from experts1").second == 0);
+    s = nlohmann::json::parse(client->status());
+    CHECK(holders(s, 30) == std::vector<std::string>{"experts0"});
+    CHECK(long_streams(*client).tokens == undisturbed.tokens);
+
+    // Refusals name the problem, exit 2, and leave the cluster serving.
+    const auto last = admin("drop-replica 30 --from experts0");
+    CHECK(last.second == 2);
+    CHECK_THAT(last.first, Catch::Contains("expert 30 has no copy besides the one on experts0"));
+    CHECK_THAT(admin("replicate-expert 30 --to experts0").first, Catch::Contains("node experts0 already holds expert 30"));
+    CHECK_THAT(admin("move-expert 32 --to experts1").first,
+               Catch::Contains("'32' is not a routed expert id of this model (0-31)"));
+    CHECK_THAT(admin("replicate-expert 1 --to nobody").first, Catch::Contains("no node 'nobody' in the cluster"));
+    CHECK_THAT(admin("drop-replica 1 --from experts1").first, Catch::Contains("node experts1 holds no copy of expert 1"));
+    CHECK(nlohmann::json::parse(client->status())["serving"] == true);
+  }
   CHECK(launch.stop() == 0);
 }

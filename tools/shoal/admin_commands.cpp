@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <iterator>
 #include <memory>
@@ -116,9 +117,18 @@ void print_status(const nlohmann::json& s) {
   }
   for (std::size_t j = 0; j < s["experts"].size(); ++j) {
     const auto& a = s["experts"][j];
-    fmt::print("{:<16} {:<18} {:<10} {}\n", fmt::format("expert group {}", j), a.value("node", std::string()),
-               a.value("phase", std::string()), a.value("error", std::string()));
+    if (a.value("phase", std::string()) == "stopped") continue;  // a retired copy
+    std::string experts;
+    if (a.contains("experts")) {
+      const auto ids = a["experts"].get<std::vector<std::int64_t>>();
+      experts = ids.size() == 1 ? fmt::format("expert {}", ids[0])
+                                : ids.empty() ? std::string("none (retiring)")
+                                              : fmt::format("experts {}-{} ({})", ids.front(), ids.back(), ids.size());
+    }
+    fmt::print("{:<16} {:<18} {:<10} {} {}\n", fmt::format("expert group {}", j), a.value("node", std::string()),
+               a.value("phase", std::string()), experts, a.value("error", std::string()));
   }
+  if (s.value("changes_pending", 0) > 0) fmt::print("changes under way: {}\n", s["changes_pending"].get<int>());
   if (s.contains("scheduler")) {
     const auto& q = s["scheduler"];
     fmt::print("\nrequests {} (waiting {}, running {})  cache blocks {}/{} ({} kept for prefixes)  preemptions {}\n"
@@ -141,6 +151,13 @@ void print_status(const nlohmann::json& s) {
       }
     }
     fmt::print("routed tokens {} over {} (layer, expert) pairs; hottest: index {} with {}\n", total, used, hot, hottest);
+  }
+  if (s.contains("expert_load")) {
+    const auto& l = s["expert_load"];
+    fmt::print("\nexpert load over the last {:.0f} s (window {} s): imbalance {:.3f} (heaviest expert node / mean)\n",
+               l.value("nodes_measured_s", 0.0), l.value("window_s", 0), l.value("imbalance", 0.0));
+    for (const auto& [node, rows] : l["per_node"].items())
+      fmt::print("  {:<16} {:>12.0f} rows\n", node, rows.get<double>());
   }
 }
 
@@ -172,9 +189,15 @@ void add_admin_status(CLI::App& admin) {
 
 struct change_options {
   std::string cluster;
-  std::string node;
   std::string token_file;
+  bool json = false;
   int timeout_s = 300;
+  // The command's own arguments.
+  std::string node;
+  std::string from;
+  std::int64_t expert = -1;
+  bool dry_run = false;
+  int max_copies = 8;
 };
 
 std::string read_token(const std::string& option_value) {
@@ -193,43 +216,112 @@ std::string read_token(const std::string& option_value) {
   return first == std::string::npos ? std::string() : token.substr(first, last - first + 1);
 }
 
-// drain / undrain: the command, then (drain) progress until nothing is left on the node and
-// the cluster serves on the new placement.
+// Waits until the head reports no change under way and serves, printing what is left now and
+// then; `done` may ask for more (a drained node holding nothing).
+void wait_settled(shoal::client& client, const std::string& what, int timeout_s,
+                  const std::function<std::string(const nlohmann::json&)>& left = {}) {
+  const auto start = std::chrono::steady_clock::now();
+  const auto deadline = start + std::chrono::seconds(timeout_s);
+  auto last_report = start;
+  while (true) {
+    const auto s = nlohmann::json::parse(client.status());
+    const auto pending = s.value("changes_pending", 0);
+    const auto extra = left ? left(s) : std::string();
+    if (pending == 0 && extra.empty() && s.value("serving", false)) break;
+    const auto now = std::chrono::steady_clock::now();
+    const auto state = s.value("serving", false) ? std::string("serving") : s.value("degraded", std::string("not serving"));
+    if (now > deadline)
+      fail(errc::deadline_exceeded, "{}: not finished after {} s ({} changes under way{}; cluster: {})", what, timeout_s,
+           pending, extra.empty() ? "" : ", " + extra, state);
+    if (now - last_report > std::chrono::seconds(5)) {
+      fmt::print(stderr, "[admin] {}: {} changes under way{} ({})\n", what, pending, extra.empty() ? "" : ", " + extra,
+                 state);
+      last_report = now;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+  fmt::print(stderr, "[admin] {}: done in {:.1f} s; the cluster serves on the new placement\n", what, took.count());
+}
+
+void print_rebalance(const nlohmann::json& r) {
+  fmt::print("measured imbalance {:.3f}; predicted from the expert loads over {:.0f} s: {:.3f} -> {:.3f}\n",
+             r.value("measured_imbalance", 0.0), r.value("window_s", 0.0), r.value("predicted_imbalance_before", 0.0),
+             r.value("predicted_imbalance_after", 0.0));
+  if (r["actions"].empty()) {
+    fmt::print("nothing to do: no copy of a hot expert lowers the heaviest expert node's load\n");
+    return;
+  }
+  fmt::print("{:<10} {:<16}\n", "copy of", "onto node");
+  for (const auto& a : r["actions"])
+    fmt::print("expert {:<3} {:<16}\n", a["replicate"].get<std::int64_t>(), a["to"].get<std::string>());
+  fmt::print("{:<16} {:>14} {:>14}\n", "node", "load before", "load after");
+  for (const auto& [node, load] : r["predicted_before"].items())
+    fmt::print("{:<16} {:>14.0f} {:>14.0f}\n", node, load.get<double>(), r["predicted_after"].value(node, 0.0));
+}
+
+// A command that changes the running cluster: sends it with the admin token, then follows it
+// until the new placement serves.
 void add_admin_change(CLI::App& admin, const std::string& command, const std::string& help) {
   auto o = std::make_shared<change_options>();
   auto* cmd = admin.add_subcommand(command, help);
-  cmd->add_option("node", o->node, "Node name from the cluster config")->required();
+  if (command == "drain" || command == "undrain") {
+    cmd->add_option("node", o->node, "Node name from the cluster config")->required();
+  } else if (command != "rebalance") {
+    cmd->add_option("expert", o->expert, "Routed expert id (the same in every MoE layer)")->required()->check(CLI::NonNegativeNumber);
+    if (command == "drop-replica")
+      cmd->add_option("--from", o->node, "Node whose copy stops serving it")->required();
+    else
+      cmd->add_option("--to", o->node, "Node that loads a copy")->required();
+    if (command == "move-expert")
+      cmd->add_option("--from", o->from, "Only the copy on this node moves (default: every copy elsewhere)");
+  } else {
+    cmd->add_flag("--dry-run", o->dry_run, "Show the plan and the predicted imbalance; change nothing");
+    cmd->add_option("--max-copies", o->max_copies, "Copies of hot experts to add at most")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 4096));
+  }
   cmd->add_option("--cluster", o->cluster, "HOST:PORT of the head node")->required();
   cmd->add_option("--token-file", o->token_file, "The cluster's admin token file (default: $SHOAL_ADMIN_TOKEN_FILE)");
+  cmd->add_flag("--json", o->json, "Print the head's reply as JSON");
   cmd->add_option("--timeout", o->timeout_s, "Seconds to wait for the new placement to serve")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->callback([o, command] {
     const auto [host, port] = parse_head(o->cluster);
     const auto token = read_token(o->token_file);
-    auto client = shoal::client::connect(host, port, std::chrono::seconds(10));
-    const auto start = std::chrono::steady_clock::now();
-    const auto reply = nlohmann::json::parse(client->admin(command, {o->node}, token));
-    if (command == "drain") {
-      fmt::print(stderr, "[admin] draining {}: its stages and experts move to other nodes\n", o->node);
-      const auto deadline = start + std::chrono::seconds(o->timeout_s);
-      while (true) {
-        const auto s = nlohmann::json::parse(client->status());
-        std::size_t left = 0;
-        for (const auto* list : {&s["stages"], &s["experts"]})
-          for (const auto& a : *list)
-            if (a.value("node", std::string()) == o->node) ++left;
-        if (left == 0 && s.value("serving", false)) break;
-        if (std::chrono::steady_clock::now() > deadline)
-          fail(errc::deadline_exceeded, "node {} still holds {} actors after {} s (cluster: {})", o->node, left,
-               o->timeout_s, s.value("serving", false) ? "serving" : s.value("degraded", std::string("not serving")));
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      }
-      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
-      fmt::print(stderr, "[admin] {} is drained ({:.1f} s): it can be stopped without affecting clients\n", o->node,
-                 took.count());
+    std::vector<std::string> args;
+    std::string what;
+    if (command == "drain" || command == "undrain") {
+      args = {o->node};
+      what = fmt::format("{} {}", command, o->node);
+    } else if (command == "rebalance") {
+      args = {o->dry_run ? "dry-run" : "apply", std::to_string(o->max_copies)};
+      what = "rebalance";
+    } else {
+      args = {std::to_string(o->expert), o->node};
+      if (!o->from.empty()) args.push_back(o->from);
+      what = fmt::format("{} {} {} {}", command, o->expert, command == "drop-replica" ? "from" : "to", o->node);
     }
-    fmt::print("{}\n", reply.dump());
+    auto client = shoal::client::connect(host, port, std::chrono::seconds(10));
+    const auto reply = nlohmann::json::parse(client->admin(command, args, token));
+    if (command == "rebalance" && !o->json) print_rebalance(reply);
+    if (command != "undrain" && !(command == "rebalance" && o->dry_run)) {
+      if (command == "drain") fmt::print(stderr, "[admin] draining {}: its stages and experts move to other nodes\n", o->node);
+      std::function<std::string(const nlohmann::json&)> left;
+      if (command == "drain")
+        left = [node = o->node](const nlohmann::json& s) {
+          std::size_t n = 0;
+          for (const auto* list : {&s["stages"], &s["experts"]})
+            for (const auto& a : *list)
+              if (a.value("node", std::string()) == node && a.value("phase", std::string()) != "stopped") ++n;
+          return n == 0 ? std::string() : fmt::format("{} actors still on {}", n, node);
+        };
+      wait_settled(*client, what, o->timeout_s, left);
+      if (command == "drain")
+        fmt::print(stderr, "[admin] {} is drained: it can be stopped without affecting clients\n", o->node);
+    }
+    if (o->json || command != "rebalance") fmt::print("{}\n", reply.dump());
     std::fflush(stdout);
   });
 }
@@ -237,7 +329,8 @@ void add_admin_change(CLI::App& admin, const std::string& command, const std::st
 }  // namespace
 
 void add_admin_commands(CLI::App& app) {
-  auto* admin = app.add_subcommand("admin", "Operator's console: a running cluster's status, expert placement planning");
+  auto* admin = app.add_subcommand("admin", "Operator's console: a running cluster's status, drains, expert copies and moves, rebalancing, "
+                                            "offline placement planning");
   admin->require_subcommand(1);
   add_admin_plan(*admin);
   add_admin_status(*admin);
@@ -245,6 +338,18 @@ void add_admin_commands(CLI::App& app) {
                    "Move every stage and expert group off a node (requests in flight are recomputed, none fails), "
                    "so that it can be stopped; needs the cluster's admin token");
   add_admin_change(*admin, "undrain", "Let placement use a drained node again (nothing moves back by itself)");
+  add_admin_change(*admin, "replicate-expert",
+                   "Load another copy of a routed expert on a node; the stages send each layer's rows of that expert "
+                   "to its least loaded copy");
+  add_admin_change(*admin, "drop-replica",
+                   "Stop serving an expert from one node's copy (refused for its last copy); a copy left with "
+                   "nothing is unloaded once no step can reach it");
+  add_admin_change(*admin, "move-expert",
+                   "Load a copy of a routed expert on a node, switch to it once loaded, then retire the old copies; "
+                   "serving goes on throughout");
+  add_admin_change(*admin, "rebalance",
+                   "From the expert loads measured over the load window, add copies of hot experts on the least "
+                   "loaded expert nodes (within their memory); --dry-run shows the plan and predicted imbalance");
 }
 
 }  // namespace shoal::tools

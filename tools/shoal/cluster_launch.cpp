@@ -156,6 +156,15 @@ void launched_cluster::on_head_line(const std::string& line) {
                event.value("pid", 0));
   } else if (kind == "recovered") {
     fmt::print(stderr, "{} the cluster serves again (placement epoch {})\n", prefix_, event.value("epoch", 0));
+  } else if (kind == "placement") {
+    fmt::print(stderr, "{} the cluster serves on a new placement (epoch {}: {} stages, {} expert actors)\n", prefix_,
+               event.value("epoch", 0), event.value("stages", 0), event.value("expert_actors", 0));
+  } else if (kind == "expert_moved") {
+    fmt::print(stderr, "{} expert {} now serves from {}; its old copies are retired\n", prefix_, event.value("expert", -1),
+               event.value("to", ""));
+  } else if (kind == "retired") {
+    fmt::print(stderr, "{} actor {} on {} unloaded (nothing routes to it any more)\n", prefix_, event.value("actor", 0),
+               node);
   } else if (kind == "replaced") {
     fmt::print(stderr, "{} {} moves from {} to {} ({})\n", prefix_, event.value("what", ""), event.value("from", ""),
                event.value("to", ""), event.value("cause", ""));

@@ -45,5 +45,6 @@ struct Envelope {
     error @23 :Client.Error;
     statusRequest @24 :Client.StatusRequest;
     statusReply @25 :Client.StatusReply;
+    retireActor @26 :Placement.RetireActor;
   }
 }

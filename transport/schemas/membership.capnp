@@ -35,6 +35,9 @@ struct Heartbeat {
   evicted @4 :List(Text);               # Nodes declared dead in this epoch: drop connections to them.
   routedIndex @5 :List(UInt32);         # Answer: layer * experts + expert of nonzero counts ...
   routedCount @6 :List(UInt64);         # ... and the tokens this node's stages routed there so far.
+  fence @7 :UInt64;                     # Data messages of older epochs are refused (see PlacementTable).
+  servedActor @8 :List(UInt64);         # Answer: this node's expert actors ...
+  servedRows @9 :List(UInt64);          # ... and the rows each computed so far.
 }
 
 # Node -> supervisor, before an orderly shutdown (drain finished).

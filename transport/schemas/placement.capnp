@@ -50,9 +50,19 @@ struct ExpertPlacement {
   address @3 :Common.ActorAddress;
 }
 
-# Supervisor -> everyone: the placement valid for `epoch`; older epochs are fenced off.
+# Supervisor -> everyone: the placement valid for `epoch`. Data messages of epochs older than
+# `fence` (the epoch in which a node was last declared dead) are refused; a change that loses
+# no node (an expert copied or dropped) moves the epoch but not the fence, so steps in flight
+# finish.
 struct PlacementTable {
   epoch @0 :UInt64;
   stages @1 :List(StagePlacement);
   experts @2 :List(ExpertPlacement);
+  fence @3 :UInt64;
+}
+
+# Supervisor -> node agent: stop the actor `actor` and free what it holds (an expert copy
+# that the placement no longer routes to). The reply is a SpawnReply.
+struct RetireActor {
+  actor @0 :UInt64;
 }

@@ -29,6 +29,7 @@ std::string_view message_kind_name(message_kind kind) noexcept {
     case W::ERROR: return "error";
     case W::STATUS_REQUEST: return "statusRequest";
     case W::STATUS_REPLY: return "statusReply";
+    case W::RETIRE_ACTOR: return "retireActor";
   }
   return "unknown";
 }

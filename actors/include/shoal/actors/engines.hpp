@@ -9,6 +9,7 @@
 #include "shoal/runtime/sampling.hpp"
 #include "shoal/runtime/weights.hpp"
 
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -47,8 +48,11 @@ class expert_engine {
   /// same token groups as in a single process and the results are bit-identical.
   /// An id not held or a dense layer is an `invalid_argument` error.
   void compute(std::int64_t layer, const float* x, const std::int32_t* ids, std::int64_t rows, float* out);
+  /// Rows computed so far (the measured load of this copy).
+  std::uint64_t rows_computed() const noexcept { return rows_computed_.load(std::memory_order_relaxed); }
 
  private:
+  std::atomic<std::uint64_t> rows_computed_{0};
   std::vector<std::uint32_t> experts_;
   std::vector<bool> held_;
   std::unique_ptr<runtime::model_weights> weights_;

@@ -36,6 +36,8 @@ class fabric {
   /// Tokens the stage engines of this process routed to each expert so far,
   /// `[layer * n_routed_experts + expert]` (empty without stages).
   std::vector<std::uint64_t> routed_tokens();
+  /// Rows each expert engine of this process computed so far, by (node, actor id).
+  std::map<std::pair<std::string, std::uint64_t>, std::uint64_t> served_rows();
   /// Removes an address (idempotent).
   void unregister(const actor_address& address);
 
@@ -51,9 +53,12 @@ class fabric {
   /// (a node declared dead in `epoch`); idempotent per node and epoch. Nothing to do in one
   /// process.
   virtual void evict(const std::string& node, std::uint64_t epoch) { (void)node; (void)epoch; }
-  /// Records a placement epoch seen from the supervisor: data messages of older epochs are
-  /// refused from then on.
-  virtual void observe_epoch(std::uint64_t epoch) noexcept { (void)epoch; }
+  /// Records a placement epoch seen from the supervisor (outgoing messages carry it) and its
+  /// fence: data messages of epochs older than the fence are refused from then on.
+  virtual void observe_epoch(std::uint64_t epoch, std::uint64_t fence) noexcept {
+    (void)epoch;
+    (void)fence;
+  }
   /// Every local actor (for shutdown).
   std::map<std::pair<std::string, std::uint64_t>, caf::actor> local_actors();
 

@@ -15,7 +15,8 @@ namespace shoal::actors {
 /// that speaks another one is refused when it joins.
 /// 2: steps carry block tables decided by the router; stages no longer keep caches per request.
 /// 3: the supervisor sends heartbeats carrying its epoch and the nodes it evicted.
-inline constexpr std::uint16_t schema_version = 3;
+/// 4: placement tables and heartbeats carry the fence; expert copies are retired one by one.
+inline constexpr std::uint16_t schema_version = 4;
 
 /// Identifies a request for its whole life, including replays after a failure.
 using request_id = std::uint64_t;
@@ -127,12 +128,16 @@ struct expert_placement {
   actor_address address;               ///< Where it runs.
 };
 
-/// Where everything runs, valid for one epoch; messages of older epochs are dropped.
+/// Where everything runs, valid for one epoch.
 struct placement_table {
   std::uint64_t epoch = 0;                  ///< Bumped on every change.
   std::vector<stage_placement> stages;      ///< Pipeline order.
   std::vector<expert_placement> experts;    ///< Empty: stages compute their experts.
   actor_address router;                     ///< The router.
+  /// Data messages of older epochs are refused: the epoch in which a node was last declared
+  /// dead. A change that loses no node (an expert copied, moved or dropped) moves the epoch
+  /// but not the fence, so that the step in flight finishes on the old placement.
+  std::uint64_t fence = 0;
 };
 
 /// Supervisor -> node agent: start stage `stage` of `stage_count` over [first, end) layers.
@@ -153,6 +158,12 @@ struct spawn_expert_cmd {
   std::uint64_t actor = 0;             ///< Id it gets on the node.
   std::vector<std::uint32_t> experts;  ///< Routed expert ids.
   std::string model_path;              ///< Checkpoint directory on that node.
+};
+
+/// Supervisor -> node agent: stop actor `actor` and free what it holds (an expert copy that
+/// the placement no longer routes to, once every stage has acknowledged that placement).
+struct retire_actor_cmd {
+  std::uint64_t actor = 0;             ///< Its id on the node.
 };
 
 /// Node -> supervisor: the first message of a node.
@@ -180,11 +191,16 @@ struct heartbeat {
   /// `[layer * n_routed_experts + expert]` indices and counts (nonzero ones only).
   std::vector<std::uint32_t> routed_index;
   std::vector<std::uint64_t> routed_count;
+  std::uint64_t fence = 0;             ///< See `placement_table::fence`.
+  /// In a node's answer: its expert actors and the rows each computed so far (the measured
+  /// load of each copy).
+  std::vector<std::uint64_t> served_actor;
+  std::vector<std::uint64_t> served_rows;
 };
 
 /// Operator -> supervisor (`shoal admin`): a command that changes the cluster.
 struct admin_request {
-  std::string command;                 ///< drain, undrain.
+  std::string command;                 ///< drain, move-expert, rebalance, ... (see `shoal admin`).
   std::vector<std::string> args;       ///< Its arguments (a node name).
   std::string token;                   ///< The cluster's admin token.
 };
@@ -264,7 +280,7 @@ typename Inspector::result_type inspect(Inspector& f, expert_placement& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, placement_table& x) {
-  return f(x.epoch, x.stages, x.experts, x.router);
+  return f(x.epoch, x.stages, x.experts, x.router, x.fence);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, spawn_stage_cmd& x) {
@@ -276,12 +292,16 @@ typename Inspector::result_type inspect(Inspector& f, spawn_expert_cmd& x) {
   return f(x.actor, x.experts, x.model_path);
 }
 template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, retire_actor_cmd& x) {
+  return f(x.actor);
+}
+template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, join_request& x) {
   return f(x.node, x.host, x.port, x.pid, x.schema_version, x.memory_bytes);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, heartbeat& x) {
-  return f(x.epoch, x.sequence, x.evicted, x.routed_index, x.routed_count);
+  return f(x.epoch, x.sequence, x.evicted, x.routed_index, x.routed_count, x.fence, x.served_actor, x.served_rows);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, admin_request& x) {

@@ -80,6 +80,8 @@ using node_agent_actor = caf::typed_actor<
     caf::replies_to<spawn_stage_cmd>::with<ok_atom>,
     /// Loads an expert actor's weights and starts it under `cmd.actor`.
     caf::replies_to<spawn_expert_cmd>::with<ok_atom>,
+    /// Stops one actor and unregisters it (idempotent: an unknown id is fine).
+    caf::replies_to<retire_actor_cmd>::with<ok_atom>,
     /// Stops every local actor (idempotent).
     caf::reacts_to<stop_atom>,
     /// Liveness and fencing (see `heartbeat`); the answer carries the node's routed-token

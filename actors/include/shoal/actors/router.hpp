@@ -56,6 +56,8 @@ struct router_state {
   std::shared_ptr<fabric> book;            ///< Resolves the stages.
   stage_actor first_stage;                 ///< Where steps start; null until wired.
   std::uint64_t epoch = 0;                 ///< Placement epoch.
+  std::uint64_t fence = 0;                 ///< Its fence (see `placement_table::fence`).
+  std::vector<actor_address> stages;       ///< The stages of the placement, in order.
   std::unique_ptr<runtime::scheduler> plan; ///< Which tokens of which requests run next, in which blocks.
   std::map<std::uint64_t, request> requests; ///< By router-internal id, in admission order.
   std::vector<runtime::scheduled_chunk> in_flight; ///< The step in the pipeline (empty: none).

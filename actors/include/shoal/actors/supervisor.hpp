@@ -52,6 +52,7 @@
 #include <caf/typed_response_promise.hpp>
 
 #include <chrono>
+#include <deque>
 #include <functional>
 #include <map>
 #include <set>
@@ -80,6 +81,8 @@ struct supervisor_options {
   int heartbeat_misses = 4;                        ///< Missed in a row: the node is declared dead.
   /// A dead node not back after this long has its actors re-placed onto survivors; 0: never.
   std::chrono::milliseconds replace_after{30000};
+  /// Expert loads (status, `rebalance`) are counted over this window.
+  std::chrono::seconds load_window{60};
   /// Token `shoal admin` commands that change the cluster must bring; empty: they are refused.
   std::string admin_token = {};
   /// Receives one JSON object per membership event (`node_down`, `node_rejoined`,
@@ -104,6 +107,8 @@ struct supervisor_state {
     /// Tokens its stages routed to each expert, from its latest heartbeat answer (sparse,
     /// `layer * n_routed_experts + expert`).
     std::map<std::uint32_t, std::uint64_t> routed;
+    /// Rows each of its expert actors computed, from its latest heartbeat answer, by actor id.
+    std::map<std::uint64_t, std::uint64_t> served;
   };
   /// A stage or expert actor of the placement.
   struct placed {
@@ -126,6 +131,7 @@ struct supervisor_state {
   std::string failure;                           ///< Why the cluster can never serve, if so.
   std::string degraded;                          ///< Why it does not serve right now, while it heals.
   std::uint64_t recoveries = 0;                  ///< Times it served again after a failure.
+  bool healing = false;                          ///< A node died or rejoined and the placement is not whole yet.
   std::uint64_t heartbeat_sequence = 0;          ///< Heartbeats sent.
   std::vector<std::string> evicted;              ///< Nodes dead in the current epoch.
   std::chrono::steady_clock::time_point last_heartbeat; ///< When the last round went out.
@@ -138,6 +144,27 @@ struct supervisor_state {
   /// the cluster's counters never go back.
   std::map<std::uint32_t, std::uint64_t> retired_routed;
   std::set<std::string> drained;                 ///< Nodes emptied by `drain`: nothing is placed there.
+  std::uint64_t fence = 0;                       ///< Epoch of the last node declared dead (see `placement_table::fence`).
+  bool rewire = false;                           ///< The expert placement changed: wire it once nothing is under way.
+  /// `move-expert`: once expert group `copy` serves, `expert` is dropped from `sources`.
+  struct pending_move {
+    std::int64_t expert = 0;
+    std::size_t copy = 0;
+    std::vector<std::size_t> sources;
+  };
+  std::vector<pending_move> moves;               ///< Moves waiting for their new copy.
+  /// Actors left on a node by a drain or a move, stopped once the placement without them is
+  /// acknowledged by every stage (no step can reach them after that).
+  std::vector<actor_address> retiring;
+  /// Expert loads over time, for loads over `load_window`: per-expert routed tokens (every
+  /// placement) and rows computed per expert actor (reset when the expert placement changes).
+  struct load_sample {
+    std::chrono::steady_clock::time_point at;
+    std::vector<std::uint64_t> routed;
+    std::map<std::pair<std::string, std::uint64_t>, std::uint64_t> served;
+  };
+  std::deque<load_sample> routed_history;
+  std::deque<load_sample> served_history;
   bool sizes_loaded = false;                     ///< `tensor_sizes` was read (or could not be).
   std::vector<std::pair<std::string, std::uint64_t>> tensor_sizes; ///< Checkpoint tensors' bytes, for placement.
   std::chrono::steady_clock::time_point started; ///< For the ready deadline.

@@ -87,6 +87,9 @@ struct cluster_config {
   /// A dead node that has not joined again after this long has its stages and expert groups
   /// re-placed onto surviving nodes with the memory for them. 0: never; wait for it.
   int replace_after_s = 30;
+  /// Expert loads that `shoal admin status` and `rebalance` use are counted over the last
+  /// this many seconds.
+  int load_window_s = 60;
   /// File holding the token `shoal admin` commands that change the cluster must bring
   /// (resolved against the config's directory); empty: such commands are refused.
   std::filesystem::path admin_token_file;

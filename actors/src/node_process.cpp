@@ -126,12 +126,16 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
                        .replay_limit = cluster.replay_limit};
     s.router = s.system->spawn(make_router, rop, s.book);
     s.book->register_actor({s.options.node, actor_ids::router}, caf::actor_cast<caf::actor>(s.router));
+    if (!cluster.admin_audit_log.empty() && !std::ofstream(cluster.admin_audit_log, std::ios::app))
+      shoal::fail(errc::invalid_argument, "{}: cannot append to the admin audit log (admin_audit_log in {})",
+                  cluster.admin_audit_log.string(), cluster.source.string());
     supervisor_options so{.cluster = cluster, .model = model, .ready_timeout = t.ready_timeout,
                           .heartbeat_interval = std::chrono::milliseconds(cluster.heartbeat_ms),
                           .heartbeat_misses = cluster.heartbeat_misses,
                           .replace_after = std::chrono::seconds(cluster.replace_after_s),
                           .load_window = std::chrono::seconds(cluster.load_window_s),
-                          .admin_token = read_admin_token(cluster), .on_event = s.options.on_event};
+                          .admin_token = read_admin_token(cluster), .admin_audit_log = cluster.admin_audit_log,
+                          .on_event = s.options.on_event};
     s.supervisor = s.system->spawn(make_supervisor, so, s.book, s.router);
     s.book->register_actor({s.options.node, actor_ids::supervisor}, caf::actor_cast<caf::actor>(s.supervisor));
   }

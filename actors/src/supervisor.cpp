@@ -11,12 +11,15 @@
 
 #include <algorithm>
 #include <charconv>
+#include <ctime>
 #include <cstdlib>
+#include <fstream>
 #include <limits>
 #include <optional>
 #include <set>
 
 #include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 
 namespace shoal::actors {
 namespace {
@@ -28,6 +31,20 @@ void emit(self_ptr self, nlohmann::json event) {
   auto& st = self->state;
   event["epoch"] = st.epoch;
   if (st.options.on_event) st.options.on_event(event.dump());
+  if (event["event"] == "admin" && !st.options.admin_audit_log.empty()) {
+    // Operators' commands are rare: appended and flushed in line, so the trail survives a crash.
+    const auto now = std::chrono::system_clock::now();
+    const auto seconds = std::chrono::system_clock::to_time_t(now);
+    std::tm utc{};
+    ::gmtime_r(&seconds, &utc);
+    char stamp[32];
+    std::strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%SZ", &utc);
+    event["time"] = stamp;
+    std::ofstream out(st.options.admin_audit_log, std::ios::app);
+    out << event.dump() << '\n';
+    out.flush();
+    if (!out) spdlog::warn("cannot append to the admin audit log {}", st.options.admin_audit_log.string());
+  }
 }
 
 void fail_cluster(self_ptr self, errc code, std::string message) {

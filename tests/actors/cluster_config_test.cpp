@@ -190,6 +190,8 @@ TEST_CASE("every refusal of a cluster config names the file and the line") {
   refused(replace(kGood, "model: ckpt", "model: ckpt\nreplicas: 2"), "cluster.yaml:2: unknown key 'replicas' in the cluster config");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nheartbeat_misses: 0"), "cluster.yaml:2: heartbeat_misses = 0 is out of range [1, 1000]");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nreplace_after_s: soon"), "cluster.yaml:2: replace_after_s must be an integer, got 'soon'");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nload_window_s: 0"), "cluster.yaml:2: load_window_s = 0 is out of range [1, 86400]");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nadmin_audit_log: [a]"), "cluster.yaml:2: admin_audit_log must be a string");
   refused(replace(kGood, "port: 7001", "port: 7001\n    memory_gb: lots"), "cluster.yaml:11: memory_gb must be a number, got 'lots'");
   refused(replace(kGood, "port: 7001", "port: 7001\n    memory_gb: -1"), "cluster.yaml:11: memory_gb = -1 is out of range [0, 1000000]");
   refused("model: ckpt\nplan: {stages: [{node: a, layers: 0-1}]}\n",
@@ -244,4 +246,14 @@ TEST_CASE("every refusal of a cluster config names the file and the line") {
     CHECK(e.code() == shoal::errc::not_found);
     CHECK_THAT(e.what(), Catch::StartsWith("/nonexistent/cluster.yaml: cannot open the cluster config"));
   }
+}
+
+TEST_CASE("the admin audit log and the load window are read and resolved against the config's directory") {
+  const auto c = parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\nadmin_audit_log: logs/admin.jsonl\nload_window_s: 120"),
+                                      "cluster.yaml", "/base");
+  CHECK(c.admin_audit_log == std::filesystem::path("/base/logs/admin.jsonl"));
+  CHECK(c.load_window_s == 120);
+  const auto defaults = parse_cluster_config(kGood, "cluster.yaml", "/base");
+  CHECK(defaults.admin_audit_log.empty());
+  CHECK(defaults.load_window_s == 60);
 }

@@ -656,7 +656,10 @@ TEST_CASE("shoal admin moves, copies and drops experts and rebalances under load
   temp_dir secrets;
   const auto token_file = secrets.path / "admin.token";
   std::ofstream(token_file) << "admin-test-token-0123456789\n";
-  launched_cluster c("admin_token_file: " + token_file.string() + "\nload_window_s: 600\n", "plan:\n", {},
+  const auto audit_file = secrets.path / "admin-audit.jsonl";
+  launched_cluster c("admin_token_file: " + token_file.string() + "\nload_window_s: 600\nadmin_audit_log: " +
+                         audit_file.string() + "\n",
+                     "plan:\n", {},
                      {{"experts: 0-15}", "experts: 0-23}"}, {"experts: 16-31}", "experts: 24-31}"}});
   process& launch = *c.launch;
   const auto head = "127.0.0.1:" + std::to_string(c.ports[0]);
@@ -739,6 +742,22 @@ TEST_CASE("shoal admin moves, copies and drops experts and rebalances under load
     CHECK_THAT(admin("replicate-expert 1 --to nobody").first, Catch::Contains("no node 'nobody' in the cluster"));
     CHECK_THAT(admin("drop-replica 1 --from experts1").first, Catch::Contains("node experts1 holds no copy of expert 1"));
     CHECK(nlohmann::json::parse(client->status())["serving"] == true);
+
+    // The audit log has a line per command, refusals included, and never the token.
+    std::ifstream audit(audit_file);
+    std::string line;
+    std::vector<nlohmann::json> entries;
+    while (std::getline(audit, line)) {
+      CHECK(line.find("admin-test-token") == std::string::npos);
+      entries.push_back(nlohmann::json::parse(line));
+    }
+    REQUIRE(entries.size() == 11);  // 4 moves, a copy, a drop, 5 refusals
+    CHECK(entries[0]["command"] == "move-expert");
+    CHECK(entries[0]["args"] == nlohmann::json::array({"3", "experts1"}));
+    CHECK(entries[0]["result"] == "ok");
+    CHECK(entries[0].contains("time"));
+    CHECK(entries[6]["command"] == "drop-replica");
+    CHECK_THAT(entries[6]["result"].get<std::string>(), Catch::Contains("has no copy besides"));
   }
   CHECK(launch.stop() == 0);
 }

@@ -52,6 +52,7 @@
 #include <caf/typed_response_promise.hpp>
 
 #include <chrono>
+#include <filesystem>
 #include <deque>
 #include <functional>
 #include <map>
@@ -85,6 +86,8 @@ struct supervisor_options {
   std::chrono::seconds load_window{60};
   /// Token `shoal admin` commands that change the cluster must bring; empty: they are refused.
   std::string admin_token = {};
+  /// Appends one JSON line per admin command (time, command, arguments, result); empty: none.
+  std::filesystem::path admin_audit_log = {};
   /// Receives one JSON object per membership event (`node_down`, `node_rejoined`,
   /// `recovered`), e.g. for the launcher that restarts processes; may be empty.
   std::function<void(const std::string&)> on_event = {};

@@ -93,6 +93,9 @@ struct cluster_config {
   /// File holding the token `shoal admin` commands that change the cluster must bring
   /// (resolved against the config's directory); empty: such commands are refused.
   std::filesystem::path admin_token_file;
+  /// File the head appends one JSON line to per `shoal admin` command that changes or tries
+  /// to change the cluster (resolved against the config's directory); empty: none.
+  std::filesystem::path admin_audit_log;
 
   /// The node named `name`, or null.
   const node_spec* find_node(std::string_view name) const noexcept;

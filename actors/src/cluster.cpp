@@ -39,7 +39,7 @@ local_cluster::impl::impl(config::cluster_config c, cluster_options o) : config(
   book = std::make_shared<fabric>();
   router_options ro{.scheduling = scheduling_for(config, model), .step_timeout = options.step_timeout,
                     .vocab_size = model.vocab_size, .max_positions = model.max_position_embeddings,
-                    .replay_limit = config.replay_limit};
+                    .replay_limit = config.replay_limit, .micro_batches = config.micro_batches};
   router = system->spawn(make_router, ro, book);
   book->register_actor({config.head, actor_ids::router}, caf::actor_cast<caf::actor>(router));
   supervisor_options so{.cluster = config, .model = model, .ready_timeout = options.ready_timeout};

@@ -123,7 +123,7 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   if (s.head) {
     router_options rop{.scheduling = scheduling_for(cluster, model), .step_timeout = t.step_timeout,
                        .vocab_size = model.vocab_size, .max_positions = model.max_position_embeddings,
-                       .replay_limit = cluster.replay_limit};
+                       .replay_limit = cluster.replay_limit, .micro_batches = cluster.micro_batches};
     s.router = s.system->spawn(make_router, rop, s.book);
     s.book->register_actor({s.options.node, actor_ids::router}, caf::actor_cast<caf::actor>(s.router));
     if (!cluster.admin_audit_log.empty() && !std::ofstream(cluster.admin_audit_log, std::ios::app))

@@ -44,16 +44,26 @@ void finish(self_ptr self, std::uint64_t id, finish_reason reason, std::vector<s
 
 void schedule(self_ptr self);
 
-// The step in flight will not come back usable (a node died, the placement changed): its
+// Whether request `id` is in a step in the pipeline (its blocks are being written).
+bool in_step(const router_state& st, std::uint64_t id) {
+  for (const auto& [step, chunks] : st.in_flight)
+    for (const auto& chunk : chunks)
+      if (chunk.id == id) return true;
+  return false;
+}
+
+// The steps in flight will not come back usable (a node died, the placement changed): their
 // requests go back to the queue with every token they streamed, to be recomputed.
 void abandon_step(self_ptr self, const shoal::error& why) {
   auto& st = self->state;
-  if (!st.busy) return;
-  st.busy = false;
-  const auto step = std::move(st.in_flight);
+  if (st.in_flight.empty()) return;
+  std::vector<runtime::scheduled_chunk> chunks;
+  for (auto& [step, part] : st.in_flight) {
+    chunks.insert(chunks.end(), part.begin(), part.end());
+    ++st.failed_steps;
+  }
   st.in_flight.clear();
-  ++st.failed_steps;
-  for (const auto& chunk : step) {
+  for (const auto& chunk : chunks) {
     const auto it = st.requests.find(chunk.id);
     if (it == st.requests.end()) continue;
     auto& r = it->second;
@@ -69,11 +79,10 @@ void abandon_step(self_ptr self, const shoal::error& why) {
   st.plan->requeue_all();
 }
 
-void on_sampled(self_ptr self, sampled_batch& out) {
+void on_sampled(self_ptr self, std::uint64_t step_number, sampled_batch& out) {
   auto& st = self->state;
-  st.busy = false;
-  const auto step = std::move(st.in_flight);
-  st.in_flight.clear();
+  const auto node = st.in_flight.extract(step_number);
+  const auto& step = node.mapped();
   st.plan->commit(step);
   const std::size_t vocab = out.tokens.empty() ? 0 : out.logits.size() / out.tokens.size();
   std::size_t sampled = 0;
@@ -114,17 +123,29 @@ void on_sampled(self_ptr self, sampled_batch& out) {
   schedule(self);
 }
 
+void send_step(self_ptr self, std::vector<runtime::scheduled_chunk> chunks);
+
 void schedule(self_ptr self) {
   auto& st = self->state;
-  if (st.busy || st.paused || !st.first_stage) return;
+  if (st.paused || !st.first_stage) return;
   const auto now = now_unix_ms();
   std::vector<std::uint64_t> expired;
   for (const auto& [id, r] : st.requests)
-    if (r.spec.deadline_unix_ms != 0 && now > r.spec.deadline_unix_ms) expired.push_back(id);
+    if (r.spec.deadline_unix_ms != 0 && now > r.spec.deadline_unix_ms && !in_step(st, id)) expired.push_back(id);
   for (auto id : expired)
     finish(self, id, finish_reason::error, {}, {}, errc::deadline_exceeded, "the request's deadline passed");
-  auto chunks = st.plan->schedule();
-  if (chunks.empty()) return;
+  const auto depth = st.options.micro_batches > 0 ? static_cast<std::size_t>(st.options.micro_batches)
+                                                  : std::max<std::size_t>(st.stages.size(), 1);
+  while (st.in_flight.size() < depth) {
+    auto chunks = st.plan->schedule(static_cast<std::int64_t>(depth));
+    if (chunks.empty()) return;
+    send_step(self, std::move(chunks));
+  }
+}
+
+// Sends one step down the pipeline.
+void send_step(self_ptr self, std::vector<runtime::scheduled_chunk> chunks) {
+  auto& st = self->state;
   step_batch batch;
   batch.step = ++st.step;
   for (const auto& chunk : chunks) {
@@ -147,17 +168,17 @@ void schedule(self_ptr self) {
     batch.want_logits = batch.want_logits || r.spec.want_logits;
     batch.entries.push_back(std::move(entry));
   }
-  st.in_flight = std::move(chunks);
-  st.busy = true;
   const auto step = st.step;
+  st.in_flight.emplace(step, std::move(chunks));
+  st.most_in_flight = std::max(st.most_in_flight, st.in_flight.size());
   // A reply to a step that was abandoned meanwhile (fenced, re-placed) is ignored.
-  auto current = [self, step] { return self->state.busy && self->state.step == step; };
+  auto current = [self, step] { return self->state.in_flight.contains(step); };
   self->request(st.first_stage, st.options.step_timeout, std::move(batch))
       .then(
-          [self, current](sampled_batch& out) {
-            if (current()) on_sampled(self, out);
+          [self, current, step](sampled_batch& out) {
+            if (current()) on_sampled(self, step, out);
           },
-          [self, current](caf::error& e) {
+          [self, current, step](caf::error& e) {
             if (!current()) return;
             auto& st = self->state;
             const auto err = from_caf_error(e);
@@ -170,9 +191,8 @@ void schedule(self_ptr self) {
               self->delayed_send(self, st.options.retry_pause, tick_atom::value);
               return;
             }
-            st.busy = false;
-            const auto failed = std::move(st.in_flight);
-            st.in_flight.clear();
+            const auto node = st.in_flight.extract(step);
+            const auto& failed = node.mapped();
             for (const auto& chunk : failed)
               finish(self, chunk.id, finish_reason::error, {}, {}, err.code(),
                      fmt::format("pipeline step failed: {}", err.what()));
@@ -244,9 +264,7 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
           if (r.client_id != client_id || r.sink != sink) continue;
           // Blocks of a request in the step being computed are still written by the stages;
           // it ends when the step returns.
-          const bool in_step = std::any_of(st.in_flight.begin(), st.in_flight.end(),
-                                           [id = id](const auto& chunk) { return chunk.id == id; });
-          if (in_step)
+          if (in_step(st, id))
             r.cancelled = true;
           else
             finish(self, id, finish_reason::cancelled);
@@ -265,6 +283,8 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
                               {"prefilled_tokens", s.prefilled_tokens},
                               {"cached_prompt_tokens", s.cached_prompt_tokens},
                               {"steps", self->state.step},
+                              {"steps_in_flight", self->state.in_flight.size()},
+                              {"most_steps_in_flight", self->state.most_in_flight},
                               {"failed_steps", self->state.failed_steps},
                               {"replayed_requests", self->state.replays},
                               {"requeued_sequences", s.requeued},

@@ -126,7 +126,7 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   p.allow_keys(root, "the cluster config",
                {"model", "nodes", "head", "plan", "threads", "max_batch", "max_batch_tokens", "cache_mb", "cache_blocks",
                 "block_tokens", "prefix_cache", "ready_timeout_s", "heartbeat_ms", "heartbeat_misses", "restart_limit",
-                "restart_window_s", "replay_limit", "replace_after_s", "admin_token_file", "load_window_s", "admin_audit_log"});
+                "restart_window_s", "replay_limit", "replace_after_s", "admin_token_file", "load_window_s", "admin_audit_log", "micro_batches"});
 
   cluster_config c;
   c.source = source;
@@ -157,6 +157,8 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
     c.restart_limit = static_cast<int>(p.integer_at(root["restart_limit"], "restart_limit", 0, 100000));
   if (root["restart_window_s"])
     c.restart_window_s = static_cast<int>(p.integer_at(root["restart_window_s"], "restart_window_s", 1, 86400 * 30));
+  if (root["micro_batches"])
+    c.micro_batches = static_cast<int>(p.integer_at(root["micro_batches"], "micro_batches", 0, 64));
   if (root["replay_limit"]) c.replay_limit = static_cast<int>(p.integer_at(root["replay_limit"], "replay_limit", 0, 1000));
   if (root["admin_token_file"]) {
     const std::filesystem::path token = p.string_at(root["admin_token_file"], "admin_token_file");

@@ -16,6 +16,8 @@ struct scheduler::sequence {
   std::vector<std::int32_t> blocks;
   bool admitted = false;
   bool fresh = false;            // admitted, no chunk committed yet
+  bool in_flight = false;        // in a step formed and not committed yet
+  bool taken = false;            // in the step being formed
   bool counted_cached = false;
   std::int64_t cached_prompt = 0;
 };
@@ -165,6 +167,7 @@ void scheduler::release_blocks(sequence& seq) {
   seq.blocks.clear();
   seq.computed = 0;
   seq.admitted = false;
+  seq.in_flight = false;
 }
 
 void scheduler::remove(std::uint64_t id, bool keep_prefix) {
@@ -248,42 +251,59 @@ void scheduler::requeue_all() {
   prefix_->clear();
 }
 
-// Sends the youngest running sequence back to the queue; it will be recomputed from its tokens.
-void scheduler::preempt_youngest() {
-  sequence* victim = running_.back();
-  running_.pop_back();
-  release_blocks(*victim);
-  waiting_.push_front(victim);
-  ++counters_.preemptions;
+// Sends the youngest running sequence that is in no step (in flight or being formed) back to
+// the queue, to be recomputed from its tokens; false when that would be `seq` itself or none.
+bool scheduler::preempt_youngest(const sequence& seq) {
+  for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
+    sequence* victim = *it;
+    if (victim->in_flight || victim->taken) continue;
+    if (victim == &seq) return false;
+    running_.erase(std::next(it).base());
+    release_blocks(*victim);
+    waiting_.push_front(victim);
+    ++counters_.preemptions;
+    return true;
+  }
+  return false;
 }
 
 // Makes sure `seq` can take `positions` positions, evicting prefix-tree blocks and then
-// preempting younger sequences (never one already in this step: indices < `keep`).
-bool scheduler::ensure_capacity(sequence& seq, std::int64_t positions, std::size_t keep) {
+// preempting younger sequences (never one in a step).
+bool scheduler::ensure_capacity(sequence& seq, std::int64_t positions) {
   while (true) {
     if (reserve(seq, positions)) return true;
-    if (running_.size() <= keep + 1 || running_.back() == &seq) return false;
-    preempt_youngest();
+    if (!preempt_youngest(seq)) return false;
   }
 }
 
-std::vector<scheduled_chunk> scheduler::schedule() {
+std::vector<scheduled_chunk> scheduler::schedule(std::int64_t parts) {
   admit();
   std::vector<scheduled_chunk> step;
   std::int64_t budget = options_.max_batch_tokens;
+  const auto running = static_cast<std::int64_t>(running_.size());
+  const std::int64_t most = parts > 1 ? (running + parts - 1) / parts : running;
   // Decode tokens first (one per sequence, cheap and latency-critical), then prompt chunks.
   std::stable_partition(running_.begin(), running_.end(), [](const sequence* s) {
     return static_cast<std::int64_t>(s->tokens.size()) - s->computed == 1;
   });
-  for (std::size_t i = 0; i < running_.size() && budget > 0; ++i) {
+  std::vector<sequence*> taken;
+  for (std::size_t i = 0; i < running_.size() && budget > 0 && static_cast<std::int64_t>(taken.size()) < most; ++i) {
     sequence& seq = *running_[i];
+    if (seq.in_flight) continue;
     const auto pending = static_cast<std::int64_t>(seq.tokens.size()) - seq.computed;
     const std::int64_t take = std::min(pending, budget);
-    if (!ensure_capacity(seq, seq.computed + take + 1, i)) {
-      preempt_youngest();  // `seq` itself: nothing younger is left to make room
+    if (!ensure_capacity(seq, seq.computed + take + 1)) {
+      // Nothing younger outside a step is left to make room: `seq` itself waits.
+      running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(i));
+      release_blocks(seq);
+      waiting_.push_front(&seq);
+      ++counters_.preemptions;
       break;
     }
-    // Preemption only ever takes sequences after this one, so the spans below stay valid.
+    // Every sequence before index i is in a step, and only sequences in no step are
+    // preempted, so the spans below stay valid.
+    seq.taken = true;
+    taken.push_back(&seq);
     step.push_back({.id = seq.id,
                     .start = seq.computed,
                     .tokens = std::span<const token_id>(seq.tokens.data() + seq.computed, static_cast<std::size_t>(take)),
@@ -291,6 +311,10 @@ std::vector<scheduled_chunk> scheduler::schedule() {
                     .samples = seq.computed + take == static_cast<std::int64_t>(seq.tokens.size()),
                     .fresh = seq.fresh});
     budget -= take;
+  }
+  for (auto* seq : taken) {
+    seq->taken = false;
+    seq->in_flight = true;
   }
   return step;
 }
@@ -300,6 +324,7 @@ void scheduler::commit(std::span<const scheduled_chunk> step) {
     const auto it = sequences_.find(chunk.id);
     if (it == sequences_.end()) continue;
     sequence& seq = *it->second;
+    seq.in_flight = false;
     if (!seq.admitted || seq.computed != chunk.start) continue;  // preempted or removed meanwhile
     const auto end = chunk.start + static_cast<std::int64_t>(chunk.tokens.size());
     if (chunk.start < seq.prompt_length)

@@ -251,6 +251,11 @@ TEST_CASE("shoal launch: concurrent requests with chunked prefill and preemption
   launched_cluster c("cache_blocks: 48\nblock_tokens: 8\nmax_batch_tokens: 7\n");
   auto client = shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10));
   shoal::testing::check_concurrent_golden(*client, 2);
+  // With two stages, two micro-batches were in the pipeline at once.
+  const auto s = nlohmann::json::parse(client->status());
+  INFO(s.dump());
+  CHECK(s["scheduler"]["most_steps_in_flight"] == 2);
+  CHECK(s["scheduler"]["preemptions"].get<int>() > 0);
   CHECK(c.launch->stop() == 0);
 }
 

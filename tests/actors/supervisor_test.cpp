@@ -28,6 +28,7 @@ node_agent_actor::behavior_type refusing_agent(node_agent_actor::pointer) {
         return to_caf_error(shoal::errc::not_found, "node b: model.safetensors.index.json: no such file");
       },
       [](spawn_expert_cmd&) -> caf::result<ok_atom> { return to_caf_error(shoal::errc::not_found, "unused"); },
+      [](retire_actor_cmd&) -> caf::result<ok_atom> { return ok_atom::value; },
       [](stop_atom) {},
       [](heartbeat& h) { return h; },
   };

@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <deque>
 #include <map>
 #include <numeric>
 #include <random>
@@ -245,4 +246,74 @@ TEST_CASE("scheduler: refuses what can never fit", "[scheduler]") {
   CHECK_THROWS_WITH(s.add(2, {}), Catch::Contains("no tokens"));
   s.add(3, tokens(0, 2));
   CHECK_THROWS_WITH(s.add(3, tokens(0, 2)), Catch::Contains("already"));
+}
+
+TEST_CASE("scheduler: steps in flight at once hold disjoint sequences and blocks, and are never preempted",
+          "[scheduler]") {
+  // A pipeline of stages keeps `parts` steps in flight: each takes its share of the running
+  // sequences, none of a step in flight is scheduled or preempted again until it commits, and
+  // no block is written by two steps at once.
+  std::mt19937 rng(9);
+  for (const std::int64_t parts : {2, 3}) {
+    CAPTURE(parts);
+    scheduler s({.cache_blocks = 20, .block_tokens = 4, .max_batch_tokens = 12, .max_running = 6, .prefix_cache = true});
+    std::map<std::uint64_t, std::size_t> budget;
+    std::deque<std::vector<scheduled_chunk>> pipeline;  // oldest first, as stages return them
+    std::uint64_t next = 1;
+    std::uint64_t steps = 0;
+    for (int round = 0; round < 600; ++round) {
+      if (rng() % 3 == 0 && budget.size() < 9) {
+        auto t = tokens(static_cast<std::int32_t>(rng() % 3), 1 + rng() % 20);
+        budget[next] = 1 + rng() % 10;
+        s.add(next++, std::move(t));
+      }
+      // Fill the pipeline, then the oldest step returns.
+      while (static_cast<std::int64_t>(pipeline.size()) < parts) {
+        auto step = s.schedule(parts);
+        if (step.empty()) break;
+        ++steps;
+        std::set<std::uint64_t> in_flight;
+        std::map<std::int32_t, std::uint64_t> writer;
+        for (const auto& other : pipeline)
+          for (const auto& c : other) {
+            in_flight.insert(c.id);
+            const auto end = c.start + static_cast<std::int64_t>(c.tokens.size());
+            for (auto p = c.start; p < end; ++p) writer[c.blocks[static_cast<std::size_t>(p / 4)]] = c.id;
+          }
+        for (const auto& c : step) {
+          CHECK_FALSE(in_flight.contains(c.id));
+          const auto end = c.start + static_cast<std::int64_t>(c.tokens.size());
+          for (auto p = c.start; p < end; ++p) CHECK_FALSE(writer.contains(c.blocks[static_cast<std::size_t>(p / 4)]));
+        }
+        check_blocks_disjoint(step, 4);
+        pipeline.emplace_back(step.begin(), step.end());
+      }
+      if (pipeline.empty()) continue;
+      const auto step = std::move(pipeline.front());
+      pipeline.pop_front();
+      // Its sequences were neither preempted nor moved meanwhile: committing advances them.
+      for (const auto& c : step) {
+        CHECK(s.contains(c.id));
+        CHECK(static_cast<std::int64_t>(s.tokens(c.id).size()) >= c.start + static_cast<std::int64_t>(c.tokens.size()));
+      }
+      s.commit(step);
+      for (const auto& c : step) {
+        if (!c.samples) continue;
+        s.append(c.id, 7);
+        if (--budget[c.id] == 0) {
+          s.remove(c.id, true);
+          budget.erase(c.id);
+        }
+      }
+    }
+    while (!pipeline.empty()) {
+      s.commit(pipeline.front());
+      pipeline.pop_front();
+    }
+    for (auto& [id, left] : budget) s.remove(id, true);
+    const auto st = s.stats();
+    CHECK(steps > 300);
+    CHECK(st.running == 0);
+    CHECK(st.cache_blocks_used == st.prefix_cache_blocks);
+  }
 }

@@ -33,6 +33,8 @@ struct router_options {
   /// placement); one more ends it with the step's error. Bounds a request that itself brings
   /// nodes down.
   int replay_limit = 5;
+  /// Steps in the pipeline at once (micro-batches); 0: one per stage of the placement.
+  int micro_batches = 0;
   /// Pause after a step failed without a fence from the supervisor (a node that may be
   /// dying), before the requests are stepped again.
   std::chrono::milliseconds retry_pause{1000};
@@ -60,10 +62,12 @@ struct router_state {
   std::vector<actor_address> stages;       ///< The stages of the placement, in order.
   std::unique_ptr<runtime::scheduler> plan; ///< Which tokens of which requests run next, in which blocks.
   std::map<std::uint64_t, request> requests; ///< By router-internal id, in admission order.
-  std::vector<runtime::scheduled_chunk> in_flight; ///< The step in the pipeline (empty: none).
+  /// Steps in the pipeline, by step number: at most one per stage, each with sequences of its
+  /// own, so that stages do not wait for each other.
+  std::map<std::uint64_t, std::vector<runtime::scheduled_chunk>> in_flight;
   std::uint64_t next_id = 1;               ///< Next internal id.
   std::uint64_t step = 0;                  ///< Steps started.
-  bool busy = false;                       ///< A step is in the pipeline.
+  std::size_t most_in_flight = 0;          ///< The most steps that were in the pipeline at once.
   bool wired = false;                      ///< Wired at least once (a later wire means new stores).
   bool paused = false;                     ///< A step failed; waiting for `retry_pause` or a new placement.
   std::uint64_t failed_steps = 0;          ///< Steps abandoned because of a failure.
@@ -81,14 +85,15 @@ runtime::scheduler_options scheduling_for(const config::cluster_config& cluster,
 /// request and prompt chunks up to the token budget (continuous batching, chunked prefill),
 /// admits requests while cache blocks are free, preempts the youngest by recompute when they
 /// run out, and reuses cached prompt prefixes; each entry carries its block table, so stages
-/// store latents where the router says. One step is in the pipeline at a time.
+/// store latents where the router says. With several stages, as many steps as stages are in
+/// the pipeline at once, each with its own share of the running requests (micro-batches), so
+/// that the first stage computes the next step while the last one computes this one.
 ///
 /// A failure never loses an accepted request: when the supervisor fences the placement (a
 /// node died) or a step fails for want of a node, the step's requests are taken back with
 /// every token they streamed, and the next placement recomputes them (greedy requests give
 /// the tokens they would have given; sampled ones continue their seeded stream). Clients see
 /// a pause, not an error, unless a request fails more than `replay_limit` times.
-/// TODO(perf): several micro-batches in flight so that stages do not wait for each other.
 router_actor::behavior_type make_router(router_actor::stateful_pointer<router_state> self, router_options options,
                                         std::shared_ptr<fabric> book);
 

@@ -84,6 +84,9 @@ struct cluster_config {
   int restart_limit = 5;
   int restart_window_s = 600;                    ///< Window of `restart_limit`.
   int replay_limit = 5;                          ///< Failed steps a request lives through.
+  /// Steps in the pipeline at once, each with its own share of the running requests; 0: one
+  /// per stage (stages then never wait for each other), 1: one step at a time.
+  int micro_batches = 0;
   /// A dead node that has not joined again after this long has its stages and expert groups
   /// re-placed onto surviving nodes with the memory for them. 0: never; wait for it.
   int replace_after_s = 30;

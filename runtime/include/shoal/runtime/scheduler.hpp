@@ -81,18 +81,20 @@ class scheduler {
   /// Whether the sequence is known.
   bool contains(std::uint64_t id) const;
 
-  /// Admits what fits and forms the next step (empty when nothing can run). The chunks point
-  /// into the scheduler's sequences and stay valid until the next call of anything but
-  /// `stats` and the accessors.
-  std::vector<scheduled_chunk> schedule();
-  /// The step formed by the last `schedule` has been computed: every chunk's positions are
-  /// cached now, and computed prompt blocks become shareable. Sequences removed meanwhile
-  /// are skipped.
+  /// Admits what fits and forms the next step (empty when nothing can run) from the running
+  /// sequences that are in no step in flight. With `parts` > 1 a step takes at most
+  /// 1/`parts` of the running sequences (rounded up), so that `parts` steps can be in a
+  /// pipeline of stages at once, each with sequences of its own; a sequence in a step in flight
+  /// is never preempted. The chunks point into the scheduler's sequences and stay valid until
+  /// that step is committed or `requeue_all` is called.
+  std::vector<scheduled_chunk> schedule(std::int64_t parts = 1);
+  /// A step formed by `schedule` has been computed: every chunk's positions are cached now,
+  /// and computed prompt blocks become shareable. Sequences removed meanwhile are skipped.
   void commit(std::span<const scheduled_chunk> step);
-  /// The stores lost their contents (a stage was replaced after a failure), or the step in
-  /// flight was abandoned: every running sequence goes back to the front of the queue, in
+  /// The stores lost their contents (a stage was replaced after a failure), or the steps in
+  /// flight were abandoned: every running sequence goes back to the front of the queue, in
   /// order, to be recomputed from its tokens, and the prefix tree is emptied. Tokens and
-  /// prompt lengths are kept; the step formed last must not be committed.
+  /// prompt lengths are kept; no step formed before must be committed.
   void requeue_all();
   /// Appends the token chosen after a chunk that `samples`.
   void append(std::uint64_t id, token_id token);
@@ -120,8 +122,8 @@ class scheduler {
   bool make_room(std::int64_t wanted);
   void admit();
   bool shares_prefix_in_flight(const sequence& seq) const;
-  void preempt_youngest();
-  bool ensure_capacity(sequence& seq, std::int64_t positions, std::size_t keep);
+  bool preempt_youngest(const sequence& seq);
+  bool ensure_capacity(sequence& seq, std::int64_t positions);
   bool reserve(sequence& seq, std::int64_t positions);
   void release_blocks(sequence& seq);
   sequence& find(std::uint64_t id) const;

@@ -1,0 +1,102 @@
+// shoal plan, run as a user runs it: answers, refusals and the cluster config it writes.
+
+#include "run_shoal.hpp"
+
+#include "shoal/config/cluster_config.hpp"
+#include "shoal/config/model_config.hpp"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <string>
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using shoal::test::run;
+
+namespace {
+
+struct temp_dir {
+  fs::path path = fs::temp_directory_path() / ("shoal-plan-cli-" + std::to_string(::getpid()));
+  temp_dir() { fs::create_directories(path); }
+  ~temp_dir() { fs::remove_all(path); }
+};
+
+const std::string kTiny = std::string(SHOAL_TEST_DATA_DIR) + "/golden/tiny-b-bf16/ckpt";
+
+}  // namespace
+
+TEST_CASE("plan answers for DeepSeek-V3 on 8 H200 and on 8 H100 in BF16", "[cli][plan]") {
+  const auto h200 = run("plan --preset deepseek-v3 --nodes 1 --gpus-per-node 8 --gpu-mem 141GB --json");
+  REQUIRE(h200.exit_code == 0);
+  const auto j = json::parse(h200.out);
+  CHECK(j["fits"] == true);
+  CHECK(j["model"]["parameters"].get<double>() == Approx(671.03e9).epsilon(1e-4));
+  CHECK(j["model"]["weights"] == "fp8");
+  CHECK(j["gpus"].size() == 8);
+  CHECK(j["stages"][0]["layers"] == "0-60");
+  CHECK(j["cache"]["tokens"].get<std::int64_t>() >= 64 * 32768);
+
+  const auto h100 = run("plan --preset deepseek-v3 --dtype bf16 --nodes 1 --gpus-per-node 8 --gpu-mem 80GiB --json");
+  REQUIRE(h100.exit_code == 0);  // a plan that does not fit is still an answer
+  const auto k = json::parse(h100.out);
+  CHECK(k["fits"] == false);
+  CHECK(k["weights_fit"] == false);
+  CHECK_THAT(k["verdict"].get<std::string>(), Catch::StartsWith("does not fit"));
+
+  const auto table = run("plan --preset deepseek-v3 --nodes 2 --gpus-per-node 8 --gpu-mem 80GiB");
+  REQUIRE(table.exit_code == 0);
+  CHECK_THAT(table.out, Catch::Contains("| node/gpu  | layers |") && Catch::Contains("| 1/7       |") &&
+                            Catch::Contains("\nfits: the latent cache holds"));
+}
+
+TEST_CASE("plan refuses bad input with exit code 2", "[cli][plan]") {
+  const auto unit = run("plan --preset deepseek-v3 --nodes 1 --gpus-per-node 8 --gpu-mem 80GX");
+  CHECK(unit.exit_code == 2);
+  CHECK_THAT(unit.err, Catch::Contains("--gpu-mem '80GX': unknown unit 'GX'"));
+  const auto bare = run("plan --preset deepseek-v3 --nodes 1 --gpus-per-node 8 --gpu-mem 80");
+  CHECK(bare.exit_code == 2);
+  CHECK_THAT(bare.err, Catch::Contains("the unit is missing"));
+  CHECK(run("plan --nodes 1 --gpus-per-node 8 --gpu-mem 80GB").exit_code == 2);
+  CHECK(run("plan --preset deepseek-v3 --model " + kTiny + " --nodes 1 --gpus-per-node 8 --gpu-mem 80GB").exit_code == 2);
+  CHECK(run("plan --preset deepseek-v3 --dtype fp4 --nodes 1 --gpus-per-node 8 --gpu-mem 80GB").exit_code == 2);
+  CHECK(run("plan --preset llama --nodes 1 --gpus-per-node 8 --gpu-mem 80GB").exit_code == 2);
+  const auto dtype = run("plan --model " + kTiny + " --dtype fp8 --nodes 1 --gpus-per-node 8 --gpu-mem 80GB");
+  CHECK(dtype.exit_code == 2);
+  CHECK_THAT(dtype.err, Catch::Contains("--dtype applies to --preset"));
+  const auto nodes = run("plan --preset deepseek-v3 --nodes 64 --gpus-per-node 8 --gpu-mem 80GB");
+  CHECK(nodes.exit_code == 2);
+  CHECK_THAT(nodes.err, Catch::Contains("64 nodes for 61 layers"));
+  const auto missing = run("plan --model /nonexistent/ckpt --nodes 1 --gpus-per-node 8 --gpu-mem 80GB");
+  CHECK(missing.exit_code == 2);
+  const auto no_fit = run("plan --preset deepseek-v3 --dtype bf16 --nodes 1 --gpus-per-node 8 --gpu-mem 80GiB "
+                          "--write-config /tmp/shoal-plan-never-written.yaml");
+  CHECK(no_fit.exit_code == 2);
+  CHECK_FALSE(fs::exists("/tmp/shoal-plan-never-written.yaml"));
+}
+
+TEST_CASE("plan --model reads a checkpoint and writes a config Shoal's parser accepts", "[cli][plan]") {
+  temp_dir dir;
+  const auto file = dir.path / "cluster.yaml";
+  const auto r = run("plan --model " + kTiny + " --nodes 2 --gpus-per-node 2 --gpu-mem 2GiB --context 512 "
+                     "--concurrency 4 --node-host 127.0.0.1 --port 7700 --json --write-config " + file.string());
+  REQUIRE(r.exit_code == 0);
+  const auto j = json::parse(r.out);
+  const auto model = shoal::config::load_model_config(kTiny);
+  CHECK(j["model"]["layers"] == model.num_hidden_layers);
+  CHECK(j["fits"] == true);
+  auto cluster = shoal::config::load_cluster_config(file);
+  shoal::config::validate_against_model(cluster, model);
+  CHECK(fs::equivalent(cluster.model, kTiny));
+  REQUIRE(cluster.nodes.size() == 2);
+  CHECK(cluster.nodes[0].port == 7700);
+  CHECK(cluster.nodes[1].port == 7701);
+  CHECK(cluster.nodes[1].devices == std::vector<std::string>{"cuda:0", "cuda:1"});
+  REQUIRE(cluster.stages.size() == 2);
+  CHECK(cluster.stages[0].layer_end == j["stages"][0]["layer_end"].get<std::int64_t>());
+  CHECK(cluster.expert_groups.size() == 4);
+  CHECK(shoal::config::cache_blocks_for(cluster, model) == j["cache"]["blocks"].get<std::int64_t>());
+}

@@ -446,15 +446,15 @@ std::string deployment_plan_to_text(const deployment_request& r, const deploymen
       plan.expert_parallelism > 0 ? fmt::format("{:.3g}", static_cast<double>(c.n_routed_experts) / plan.expert_parallelism)
                                   : std::string("0"),
       c.latent_dim(), plan.cache_dtype, static_cast<double>(plan.cache_bytes_per_token) / 1024.0, plan.step_tokens);
-  out += fmt::format("| {:<9} | {:<6} | {:<7} | {:>9} | {:>12} | {:>11} | {:>8} | {:>8} |\n", "node/gpu", "layers",
+  out += fmt::format("| {:<9} | {:<9} | {:<7} | {:>9} | {:>12} | {:>11} | {:>9} | {:>9} |\n", "node/gpu", "layers",
                      "experts", "weights", "latent cache", "activations", "headroom", "unused");
-  out += "|-----------|--------|---------|-----------|--------------|-------------|----------|----------|\n";
+  out += "|-----------|-----------|---------|-----------|--------------|-------------|-----------|-----------|\n";
   auto cell = [](double bytes) { return gib(bytes); };
   for (const auto& gp : plan.gpus) {
     std::string layers = range_text(gp.layer_begin, gp.layer_end);
     if (gp.embedding) layers += "+e";
     if (gp.head) layers += "+h";
-    out += fmt::format("| {:<9} | {:<6} | {:<7} | {:>9} | {:>12} | {:>11} | {:>8} | {:>8} |\n",
+    out += fmt::format("| {:<9} | {:<9} | {:<7} | {:>9} | {:>12} | {:>11} | {:>9} | {:>9} |\n",
                        fmt::format("{}/{}", gp.node, gp.gpu), layers, range_text(gp.expert_begin, gp.expert_end),
                        cell(static_cast<double>(gp.weight_bytes)), cell(static_cast<double>(gp.cache_bytes)),
                        cell(static_cast<double>(gp.activation_bytes)), cell(static_cast<double>(gp.headroom_bytes)),

@@ -270,7 +270,7 @@ TEST_CASE("the JSON carries fits and the breakdown", "[plan]") {
   CHECK(j["gpus"][1]["weight_bytes"] == plan.gpus[1].weight_bytes);
   CHECK(j["stages"][0]["layers"] == "0-60");
   const auto text = runtime::deployment_plan_to_text(request, plan);
-  CHECK_THAT(text, Catch::Contains("| 0/1       | 7-14   | 32-63   |"));
+  CHECK_THAT(text, Catch::Contains("| 0/1       | 7-14      | 32-63   |"));
   CHECK_THAT(text, Catch::Contains("671.0 B parameters"));
 }
 

@@ -49,7 +49,7 @@ TEST_CASE("plan answers for DeepSeek-V3 on 8 H200 and on 8 H100 in BF16", "[cli]
 
   const auto table = run("plan --preset deepseek-v3 --nodes 2 --gpus-per-node 8 --gpu-mem 80GiB");
   REQUIRE(table.exit_code == 0);
-  CHECK_THAT(table.out, Catch::Contains("| node/gpu  | layers |") && Catch::Contains("| 1/7       |") &&
+  CHECK_THAT(table.out, Catch::Contains("| node/gpu  | layers    |") && Catch::Contains("| 1/7       |") &&
                             Catch::Contains("\nfits: the latent cache holds"));
 }
 

@@ -1,5 +1,6 @@
 // shoal plan, run as a user runs it: answers, refusals and the cluster config it writes.
 
+#include "free_port.hpp"
 #include "run_shoal.hpp"
 
 #include "shoal/config/cluster_config.hpp"
@@ -8,10 +9,17 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
+#include <thread>
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -99,4 +107,64 @@ TEST_CASE("plan --model reads a checkpoint and writes a config Shoal's parser ac
   CHECK(cluster.stages[0].layer_end == j["stages"][0]["layer_end"].get<std::int64_t>());
   CHECK(cluster.expert_groups.size() == 4);
   CHECK(shoal::config::cache_blocks_for(cluster, model) == j["cache"]["blocks"].get<std::int64_t>());
+}
+
+TEST_CASE("shoal launch runs the config shoal plan wrote and answers like one process", "[cli][plan][launch]") {
+  temp_dir dir;
+  // The nodes of a one-host config listen on consecutive ports.
+  std::uint16_t port = 0;
+  for (int attempt = 0; attempt < 100 && port == 0; ++attempt) {
+    const auto p = shoal::testing::free_port();
+    if (p < 65535 && shoal::testing::detail::reserve_port(static_cast<std::uint16_t>(p + 1)) &&
+        shoal::testing::detail::port_bindable(static_cast<std::uint16_t>(p + 1)))
+      port = p;
+  }
+  REQUIRE(port != 0);
+  const auto file = dir.path / "cluster.yaml";
+  // A small GPU memory keeps the cache these CPU processes allocate small.
+  const auto planned = run("plan --model " + kTiny + " --nodes 2 --gpus-per-node 2 --gpu-mem 1100MiB --context 512 "
+                           "--concurrency 2 --node-host 127.0.0.1 --port " + std::to_string(port) +
+                           " --write-config " + file.string());
+  INFO(planned.err);
+  REQUIRE(planned.exit_code == 0);
+
+  const auto log = dir.path / "launch.log";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(fd, 1);
+    ::dup2(fd, 2);
+    ::execl(SHOAL_BINARY, SHOAL_BINARY, "launch", file.c_str(), "--transports", "tcp", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  auto text = [&] {
+    std::ifstream in(log);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+  };
+  bool ready = false;
+  for (int i = 0; i < 1200 && !ready; ++i) {  // 120 s
+    ready = text().find("\"ready\":true") != std::string::npos;
+    if (::waitpid(pid, nullptr, WNOHANG) == pid) break;
+    if (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  const auto cluster = ready ? run("generate --cluster 127.0.0.1:" + std::to_string(port) +
+                                   " --tokens 0,17,5 --max-new-tokens 6 --json")
+                             : shoal::test::result{};
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  for (int i = 0; i < 300 && ::waitpid(pid, &status, WNOHANG) != pid; ++i)  // 30 s, then SIGKILL
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  if (::kill(pid, 0) == 0) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+  }
+  INFO(text());
+  REQUIRE(ready);
+  REQUIRE(cluster.exit_code == 0);
+  const auto local = run("generate --model " + kTiny + " --tokens 0,17,5 --max-new-tokens 6 --temperature 0 --json");
+  REQUIRE(local.exit_code == 0);
+  CHECK(json::parse(cluster.out)["tokens"] == json::parse(local.out)["tokens"]);
+  CHECK(json::parse(cluster.out)["tokens"].size() == 6);
 }

@@ -349,14 +349,19 @@ deployment_plan plan_deployment(const deployment_request& r) {
   plan.fits = plan.weights_fit && plan.sequences_at_context >= r.concurrency;
 
   const auto total_memory = static_cast<double>(r.gpu_memory_bytes) * total_gpus;
-  if (!plan.weights_fit) {
+  if (!plan.weights_fit && worst_room < 0) {
     plan.verdict = fmt::format(
-        "does not fit: GPU {} of node {} needs {} of weights, {} of step workspace and {} of headroom{}, {} "
-        "more than its {} ({} of weights in all on {} of GPU memory)",
+        "does not fit: GPU {} of node {} needs {} of weights, {} of step workspace and {} of headroom, {} more than "
+        "its {} ({} of weights in all on {} of GPU memory)",
         worst->gpu, worst->node, gib(static_cast<double>(worst->weight_bytes)),
         gib(static_cast<double>(worst->activation_bytes)), gib(static_cast<double>(worst->headroom_bytes)),
-        worst_room >= 0 ? " and at least 2 cache blocks" : "", gib(static_cast<double>(std::max<std::int64_t>(-worst_room, 0))),
-        gib(static_cast<double>(r.gpu_memory_bytes)), gib(static_cast<double>(plan.weight_bytes)), gib(total_memory));
+        gib(static_cast<double>(-worst_room)), gib(static_cast<double>(r.gpu_memory_bytes)),
+        gib(static_cast<double>(plan.weight_bytes)), gib(total_memory));
+  } else if (!plan.weights_fit) {
+    plan.verdict = fmt::format(
+        "does not fit: after weights, step workspace and headroom every stage has room for only {} cache block(s) "
+        "of {} tokens; at least 2 are needed",
+        blocks.value_or(0), r.block_tokens);
   } else if (!plan.fits) {
     plan.verdict = fmt::format(
         "does not fit: the weights fit, but the latent cache holds {} tokens, {} sequences of {} tokens, not the {} "

@@ -187,6 +187,20 @@ TEST_CASE("a cache too small for the asked concurrency is not a fit, and says so
   CHECK_THAT(plan.verdict, Catch::Contains("the weights fit, but the latent cache holds"));
 }
 
+TEST_CASE("weights that leave room for fewer than 2 cache blocks do not fit", "[plan]") {
+  // One GPU whose memory leaves 1.5 blocks of 61 layers after weights, workspace and headroom.
+  auto request = v3(true, 1, 1, 4096 * kGiB);
+  const auto big = runtime::plan_deployment(request);
+  const double block = 61.0 * 32 * 576 * 4;
+  const double needed = static_cast<double>(big.gpus[0].weight_bytes + big.gpus[0].activation_bytes + kGiB) + 1.5 * block;
+  request.gpu_memory_bytes = static_cast<std::uint64_t>(needed / 0.95);
+  const auto plan = runtime::plan_deployment(request);
+  CHECK_FALSE(plan.weights_fit);
+  CHECK(plan.cache_blocks == 0);
+  CHECK(plan.gpus[0].unused_bytes >= static_cast<std::int64_t>(block));
+  CHECK_THAT(plan.verdict, Catch::Contains("room for only 1 cache block(s) of 32 tokens; at least 2 are needed"));
+}
+
 TEST_CASE("every layer and every routed expert is placed exactly once, every node has a stage", "[plan]") {
   for (const auto& [nodes, gpus] : std::vector<std::pair<int, int>>{{1, 1}, {1, 8}, {2, 8}, {3, 4}, {4, 8}, {61, 1}, {40, 8}}) {
     const auto plan = runtime::plan_deployment(v3(true, nodes, gpus, 80 * kGiB));

@@ -168,3 +168,24 @@ TEST_CASE("shoal launch runs the config shoal plan wrote and answers like one pr
   CHECK(json::parse(cluster.out)["tokens"] == json::parse(local.out)["tokens"]);
   CHECK(json::parse(cluster.out)["tokens"].size() == 6);
 }
+
+TEST_CASE("the plans shown in docs/deployment.md are what the command prints", "[cli][plan][docs]") {
+  std::ifstream in(fs::path(SHOAL_TEST_DATA_DIR).parent_path().parent_path() / "docs" / "deployment.md");
+  REQUIRE(in);
+  std::stringstream doc;
+  doc << in.rdbuf();
+  const auto text = doc.str();
+  int shown = 0;
+  for (auto at = text.find("```\n$ shoal plan "); at != std::string::npos; at = text.find("```\n$ shoal plan ", at + 1)) {
+    const auto command_end = text.find('\n', at + 4);
+    const auto command = text.substr(at + 12, command_end - at - 12);
+    const auto block_end = text.find("```", command_end);
+    REQUIRE(block_end != std::string::npos);
+    const auto r = run(command);
+    INFO(command);
+    REQUIRE(r.exit_code == 0);
+    CHECK(r.out == text.substr(command_end + 1, block_end - command_end - 1));
+    ++shown;
+  }
+  CHECK(shown == 8);
+}

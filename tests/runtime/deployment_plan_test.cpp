@@ -69,6 +69,14 @@ TEST_CASE("DeepSeek-V3's published shapes have 671B parameters, FP8 about a byte
   const std::uint64_t total = 3 * dense_layer + 58 * moe_layer + 2 * kVocab * kHidden + kHidden;
   REQUIRE(total == 671'026'419'200ull);
 
+  // The preset is a config Shoal's own config.json validation accepts.
+  for (const bool quantized : {true, false}) {
+    const auto parsed = config::parse_model_config(config::model_config_to_json(runtime::deepseek_v3_config(quantized)), "v3");
+    CHECK(parsed.latent_dim() == 576);
+    CHECK(parsed.quantization.has_value() == quantized);
+    CHECK(parsed.rope_scaling.has_value());
+  }
+
   const auto fp8 = runtime::plan_deployment(v3(true, 1, 8, 141'000'000'000ull));
   CHECK(fp8.parameters == total);
   CHECK(fp8.moe_layers == 58);

@@ -40,6 +40,7 @@ if [ "$purpose" = test ]; then
     ucx-utils                     # ucx_perftest for the transport benchmark
     nodejs                        # the OpenAI Node SDK test of the HTTP gateway
     clang libclang-rt-14-dev      # the sanitizer build and libFuzzer targets of tools/test.sh
+    prometheus                    # deploy/prometheus: its rules loaded by a real Prometheus scraping shoal serve
   )
   # npm comes inside NodeSource's nodejs but is a package of its own in Debian's.
   command -v npm >/dev/null 2>&1 || packages+=(npm)

@@ -34,6 +34,10 @@ void add_security_commands(CLI::App& app);
 /// file. Subcommands that talk to a running cluster are added to the same group.
 void add_admin_commands(CLI::App& app);
 
+/// plan: whether a model fits a set of GPU nodes, the layout and memory of each GPU, and
+/// optionally a cluster config for it.
+void add_plan_command(CLI::App& app);
+
 /// HOST:PORT of a running cluster's head node, or nothing when `spec` is not one (a file of
 /// that name is a config, not an address).
 std::optional<std::pair<std::string, std::uint16_t>> head_address(const std::string& spec);

@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   shoal::tools::add_serve_commands(app);
   shoal::tools::add_security_commands(app);
   shoal::tools::add_admin_commands(app);
+  shoal::tools::add_plan_command(app);
   // Every command exits 0 on success, 2 when the input (command line, files, requests) is
   // wrong and 70 when Shoal itself failed (exit_codes.hpp); commands run inside parse(), from
   // their callbacks.

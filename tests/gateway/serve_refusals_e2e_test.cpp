@@ -543,6 +543,14 @@ void check_metrics_match(const serve_process& s, bool cluster) {
     else
       CHECK(sum == static_cast<double>(through * moe.top_k));
   }
+  // The expert nodes' measured imbalance: both computed rows over the window, one at least
+  // as much as the mean (an embedded server's one stage holds every expert: no expert nodes).
+  if (cluster) {
+    CHECK(at(after, "shoal_cluster_expert_node_imbalance") >= 1.0);
+    CHECK(at(after, "shoal_cluster_expert_node_imbalance") <= 2.0);
+  } else {
+    CHECK(at(after, "shoal_cluster_expert_node_imbalance") == 0);
+  }
 }
 
 // Draining: the listener closes as soon as the signal is taken, so a new request meets a

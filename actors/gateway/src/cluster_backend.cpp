@@ -228,6 +228,8 @@ class cluster_backend final : public backend {
       s.cluster.epoch = status_.at("epoch").get<std::uint64_t>();
       if (status_.contains("routed_tokens")) s.expert_tokens = status_.at("routed_tokens").get<std::vector<std::uint64_t>>();
       s.cluster.recoveries = status_.at("recoveries").get<std::uint64_t>();
+      if (status_.contains("expert_load"))
+        s.cluster.expert_imbalance = status_.at("expert_load").at("imbalance").get<double>();
       for (const auto& n : status_.at("nodes")) {
         ++s.cluster.nodes;
         if (n.at("down").get<bool>()) ++s.cluster.nodes_down;

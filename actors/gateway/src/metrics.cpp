@@ -103,8 +103,12 @@ std::string metrics::render(const runtime::engine_stats& e, std::int64_t in_flig
            "Requests recomputed from their prompt and streamed tokens after a failed step.", e.cluster.replayed_requests);
     series("shoal_cluster_failed_steps_total", "counter", "Pipeline steps abandoned because a node failed.",
            e.cluster.failed_steps);
-    series("shoal_cluster_placement_epoch", "gauge", "Placement epoch (bumped on every failure and re-placement).",
-           e.cluster.epoch);
+    series("shoal_cluster_placement_epoch", "gauge",
+           "Placement epoch (bumped on every failure, re-placement and operator's change).", e.cluster.epoch);
+    series("shoal_cluster_expert_node_imbalance", "gauge",
+           "Rows computed by the heaviest expert node over the mean of the expert nodes, over the load window "
+           "(1: balanced; 0: not measured or no expert nodes).",
+           e.cluster.expert_imbalance);
     series("shoal_cluster_serving", "gauge", "1 while every stage and expert actor serves, 0 while the cluster heals.",
            e.unavailable.empty() ? 1 : 0);
   }

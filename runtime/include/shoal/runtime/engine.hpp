@@ -91,6 +91,9 @@ struct engine_stats {
     std::uint64_t replayed_requests = 0;   ///< Requests recomputed after a failed step.
     std::uint64_t failed_steps = 0;        ///< Steps abandoned because a node failed.
     std::uint64_t epoch = 0;               ///< Placement epoch.
+    /// Rows computed by the heaviest expert node over the mean of the expert nodes, over the
+    /// load window (1 is balanced; 0 when unmeasured or without expert nodes).
+    double expert_imbalance = 0;
   } cluster;
 };
 

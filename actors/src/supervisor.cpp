@@ -616,6 +616,9 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         j["failure"] = st.failure;
         j["degraded"] = st.degraded;
         j["recoveries"] = st.recoveries;
+        // Counted by the head's transport: nodes and clients that dialed the head without
+        // the join secret, and nodes the head dialed that could not prove it.
+        j["refused_peers"] = st.book->refused_peers();
         j["config"] = st.options.cluster.source.string();
         j["heartbeat_ms"] = st.options.heartbeat_interval.count();
         j["drained"] = std::vector<std::string>(st.drained.begin(), st.drained.end());

@@ -19,6 +19,7 @@
 #include <csignal>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <optional>
@@ -237,7 +238,8 @@ void bench_cluster(const bench_cluster_options& o) {
                                      .ready_timeout = std::chrono::duration_cast<std::chrono::seconds>(timeouts.ready_timeout),
                                      .interrupted = {},
                                      .log_prefix = "[bench]"});
-    auto client = client::connect(nodes.host(), nodes.port());
+    auto client = client::connect(nodes.host(), nodes.port(), std::chrono::seconds(10),
+                                  cluster.join_secret_file.empty() ? std::string() : read_join_secret(cluster.join_secret_file));
     generate_options request;
     request.prompt = prompt;
     request.max_tokens = static_cast<std::uint32_t>(o.decode_tokens + 1);
@@ -289,8 +291,21 @@ void bench_cluster(const bench_cluster_options& o) {
     }
 }
 
+void add_join_secret_option(CLI::App& cmd, std::string& file) {
+  cmd.add_option("--join-secret-file", file,
+                 "The cluster's join secret file, when its config sets join_secret_file (default: "
+                 "$SHOAL_JOIN_SECRET_FILE)");
+}
+
+std::string join_secret_from(const std::string& file) {
+  std::string path = file;
+  if (path.empty())
+    if (const char* env = std::getenv("SHOAL_JOIN_SECRET_FILE")) path = env;
+  return path.empty() ? std::string() : read_join_secret(path);
+}
+
 void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
-                         double temperature, bool json) {
+                         double temperature, bool json, const std::string& join_secret) {
   if (temperature != 0.0)
     shoal::fail(errc::invalid_argument, "--cluster: generation on a cluster is greedy only so far; use --temperature 0");
   const auto colon = address.rfind(':');
@@ -312,7 +327,8 @@ void generate_on_cluster(const std::string& address, const std::string& tokens, 
     pos = comma + 1;
   }
   request.max_tokens = static_cast<std::uint32_t>(max_new_tokens > 0 ? max_new_tokens : 16);
-  auto client = client::connect(address.substr(0, colon), static_cast<std::uint16_t>(port));
+  auto client = client::connect(address.substr(0, colon), static_cast<std::uint16_t>(port), std::chrono::seconds(10),
+                                join_secret);
   const auto start = clock_type::now();
   const auto id = client->submit(request);
   std::vector<std::int32_t> generated;

@@ -38,6 +38,13 @@ void add_admin_commands(CLI::App& app);
 /// that name is a config, not an address).
 std::optional<std::pair<std::string, std::uint16_t>> head_address(const std::string& spec);
 
+/// Adds `--join-secret-file` to a command that connects to a running cluster by HOST:PORT.
+void add_join_secret_option(CLI::App& cmd, std::string& file);
+
+/// The join secret to connect to a running cluster with: that of `file` when given, else of
+/// the file $SHOAL_JOIN_SECRET_FILE names, else none ("").
+std::string join_secret_from(const std::string& file);
+
 /// `bench --cluster CONFIG`: decode on one process vs. the config's nodes started on this
 /// machine, same run, and what each network leg of a step costs.
 struct bench_cluster_options {
@@ -51,6 +58,6 @@ void bench_cluster(const bench_cluster_options& options);
 
 /// `generate --cluster HOST:PORT --tokens IDS`: greedy generation on a running cluster.
 void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
-                         double temperature, bool json);
+                         double temperature, bool json, const std::string& join_secret);
 
 }  // namespace shoal::tools

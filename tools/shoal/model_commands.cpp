@@ -380,10 +380,13 @@ void add_generate(CLI::App& app) {
                 "reasoning_content, finish_reason, tokens, usage with text)");
   auto cluster = std::make_shared<std::string>();
   cmd->add_option("--cluster", *cluster, "HOST:PORT of a running cluster's head (shoal launch prints it); with --tokens");
+  auto join_secret_file = std::make_shared<std::string>();
+  add_join_secret_option(*cmd, *join_secret_file);
   cmd->get_option("--model")->required(false);  // not needed with --cluster; checked below
-  cmd->callback([o, tokens, prompt, chat, messages, seed, cluster] {
+  cmd->callback([o, tokens, prompt, chat, messages, seed, cluster, join_secret_file] {
     if (!cluster->empty())
-      return generate_on_cluster(*cluster, o->tokens, o->max_new_tokens, o->sampling.temperature, o->json);
+      return generate_on_cluster(*cluster, o->tokens, o->max_new_tokens, o->sampling.temperature, o->json,
+                                 join_secret_from(*join_secret_file));
     if (o->model.dir.empty()) shoal::fail(errc::invalid_argument, "--model is required (or --cluster HOST:PORT)");
     o->seeded = seed->count() > 0;
     if (o->seeded) o->sampling.seed = o->seed;

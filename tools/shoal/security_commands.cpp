@@ -1,5 +1,5 @@
-// shoal keys new: API keys for `shoal serve --api-keys`; shoal verify: the checkpoint's
-// SHA-256 manifest.
+// shoal keys new: API keys for `shoal serve --api-keys`; keys new-join-secret: a cluster's
+// join secret; shoal verify: the checkpoint's SHA-256 manifest.
 
 #include "commands.hpp"
 
@@ -9,10 +9,17 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
+#include <openssl/rand.h>
 
+#include <array>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <string>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 namespace shoal::tools {
 namespace {
@@ -23,8 +30,39 @@ struct keys_new_options {
   std::string scope = "model";
 };
 
+// 32 random bytes from OpenSSL's generator, as 64 hex characters and a newline, into a new
+// file only its owner can read; an existing file is never overwritten (it may be in use).
+void write_random_secret(const std::string& file) {
+  std::array<unsigned char, 32> bytes{};
+  if (RAND_bytes(bytes.data(), static_cast<int>(bytes.size())) != 1)
+    shoal::fail(errc::internal, "OpenSSL's random generator failed");
+  std::string text;
+  for (auto b : bytes) text += fmt::format("{:02x}", b);
+  text += '\n';
+  const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0)
+    shoal::fail(errno == EEXIST ? errc::failed_precondition : errc::invalid_argument, "{}: cannot create it: {}", file,
+                std::strerror(errno));
+  const bool written = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  const bool closed = ::close(fd) == 0;
+  if (!written || !closed) {
+    ::unlink(file.c_str());
+    shoal::fail(errc::unavailable, "{}: cannot write it: {}", file, std::strerror(errno));
+  }
+}
+
 void add_keys(CLI::App& app) {
-  auto* keys = app.add_subcommand("keys", "API keys for shoal serve --api-keys");
+  auto* keys = app.add_subcommand("keys", "API keys for shoal serve --api-keys, a cluster's join secret");
+  auto join_secret = std::make_shared<std::string>();
+  auto* secret = keys->add_subcommand(
+      "new-join-secret", "Write a cluster join secret (32 random bytes as 64 hex characters, mode 0600) for the "
+                         "cluster config's join_secret_file; an existing file is left alone");
+  secret->add_option("--file", *join_secret, "File to create")->required();
+  secret->callback([join_secret] {
+    write_random_secret(*join_secret);
+    fmt::print(stderr, "wrote a join secret to {}: give every node, gateway and admin of the cluster a copy (mode 0600)\n",
+               *join_secret);
+  });
   keys->require_subcommand(1);
   auto o = std::make_shared<keys_new_options>();
   auto* add = keys->add_subcommand(

@@ -228,6 +228,7 @@ class cluster_backend final : public backend {
       s.cluster.epoch = status_.at("epoch").get<std::uint64_t>();
       if (status_.contains("routed_tokens")) s.expert_tokens = status_.at("routed_tokens").get<std::vector<std::uint64_t>>();
       s.cluster.recoveries = status_.at("recoveries").get<std::uint64_t>();
+      s.cluster.refused_peers = status_.value("refused_peers", std::uint64_t{0});
       for (const auto& n : status_.at("nodes")) {
         ++s.cluster.nodes;
         if (n.at("down").get<bool>()) ++s.cluster.nodes_down;

@@ -54,6 +54,9 @@ class fabric {
   /// Records a placement epoch seen from the supervisor: data messages of older epochs are
   /// refused from then on.
   virtual void observe_epoch(std::uint64_t epoch) noexcept { (void)epoch; }
+  /// Connections this process refused because the other end did not prove it holds the
+  /// cluster's join secret (none in one process).
+  virtual std::uint64_t refused_peers() const { return 0; }
   /// Every local actor (for shutdown).
   std::map<std::pair<std::string, std::uint64_t>, caf::actor> local_actors();
 

@@ -15,7 +15,8 @@ namespace shoal::actors {
 /// that speaks another one is refused when it joins.
 /// 2: steps carry block tables decided by the router; stages no longer keep caches per request.
 /// 3: the supervisor sends heartbeats carrying its epoch and the nodes it evicted.
-inline constexpr std::uint16_t schema_version = 3;
+/// 4: the transport's hello carries nonces for the join-secret proof.
+inline constexpr std::uint16_t schema_version = 4;
 
 /// Identifies a request for its whole life, including replays after a failure.
 using request_id = std::uint64_t;

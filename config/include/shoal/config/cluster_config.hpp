@@ -90,6 +90,10 @@ struct cluster_config {
   /// File holding the token `shoal admin` commands that change the cluster must bring
   /// (resolved against the config's directory); empty: such commands are refused.
   std::filesystem::path admin_token_file;
+  /// File holding the secret every process of the cluster (nodes, gateways, admin
+  /// commands) must prove it holds when it connects (resolved against the config's
+  /// directory); empty: connections are not authenticated.
+  std::filesystem::path join_secret_file;
 
   /// The node named `name`, or null.
   const node_spec* find_node(std::string_view name) const noexcept;

@@ -91,6 +91,7 @@ struct engine_stats {
     std::uint64_t replayed_requests = 0;   ///< Requests recomputed after a failed step.
     std::uint64_t failed_steps = 0;        ///< Steps abandoned because a node failed.
     std::uint64_t epoch = 0;               ///< Placement epoch.
+    std::uint64_t refused_peers = 0;       ///< Connections the head refused: no or another join secret.
   } cluster;
 };
 

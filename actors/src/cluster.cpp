@@ -48,7 +48,7 @@ local_cluster::impl::impl(config::cluster_config c, cluster_options o) : config(
   caf::scoped_actor self{*system};
   for (const auto& node : config.nodes) {
     node_agent_options ao{.node = node.name, .model_override = {}, .threads = config.threads,
-                          .expert_timeout = options.expert_timeout, .progress = options.progress};
+                          .expert_timeout = options.expert_timeout, .progress = options.progress, .key = options.key};
     auto agent = system->spawn<caf::detached>(make_node_agent, ao, book);
     book->register_actor({node.name, actor_ids::node_agent}, caf::actor_cast<caf::actor>(agent));
     agents.push_back(agent);

@@ -117,7 +117,7 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   s.book->start();
 
   node_agent_options ao{.node = s.options.node, .model_override = s.options.model_override, .threads = cluster.threads,
-                        .expert_timeout = t.expert_timeout};
+                        .expert_timeout = t.expert_timeout, .progress = {}, .key = s.options.key};
   s.agent = s.system->spawn<caf::detached>(make_node_agent, ao, s.book);
   s.book->register_actor({s.options.node, actor_ids::node_agent}, caf::actor_cast<caf::actor>(s.agent));
 

@@ -82,10 +82,12 @@ void add_node(CLI::App& app) {
     std::string name;
     std::string model;
     std::string transports;
+    std::string key_file;
     timeout_options timeouts;
   };
   auto o = std::make_shared<options>();
   auto* cmd = app.add_subcommand("node", "Run one node of a cluster config (until SIGINT/SIGTERM)");
+  add_weights_key_option(*cmd, o->key_file);
   cmd->add_option("--config", o->config, "Cluster config (YAML)")->required();
   cmd->add_option("--name", o->name, "Which node of the config this process is")->required();
   cmd->add_option("--model", o->model, "Checkpoint directory on this machine, if not the config's");
@@ -104,7 +106,8 @@ void add_node(CLI::App& app) {
       fmt::print(stderr, "[node {}] {}\n", name, event);
     };
     actors::node_process node({.cluster = cluster, .node = o->name, .timeouts = timeouts,
-                               .transports = o->transports, .model_override = o->model, .on_event = on_event});
+                               .transports = o->transports, .model_override = o->model,
+                               .key = weights_key_from(o->key_file), .on_event = on_event});
     fmt::print(stderr, "[node {}] listening on {}:{}{}\n", o->name, spec->host, spec->port,
                node.is_head() ? " (head: supervisor and router)" : "");
     if (node.is_head()) {
@@ -133,10 +136,12 @@ void add_launch(CLI::App& app) {
   struct options {
     std::string config;
     std::string transports;
+    std::string key_file;
     timeout_options timeouts;
   };
   auto o = std::make_shared<options>();
   auto* cmd = app.add_subcommand("launch", "Start every node of a cluster config, wait until it serves, stop all on Ctrl-C");
+  add_weights_key_option(*cmd, o->key_file);
   cmd->add_option("config", o->config, "Cluster config (YAML)")->required();
   cmd->add_option("--transports", o->transports, "UCX transports for every node, e.g. tcp");
   add_timeout_options(cmd, o->timeouts);
@@ -147,6 +152,13 @@ void add_launch(CLI::App& app) {
     std::vector<std::string> extra{"--ready-timeout", std::to_string(timeouts.ready_timeout.count() / 1000),
                                    "--step-timeout", std::to_string(o->timeouts.step_s), "--expert-timeout",
                                    std::to_string(o->timeouts.expert_s)};
+    // Nodes get the key file's path (never the key); read here first so that a bad one
+    // stops nothing.
+    if (const auto key_path = weights_key_path(o->key_file); !key_path.empty()) {
+      (void)runtime::read_weights_key(key_path);
+      extra.push_back("--key-file");
+      extra.push_back(std::filesystem::absolute(key_path).string());
+    }
     if (!o->transports.empty()) {
       extra.push_back("--transports");
       extra.push_back(o->transports);
@@ -209,7 +221,8 @@ void bench_cluster(const bench_cluster_options& o) {
     for (int i = 0; i < o.prompt_tokens; ++i) prompt.push_back((i * 37 + 11) % 1000);
 
     // One process, same kernels and thread count as each cluster actor.
-    auto weights = runtime::model_weights::load(cluster.model, {}, runtime::weight_residency::copy);
+    auto weights = runtime::model_weights::load(cluster.model, {}, runtime::weight_residency::copy, {},
+                                                weights_key_from({}).get());
     const auto& model = weights->config();
     config::validate_against_model(cluster, model);
     for (auto& t : prompt) t %= static_cast<std::int32_t>(model.vocab_size);
@@ -289,6 +302,24 @@ void bench_cluster(const bench_cluster_options& o) {
                  legs ? (cluster_step - single_step) * 1e6 / static_cast<double>(legs) : 0.0);
       fmt::print("generated tokens: {}\n", distributed == single ? "identical" : "DIFFERENT (a bug: please report it)");
     }
+}
+
+void add_weights_key_option(CLI::App& cmd, std::string& file) {
+  cmd.add_option("--key-file", file,
+                 "Key of weights encrypted with `shoal encrypt-weights` (64 hex characters, mode 0600; default: "
+                 "$SHOAL_WEIGHTS_KEY_FILE)");
+}
+
+std::string weights_key_path(const std::string& file) {
+  if (!file.empty()) return file;
+  const char* env = std::getenv("SHOAL_WEIGHTS_KEY_FILE");
+  return env ? std::string(env) : std::string();
+}
+
+std::shared_ptr<const runtime::weights_key> weights_key_from(const std::string& file) {
+  const auto path = weights_key_path(file);
+  if (path.empty()) return nullptr;
+  return std::make_shared<const runtime::weights_key>(runtime::read_weights_key(path));
 }
 
 void add_join_secret_option(CLI::App& cmd, std::string& file) {

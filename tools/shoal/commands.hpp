@@ -2,12 +2,17 @@
 // Each group of subcommands registers itself on the top-level CLI.
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <utility>
 #include <string>
 
 namespace CLI {
 class App;
+}
+
+namespace shoal::runtime {
+struct weights_key;
 }
 
 namespace shoal::tools {
@@ -37,6 +42,17 @@ void add_admin_commands(CLI::App& app);
 /// HOST:PORT of a running cluster's head node, or nothing when `spec` is not one (a file of
 /// that name is a config, not an address).
 std::optional<std::pair<std::string, std::uint16_t>> head_address(const std::string& spec);
+
+/// Adds `--key-file` to a command that loads a checkpoint's weights.
+void add_weights_key_option(CLI::App& cmd, std::string& file);
+
+/// The key of weights encrypted with `encrypt-weights`: that of `file` when given, else of the
+/// file $SHOAL_WEIGHTS_KEY_FILE names, else none (null). A key is only ever read from a file.
+std::shared_ptr<const runtime::weights_key> weights_key_from(const std::string& file);
+
+/// The path of the weights key file `weights_key_from` would read ("" for none), to hand to
+/// node processes.
+std::string weights_key_path(const std::string& file);
 
 /// Adds `--join-secret-file` to a command that connects to a running cluster by HOST:PORT.
 void add_join_secret_option(CLI::App& cmd, std::string& file);

@@ -1,11 +1,13 @@
 // shoal keys new: API keys for `shoal serve --api-keys`; keys new-join-secret: a cluster's
-// join secret; shoal verify: the checkpoint's SHA-256 manifest.
+// join secret; keys new-weights-key and encrypt-weights: weights encrypted at rest; shoal
+// verify: the checkpoint's SHA-256 manifest.
 
 #include "commands.hpp"
 
 #include "shoal/base/error.hpp"
 #include "shoal/gateway/security.hpp"
 #include "shoal/runtime/manifest.hpp"
+#include "shoal/runtime/weights_crypto.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -14,7 +16,9 @@
 #include <array>
 #include <cerrno>
 #include <cstdio>
+#include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -63,6 +67,17 @@ void add_keys(CLI::App& app) {
     fmt::print(stderr, "wrote a join secret to {}: give every node, gateway and admin of the cluster a copy (mode 0600)\n",
                *join_secret);
   });
+  auto weights_key = std::make_shared<std::string>();
+  auto* key = keys->add_subcommand(
+      "new-weights-key", "Write a key for shoal encrypt-weights (32 random bytes as 64 hex characters, mode 0600); "
+                         "an existing file is left alone");
+  key->add_option("--file", *weights_key, "File to create")->required();
+  key->callback([weights_key] {
+    write_random_secret(*weights_key);
+    fmt::print(stderr, "wrote a weights key to {}: keep a copy where the encrypted checkpoint's readers cannot reach "
+                       "it, and give it to every node that loads the weights (mode 0600)\n",
+               *weights_key);
+  });
   keys->require_subcommand(1);
   auto o = std::make_shared<keys_new_options>();
   auto* add = keys->add_subcommand(
@@ -86,6 +101,37 @@ struct verify_options {
   bool write = false;
   bool quiet = false;
 };
+
+struct encrypt_options {
+  std::string model;
+  std::string out;
+  std::string key_file;
+  std::uint32_t chunk_kib = runtime::kWeightsChunkBytes / 1024;
+  bool quiet = false;
+};
+
+void add_encrypt_weights(CLI::App& app) {
+  auto o = std::make_shared<encrypt_options>();
+  auto* cmd = app.add_subcommand("encrypt-weights",
+                                 "Write a copy of a checkpoint whose .safetensors files are encrypted (AES-256-GCM, "
+                                 "in chunks); other files are copied as they are");
+  cmd->add_option("--model", o->model, "Checkpoint directory to encrypt")->required();
+  cmd->add_option("--out", o->out, "Output directory (created; must not exist or be empty)")->required();
+  cmd->add_option("--key-file", o->key_file, "Key file (shoal keys new-weights-key)")->required();
+  cmd->add_option("--chunk-kib", o->chunk_kib, "Plaintext KiB per authenticated chunk")
+      ->capture_default_str()
+      ->check(CLI::Range(4, 65536));
+  cmd->add_flag("--quiet", o->quiet, "No progress lines on stderr");
+  cmd->callback([o] {
+    const auto key = runtime::read_weights_key(o->key_file);
+    std::function<void(const std::string&)> progress;
+    if (!o->quiet) progress = [](const std::string& line) { fmt::print(stderr, "[encrypt] {}\n", line); };
+    const auto s = runtime::encrypt_checkpoint(o->model, o->out, key, o->chunk_kib * 1024, progress);
+    fmt::print("wrote {}: {} files encrypted, {} copied, {:.2f} GB, {:.1f} s{}\n", o->out, s.encrypted_files,
+               s.copied_files, static_cast<double>(s.bytes) / 1e9, s.seconds,
+               s.manifest ? fmt::format(" (and its {})", runtime::kManifestFile) : std::string());
+  });
+}
 
 void add_verify(CLI::App& app) {
   auto o = std::make_shared<verify_options>();
@@ -117,6 +163,7 @@ void add_verify(CLI::App& app) {
 
 void add_security_commands(CLI::App& app) {
   add_keys(app);
+  add_encrypt_weights(app);
   add_verify(app);
 }
 

@@ -79,6 +79,7 @@ struct serve_options {
   std::string model;
   std::string cluster;
   std::string join_secret_file;
+  std::string key_file;
   std::string transports;
   std::string name;
   std::string host = "127.0.0.1";
@@ -164,6 +165,11 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
     // Read before any node starts, so a bad secret file stops nothing.
     if (!cluster.join_secret_file.empty()) join_secret = read_join_secret(cluster.join_secret_file);
     std::vector<std::string> extra{"--ready-timeout", std::to_string(cluster.ready_timeout_s)};
+    if (const auto key_path = weights_key_path(o.key_file); !key_path.empty()) {
+      (void)runtime::read_weights_key(key_path);
+      extra.push_back("--key-file");
+      extra.push_back(fs::absolute(key_path).string());
+    }
     if (!o.transports.empty()) {
       extra.push_back("--transports");
       extra.push_back(o.transports);
@@ -257,7 +263,8 @@ void serve(const serve_options& options) {
   const auto cache_blocks = config::cache_blocks_for(plan, model);
   actors::local_cluster cluster(plan, {.progress = [](const std::string& line) {
                                         fmt::print(stderr, "[load] {}\n", line);
-                                      }});
+                                      },
+                                      .key = weights_key_from(o.key_file)});
   cluster.wait_ready();
   shoal::client client(cluster);
   const auto experts = model.n_routed_experts;
@@ -297,6 +304,7 @@ void add_serve(CLI::App& app) {
                   "checkpoint, for its tokenizer)");
   cmd->add_option("--transports", o->transports, "With a --cluster config: UCX transports for its nodes, e.g. tcp");
   add_join_secret_option(*cmd, o->join_secret_file);
+  add_weights_key_option(*cmd, o->key_file);
   cmd->add_option("--name", o->name, "Model name clients use (default: the directory's name, shoal-tiny for the demo)");
   cmd->add_option("--host", o->host, "Address to listen on")->capture_default_str();
   cmd->add_option("--port", o->port, "Port (0: any free port)")->capture_default_str()->check(CLI::Range(0, 65535));

@@ -180,10 +180,12 @@ struct launched_cluster {
   std::string ready;  // launch's ready line
 
   // `settings`: top-level keys; `plan`: replaces the "plan:" line; `node_keys`: extra keys
-  // of each node entry, by name; `files`: written (mode 0600) beside the config first.
+  // of each node entry, by name; `files`: written (mode 0600) beside the config first;
+  // `model`: the checkpoint, if not the golden one; `launch_args`: more arguments of launch.
   explicit launched_cluster(const std::string& settings = "", const std::string& plan = "plan:\n",
                             const std::map<std::string, std::string>& node_keys = {},
-                            const std::map<std::string, std::string>& files = {}) {
+                            const std::map<std::string, std::string>& files = {}, const std::string& model = "",
+                            const std::vector<std::string>& launch_args = {}) {
     for (int i = 0; i < 4; ++i) ports.push_back(free_port());
     for (const auto& [name, content] : files) {
       std::ofstream(dir.path / name) << content;
@@ -192,15 +194,19 @@ struct launched_cluster {
     const auto config = dir.path / "cluster.yaml";
     auto text = four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports, settings);
     text.replace(text.find("plan:\n"), 6, plan);
+    if (!model.empty()) {
+      const std::string golden = "model: " + shoal::testing::kClusterModelDir + "/ckpt\n";
+      text.replace(text.find(golden), golden.size(), "model: " + model + "\n");
+    }
     for (const auto& [node, keys] : node_keys) {
       const auto at = text.find("{name: " + node + ",");
       REQUIRE(at != std::string::npos);
       text.insert(at + 8 + node.size(), " " + keys + ",");
     }
     std::ofstream(config) << text;
-    launch = std::make_unique<process>(
-        std::vector<std::string>{SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"},
-        true, "launch");
+    std::vector<std::string> args{SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"};
+    args.insert(args.end(), launch_args.begin(), launch_args.end());
+    launch = std::make_unique<process>(args, true, "launch");
     ready = launch->read_line(std::chrono::seconds(70));
     INFO("launch printed: " << ready);
     REQUIRE(ready.find("\"ready\":true") != std::string::npos);
@@ -308,6 +314,23 @@ TEST_CASE("with a join secret only processes that hold it join or connect; the o
     CHECK(n["down"] == false);
   }
   CHECK(output_of(std::string(SHOAL_BINARY) + " admin status --cluster " + head + " 2>/dev/null").second == 2);
+  CHECK(c.launch->stop() == 0);
+}
+
+TEST_CASE("a cluster of nodes with the weights key serves an encrypted checkpoint bit for bit", "[encrypted-weights]") {
+  temp_dir keys;
+  const auto key = keys.path / "weights.key";
+  const auto encrypted = keys.path / "ckpt";
+  REQUIRE(output_of(std::string(SHOAL_BINARY) + " keys new-weights-key --file " + key.string() + " 2>&1").second == 0);
+  const auto [made, made_exit] =
+      output_of(std::string(SHOAL_BINARY) + " encrypt-weights --quiet --chunk-kib 256 --model " +
+                shoal::testing::kClusterModelDir + "/ckpt --out " + encrypted.string() + " --key-file " + key.string() +
+                " 2>&1");
+  INFO(made);
+  REQUIRE(made_exit == 0);
+  // Every node reads its own key file (launch hands them its path).
+  launched_cluster c("", "plan:\n", {}, {}, encrypted.string(), {"--key-file", key.string()});
+  check_cluster("127.0.0.1", c.ports[0]);
   CHECK(c.launch->stop() == 0);
 }
 

@@ -1,6 +1,7 @@
 // shoal encrypt-weights and --key-file: an encrypted copy generates the plain model's tokens;
-// a wrong key, a changed byte, a cut-off file, a plain shard in an encrypted checkpoint and
-// malformed key files are refused with exit code 2 naming the file.
+// a wrong key, a changed byte, reordered chunks, swapped shards, a cut-off file, a plain shard
+// in an encrypted checkpoint and malformed key files are refused with exit code 2 naming the
+// file.
 
 #include "run_shoal.hpp"
 
@@ -128,6 +129,22 @@ TEST_CASE("a wrong key, a changed byte, a cut-off file or a plain shard is refus
     const auto r = generate(m.key);
     CHECK(r.exit_code == 2);
     CHECK_THAT(r.err, Catch::Contains(m.shard().string()) && Catch::Contains("chunk 3 ") &&
+                          Catch::Contains("does not authenticate"));
+  }
+  SECTION("two chunks of a file swapped") {
+    constexpr std::streamoff kStride = 64 * 1024 + 16;  // a chunk's ciphertext and tag
+    std::fstream f(m.shard(), std::ios::in | std::ios::out | std::ios::binary);
+    std::string first(kStride, '\0'), second(kStride, '\0');
+    f.seekg(64 + kStride);
+    f.read(first.data(), kStride);
+    f.read(second.data(), kStride);
+    f.seekp(64 + kStride);
+    f.write(second.data(), kStride);
+    f.write(first.data(), kStride);
+    f.close();
+    const auto r = generate(m.key);
+    CHECK(r.exit_code == 2);
+    CHECK_THAT(r.err, Catch::Contains(m.shard().string()) && Catch::Contains("chunk 1 ") &&
                           Catch::Contains("does not authenticate"));
   }
   SECTION("a cut-off file") {

@@ -56,7 +56,7 @@ void write_random_secret(const std::string& file) {
 }
 
 void add_keys(CLI::App& app) {
-  auto* keys = app.add_subcommand("keys", "API keys for shoal serve --api-keys, a cluster's join secret");
+  auto* keys = app.add_subcommand("keys", "API keys for shoal serve --api-keys, a cluster's join secret, a weights key");
   auto join_secret = std::make_shared<std::string>();
   auto* secret = keys->add_subcommand(
       "new-join-secret", "Write a cluster join secret (32 random bytes as 64 hex characters, mode 0600) for the "

@@ -43,6 +43,7 @@ local_cluster::impl::impl(config::cluster_config c, cluster_options o) : config(
   router = system->spawn(make_router, ro, book);
   book->register_actor({config.head, actor_ids::router}, caf::actor_cast<caf::actor>(router));
   supervisor_options so{.cluster = config, .model = model, .ready_timeout = options.ready_timeout};
+  so.key = options.key;
   supervisor = system->spawn(make_supervisor, so, book, router);
   book->register_actor({config.head, actor_ids::supervisor}, caf::actor_cast<caf::actor>(supervisor));
   caf::scoped_actor self{*system};

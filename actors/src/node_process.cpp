@@ -131,7 +131,8 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
                           .heartbeat_interval = std::chrono::milliseconds(cluster.heartbeat_ms),
                           .heartbeat_misses = cluster.heartbeat_misses,
                           .replace_after = std::chrono::seconds(cluster.replace_after_s),
-                          .admin_token = read_admin_token(cluster), .on_event = s.options.on_event};
+                          .admin_token = read_admin_token(cluster), .on_event = s.options.on_event,
+                          .key = s.options.key};
     s.supervisor = s.system->spawn(make_supervisor, so, s.book, s.router);
     s.book->register_actor({s.options.node, actor_ids::supervisor}, caf::actor_cast<caf::actor>(s.supervisor));
   }

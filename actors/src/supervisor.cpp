@@ -291,7 +291,7 @@ std::uint64_t actor_bytes(supervisor_state& st, bool stage, std::size_t index) {
   if (!st.sizes_loaded) {
     st.sizes_loaded = true;
     try {
-      const auto ckpt = runtime::checkpoint::open(c.model);
+      const auto ckpt = runtime::checkpoint::open(c.model, {}, st.options.key.get());
       for (const auto& file : ckpt.files())
         for (const auto& [name, entry] : file->entries()) st.tensor_sizes.emplace_back(name, entry.end - entry.begin);
     } catch (const shoal::error&) {

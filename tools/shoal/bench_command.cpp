@@ -225,7 +225,8 @@ void add_bench_command(CLI::App& app) {
                      .transports = o->transports,
                      .prompt_tokens = cmd->count("--prompt-tokens") ? o->prompt_tokens : 16,
                      .decode_tokens = cmd->count("--decode-tokens") ? o->decode_tokens : 32,
-                     .json = o->json});
+                     .json = o->json,
+                     .key_file = o->key_file});
       return;
     }
     if (o->models.empty()) throw CLI::RequiredError("--model or --cluster");

@@ -222,7 +222,7 @@ void bench_cluster(const bench_cluster_options& o) {
 
     // One process, same kernels and thread count as each cluster actor.
     auto weights = runtime::model_weights::load(cluster.model, {}, runtime::weight_residency::copy, {},
-                                                weights_key_from({}).get());
+                                                weights_key_from(o.key_file).get());
     const auto& model = weights->config();
     config::validate_against_model(cluster, model);
     for (auto& t : prompt) t %= static_cast<std::int32_t>(model.vocab_size);
@@ -242,6 +242,10 @@ void bench_cluster(const bench_cluster_options& o) {
 
     // The cluster, as processes on this machine.
     std::vector<std::string> extra{"--ready-timeout", std::to_string(timeouts.ready_timeout.count() / 1000)};
+    if (const auto key_path = weights_key_path(o.key_file); !key_path.empty()) {
+      extra.push_back("--key-file");
+      extra.push_back(std::filesystem::absolute(key_path).string());
+    }
     if (!o.transports.empty()) {
       extra.push_back("--transports");
       extra.push_back(o.transports);

@@ -69,6 +69,7 @@ struct bench_cluster_options {
   int prompt_tokens = 16;
   int decode_tokens = 32;
   bool json = false;
+  std::string key_file;  ///< Weights key file ("" : $SHOAL_WEIGHTS_KEY_FILE or none).
 };
 void bench_cluster(const bench_cluster_options& options);
 

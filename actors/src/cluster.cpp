@@ -44,12 +44,13 @@ local_cluster::impl::impl(config::cluster_config c, cluster_options o) : config(
   book->register_actor({config.head, actor_ids::router}, caf::actor_cast<caf::actor>(router));
   supervisor_options so{.cluster = config, .model = model, .ready_timeout = options.ready_timeout};
   so.load_window = std::chrono::seconds(config.load_window_s);
+  so.key = options.key;
   supervisor = system->spawn(make_supervisor, so, book, router);
   book->register_actor({config.head, actor_ids::supervisor}, caf::actor_cast<caf::actor>(supervisor));
   caf::scoped_actor self{*system};
   for (const auto& node : config.nodes) {
     node_agent_options ao{.node = node.name, .model_override = {}, .threads = config.threads,
-                          .expert_timeout = options.expert_timeout, .progress = options.progress};
+                          .expert_timeout = options.expert_timeout, .progress = options.progress, .key = options.key};
     auto agent = system->spawn<caf::detached>(make_node_agent, ao, book);
     book->register_actor({node.name, actor_ids::node_agent}, caf::actor_cast<caf::actor>(agent));
     agents.push_back(agent);

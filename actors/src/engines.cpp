@@ -8,7 +8,8 @@
 
 namespace shoal::actors {
 
-expert_engine::expert_engine(const std::filesystem::path& model, std::vector<std::uint32_t> experts, int threads)
+expert_engine::expert_engine(const std::filesystem::path& model, std::vector<std::uint32_t> experts, int threads,
+                             std::shared_ptr<const runtime::weights_key> key)
     : experts_(std::move(experts)) {
   std::sort(experts_.begin(), experts_.end());
   runtime::weight_selection selection;
@@ -19,7 +20,7 @@ expert_engine::expert_engine(const std::filesystem::path& model, std::vector<std
   selection.expert_filter = [list = experts_](std::int64_t, std::int64_t e) {
     return std::binary_search(list.begin(), list.end(), static_cast<std::uint32_t>(e));
   };
-  weights_ = runtime::model_weights::load(model, selection, runtime::weight_residency::copy);
+  weights_ = runtime::model_weights::load(model, selection, runtime::weight_residency::copy, {}, key.get());
   held_.assign(static_cast<std::size_t>(weights_->config().n_routed_experts), false);
   for (auto e : experts_) {
     if (e >= held_.size())
@@ -63,7 +64,7 @@ stage_engine::stage_engine(const options& o) : options_(o) {
   selection.embedding = o.first;
   selection.head = o.last;
   if (!o.hold_experts) selection.expert_filter = [](std::int64_t, std::int64_t) { return false; };
-  weights_ = runtime::model_weights::load(o.model, selection, runtime::weight_residency::copy, o.progress);
+  weights_ = runtime::model_weights::load(o.model, selection, runtime::weight_residency::copy, o.progress, o.key.get());
   const auto& c = weights_->config();
   if (o.first_layer < 0 || o.end_layer > c.num_hidden_layers || o.first_layer >= o.end_layer)
     shoal::fail(errc::invalid_argument, "stage layers [{}, {}) are not within the model's {} layers", o.first_layer,

@@ -34,7 +34,7 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
                                   .first = cmd.stage == 0, .last = cmd.stage + 1 == cmd.stage_count,
                                   .hold_experts = cmd.hold_experts, .threads = st.options.threads,
                                   .cache_blocks = cmd.cache_blocks, .block_tokens = cmd.block_tokens,
-                                  .progress = st.options.progress};
+                                  .progress = st.options.progress, .key = st.options.key};
           auto engine = std::make_shared<stage_engine>(o);
           auto handle = self->spawn<caf::detached>(make_stage, st.options.node, engine, st.book,
                                                    st.options.expert_timeout);
@@ -55,7 +55,7 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
         try {
           auto engine = std::make_shared<expert_engine>(
               st.options.model_override.empty() ? cmd.model_path : st.options.model_override, cmd.experts,
-              st.options.threads);
+              st.options.threads, st.options.key);
           auto handle = self->spawn<caf::detached>(make_expert, engine);
           st.book->register_actor(address, caf::actor_cast<caf::actor>(handle));
           st.book->register_engine(address, engine);

@@ -112,11 +112,12 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   ro.call_timeout = t.step_timeout;
   ro.connect_timeout = std::chrono::milliseconds(std::min<std::int64_t>(t.ready_timeout.count(), 5000));
   ro.stages_hold_experts = cluster.expert_groups.empty();
+  if (!cluster.join_secret_file.empty()) ro.join_secret = transport::read_join_secret(cluster.join_secret_file);
   s.book = std::make_shared<remote_fabric>(*s.system, ro);
   s.book->start();
 
   node_agent_options ao{.node = s.options.node, .model_override = s.options.model_override, .threads = cluster.threads,
-                        .expert_timeout = t.expert_timeout};
+                        .expert_timeout = t.expert_timeout, .progress = {}, .key = s.options.key};
   s.agent = s.system->spawn<caf::detached>(make_node_agent, ao, s.book);
   s.book->register_actor({s.options.node, actor_ids::node_agent}, caf::actor_cast<caf::actor>(s.agent));
 
@@ -135,7 +136,7 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
                           .replace_after = std::chrono::seconds(cluster.replace_after_s),
                           .load_window = std::chrono::seconds(cluster.load_window_s),
                           .admin_token = read_admin_token(cluster), .admin_audit_log = cluster.admin_audit_log,
-                          .on_event = s.options.on_event};
+                          .on_event = s.options.on_event, .key = s.options.key};
     s.supervisor = s.system->spawn(make_supervisor, so, s.book, s.router);
     s.book->register_actor({s.options.node, actor_ids::supervisor}, caf::actor_cast<caf::actor>(s.supervisor));
   }

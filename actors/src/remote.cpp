@@ -616,6 +616,7 @@ void remote_fabric::start() {
   o.listen_port = options_.listen_port;
   o.transports = options_.transports;
   o.connect_timeout = options_.connect_timeout;
+  o.join_secret = options_.join_secret;
   transport::node_callbacks cb;
   std::weak_ptr<remote_fabric> weak = weak_from_this();
   cb.on_peer_connected = [weak](transport::peer_id peer, const std::string& name) {
@@ -640,6 +641,7 @@ void remote_fabric::start() {
 void remote_fabric::stop() {
   if (node_) {
     node_->stop();
+    std::lock_guard lock(node_mutex_);
     node_.reset();
   }
   std::map<std::pair<std::string, std::uint64_t>, caf::actor> proxies;
@@ -742,6 +744,11 @@ actor_address remote_fabric::address_of(const caf::actor& handle) {
 }
 
 bool remote_fabric::remote(const std::string& node) const { return node != options_.node; }
+
+std::uint64_t remote_fabric::refused_peers() const {
+  std::lock_guard lock(node_mutex_);
+  return node_ ? node_->stats().peers_refused : 0;
+}
 
 void remote_fabric::evict(const std::string& node, std::uint64_t epoch) {
   std::vector<transport::peer_id> peers;
@@ -1051,7 +1058,10 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
 
 namespace shoal {
 
-std::unique_ptr<client> client::connect(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout) {
+std::string read_join_secret(const std::filesystem::path& file) { return transport::read_join_secret(file); }
+
+std::unique_ptr<client> client::connect(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout,
+                                        const std::string& join_secret) {
   auto state = std::make_unique<impl>();
   state->own_config = std::make_unique<caf::actor_system_config>();
   state->own_system = std::make_unique<caf::actor_system>(*state->own_config);
@@ -1059,6 +1069,7 @@ std::unique_ptr<client> client::connect(const std::string& host, std::uint16_t p
   actors::remote_options o;
   o.node = fmt::format("client-{}-{}", ::getpid(), reinterpret_cast<std::uintptr_t>(state.get()) & 0xffffff);
   o.connect_timeout = timeout;
+  o.join_secret = join_secret;
   state->remote = std::make_shared<actors::remote_fabric>(*state->system, o);
   state->remote->start();
   const auto head = state->remote->connect(host, port);

@@ -32,6 +32,7 @@ struct remote_options {
   std::chrono::milliseconds call_timeout{60000};     ///< Local calls made for remote callers.
   std::chrono::milliseconds connect_timeout{10000};  ///< One connection attempt.
   bool stages_hold_experts = true;                   ///< Stages spawned here compute their experts.
+  std::string join_secret;                           ///< The cluster's join secret; empty: none.
 };
 
 class remote_fabric final : public fabric, public std::enable_shared_from_this<remote_fabric> {
@@ -67,6 +68,7 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   void observe_epoch(std::uint64_t epoch, std::uint64_t fence) noexcept override;
   bool remote(const std::string& node) const override;
   void evict(const std::string& node, std::uint64_t epoch) override;
+  std::uint64_t refused_peers() const override;
 
  private:
   void on_message(transport::peer_id peer, transport::incoming_message message);
@@ -76,6 +78,7 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   caf::actor_system& system_;
   remote_options options_;
   std::unique_ptr<transport::node> node_;
+  mutable std::mutex node_mutex_;  // held to read node_ from actors while stop() may reset it
   caf::actor bridge_;
   std::mutex mutex_;
   std::map<std::string, transport::peer_id> peers_;   // by node name

@@ -339,7 +339,8 @@ void load_tensor_sizes(supervisor_state& st) {
   if (st.sizes_loaded) return;
   st.sizes_loaded = true;
   try {
-    const auto ckpt = runtime::checkpoint::open(st.options.cluster.model);
+    // An encrypted checkpoint's shard headers are read with the key.
+    const auto ckpt = runtime::checkpoint::open(st.options.cluster.model, {}, st.options.key.get());
     for (const auto& file : ckpt.files())
       for (const auto& [name, entry] : file->entries()) st.tensor_sizes.emplace_back(name, entry.end - entry.begin);
   } catch (const shoal::error&) {
@@ -1089,6 +1090,9 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         j["failure"] = st.failure;
         j["degraded"] = st.degraded;
         j["recoveries"] = st.recoveries;
+        // Counted by the head's transport: nodes and clients that dialed the head without
+        // the join secret, and nodes the head dialed that could not prove it.
+        j["refused_peers"] = st.book->refused_peers();
         j["config"] = st.options.cluster.source.string();
         j["heartbeat_ms"] = st.options.heartbeat_interval.count();
         j["drained"] = std::vector<std::string>(st.drained.begin(), st.drained.end());

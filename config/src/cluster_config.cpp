@@ -126,7 +126,8 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   p.allow_keys(root, "the cluster config",
                {"model", "nodes", "head", "plan", "threads", "max_batch", "max_batch_tokens", "cache_mb", "cache_blocks",
                 "block_tokens", "prefix_cache", "ready_timeout_s", "heartbeat_ms", "heartbeat_misses", "restart_limit",
-                "restart_window_s", "replay_limit", "replace_after_s", "admin_token_file", "load_window_s", "admin_audit_log", "micro_batches"});
+                "restart_window_s", "replay_limit", "replace_after_s", "admin_token_file", "load_window_s", "admin_audit_log", "micro_batches",
+                "join_secret_file"});
 
   cluster_config c;
   c.source = source;
@@ -167,6 +168,11 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   if (root["admin_audit_log"]) {
     const std::filesystem::path log = p.string_at(root["admin_audit_log"], "admin_audit_log");
     c.admin_audit_log = log.is_absolute() ? log : (base_dir / log).lexically_normal();
+  }
+  if (root["join_secret_file"]) {
+    const std::filesystem::path secret = p.string_at(root["join_secret_file"], "join_secret_file");
+    if (secret.empty()) p.error(line_of(root["join_secret_file"]), "join_secret_file must name a file");
+    c.join_secret_file = secret.is_absolute() ? secret : (base_dir / secret).lexically_normal();
   }
   if (root["replace_after_s"])
     c.replace_after_s = static_cast<int>(p.integer_at(root["replace_after_s"], "replace_after_s", 0, 86400));

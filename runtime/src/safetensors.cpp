@@ -126,7 +126,48 @@ std::vector<tensor_entry> parse_safetensors_header(const std::byte* data, std::s
   return entries;
 }
 
-std::unique_ptr<safetensors_file> safetensors_file::open(const std::filesystem::path& path) {
+std::unique_ptr<safetensors_file> safetensors_file::open(const std::filesystem::path& path, const weights_key* key) {
+  const bool encrypted = is_encrypted_weights_file(path);
+  if (encrypted && !key)
+    shoal::fail(errc::invalid_argument,
+                "{}: the weights are encrypted (shoal encrypt-weights); give their key with --key-file FILE or "
+                "SHOAL_WEIGHTS_KEY_FILE",
+                path.string());
+  if (!encrypted && key)
+    shoal::fail(errc::invalid_argument,
+                "{}: not encrypted, but a weights key was given: every shard of an encrypted checkpoint must be "
+                "encrypted (a plain file may have replaced one)",
+                path.string());
+  if (encrypted) {
+    std::unique_ptr<safetensors_file> file(new safetensors_file());
+    file->path_ = path;
+    file->reader_ = std::make_unique<encrypted_weights_reader>(path, *key);
+    const auto size = file->reader_->plain_size();
+    if (size < 8)
+      shoal::fail(errc::invalid_argument, "{}: corrupt safetensors file: only {} bytes", path.string(), size);
+    // Pages cost memory only once a chunk is decrypted into them.
+    void* memory = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (memory == MAP_FAILED)
+      shoal::fail(errc::resource_exhausted, "{}: cannot reserve {} bytes to decrypt into: {}", path.string(), size,
+                  std::strerror(errno));
+    file->base_ = static_cast<const std::byte*>(memory);
+    file->size_ = file->mapped_size_ = static_cast<std::size_t>(size);
+    file->decrypted_.assign(file->reader_->chunks(), false);
+    file->decrypt_range(0, 8);
+    std::uint64_t header_len = 0;
+    for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<std::uint8_t>(file->base_[i]);
+    if (header_len > kMaxHeaderBytes || header_len > size - 8)
+      shoal::fail(errc::invalid_argument, "{}: corrupt safetensors file: header length {} in a file of {} bytes",
+                  path.string(), header_len, size);
+    file->decrypt_range(0, 8 + header_len);
+    auto entries = parse_safetensors_header(file->base_, file->size_, path.string());
+    file->data_ = file->base_ + 8 + header_len;
+    for (auto& e : entries) {
+      std::string name = e.name;
+      file->entries_.emplace(std::move(name), std::move(e));
+    }
+    return file;
+  }
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) shoal::fail(errc::not_found, "{}: cannot open: {}", path.string(), std::strerror(errno));
   struct stat st {};
@@ -149,7 +190,7 @@ std::unique_ptr<safetensors_file> safetensors_file::open(const std::filesystem::
   std::unique_ptr<safetensors_file> file(new safetensors_file());
   file->path_ = path;
   file->base_ = static_cast<const std::byte*>(mapping);
-  file->size_ = size;
+  file->size_ = file->mapped_size_ = size;
   auto entries = parse_safetensors_header(file->base_, size, path.string());
   std::uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<std::uint8_t>(file->base_[i]);
@@ -162,11 +203,31 @@ std::unique_ptr<safetensors_file> safetensors_file::open(const std::filesystem::
 }
 
 safetensors_file::~safetensors_file() {
-  if (base_) ::munmap(const_cast<std::byte*>(base_), size_);
+  if (base_) ::munmap(const_cast<std::byte*>(base_), mapped_size_);
+}
+
+const std::byte* safetensors_file::data(const tensor_entry& entry) const {
+  if (reader_ && entry.end > entry.begin) {
+    const auto offset = static_cast<std::uint64_t>(data_ - base_);
+    decrypt_range(offset + entry.begin, offset + entry.end);
+  }
+  return data_ + entry.begin;
+}
+
+void safetensors_file::decrypt_range(std::uint64_t begin, std::uint64_t end) const {
+  if (end <= begin) return;
+  const std::uint64_t chunk = reader_->chunk_bytes();
+  std::lock_guard lock(decrypt_mutex_);
+  for (std::uint64_t c = begin / chunk; c <= (end - 1) / chunk; ++c) {
+    if (decrypted_[c]) continue;
+    reader_->decrypt_chunk(c, const_cast<std::byte*>(base_) + c * chunk);
+    decrypted_[c] = true;
+  }
 }
 
 checkpoint checkpoint::open(const std::filesystem::path& dir,
-                            const std::function<void(std::size_t, std::size_t, const std::filesystem::path&)>& progress) {
+                            const std::function<void(std::size_t, std::size_t, const std::filesystem::path&)>& progress,
+                            const weights_key* key) {
   checkpoint result;
   result.dir_ = dir;
   const auto index_path = dir / "model.safetensors.index.json";
@@ -210,7 +271,7 @@ checkpoint checkpoint::open(const std::filesystem::path& dir,
     }
     std::size_t done = 0;
     for (const auto& [shard_name, names] : shard_tensors) {
-      auto file = safetensors_file::open(dir / shard_name);
+      auto file = safetensors_file::open(dir / shard_name, key);
       for (const auto& name : names) {
         auto it = file->entries().find(name);
         if (it == file->entries().end())
@@ -226,7 +287,7 @@ checkpoint checkpoint::open(const std::filesystem::path& dir,
       if (progress) progress(++done, shard_tensors.size(), dir / shard_name);
     }
   } else if (std::filesystem::exists(single_path)) {
-    auto file = safetensors_file::open(single_path);
+    auto file = safetensors_file::open(single_path, key);
     for (const auto& [name, entry] : file->entries()) result.tensors_[name] = tensor_ref{&entry, file.get()};
     result.files_.push_back(std::move(file));
     if (progress) progress(1, 1, single_path);

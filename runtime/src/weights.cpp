@@ -118,6 +118,11 @@ class loader {
   const void* hold(const tensor_ref& ref) {
     const std::size_t bytes = ref.entry->end - ref.entry->begin;
     if (residency_ == weight_residency::mapped) return ref.bytes();
+    // Decrypted weights already live in anonymous memory: copying them would hold them twice.
+    if (ref.file->encrypted()) {
+      resident_bytes_ += bytes;
+      return ref.bytes();
+    }
     // 64-byte alignment keeps SIMD loads within cache lines.
     void* memory = std::aligned_alloc(64, ((bytes + 63) / 64) * 64 + 64);
     if (!memory) shoal::fail(errc::resource_exhausted, "out of memory loading tensor '{}'", ref.entry->name);
@@ -154,7 +159,8 @@ kernels::expert_weights load_mlp(loader& l, const std::string& prefix, std::int6
 std::unique_ptr<model_weights> model_weights::load(const std::filesystem::path& dir,
                                                    const weight_selection& selection,
                                                    weight_residency residency,
-                                                   const progress_fn& progress) {
+                                                   const progress_fn& progress,
+                                                   const weights_key* key) {
   // With a manifest: before anything is parsed, every file's size and the small files'
   // hashes (config, index, tokenizer); the shards this selection read, once they are loaded
   // and before any weight is used. A node holding a slice of the model hashes its slice.
@@ -181,7 +187,7 @@ std::unique_ptr<model_weights> model_weights::load(const std::filesystem::path& 
   result->storage_->files = checkpoint::open(dir, [&](std::size_t done, std::size_t total,
                                                       const std::filesystem::path& path) {
     if (progress) progress(fmt::format("opened shard {}/{}: {}", done, total, path.filename().string()));
-  });
+  }, key);
   loader l(result->storage_->files, *result->storage_, residency, c.quantization.has_value());
 
   const std::int64_t hidden = c.hidden_size;

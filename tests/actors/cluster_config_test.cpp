@@ -79,6 +79,15 @@ TEST_CASE("a good cluster config parses with everything in place") {
   CHECK_NOTHROW(shoal::config::validate_against_model(copy, model(6, 32)));
 }
 
+TEST_CASE("join_secret_file is resolved against the config's directory") {
+  CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").join_secret_file.empty());
+  CHECK(parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: secrets/join"), "cluster.yaml", "/base")
+            .join_secret_file == "/base/secrets/join");
+  CHECK(parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: /etc/shoal/join"), "cluster.yaml",
+                             "/base")
+            .join_secret_file == "/etc/shoal/join");
+}
+
 TEST_CASE("cluster config mistakes are refused with file and line") {
   CHECK(error_of(replace(kGood, "    - node: b\n      layers: 3-5", "    - node: x\n      layers: 3-5"))
             .find("cluster.yaml:15: stage node: unknown node 'x' (nodes: a, b, c)") != std::string::npos);
@@ -192,6 +201,9 @@ TEST_CASE("every refusal of a cluster config names the file and the line") {
   refused(replace(kGood, "model: ckpt", "model: ckpt\nreplace_after_s: soon"), "cluster.yaml:2: replace_after_s must be an integer, got 'soon'");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nload_window_s: 0"), "cluster.yaml:2: load_window_s = 0 is out of range [1, 86400]");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nadmin_audit_log: [a]"), "cluster.yaml:2: admin_audit_log must be a string");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: [a, b]"), "cluster.yaml:2: join_secret_file must be a string");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: ''"), "cluster.yaml:2: join_secret_file must name a file");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secrets: s"), "cluster.yaml:2: unknown key 'join_secrets' in the cluster config");
   refused(replace(kGood, "port: 7001", "port: 7001\n    memory_gb: lots"), "cluster.yaml:11: memory_gb must be a number, got 'lots'");
   refused(replace(kGood, "port: 7001", "port: 7001\n    memory_gb: -1"), "cluster.yaml:11: memory_gb = -1 is out of range [0, 1000000]");
   refused("model: ckpt\nplan: {stages: [{node: a, layers: 0-1}]}\n",

@@ -152,8 +152,8 @@ struct process {
   }
 };
 
-void check_cluster(const std::string& host, std::uint16_t port) {
-  auto client = shoal::client::connect(host, port, std::chrono::seconds(10));
+void check_cluster(const std::string& host, std::uint16_t port, const std::string& join_secret = {}) {
+  auto client = shoal::client::connect(host, port, std::chrono::seconds(10), join_secret);
   for (const auto& prompt : shoal::testing::golden_prompts()) {
     INFO("prompt of " << prompt.size() << " tokens");
     const auto want = shoal::testing::single_process(prompt, kNewTokens);
@@ -180,11 +180,19 @@ struct launched_cluster {
   std::string ready;  // launch's ready line
 
   // `settings`: top-level keys; `plan`: replaces the "plan:" line; `node_keys`: extra keys
-  // of each node entry, by name; `edits`: text of the config replaced by other text.
+  // of each node entry, by name; `files`: written (mode 0600) beside the config first;
+  // `model`: the checkpoint, if not the golden one; `launch_args`: more arguments of launch;
+  // `edits`: text of the config replaced by other text.
   explicit launched_cluster(const std::string& settings = "", const std::string& plan = "plan:\n",
                             const std::map<std::string, std::string>& node_keys = {},
+                            const std::map<std::string, std::string>& files = {}, const std::string& model = "",
+                            const std::vector<std::string>& launch_args = {},
                             const std::map<std::string, std::string>& edits = {}) {
     for (int i = 0; i < 4; ++i) ports.push_back(free_port());
+    for (const auto& [name, content] : files) {
+      std::ofstream(dir.path / name) << content;
+      std::filesystem::permissions(dir.path / name, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+    }
     const auto config = dir.path / "cluster.yaml";
     auto text = four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports, settings);
     text.replace(text.find("plan:\n"), 6, plan);
@@ -193,15 +201,19 @@ struct launched_cluster {
       REQUIRE(at != std::string::npos);
       text.replace(at, from.size(), to);
     }
+    if (!model.empty()) {
+      const std::string golden = "model: " + shoal::testing::kClusterModelDir + "/ckpt\n";
+      text.replace(text.find(golden), golden.size(), "model: " + model + "\n");
+    }
     for (const auto& [node, keys] : node_keys) {
       const auto at = text.find("{name: " + node + ",");
       REQUIRE(at != std::string::npos);
       text.insert(at + 8 + node.size(), " " + keys + ",");
     }
     std::ofstream(config) << text;
-    launch = std::make_unique<process>(
-        std::vector<std::string>{SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"},
-        true, "launch");
+    std::vector<std::string> args{SHOAL_BINARY, "launch", config.string(), "--transports", "tcp", "--ready-timeout", "60"};
+    args.insert(args.end(), launch_args.begin(), launch_args.end());
+    launch = std::make_unique<process>(args, true, "launch");
     ready = launch->read_line(std::chrono::seconds(70));
     INFO("launch printed: " << ready);
     REQUIRE(ready.find("\"ready\":true") != std::string::npos);
@@ -241,6 +253,91 @@ TEST_CASE("shoal launch: 2 stages and 2 expert nodes as 4 processes match the si
   CHECK(table_exit == 0);
   CHECK_THAT(table, Catch::Contains("serving") && Catch::Contains("experts1") && Catch::Contains("expert group 1"));
   CHECK(output_of(std::string(SHOAL_BINARY) + " admin status --cluster nowhere 2>/dev/null").second == 2);
+  CHECK(c.launch->stop() == 0);
+}
+
+TEST_CASE("with a join secret only processes that hold it join or connect; the others are refused and counted",
+          "[join-secret]") {
+  const std::string secret = "5b0c6e2f9a8d4471b3e2c90d1f7a6e58c4d3b2a1908f7e6d5c4b3a2918f7e6d5";
+  launched_cluster c("join_secret_file: join.secret\n", "plan:\n", {}, {{"join.secret", secret + "\n"}});
+  const auto head = "127.0.0.1:" + std::to_string(c.ports[0]);
+  const auto secret_file = (c.dir.path / "join.secret").string();
+  check_cluster("127.0.0.1", c.ports[0], secret);
+
+  // A client without the secret gets nothing, and is told why.
+  try {
+    shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10));
+    FAIL("a client without the join secret connected");
+  } catch (const shoal::error& e) {
+    CHECK(e.code() == shoal::errc::failed_precondition);
+    CHECK_THAT(e.what(), Catch::Contains("refused this node") && Catch::Contains("it has no join secret"));
+  }
+
+  // Impostors of a live node (its name, another port): with another secret, and with none.
+  // Without the secret check either would replace stage1 ("a new process under a live node's
+  // name replaces it").
+  temp_dir rogue;
+  const std::string wrong = "0000000000000000000000000000000000000000000000000000000000000000";
+  std::ofstream(rogue.path / "wrong.secret") << wrong << "\n";
+  std::filesystem::permissions(rogue.path / "wrong.secret",
+                               std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  auto ports = c.ports;
+  ports[1] = free_port();
+  const auto rogue_config = four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports,
+                                             "join_secret_file: wrong.secret\n");
+  std::ofstream(rogue.path / "wrong.yaml") << rogue_config;
+  std::ofstream(rogue.path / "none.yaml")
+      << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports);
+  for (const std::string name : {"wrong.yaml", "none.yaml"}) {
+    INFO(name);
+    const auto [out, code] = output_of(std::string(SHOAL_BINARY) + " node --config " + (rogue.path / name).string() +
+                                       " --name stage1 --transports tcp --ready-timeout 20 2>&1");
+    CHECK(code == 2);
+    CHECK_THAT(out, Catch::Contains("refused this node (stage1)") &&
+                        Catch::Contains(name == "none.yaml" ? "it has no join secret"
+                                                            : "its join secret differs from this node's"));
+  }
+
+  // The cluster still serves (the same greedy tokens: logits of prompts served again from
+  // the prefix cache need not be bit-identical), nothing was replaced, and the head counted
+  // every refusal.
+  {
+    auto client = shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10), secret);
+    for (const auto& prompt : shoal::testing::golden_prompts()) {
+      const auto got = client->generate({.prompt = prompt, .sampling = {}, .max_tokens = kNewTokens, .stop_tokens = {},
+                                         .want_logits = false, .deadline = {}},
+                                        std::chrono::seconds(30));
+      CHECK(got.tokens == shoal::testing::single_process(prompt, kNewTokens).tokens);
+    }
+  }
+  const auto [json_text, json_exit] = output_of(std::string(SHOAL_BINARY) + " admin status --json --cluster " + head +
+                                                " --join-secret-file " + secret_file);
+  REQUIRE(json_exit == 0);
+  const auto status = nlohmann::json::parse(json_text);
+  CHECK(status["serving"] == true);
+  CHECK(status["refused_peers"] == 3);
+  for (const auto& n : status["nodes"]) {
+    CHECK(n["restarts"] == 0);
+    CHECK(n["down"] == false);
+  }
+  CHECK(output_of(std::string(SHOAL_BINARY) + " admin status --cluster " + head + " 2>/dev/null").second == 2);
+  CHECK(c.launch->stop() == 0);
+}
+
+TEST_CASE("a cluster of nodes with the weights key serves an encrypted checkpoint bit for bit", "[encrypted-weights]") {
+  temp_dir keys;
+  const auto key = keys.path / "weights.key";
+  const auto encrypted = keys.path / "ckpt";
+  REQUIRE(output_of(std::string(SHOAL_BINARY) + " keys new-weights-key --file " + key.string() + " 2>&1").second == 0);
+  const auto [made, made_exit] =
+      output_of(std::string(SHOAL_BINARY) + " encrypt-weights --quiet --chunk-kib 256 --model " +
+                shoal::testing::kClusterModelDir + "/ckpt --out " + encrypted.string() + " --key-file " + key.string() +
+                " 2>&1");
+  INFO(made);
+  REQUIRE(made_exit == 0);
+  // Every node reads its own key file (launch hands them its path).
+  launched_cluster c("", "plan:\n", {}, {}, encrypted.string(), {"--key-file", key.string()});
+  check_cluster("127.0.0.1", c.ports[0]);
   CHECK(c.launch->stop() == 0);
 }
 
@@ -664,7 +761,7 @@ TEST_CASE("shoal admin moves, copies and drops experts and rebalances under load
   const auto audit_file = secrets.path / "admin-audit.jsonl";
   launched_cluster c("admin_token_file: " + token_file.string() + "\nload_window_s: 600\nadmin_audit_log: " +
                          audit_file.string() + "\n",
-                     "plan:\n", {},
+                     "plan:\n", {}, {}, "", {},
                      {{"experts: 0-15}", "experts: 0-23}"}, {"experts: 16-31}", "experts: 24-31}"}});
   process& launch = *c.launch;
   const auto head = "127.0.0.1:" + std::to_string(c.ports[0]);

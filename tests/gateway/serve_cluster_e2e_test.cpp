@@ -405,6 +405,55 @@ TEST_CASE("/metrics counts the tokens routed to each expert, embedded and across
   }
 }
 
+TEST_CASE("a cluster with a join secret serving encrypted weights answers as the plain single process; "
+          "/metrics counts refused connections",
+          "[gateway][e2e][cluster][security]") {
+  const std::string shoal = SHOAL_BINARY;
+  const auto key = kWork / "weights.key";
+  const auto encrypted = kWork / "tiny-encrypted";
+  const auto secret = kWork / "join.secret";
+  fs::remove(key);
+  fs::remove(secret);
+  fs::remove_all(encrypted);
+  REQUIRE(run(shoal + " keys new-weights-key --file " + key.string()).exit_code == 0);
+  REQUIRE(run(shoal + " keys new-join-secret --file " + secret.string()).exit_code == 0);
+  const auto made = run(shoal + " encrypt-weights --quiet --model " + tiny_model().string() + " --out " +
+                        encrypted.string() + " --key-file " + key.string());
+  INFO(made.out);
+  REQUIRE(made.exit_code == 0);
+  // The tiny cluster's layout on ports of its own, with the secret, over the encrypted copy.
+  std::string config = slurp(tiny_cluster_config());
+  config.replace(config.find("model: "), config.find('\n') - config.find("model: "),
+                 "model: " + encrypted.string() + "\njoin_secret_file: join.secret");
+  for (const char* n : {"stage0", "stage1", "experts0", "experts1"}) {
+    const auto at = config.find("port: ", config.find(std::string("name: ") + n)) + 6;
+    config.replace(at, config.find('}', at) - at, std::to_string(shoal::testing::free_port()));
+  }
+  const auto config_file = kWork / "secure.yaml";
+  std::ofstream(config_file) << config;
+  serve_process secure("serve-secure", {"serve", "--cluster", config_file.string(), "--transports", "tcp", "--port",
+                                        "0", "--name", "tiny", "--drain-seconds", "5", "--key-file", key.string()});
+
+  const json greedy{{"temperature", 0}, {"max_tokens", 24}};
+  CHECK(content(chat(secure, greedy)) == content(chat(single(), greedy)));
+  CHECK(metric(secure, "shoal_cluster_refused_peers_total") == 0);
+
+  std::string head;
+  {
+    const auto at = config.find("port: ", config.find("name: stage0")) + 6;
+    head = "127.0.0.1:" + config.substr(at, config.find('}', at) - at);
+  }
+  const auto refused = run(shoal + " admin status --cluster " + head);
+  CHECK(refused.exit_code == 2);
+  CHECK_THAT(refused.out, Catch::Contains("it has no join secret"));
+  const auto allowed = run(shoal + " admin status --json --cluster " + head + " --join-secret-file " + secret.string());
+  INFO(allowed.out);
+  CHECK(allowed.exit_code == 0);
+  std::this_thread::sleep_for(300ms);  // the gateway reads the head's status at most every 250 ms
+  CHECK(metric(secure, "shoal_cluster_refused_peers_total") == 1);
+  CHECK(secure.terminate(60s) == 0);
+}
+
 TEST_CASE("SIGTERM stops the cluster gateway and every node it started", "[gateway][e2e][cluster]") {
   auto& many = clustered();
   // The nodes are the gateway's children.

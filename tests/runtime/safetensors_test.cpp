@@ -102,6 +102,42 @@ TEST_CASE("safetensors write and read round-trip", "[safetensors]") {
   CHECK(std::memcmp(file->data(file->entries().at("b.weight")), b.bytes.data(), 16) == 0);
 }
 
+TEST_CASE("an encrypted file decrypts only the chunks of the tensors read", "[safetensors][encrypted]") {
+  temp_dir dir;
+  // Three tensors of 12 KiB each in 4 KiB chunks; written sorted by name, "middle" is last.
+  tensor_blob early{"early", kernels::dtype::f32, {3072}, std::vector<std::byte>(12288, std::byte{1})};
+  tensor_blob late{"late", kernels::dtype::f32, {3072}, std::vector<std::byte>(12288, std::byte{3})};
+  tensor_blob middle{"middle", kernels::dtype::f32, {3072}, std::vector<std::byte>(12288, std::byte{2})};
+  write_safetensors(dir.path / "plain.safetensors", {&early, &late, &middle});
+  weights_key key;
+  key.bytes.fill(0x42);
+  const auto encrypted = dir.path / "x.safetensors";
+  encrypt_weights_file(dir.path / "plain.safetensors", encrypted, key, 4096);
+  // A byte of the last chunk's ciphertext changes: opening and reading the first tensor still
+  // work, reading the last one is refused naming the file.
+  const auto size = std::filesystem::file_size(encrypted);
+  {
+    std::fstream f(encrypted, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(size - 100));
+    f.put('\x5a');
+  }
+  const auto file = safetensors_file::open(encrypted, &key);
+  CHECK(file->encrypted());
+  const auto& first = file->entries().at("early");
+  CHECK(std::memcmp(file->data(first), early.bytes.data(), early.bytes.size()) == 0);
+  try {
+    (void)file->data(file->entries().at("middle"));
+    FAIL("a changed chunk was decrypted");
+  } catch (const shoal::error& e) {
+    CHECK(e.code() == shoal::errc::invalid_argument);
+    CHECK_THAT(e.what(), Catch::Contains(encrypted.string()) && Catch::Contains("does not authenticate"));
+  }
+  // Without the key, or with a key for a plain file, nothing opens.
+  CHECK_THROWS_WITH(safetensors_file::open(encrypted), Catch::Contains("SHOAL_WEIGHTS_KEY_FILE"));
+  CHECK_THROWS_WITH(safetensors_file::open(dir.path / "plain.safetensors", &key),
+                    Catch::Contains("not encrypted, but a weights key was given"));
+}
+
 TEST_CASE("corrupt safetensors headers are refused with the file and tensor named", "[safetensors]") {
   CHECK_THAT(parse_error(std::vector<std::byte>(5)), Catch::Contains("f.safetensors") && Catch::Contains("shorter"));
   auto lying = make_file("{}", 0);

@@ -158,6 +158,21 @@ TEST_CASE("every command exits 2 naming what is wrong with its input", "[cli][ex
   check("launch /nonexistent/cluster.yaml", "", "/nonexistent/cluster.yaml");
   std::ofstream(dir.path / "bad.yaml") << "model: m\nnodes: []\n";
   check("launch " + (dir.path / "bad.yaml").string(), "", (dir.path / "bad.yaml").string() + ":2:");
+  // A join secret file that is not private, too short or empty stops launch before any node
+  // starts, naming the file.
+  std::ofstream(dir.path / "secret.yaml") << "model: " << model << "\njoin_secret_file: join.secret\n"
+                                          << "nodes:\n  - {name: a, port: 1}\nplan:\n  stages:\n    - {node: a, layers: 0-1}\n";
+  const auto secret = dir.path / "join.secret";
+  const auto launch_secret = "launch " + (dir.path / "secret.yaml").string();
+  check(launch_secret, "", secret.string() + ": cannot read the join secret file");
+  std::ofstream(secret) << std::string(40, 'x');
+  fs::permissions(secret, fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read);
+  check(launch_secret, "", secret.string() + ": the join secret file may be read or written by other users (mode 0640)");
+  fs::permissions(secret, fs::perms::owner_read | fs::perms::owner_write);
+  std::ofstream(secret) << "short\n";
+  check(launch_secret, "", secret.string() + ": the join secret has 5 bytes, at least 32 are needed");
+  std::ofstream(secret) << "\n";
+  check(launch_secret, "", secret.string() + ": the join secret file is empty");
   const std::string text_model = std::string(SHOAL_TEST_DATA_DIR) + "/tokenizer";
   check("tokenize --model " + text_model, "\"fine\"\n[1]\n", "stdin line 2");
   check("detokenize --model " + text_model, "{\"ids\": [\"a\"]}\n", "stdin line 1");

@@ -64,11 +64,12 @@ struct harness {
   std::vector<tp::peer_id> closed;
   std::unique_ptr<tp::node> node;
 
-  harness(std::string name, std::string transports, bool listen = true) {
+  harness(std::string name, std::string transports, bool listen = true, std::string join_secret = {}) {
     tp::node_options options;
     options.name = std::move(name);
     options.transports = std::move(transports);
     options.connect_timeout = 5s;
+    options.join_secret = std::move(join_secret);
     if (!listen) options.listen_host.clear();
     tp::node_callbacks callbacks;
     callbacks.on_message = [this](tp::peer_id peer, tp::incoming_message message) {
@@ -466,6 +467,14 @@ std::span<const std::byte> as_bytes(std::string_view text) {
   return std::as_bytes(std::span(text.data(), text.size()));
 }
 
+// A hello of this schema version: the name, a NUL and a 32-byte nonce.
+std::string hello_payload(std::string_view name) {
+  std::string payload(name);
+  payload += '\0';
+  payload += std::string(32, '\x5a');
+  return payload;
+}
+
 }  // namespace
 
 TEST_CASE("garbage on the wire is rejected without a crash", "[transport][node][fuzz]") {
@@ -476,7 +485,7 @@ TEST_CASE("garbage on the wire is rejected without a crash", "[transport][node][
     raw_client client(a.node->port());
     forged_header hello;
     hello.kind = 1;
-    client.send(hello, as_bytes("forger"));
+    client.send(hello, as_bytes(hello_payload("forger")));
     REQUIRE(a.wait([&] { return a.connected.size() == 1; }));
     client.progress_for(50ms);
     REQUIRE(client.replies().size() == 1);
@@ -513,7 +522,7 @@ TEST_CASE("garbage on the wire is rejected without a crash", "[transport][node][
       if (round % 2 == 1) {
         forged_header hello;
         hello.kind = 1;
-        client.send(hello, as_bytes("fuzzer"));
+        client.send(hello, as_bytes(round % 4 == 1 ? hello_payload("fuzzer") : std::string("fuzzer")));
       }
       for (int i = 0; i < 40 && !client.broken(); ++i) {
         forged_header h;
@@ -555,5 +564,81 @@ TEST_CASE("garbage on the wire is rejected without a crash", "[transport][node][
   for (auto& [peer, message] : a.messages) {
     if (message.envelope().getRequestId() != 77) continue;
     CHECK(fnv1a(message.bulk(0)) == sums[0]);
+  }
+}
+
+TEST_CASE("with a join secret both ends prove it before any message is delivered", "[transport][node][join-secret]") {
+  const std::string secret(40, 's');
+  const std::string other(40, 'o');
+
+  SECTION("the same secret on both ends connects and carries messages") {
+    harness a("a", "tcp", true, secret);
+    harness b("b", "tcp", true, secret);
+    const tp::peer_id to_a = b.node->connect("127.0.0.1", a.node->port());
+    REQUIRE(a.wait([&] { return a.connected.size() == 1; }));
+    CHECK(a.connected[0].second == "b");
+    std::mt19937_64 rng(3);
+    const auto sums = send_tensors(*b.node, to_a, {1000}, rng, 5);
+    REQUIRE(a.wait([&] { return a.messages.size() == 1; }));
+    CHECK(fnv1a(a.messages[0].second.bulk(0)) == sums[0]);
+    CHECK(a.node->stats().peers_refused == 0);
+    CHECK(b.node->stats().peers_refused == 0);
+  }
+
+  SECTION("a dialer without the secret or with another one is refused and counted by the listener") {
+    harness a("a", "tcp", true, secret);
+    harness none("none", "tcp");
+    harness wrong("wrong", "tcp", true, other);
+    try {
+      none.node->connect("127.0.0.1", a.node->port());
+      FAIL("a node without the secret connected");
+    } catch (const shoal::error& e) {
+      CHECK(e.code() == shoal::errc::failed_precondition);
+      CHECK_THAT(e.what(), Catch::Contains("node 'a' at 127.0.0.1:") && Catch::Contains("refused this node (none)") &&
+                               Catch::Contains("it has no join secret"));
+    }
+    try {
+      wrong.node->connect("127.0.0.1", a.node->port());
+      FAIL("a node with another secret connected");
+    } catch (const shoal::error& e) {
+      CHECK(e.code() == shoal::errc::failed_precondition);
+      CHECK_THAT(e.what(), Catch::Contains("its join secret differs from this node's"));
+    }
+    CHECK(a.node->stats().peers_refused == 2);
+    std::lock_guard lock(a.mutex);
+    CHECK(a.connected.empty());
+  }
+
+  SECTION("a dialer with the secret refuses a listener that has none or another one") {
+    harness open_listener("impostor", "tcp");
+    harness wrong_listener("impostor2", "tcp", true, other);
+    harness b("b", "tcp", true, secret);
+    CHECK_THROWS_WITH(b.node->connect("127.0.0.1", open_listener.node->port()),
+                      Catch::Contains("refused node 'impostor'") && Catch::Contains("it has no join secret"));
+    // The impostor with another secret refuses b's proof first; b learns why.
+    CHECK_THROWS_WITH(b.node->connect("127.0.0.1", wrong_listener.node->port()),
+                      Catch::Contains("refused this node (b)"));
+    CHECK(b.node->stats().peers_refused == 1);
+  }
+
+  SECTION("a raw peer that skips the proof gets nothing delivered") {
+    harness a("a", "tcp", true, secret);
+    raw_client client(a.node->port());
+    forged_header hello;
+    hello.kind = 1;
+    client.send(hello, as_bytes(hello_payload("forger")));
+    client.progress_for(100ms);
+    REQUIRE(client.replies().size() == 1);
+    CHECK(client.replies()[0].kind == 2);  // hello_ack, asking for the proof
+    forged_header envelope;
+    envelope.kind = 3;
+    tp::outgoing_message message;
+    message.envelope().setRequestId(9);
+    const auto bytes = tp::encode_envelope(message);
+    client.send(envelope, bytes.span());
+    REQUIRE(a.wait([&] { return a.node->stats().messages_rejected == 1; }, 5s));
+    std::lock_guard lock(a.mutex);
+    CHECK(a.messages.empty());
+    CHECK(a.connected.empty());
   }
 }

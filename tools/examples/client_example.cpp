@@ -21,6 +21,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 
 int main(int argc, char** argv) {
@@ -62,7 +63,11 @@ int main(int argc, char** argv) {
     request.sampling.id_limit = static_cast<std::uint32_t>(tok.id_limit());
     if (const auto eos = tok.eos_id()) request.stop_tokens.push_back(*eos);
 
-    auto client = shoal::client::connect(cluster.substr(0, colon), static_cast<std::uint16_t>(port));
+    // A cluster whose config sets join_secret_file admits only processes that hold the secret.
+    const char* secret_file = std::getenv("SHOAL_JOIN_SECRET_FILE");
+    auto client = shoal::client::connect(cluster.substr(0, colon), static_cast<std::uint16_t>(port),
+                                         std::chrono::seconds(10),
+                                         secret_file ? shoal::read_join_secret(secret_file) : std::string());
 
     // Chunks arrive on a client thread; this one waits for the last.
     std::mutex mutex;

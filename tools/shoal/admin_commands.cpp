@@ -99,8 +99,8 @@ void print_status(const nlohmann::json& s) {
     health += ": " + s["failure"].get<std::string>();
   else if (!s.value("degraded", std::string()).empty())
     health += ": " + s["degraded"].get<std::string>();
-  fmt::print("cluster {}  epoch {}  recoveries {}\n{}\n\n", s.value("config", std::string()), s.value("epoch", 0),
-             s.value("recoveries", 0), health);
+  fmt::print("cluster {}  epoch {}  recoveries {}  refused connections {}\n{}\n\n", s.value("config", std::string()),
+             s.value("epoch", 0), s.value("recoveries", 0), s.value("refused_peers", 0), health);
   fmt::print("{:<16} {:<8} {:>8} {:>9} {:>12}  {}\n", "node", "state", "pid", "restarts", "answered", "last failure");
   for (const auto& n : s["nodes"]) {
     const auto state = n.value("down", false) ? "dead" : n.value("joined", false) ? "up" : "absent";
@@ -163,6 +163,7 @@ void print_status(const nlohmann::json& s) {
 
 struct status_options {
   std::string cluster;
+  std::string join_secret_file;
   bool json = false;
   int timeout_s = 10;
 };
@@ -172,12 +173,13 @@ void add_admin_status(CLI::App& admin) {
   auto* cmd = admin.add_subcommand("status", "A running cluster's health: nodes (dead, restarts, heartbeats), placement, "
                                              "epoch, scheduler counters, routed tokens");
   cmd->add_option("--cluster", o->cluster, "HOST:PORT of the head node")->required();
+  add_join_secret_option(*cmd, o->join_secret_file);
   cmd->add_flag("--json", o->json, "Print the head's status JSON as is");
   cmd->add_option("--timeout", o->timeout_s, "Seconds to wait for the head")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->callback([o] {
     const auto [host, port] = parse_head(o->cluster);
     const auto timeout = std::chrono::seconds(o->timeout_s);
-    auto client = shoal::client::connect(host, port, timeout);
+    auto client = shoal::client::connect(host, port, timeout, join_secret_from(o->join_secret_file));
     const auto status = nlohmann::json::parse(client->status(timeout));
     if (o->json)
       fmt::print("{}\n", status.dump());
@@ -189,6 +191,7 @@ void add_admin_status(CLI::App& admin) {
 
 struct change_options {
   std::string cluster;
+  std::string join_secret_file;
   std::string token_file;
   bool json = false;
   int timeout_s = 300;
@@ -282,6 +285,7 @@ void add_admin_change(CLI::App& admin, const std::string& command, const std::st
         ->check(CLI::Range(1, 4096));
   }
   cmd->add_option("--cluster", o->cluster, "HOST:PORT of the head node")->required();
+  add_join_secret_option(*cmd, o->join_secret_file);
   cmd->add_option("--token-file", o->token_file, "The cluster's admin token file (default: $SHOAL_ADMIN_TOKEN_FILE)");
   cmd->add_flag("--json", o->json, "Print the head's reply as JSON");
   cmd->add_option("--timeout", o->timeout_s, "Seconds to wait for the new placement to serve")
@@ -303,7 +307,7 @@ void add_admin_change(CLI::App& admin, const std::string& command, const std::st
       if (!o->from.empty()) args.push_back(o->from);
       what = fmt::format("{} {} {} {}", command, o->expert, command == "drop-replica" ? "from" : "to", o->node);
     }
-    auto client = shoal::client::connect(host, port, std::chrono::seconds(10));
+    auto client = shoal::client::connect(host, port, std::chrono::seconds(10), join_secret_from(o->join_secret_file));
     const auto reply = nlohmann::json::parse(client->admin(command, args, token));
     if (command == "rebalance" && !o->json) print_rebalance(reply);
     if (command != "undrain" && !(command == "rebalance" && o->dry_run)) {

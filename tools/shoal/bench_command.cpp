@@ -194,6 +194,7 @@ void add_bench_command(CLI::App& app) {
     std::size_t triad_mb = 0;
     std::string cluster;
     std::string transports;
+    std::string key_file;
     bool json = false;
   };
   auto o = std::make_shared<options>();
@@ -206,6 +207,7 @@ void add_bench_command(CLI::App& app) {
       "Cluster config (YAML): decode in one process and on the config's nodes, started on this machine, in the same run");
   model_option->excludes(cluster_option);
   cmd->add_option("--transports", o->transports, "With --cluster: UCX transports, e.g. tcp")->needs(cluster_option);
+  add_weights_key_option(*cmd, o->key_file);
   cmd->add_flag("--json", o->json, "With --cluster: one JSON object instead of the table")->needs(cluster_option);
   cmd->add_option("--prompt-tokens", o->prompt_tokens, "Prefill length")->capture_default_str()->check(CLI::Range(1, 1 << 16));
   cmd->add_option("--decode-tokens", o->decode_tokens, "Tokens decoded after the prompt")
@@ -223,14 +225,16 @@ void add_bench_command(CLI::App& app) {
                      .transports = o->transports,
                      .prompt_tokens = cmd->count("--prompt-tokens") ? o->prompt_tokens : 16,
                      .decode_tokens = cmd->count("--decode-tokens") ? o->decode_tokens : 32,
-                     .json = o->json});
+                     .json = o->json,
+                     .key_file = o->key_file});
       return;
     }
     if (o->models.empty()) throw CLI::RequiredError("--model or --cluster");
     std::vector<std::unique_ptr<runtime::model_weights>> weights;
     for (const auto& dir : o->models) {
       fmt::print(stderr, "[bench] loading {} into memory\n", dir);
-      weights.push_back(runtime::model_weights::load(dir, {}, runtime::weight_residency::copy));
+      weights.push_back(runtime::model_weights::load(dir, {}, runtime::weight_residency::copy, {},
+                                                     weights_key_from(o->key_file).get()));
     }
     const int all = o->threads > 0 ? o->threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     std::vector<int> thread_counts = {1};

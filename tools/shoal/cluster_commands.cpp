@@ -19,6 +19,7 @@
 #include <csignal>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <optional>
@@ -81,10 +82,12 @@ void add_node(CLI::App& app) {
     std::string name;
     std::string model;
     std::string transports;
+    std::string key_file;
     timeout_options timeouts;
   };
   auto o = std::make_shared<options>();
   auto* cmd = app.add_subcommand("node", "Run one node of a cluster config (until SIGINT/SIGTERM)");
+  add_weights_key_option(*cmd, o->key_file);
   cmd->add_option("--config", o->config, "Cluster config (YAML)")->required();
   cmd->add_option("--name", o->name, "Which node of the config this process is")->required();
   cmd->add_option("--model", o->model, "Checkpoint directory on this machine, if not the config's");
@@ -103,7 +106,8 @@ void add_node(CLI::App& app) {
       fmt::print(stderr, "[node {}] {}\n", name, event);
     };
     actors::node_process node({.cluster = cluster, .node = o->name, .timeouts = timeouts,
-                               .transports = o->transports, .model_override = o->model, .on_event = on_event});
+                               .transports = o->transports, .model_override = o->model,
+                               .key = weights_key_from(o->key_file), .on_event = on_event});
     fmt::print(stderr, "[node {}] listening on {}:{}{}\n", o->name, spec->host, spec->port,
                node.is_head() ? " (head: supervisor and router)" : "");
     if (node.is_head()) {
@@ -132,10 +136,12 @@ void add_launch(CLI::App& app) {
   struct options {
     std::string config;
     std::string transports;
+    std::string key_file;
     timeout_options timeouts;
   };
   auto o = std::make_shared<options>();
   auto* cmd = app.add_subcommand("launch", "Start every node of a cluster config, wait until it serves, stop all on Ctrl-C");
+  add_weights_key_option(*cmd, o->key_file);
   cmd->add_option("config", o->config, "Cluster config (YAML)")->required();
   cmd->add_option("--transports", o->transports, "UCX transports for every node, e.g. tcp");
   add_timeout_options(cmd, o->timeouts);
@@ -146,6 +152,13 @@ void add_launch(CLI::App& app) {
     std::vector<std::string> extra{"--ready-timeout", std::to_string(timeouts.ready_timeout.count() / 1000),
                                    "--step-timeout", std::to_string(o->timeouts.step_s), "--expert-timeout",
                                    std::to_string(o->timeouts.expert_s)};
+    // Nodes get the key file's path (never the key); read here first so that a bad one
+    // stops nothing.
+    if (const auto key_path = weights_key_path(o->key_file); !key_path.empty()) {
+      (void)runtime::read_weights_key(key_path);
+      extra.push_back("--key-file");
+      extra.push_back(std::filesystem::absolute(key_path).string());
+    }
     if (!o->transports.empty()) {
       extra.push_back("--transports");
       extra.push_back(o->transports);
@@ -208,7 +221,8 @@ void bench_cluster(const bench_cluster_options& o) {
     for (int i = 0; i < o.prompt_tokens; ++i) prompt.push_back((i * 37 + 11) % 1000);
 
     // One process, same kernels and thread count as each cluster actor.
-    auto weights = runtime::model_weights::load(cluster.model, {}, runtime::weight_residency::copy);
+    auto weights = runtime::model_weights::load(cluster.model, {}, runtime::weight_residency::copy, {},
+                                                weights_key_from(o.key_file).get());
     const auto& model = weights->config();
     config::validate_against_model(cluster, model);
     for (auto& t : prompt) t %= static_cast<std::int32_t>(model.vocab_size);
@@ -228,6 +242,10 @@ void bench_cluster(const bench_cluster_options& o) {
 
     // The cluster, as processes on this machine.
     std::vector<std::string> extra{"--ready-timeout", std::to_string(timeouts.ready_timeout.count() / 1000)};
+    if (const auto key_path = weights_key_path(o.key_file); !key_path.empty()) {
+      extra.push_back("--key-file");
+      extra.push_back(std::filesystem::absolute(key_path).string());
+    }
     if (!o.transports.empty()) {
       extra.push_back("--transports");
       extra.push_back(o.transports);
@@ -237,7 +255,8 @@ void bench_cluster(const bench_cluster_options& o) {
                                      .ready_timeout = std::chrono::duration_cast<std::chrono::seconds>(timeouts.ready_timeout),
                                      .interrupted = {},
                                      .log_prefix = "[bench]"});
-    auto client = client::connect(nodes.host(), nodes.port());
+    auto client = client::connect(nodes.host(), nodes.port(), std::chrono::seconds(10),
+                                  cluster.join_secret_file.empty() ? std::string() : read_join_secret(cluster.join_secret_file));
     generate_options request;
     request.prompt = prompt;
     request.max_tokens = static_cast<std::uint32_t>(o.decode_tokens + 1);
@@ -289,8 +308,39 @@ void bench_cluster(const bench_cluster_options& o) {
     }
 }
 
+void add_weights_key_option(CLI::App& cmd, std::string& file) {
+  cmd.add_option("--key-file", file,
+                 "Key of weights encrypted with `shoal encrypt-weights` (64 hex characters, mode 0600; default: "
+                 "$SHOAL_WEIGHTS_KEY_FILE)");
+}
+
+std::string weights_key_path(const std::string& file) {
+  if (!file.empty()) return file;
+  const char* env = std::getenv("SHOAL_WEIGHTS_KEY_FILE");
+  return env ? std::string(env) : std::string();
+}
+
+std::shared_ptr<const runtime::weights_key> weights_key_from(const std::string& file) {
+  const auto path = weights_key_path(file);
+  if (path.empty()) return nullptr;
+  return std::make_shared<const runtime::weights_key>(runtime::read_weights_key(path));
+}
+
+void add_join_secret_option(CLI::App& cmd, std::string& file) {
+  cmd.add_option("--join-secret-file", file,
+                 "The cluster's join secret file, when its config sets join_secret_file (default: "
+                 "$SHOAL_JOIN_SECRET_FILE)");
+}
+
+std::string join_secret_from(const std::string& file) {
+  std::string path = file;
+  if (path.empty())
+    if (const char* env = std::getenv("SHOAL_JOIN_SECRET_FILE")) path = env;
+  return path.empty() ? std::string() : read_join_secret(path);
+}
+
 void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
-                         double temperature, bool json) {
+                         double temperature, bool json, const std::string& join_secret) {
   if (temperature != 0.0)
     shoal::fail(errc::invalid_argument, "--cluster: generation on a cluster is greedy only so far; use --temperature 0");
   const auto colon = address.rfind(':');
@@ -312,7 +362,8 @@ void generate_on_cluster(const std::string& address, const std::string& tokens, 
     pos = comma + 1;
   }
   request.max_tokens = static_cast<std::uint32_t>(max_new_tokens > 0 ? max_new_tokens : 16);
-  auto client = client::connect(address.substr(0, colon), static_cast<std::uint16_t>(port));
+  auto client = client::connect(address.substr(0, colon), static_cast<std::uint16_t>(port), std::chrono::seconds(10),
+                                join_secret);
   const auto start = clock_type::now();
   const auto id = client->submit(request);
   std::vector<std::int32_t> generated;

@@ -1,5 +1,6 @@
 #include "cluster_launch.hpp"
 
+#include "shoal/actors/client.hpp"
 #include "shoal/base/error.hpp"
 
 #include <fmt/core.h>
@@ -66,6 +67,11 @@ void launched_cluster::spawn(child& c) {
 launched_cluster::launched_cluster(const config::cluster_config& cluster, settings s)
     : settings_(std::move(s)), prefix_(settings_.log_prefix) {
   const auto self_exe = std::filesystem::read_symlink("/proc/self/exe").string();
+  // A bad secret file stops the launch before any node starts (nodes on other hosts read their
+  // own copy at the same path).
+  if (!cluster.join_secret_file.empty() &&
+      std::any_of(cluster.nodes.begin(), cluster.nodes.end(), [](const auto& n) { return is_local_host(n.host); }))
+    (void)read_join_secret(cluster.join_secret_file);
   int head_out = -1;
   try {
     for (const auto& node : cluster.nodes) {

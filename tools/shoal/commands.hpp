@@ -2,12 +2,17 @@
 // Each group of subcommands registers itself on the top-level CLI.
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <utility>
 #include <string>
 
 namespace CLI {
 class App;
+}
+
+namespace shoal::runtime {
+struct weights_key;
 }
 
 namespace shoal::tools {
@@ -42,6 +47,24 @@ void add_plan_command(CLI::App& app);
 /// that name is a config, not an address).
 std::optional<std::pair<std::string, std::uint16_t>> head_address(const std::string& spec);
 
+/// Adds `--key-file` to a command that loads a checkpoint's weights.
+void add_weights_key_option(CLI::App& cmd, std::string& file);
+
+/// The key of weights encrypted with `encrypt-weights`: that of `file` when given, else of the
+/// file $SHOAL_WEIGHTS_KEY_FILE names, else none (null). A key is only ever read from a file.
+std::shared_ptr<const runtime::weights_key> weights_key_from(const std::string& file);
+
+/// The path of the weights key file `weights_key_from` would read ("" for none), to hand to
+/// node processes.
+std::string weights_key_path(const std::string& file);
+
+/// Adds `--join-secret-file` to a command that connects to a running cluster by HOST:PORT.
+void add_join_secret_option(CLI::App& cmd, std::string& file);
+
+/// The join secret to connect to a running cluster with: that of `file` when given, else of
+/// the file $SHOAL_JOIN_SECRET_FILE names, else none ("").
+std::string join_secret_from(const std::string& file);
+
 /// `bench --cluster CONFIG`: decode on one process vs. the config's nodes started on this
 /// machine, same run, and what each network leg of a step costs.
 struct bench_cluster_options {
@@ -50,11 +73,12 @@ struct bench_cluster_options {
   int prompt_tokens = 16;
   int decode_tokens = 32;
   bool json = false;
+  std::string key_file;  ///< Weights key file ("" : $SHOAL_WEIGHTS_KEY_FILE or none).
 };
 void bench_cluster(const bench_cluster_options& options);
 
 /// `generate --cluster HOST:PORT --tokens IDS`: greedy generation on a running cluster.
 void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
-                         double temperature, bool json);
+                         double temperature, bool json, const std::string& join_secret);
 
 }  // namespace shoal::tools

@@ -63,6 +63,7 @@ std::vector<std::int32_t> parse_token_list(const std::string& text) {
 
 struct model_options {
   std::string dir;
+  std::string key_file;
   int threads = 0;
   bool reference = false;
   bool mapped = false;
@@ -71,6 +72,7 @@ struct model_options {
 
 void add_model_options(CLI::App* cmd, model_options& o) {
   cmd->add_option("--model", o.dir, "Checkpoint directory (config.json + safetensors)")->required();
+  add_weights_key_option(*cmd, o.key_file);
   cmd->add_option("--threads", o.threads, "Worker threads (0: one per core)");
   cmd->add_flag("--reference", o.reference, "Use the plain reference kernels (slow; for checking)");
   cmd->add_flag("--mmap", o.mapped, "Leave weights memory-mapped instead of copying them into memory");
@@ -91,7 +93,7 @@ loaded_model load(const model_options& o) {
   loaded_model m;
   m.weights = runtime::model_weights::load(o.dir, {},
                                            o.mapped ? runtime::weight_residency::mapped : runtime::weight_residency::copy,
-                                           progress);
+                                           progress, weights_key_from(o.key_file).get());
   for (const auto& key : m.weights->config().ignored_keys)
     progress(fmt::format("config.json: key '{}' is not used by Shoal", key));
   m.pool = std::make_unique<kernels::thread_pool>(o.threads);
@@ -380,10 +382,13 @@ void add_generate(CLI::App& app) {
                 "reasoning_content, finish_reason, tokens, usage with text)");
   auto cluster = std::make_shared<std::string>();
   cmd->add_option("--cluster", *cluster, "HOST:PORT of a running cluster's head (shoal launch prints it); with --tokens");
+  auto join_secret_file = std::make_shared<std::string>();
+  add_join_secret_option(*cmd, *join_secret_file);
   cmd->get_option("--model")->required(false);  // not needed with --cluster; checked below
-  cmd->callback([o, tokens, prompt, chat, messages, seed, cluster] {
+  cmd->callback([o, tokens, prompt, chat, messages, seed, cluster, join_secret_file] {
     if (!cluster->empty())
-      return generate_on_cluster(*cluster, o->tokens, o->max_new_tokens, o->sampling.temperature, o->json);
+      return generate_on_cluster(*cluster, o->tokens, o->max_new_tokens, o->sampling.temperature, o->json,
+                                 join_secret_from(*join_secret_file));
     if (o->model.dir.empty()) shoal::fail(errc::invalid_argument, "--model is required (or --cluster HOST:PORT)");
     o->seeded = seed->count() > 0;
     if (o->seeded) o->sampling.seed = o->seed;

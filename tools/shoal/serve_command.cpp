@@ -78,6 +78,8 @@ fs::path cached_tiny_model() {
 struct serve_options {
   std::string model;
   std::string cluster;
+  std::string join_secret_file;
+  std::string key_file;
   std::string transports;
   std::string name;
   std::string host = "127.0.0.1";
@@ -146,7 +148,9 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
   fs::path dir = o.model;
   std::string host;
   std::uint16_t port = 0;
+  std::string join_secret;
   if (auto address = head_address(o.cluster)) {
+    join_secret = join_secret_from(o.join_secret_file);
     if (dir.empty())
       shoal::fail(errc::invalid_argument,
                   "--cluster {} needs --model DIR: the checkpoint the cluster serves (its tokenizer and context length "
@@ -158,7 +162,14 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
                   o.cluster);
     const auto cluster = config::load_cluster_config(o.cluster);
     if (dir.empty()) dir = cluster.model;
+    // Read before any node starts, so a bad secret file stops nothing.
+    if (!cluster.join_secret_file.empty()) join_secret = read_join_secret(cluster.join_secret_file);
     std::vector<std::string> extra{"--ready-timeout", std::to_string(cluster.ready_timeout_s)};
+    if (const auto key_path = weights_key_path(o.key_file); !key_path.empty()) {
+      (void)runtime::read_weights_key(key_path);
+      extra.push_back("--key-file");
+      extra.push_back(fs::absolute(key_path).string());
+    }
     if (!o.transports.empty()) {
       extra.push_back("--transports");
       extra.push_back(o.transports);
@@ -182,7 +193,7 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
   std::string name = o.name;
   if (name.empty()) name = fs::absolute(dir).lexically_normal().filename().string();
   if (name.empty()) name = "shoal";
-  auto client = shoal::client::connect(host, port);
+  auto client = shoal::client::connect(host, port, std::chrono::seconds(10), join_secret);
   auto back = gateway::make_cluster_backend(*client, tok, model.max_position_embeddings, o.max_waiting + o.max_running);
   std::mutex log_mutex;
   auto srv = std::make_unique<gateway::server>(*back, tok, server_settings(o, name, model.n_routed_experts, log_mutex));
@@ -252,7 +263,8 @@ void serve(const serve_options& options) {
   const auto cache_blocks = config::cache_blocks_for(plan, model);
   actors::local_cluster cluster(plan, {.progress = [](const std::string& line) {
                                         fmt::print(stderr, "[load] {}\n", line);
-                                      }});
+                                      },
+                                      .key = weights_key_from(o.key_file)});
   cluster.wait_ready();
   shoal::client client(cluster);
   const auto experts = model.n_routed_experts;
@@ -291,6 +303,8 @@ void add_serve(CLI::App& app) {
                   "stopped with the server) or HOST:PORT of a running cluster's head node (then --model names the "
                   "checkpoint, for its tokenizer)");
   cmd->add_option("--transports", o->transports, "With a --cluster config: UCX transports for its nodes, e.g. tcp");
+  add_join_secret_option(*cmd, o->join_secret_file);
+  add_weights_key_option(*cmd, o->key_file);
   cmd->add_option("--name", o->name, "Model name clients use (default: the directory's name, shoal-tiny for the demo)");
   cmd->add_option("--host", o->host, "Address to listen on")->capture_default_str();
   cmd->add_option("--port", o->port, "Port (0: any free port)")->capture_default_str()->check(CLI::Range(0, 65535));

@@ -5,8 +5,9 @@ using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("shoal::transport::schema");
 
 # Bumped on every incompatible change; a peer that speaks another version is refused.
-const schemaVersion :UInt16 = 4;  # 2: steps carry block tables; stages keep no per-request caches. 4: fences, RetireActor.
+const schemaVersion :UInt16 = 5;  # 2: steps carry block tables; stages keep no per-request caches. 4: join-secret nonces. 5: fences, RetireActor.
                                   # 3: the supervisor sends heartbeats (with evictions), nodes answer.
+                                  # 4: the transport's hello carries nonces for the join-secret proof.
 
 # Where a message goes or comes from: an actor inside a named node.
 struct ActorAddress {

@@ -4,6 +4,10 @@
 #include "message_impl.hpp"
 #include "ucx_status.hpp"
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
 #include <spdlog/spdlog.h>
 
 #include <arpa/inet.h>
@@ -12,13 +16,16 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <cstdlib>
 #include <deque>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -37,12 +44,18 @@ using clock = std::chrono::steady_clock;
 constexpr unsigned kAmId = 17;
 constexpr std::uint32_t kMagic = 0x4c414f53;  // "SOAL" little-endian; cheap garbage filter.
 
+// Every version names the sender first and ends the name with a NUL when more follows, so
+// that a peer of another version can still be named when it is refused.
 enum class wire_kind : std::uint16_t {
-  hello = 1,      // Data: sender's node name. Client -> server after connecting.
-  hello_ack = 2,  // Data: server's node name. The reply; `version` tells compatibility.
+  hello = 1,      // Data: dialer's name, NUL, its nonce. Dialer -> listener after connecting.
+  hello_ack = 2,  // Data: listener's name, NUL, 1 if it asks for a proof else 0, its nonce.
+                  // `version` tells compatibility (another version gets the name alone).
   envelope = 3,   // Data: Cap'n Proto envelope; `count` bulk messages with the same seq follow.
   bulk = 4,       // Data: bulk buffer `index` of envelope `seq`.
   bye = 5,        // Orderly close: no more messages follow.
+  proof = 6,      // Data: the dialer's proof (empty: it has no secret). Dialer -> listener.
+  welcome = 7,    // Data: the listener's proof, sent once the dialer's passed.
+  refused = 8,    // Data: why the listener refused the dialer's proof; the connection closes.
 };
 
 struct wire_header {
@@ -60,8 +73,70 @@ static_assert(sizeof(wire_header) == 24);
 constexpr std::uint64_t kMaxPendingMessages = 4096;
 constexpr std::size_t kMaxNameBytes = 256;
 constexpr std::size_t kPoolCacheBytes = 256u << 20;
+constexpr std::size_t kMaxRefusalBytes = 512;
 
-enum class peer_phase { connecting, accepting, connected };
+// connecting -> (proving) -> connected on the dialer, accepting -> (verifying) -> connected on
+// the listener; the middle phases only with a join secret.
+enum class peer_phase { connecting, proving, accepting, verifying, connected };
+
+using nonce = std::array<unsigned char, 32>;
+using proof_mac = std::array<unsigned char, 32>;
+
+nonce fresh_nonce() {
+  nonce n;
+  if (RAND_bytes(n.data(), static_cast<int>(n.size())) != 1)
+    fail(errc::internal, "OpenSSL's random generator failed to make a nonce");
+  return n;
+}
+
+// HMAC-SHA256 over the direction, the verifier's nonce (so a proof answers exactly one
+// challenge), the prover's nonce and both names (so a proof cannot be replayed on another
+// connection, reflected back to its sender or claimed under another name). Names hold no NUL,
+// so the encoding is unambiguous.
+proof_mac join_proof(std::string_view secret, std::string_view direction, const nonce& verifier_nonce,
+                     const nonce& prover_nonce, std::string_view prover, std::string_view verifier) {
+  std::string text = "shoal join proof";
+  text += '\0';
+  text += direction;
+  text += '\0';
+  text.append(reinterpret_cast<const char*>(verifier_nonce.data()), verifier_nonce.size());
+  text.append(reinterpret_cast<const char*>(prover_nonce.data()), prover_nonce.size());
+  text += prover;
+  text += '\0';
+  text += verifier;
+  proof_mac mac{};
+  unsigned int length = 0;
+  if (HMAC(EVP_sha256(), secret.data(), static_cast<int>(secret.size()),
+           reinterpret_cast<const unsigned char*>(text.data()), text.size(), mac.data(), &length) == nullptr ||
+      length != mac.size())
+    fail(errc::internal, "OpenSSL's HMAC-SHA256 failed");
+  return mac;
+}
+
+bool proof_matches(const proof_mac& expected, const void* data, std::size_t length) {
+  return length == expected.size() && CRYPTO_memcmp(expected.data(), data, expected.size()) == 0;
+}
+
+std::string_view bytes_of(const nonce& n) {
+  return {reinterpret_cast<const char*>(n.data()), n.size()};
+}
+
+std::string address_text(const sockaddr_storage& address) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  std::uint16_t port = 0;
+  if (address.ss_family == AF_INET) {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&address);
+    ::inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+    port = ntohs(a->sin_port);
+  } else if (address.ss_family == AF_INET6) {
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&address);
+    ::inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+    port = ntohs(a->sin6_port);
+  } else {
+    return "an unknown address";
+  }
+  return fmt::format("{}:{}", host, port);
+}
 
 struct connect_waiter {
   std::mutex mutex;
@@ -97,8 +172,11 @@ struct peer_state {
   peer_id id = 0;
   ucp_ep_h ep = nullptr;
   std::string name;
+  std::string address;  // Where it connected from or to, for log lines.
   peer_phase phase = peer_phase::connecting;
-  std::shared_ptr<connect_waiter> waiter;  // Client side until the hello_ack.
+  std::shared_ptr<connect_waiter> waiter;  // Dialer side until the peer is connected.
+  nonce local_nonce{};                     // Ours, sent in the hello or hello_ack.
+  nonce remote_nonce{};                    // The peer's.
   std::uint64_t next_send_seq = 0;
   std::uint64_t next_deliver_seq = 0;
   std::map<std::uint64_t, assembly> pending;
@@ -219,7 +297,7 @@ struct node::impl {
   std::atomic<bool> stopping{false};
   std::atomic<std::size_t> in_flight{0};
   std::atomic<std::uint64_t> stat_sent{0}, stat_received{0}, stat_bulk_sent{0},
-      stat_bulk_received{0}, stat_rejected{0};
+      stat_bulk_received{0}, stat_rejected{0}, stat_refused{0};
 
   // Progress thread only.
   std::thread thread;
@@ -444,12 +522,17 @@ struct node::impl {
     peer_state& peer = add_peer(ep, peer_phase::connecting);
     peer.waiter = std::move(cmd.waiter);
     peer.name = cmd.target;
-    send_control(peer, wire_kind::hello, options.name);
+    peer.address = cmd.target;
+    peer.local_nonce = fresh_nonce();
+    std::string hello = options.name;
+    hello += '\0';
+    hello += bytes_of(peer.local_nonce);
+    send_control(peer, wire_kind::hello, hello);
   }
 
   void handle(abandon_command&& cmd) {
     for (auto& [id, peer] : peers) {
-      if (peer.waiter == cmd.waiter && peer.phase == peer_phase::connecting) {
+      if (peer.waiter == cmd.waiter && dialing(peer)) {
         drop_peer(id, /*force=*/true);
         return;
       }
@@ -607,7 +690,7 @@ struct node::impl {
     peer_state& peer = it->second;
     if (reason.code() == errc::invalid_argument)
       stat_rejected.fetch_add(1, std::memory_order_relaxed);
-    if (peer.phase == peer_phase::connecting) {
+    if (dialing(peer)) {
       if (peer.waiter) peer.waiter->finish(0, std::move(reason));
     } else if (peer.phase == peer_phase::connected) {
       spdlog::warn("transport: peer '{}' ({}) failed: {}", peer.name, id, reason.what());
@@ -649,6 +732,11 @@ struct node::impl {
       ucp_listener_reject(self->listener.get(), request);
       return;
     }
+    // Queried before the endpoint takes over the request.
+    ucp_conn_request_attr_t attr{};
+    attr.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
+    std::string from = ucp_conn_request_query(request, &attr) == UCS_OK ? address_text(attr.client_address)
+                                                                         : std::string("an unknown address");
     ucp_ep_params_t params{};
     params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
                         UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
@@ -663,7 +751,7 @@ struct node::impl {
                    ucs_status_string(status));
       return;
     }
-    self->add_peer(ep, peer_phase::accepting);
+    self->add_peer(ep, peer_phase::accepting).address = std::move(from);
   }
 
   static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t status) {
@@ -721,36 +809,64 @@ struct node::impl {
       }
       case wire_kind::envelope: return receive_envelope(peer, h, data, length);
       case wire_kind::bulk: return receive_bulk(peer, h, data, length, rndv);
+      case wire_kind::proof: return receive_proof(peer, data, length);
+      case wire_kind::welcome: return receive_welcome(peer, data, length);
+      case wire_kind::refused: return receive_refused(peer, data, length);
     }
     fail(errc::invalid_argument, "peer '{}' sent unknown message kind {}", peer.name,
          static_cast<unsigned>(h.kind));
   }
 
-  static std::string name_from(const void* data, std::size_t length) {
-    if (length > kMaxNameBytes)
-      fail(errc::invalid_argument, "node name of {} bytes is too long", length);
-    return std::string(static_cast<const char*>(data), length);
+  static bool dialing(const peer_state& peer) {
+    return peer.phase == peer_phase::connecting || peer.phase == peer_phase::proving;
+  }
+
+  // The sender's name of a hello or hello_ack, and what follows its NUL (nothing when the
+  // payload is the name alone, as an ack to another version is).
+  static std::pair<std::string, std::string_view> split_hello(const void* data, std::size_t length) {
+    std::string_view payload(static_cast<const char*>(data), length);
+    const auto end = payload.find('\0');
+    const auto name = payload.substr(0, end);
+    if (name.size() > kMaxNameBytes)
+      fail(errc::invalid_argument, "node name of {} bytes is too long", name.size());
+    return {std::string(name), end == std::string_view::npos ? std::string_view() : payload.substr(end + 1)};
+  }
+
+  static nonce nonce_from(std::string_view bytes) {
+    nonce n;
+    std::memcpy(n.data(), bytes.data(), n.size());
+    return n;
   }
 
   ucs_status_t receive_hello(peer_state& peer, const wire_header& h, const void* data,
                              std::size_t length) {
     if (peer.phase != peer_phase::accepting)
       fail(errc::invalid_argument, "peer '{}' sent a second hello", peer.name);
-    peer.name = name_from(data, length);
-    send_control(peer, wire_kind::hello_ack, options.name);
+    auto [name, rest] = split_hello(data, length);
+    peer.name = std::move(name);
     if (h.version != schema_version) {
       // It learns our version from the ack and gives up; we just forget it.
+      send_control(peer, wire_kind::hello_ack, options.name);
       spdlog::warn("transport: refused node '{}': it speaks schema version {}, this node {}",
                    peer.name, h.version, schema_version);
       drop_peer(peer.id, /*force=*/false);
       return UCS_OK;
     }
-    peer.phase = peer_phase::connected;
-    {
-      std::lock_guard lock(mutex);
-      live[peer.id] = peer.name;
+    if (rest.size() != sizeof(nonce))
+      fail(errc::invalid_argument, "peer '{}' sent a hello without its nonce", peer.name);
+    peer.remote_nonce = nonce_from(rest);
+    peer.local_nonce = fresh_nonce();
+    const bool ask_proof = !options.join_secret.empty();
+    std::string ack = options.name;
+    ack += '\0';
+    ack += ask_proof ? '\1' : '\0';
+    ack += bytes_of(peer.local_nonce);
+    send_control(peer, wire_kind::hello_ack, ack);
+    if (ask_proof) {
+      peer.phase = peer_phase::verifying;
+      return UCS_OK;
     }
-    events.push_back(connected_event{peer.id, peer.name});
+    mark_connected(peer);
     return UCS_OK;
   }
 
@@ -758,25 +874,116 @@ struct node::impl {
                                  std::size_t length) {
     if (peer.phase != peer_phase::connecting)
       fail(errc::invalid_argument, "peer '{}' sent an unexpected hello_ack", peer.name);
-    std::string target = peer.name;
-    peer.name = name_from(data, length);
+    auto [name, rest] = split_hello(data, length);
+    peer.name = std::move(name);
     if (h.version != schema_version) {
       peer.waiter->finish(0, error(errc::failed_precondition,
                                    fmt::format("node '{}' at {} speaks schema version {}, this "
                                                "node {}",
-                                               peer.name, target, h.version, schema_version)));
+                                               peer.name, peer.address, h.version, schema_version)));
       drop_peer(peer.id, /*force=*/false);
       return UCS_OK;
     }
+    if (rest.size() != 1 + sizeof(nonce) || (rest[0] != '\0' && rest[0] != '\1'))
+      fail(errc::invalid_argument, "peer '{}' sent a malformed hello_ack", peer.name);
+    const bool asks_proof = rest[0] == '\1';
+    peer.remote_nonce = nonce_from(rest.substr(1));
+    if (asks_proof) {
+      // Without a secret an empty proof still goes out: the listener counts the refusal and
+      // says why.
+      const auto proof = options.join_secret.empty()
+                             ? std::string()
+                             : std::string(reinterpret_cast<const char*>(
+                                               join_proof(options.join_secret, "dialer", peer.remote_nonce,
+                                                          peer.local_nonce, options.name, peer.name)
+                                                   .data()),
+                                           sizeof(proof_mac));
+      send_control(peer, wire_kind::proof, proof);
+      peer.phase = peer_phase::proving;
+      return UCS_OK;
+    }
+    if (!options.join_secret.empty()) {
+      refuse_listener(peer, "it has no join secret, so it cannot prove that it belongs to this node's cluster");
+      return UCS_OK;
+    }
+    mark_connected(peer);
+    return UCS_OK;
+  }
+
+  // Listener: the dialer's answer to our nonce.
+  ucs_status_t receive_proof(peer_state& peer, const void* data, std::size_t length) {
+    if (peer.phase != peer_phase::verifying)
+      fail(errc::invalid_argument, "peer '{}' sent a proof it was not asked for", peer.name);
+    const auto expected = join_proof(options.join_secret, "dialer", peer.local_nonce, peer.remote_nonce,
+                                     peer.name, options.name);
+    if (!proof_matches(expected, data, length)) {
+      const std::string why = length == 0 ? "it has no join secret" : "its join secret differs from this node's";
+      stat_refused.fetch_add(1, std::memory_order_relaxed);
+      spdlog::warn("transport: node '{}' refused a connection from {} calling itself '{}': {} (refused so far: {})",
+                   options.name, peer.address, peer.name, why, stat_refused.load());
+      send_control(peer, wire_kind::refused,
+                   fmt::format("{} requires the cluster's join secret: {}", options.name, why));
+      drop_peer(peer.id, /*force=*/false);
+      return UCS_OK;
+    }
+    const auto answer = join_proof(options.join_secret, "listener", peer.remote_nonce, peer.local_nonce,
+                                   options.name, peer.name);
+    send_control(peer, wire_kind::welcome,
+                 std::string_view(reinterpret_cast<const char*>(answer.data()), answer.size()));
+    mark_connected(peer);
+    return UCS_OK;
+  }
+
+  // Dialer: the listener accepted our proof and proves itself.
+  ucs_status_t receive_welcome(peer_state& peer, const void* data, std::size_t length) {
+    if (peer.phase != peer_phase::proving)
+      fail(errc::invalid_argument, "peer '{}' sent an unexpected welcome", peer.name);
+    if (options.join_secret.empty())
+      fail(errc::invalid_argument, "peer '{}' welcomed a node that has no join secret", peer.name);
+    const auto expected = join_proof(options.join_secret, "listener", peer.local_nonce, peer.remote_nonce,
+                                     peer.name, options.name);
+    if (!proof_matches(expected, data, length)) {
+      refuse_listener(peer, "its proof of the join secret is wrong");
+      return UCS_OK;
+    }
+    mark_connected(peer);
+    return UCS_OK;
+  }
+
+  ucs_status_t receive_refused(peer_state& peer, const void* data, std::size_t length) {
+    if (peer.phase != peer_phase::proving)
+      fail(errc::invalid_argument, "peer '{}' sent an unexpected refusal", peer.name);
+    std::string why(static_cast<const char*>(data), std::min(length, kMaxRefusalBytes));
+    for (char& c : why)
+      if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) > 0x7e) c = '?';
+    peer.waiter->finish(0, error(errc::failed_precondition,
+                                 fmt::format("node '{}' at {} refused this node ({}): {}", peer.name,
+                                             peer.address, options.name, why)));
+    drop_peer(peer.id, /*force=*/false);
+    return UCS_OK;
+  }
+
+  // Dialer: the node we dialed could not prove the secret; `connect` fails with `why`.
+  void refuse_listener(peer_state& peer, std::string_view why) {
+    stat_refused.fetch_add(1, std::memory_order_relaxed);
+    peer.waiter->finish(0, error(errc::failed_precondition,
+                                 fmt::format("refused node '{}' at {}: {} (this node requires the cluster's "
+                                             "join secret from its peers)",
+                                             peer.name, peer.address, why)));
+    drop_peer(peer.id, /*force=*/false);
+  }
+
+  void mark_connected(peer_state& peer) {
     peer.phase = peer_phase::connected;
     {
       std::lock_guard lock(mutex);
       live[peer.id] = peer.name;
     }
-    peer.waiter->finish(peer.id, std::nullopt);
-    peer.waiter.reset();
+    if (peer.waiter) {
+      peer.waiter->finish(peer.id, std::nullopt);
+      peer.waiter.reset();
+    }
     events.push_back(connected_event{peer.id, peer.name});
-    return UCS_OK;
   }
 
   assembly& assembly_for(peer_state& peer, std::uint64_t seq) {
@@ -964,6 +1171,31 @@ struct node::impl {
   }
 };
 
+std::string read_join_secret(const std::filesystem::path& file) {
+  const auto name = file.string();
+  struct stat info{};
+  if (::stat(name.c_str(), &info) != 0)
+    fail(errc::not_found, "{}: cannot read the join secret file: {}", name, std::strerror(errno));
+  // As ssh does with private keys: a secret others can read is no longer a secret, and one
+  // others can write lets them choose it.
+  if ((info.st_mode & 077) != 0)
+    fail(errc::failed_precondition,
+         "{}: the join secret file may be read or written by other users (mode {:04o}); run chmod 600 {}", name,
+         info.st_mode & 07777, name);
+  std::ifstream in(file, std::ios::binary);
+  if (!in) fail(errc::not_found, "{}: cannot read the join secret file", name);
+  std::string secret((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  while (!secret.empty() && (secret.back() == '\n' || secret.back() == '\r' || secret.back() == ' ' || secret.back() == '\t'))
+    secret.pop_back();
+  if (secret.empty()) fail(errc::invalid_argument, "{}: the join secret file is empty", name);
+  if (secret.size() < 32)
+    fail(errc::invalid_argument,
+         "{}: the join secret has {} bytes, at least 32 are needed (`shoal keys new-join-secret --file {}` "
+         "writes one)",
+         name, secret.size(), name);
+  return secret;
+}
+
 node::node(node_options options, node_callbacks callbacks)
     : impl_(std::make_unique<impl>(std::move(options), std::move(callbacks))) {
   impl_->start();
@@ -1032,7 +1264,7 @@ std::size_t node::in_flight() const noexcept { return impl_->in_flight.load(); }
 
 node_stats node::stats() const noexcept {
   return {impl_->stat_sent.load(), impl_->stat_received.load(), impl_->stat_bulk_sent.load(),
-          impl_->stat_bulk_received.load(), impl_->stat_rejected.load()};
+          impl_->stat_bulk_received.load(), impl_->stat_rejected.load(), impl_->stat_refused.load()};
 }
 
 void node::stop() {

@@ -230,6 +230,7 @@ class cluster_backend final : public backend {
       s.cluster.recoveries = status_.at("recoveries").get<std::uint64_t>();
       if (status_.contains("expert_load"))
         s.cluster.expert_imbalance = status_.at("expert_load").at("imbalance").get<double>();
+      s.cluster.refused_peers = status_.value("refused_peers", std::uint64_t{0});
       for (const auto& n : status_.at("nodes")) {
         ++s.cluster.nodes;
         if (n.at("down").get<bool>()) ++s.cluster.nodes_down;

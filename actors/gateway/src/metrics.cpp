@@ -103,6 +103,9 @@ std::string metrics::render(const runtime::engine_stats& e, std::int64_t in_flig
            "Requests recomputed from their prompt and streamed tokens after a failed step.", e.cluster.replayed_requests);
     series("shoal_cluster_failed_steps_total", "counter", "Pipeline steps abandoned because a node failed.",
            e.cluster.failed_steps);
+    series("shoal_cluster_refused_peers_total", "counter",
+           "Connections the head node refused because they did not prove the cluster's join secret.",
+           e.cluster.refused_peers);
     series("shoal_cluster_placement_epoch", "gauge",
            "Placement epoch (bumped on every failure, re-placement and operator's change).", e.cluster.epoch);
     series("shoal_cluster_expert_node_imbalance", "gauge",

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -44,16 +45,24 @@ struct generate_result {
   actors::finish_reason finish = actors::finish_reason::none; ///< Why it ended.
 };
 
+/// The secret of a cluster's join secret file, for `client::connect`. Throws, naming the
+/// file, when it cannot be read (`not_found`), others than its owner may read or write it
+/// (`failed_precondition`), or it holds fewer than 32 bytes (`invalid_argument`).
+std::string read_join_secret(const std::filesystem::path& file);
+
 /// A connection to a router. Thread-safe; requests are independent streams.
 class client {
  public:
   /// A client of the router of a cluster in this process.
   explicit client(actors::local_cluster& cluster);
   /// A client of the router of the cluster whose head node listens on `host:port`
-  /// (`shoal launch` prints it). Throws `unavailable` when it cannot connect within
-  /// `timeout`, `failed_precondition` when the head speaks another schema version.
+  /// (`shoal launch` prints it). A cluster with a `join_secret_file` needs its secret
+  /// (`read_join_secret`) in `join_secret`, and the head must prove it holds the same one.
+  /// Throws `unavailable` when it cannot connect within `timeout`, `failed_precondition`
+  /// when the head speaks another schema version or either side refused the other's secret.
   static std::unique_ptr<client> connect(const std::string& host, std::uint16_t port,
-                                         std::chrono::milliseconds timeout = std::chrono::seconds(10));
+                                         std::chrono::milliseconds timeout = std::chrono::seconds(10),
+                                         const std::string& join_secret = {});
   ~client();
   client(const client&) = delete;
   client& operator=(const client&) = delete;

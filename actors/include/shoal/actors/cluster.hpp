@@ -5,6 +5,7 @@
 
 #include "shoal/actors/messages.hpp"
 #include "shoal/config/cluster_config.hpp"
+#include "shoal/runtime/weights_crypto.hpp"
 
 #include <chrono>
 #include <cstdint>
@@ -23,6 +24,8 @@ struct cluster_options {
   int scheduler_threads = 0;                        ///< CAF scheduler threads (0: CAF's default).
   /// Receives weight-loading progress lines; may be empty.
   std::function<void(const std::string&)> progress = {};
+  /// Key of a checkpoint encrypted at rest; null for plain files.
+  std::shared_ptr<const runtime::weights_key> key = nullptr;
 };
 
 /// Every node of a cluster config inside this process: a supervisor and router on the head

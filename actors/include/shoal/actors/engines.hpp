@@ -33,7 +33,8 @@ runtime::sampling_params to_sampling_params(const sampling_spec& spec);
 class expert_engine {
  public:
   /// Loads `experts` of every MoE layer from `model`; `threads` compute threads (0: cores).
-  expert_engine(const std::filesystem::path& model, std::vector<std::uint32_t> experts, int threads);
+  expert_engine(const std::filesystem::path& model, std::vector<std::uint32_t> experts, int threads,
+                std::shared_ptr<const runtime::weights_key> key = nullptr);
   ~expert_engine();
 
   /// The model's architecture.
@@ -77,6 +78,8 @@ class stage_engine {
     std::int64_t block_tokens = 32;   ///< Positions per block.
     /// Receives loading progress lines (layers loaded); may be empty.
     std::function<void(const std::string&)> progress = {};
+    /// Key of a checkpoint encrypted at rest; null for plain files.
+    std::shared_ptr<const runtime::weights_key> key = nullptr;
   };
 
   /// Loads the weights.

@@ -59,6 +59,9 @@ class fabric {
     (void)epoch;
     (void)fence;
   }
+  /// Connections this process refused because the other end did not prove it holds the
+  /// cluster's join secret (none in one process).
+  virtual std::uint64_t refused_peers() const { return 0; }
   /// Every local actor (for shutdown).
   std::map<std::pair<std::string, std::uint64_t>, caf::actor> local_actors();
 

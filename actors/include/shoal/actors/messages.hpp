@@ -15,8 +15,9 @@ namespace shoal::actors {
 /// that speaks another one is refused when it joins.
 /// 2: steps carry block tables decided by the router; stages no longer keep caches per request.
 /// 3: the supervisor sends heartbeats carrying its epoch and the nodes it evicted.
-/// 4: placement tables and heartbeats carry the fence; expert copies are retired one by one.
-inline constexpr std::uint16_t schema_version = 4;
+/// 4: the transport's hello carries nonces for the join-secret proof.
+/// 5: placement tables and heartbeats carry the fence; expert copies are retired one by one.
+inline constexpr std::uint16_t schema_version = 5;
 
 /// Identifies a request for its whole life, including replays after a failure.
 using request_id = std::uint64_t;

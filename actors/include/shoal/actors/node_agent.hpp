@@ -4,6 +4,7 @@
 /// it is told to, and keeps them alive (an actor nothing holds a handle to terminates).
 
 #include "shoal/actors/protocols.hpp"
+#include "shoal/runtime/weights_crypto.hpp"
 
 #include <caf/actor.hpp>
 #include <caf/stateful_actor.hpp>
@@ -27,6 +28,8 @@ struct node_agent_options {
   std::chrono::milliseconds expert_timeout{30000}; ///< Deadline of a stage's expert round trip.
   /// Receives weight-loading progress lines of the stages it starts; may be empty.
   std::function<void(const std::string&)> progress = {};
+  /// Key of a checkpoint encrypted at rest; null for plain files.
+  std::shared_ptr<const runtime::weights_key> key = nullptr;
 };
 
 /// State of a node agent.

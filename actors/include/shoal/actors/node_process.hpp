@@ -21,6 +21,8 @@ struct node_process_options {
   cluster_options timeouts;          ///< Deadlines (ready, step, expert round trip).
   std::string transports;            ///< UCX transports (UCX_TLS); empty: UCX's default.
   std::string model_override;        ///< Checkpoint path on this machine, if not the config's.
+  /// Key of a checkpoint encrypted at rest (this node's own key file); null for plain files.
+  std::shared_ptr<const runtime::weights_key> key = nullptr;
   /// On the head: receives the supervisor's membership events as JSON lines (node_down,
   /// node_rejoined, recovered); called on an actor thread.
   std::function<void(const std::string&)> on_event = {};

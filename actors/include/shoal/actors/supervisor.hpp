@@ -46,6 +46,7 @@
 #include "shoal/actors/protocols.hpp"
 #include "shoal/config/cluster_config.hpp"
 #include "shoal/config/model_config.hpp"
+#include "shoal/runtime/weights_crypto.hpp"
 
 #include <caf/stateful_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
@@ -91,6 +92,9 @@ struct supervisor_options {
   /// Receives one JSON object per membership event (`node_down`, `node_rejoined`,
   /// `recovered`), e.g. for the launcher that restarts processes; may be empty.
   std::function<void(const std::string&)> on_event = {};
+  /// Key of a checkpoint encrypted at rest, to read its shards' headers for the memory each
+  /// actor needs (only the chunks holding the headers are decrypted); null for plain files.
+  std::shared_ptr<const runtime::weights_key> key = nullptr;
 };
 
 /// State of the supervisor.

@@ -99,6 +99,10 @@ struct cluster_config {
   /// File the head appends one JSON line to per `shoal admin` command that changes or tries
   /// to change the cluster (resolved against the config's directory); empty: none.
   std::filesystem::path admin_audit_log;
+  /// File holding the secret every process of the cluster (nodes, gateways, admin
+  /// commands) must prove it holds when it connects (resolved against the config's
+  /// directory); empty: connections are not authenticated.
+  std::filesystem::path join_secret_file;
 
   /// The node named `name`, or null.
   const node_spec* find_node(std::string_view name) const noexcept;

@@ -94,6 +94,7 @@ struct engine_stats {
     /// Rows computed by the heaviest expert node over the mean of the expert nodes, over the
     /// load window (1 is balanced; 0 when unmeasured or without expert nodes).
     double expert_imbalance = 0;
+    std::uint64_t refused_peers = 0;       ///< Connections the head refused: no or another join secret.
   } cluster;
 };
 

@@ -1,9 +1,12 @@
 #pragma once
 /// \file
 /// Safetensors checkpoints: single files and sharded sets with `model.safetensors.index.json`,
-/// memory-mapped and validated before any tensor is used.
+/// memory-mapped and validated before any tensor is used. Files encrypted at rest
+/// (weights_crypto.hpp) are decrypted into anonymous memory, a chunk when a tensor in it is
+/// first read.
 
 #include "shoal/kernels/dtype.hpp"
+#include "shoal/runtime/weights_crypto.hpp"
 
 #include <cstddef>
 #include <cstdint>
@@ -11,6 +14,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -37,11 +41,14 @@ struct tensor_entry {
 std::vector<tensor_entry> parse_safetensors_header(const std::byte* data, std::size_t size,
                                                    std::string_view source);
 
-/// A memory-mapped safetensors file.
+/// A memory-mapped safetensors file, or an encrypted one decrypted as it is read.
 class safetensors_file {
  public:
-  /// Maps and validates `path`; throws with the file name on any inconsistency.
-  static std::unique_ptr<safetensors_file> open(const std::filesystem::path& path);
+  /// Maps and validates `path`; throws with the file name on any inconsistency. With `key`
+  /// the file must be encrypted with it (a plain file is refused: it could have replaced an
+  /// encrypted one); without, an encrypted file is refused, saying how to give the key. Only
+  /// the chunks holding the header are decrypted here.
+  static std::unique_ptr<safetensors_file> open(const std::filesystem::path& path, const weights_key* key = nullptr);
   ~safetensors_file();
   safetensors_file(const safetensors_file&) = delete;
   safetensors_file& operator=(const safetensors_file&) = delete;
@@ -50,25 +57,36 @@ class safetensors_file {
   const std::filesystem::path& path() const noexcept { return path_; }
   /// All entries, by name.
   const std::map<std::string, tensor_entry, std::less<>>& entries() const noexcept { return entries_; }
-  /// Pointer to a tensor's bytes inside the mapping.
-  const std::byte* data(const tensor_entry& entry) const noexcept { return data_ + entry.begin; }
+  /// Pointer to a tensor's bytes inside the mapping. For an encrypted file the chunks that
+  /// hold them are decrypted first, once (thread-safe); throws `invalid_argument` naming the
+  /// file when one does not authenticate.
+  const std::byte* data(const tensor_entry& entry) const;
+  /// Whether the file is encrypted at rest (its tensors then live in anonymous memory).
+  bool encrypted() const noexcept { return reader_ != nullptr; }
   /// Size of the mapping in bytes.
   std::size_t file_size() const noexcept { return size_; }
 
  private:
   safetensors_file() = default;
+  // Decrypts the chunks covering plaintext bytes [begin, end) that are not yet decrypted.
+  void decrypt_range(std::uint64_t begin, std::uint64_t end) const;
+
   std::filesystem::path path_;
   const std::byte* base_ = nullptr;
   const std::byte* data_ = nullptr;
   std::size_t size_ = 0;
+  std::size_t mapped_size_ = 0;
   std::map<std::string, tensor_entry, std::less<>> entries_;
+  std::unique_ptr<encrypted_weights_reader> reader_;  // Set for encrypted files.
+  mutable std::vector<bool> decrypted_;               // By chunk.
+  mutable std::mutex decrypt_mutex_;
 };
 
 /// A tensor found in a checkpoint, with the file that holds it.
 struct tensor_ref {
   const tensor_entry* entry = nullptr;
   const safetensors_file* file = nullptr;
-  const std::byte* bytes() const noexcept { return file->data(*entry); }
+  const std::byte* bytes() const { return file->data(*entry); }
 };
 
 /// A checkpoint directory: `model.safetensors`, or shards listed by
@@ -76,9 +94,11 @@ struct tensor_ref {
 class checkpoint {
  public:
   /// Opens every shard. `progress` (if set) is called after each shard with (done, total, path).
+  /// `key`: the shards are encrypted with it (see `safetensors_file::open`).
   static checkpoint open(const std::filesystem::path& dir,
                          const std::function<void(std::size_t, std::size_t,
-                                                  const std::filesystem::path&)>& progress = {});
+                                                  const std::filesystem::path&)>& progress = {},
+                         const weights_key* key = nullptr);
 
   /// The tensor called `name`, or an empty ref.
   tensor_ref find(std::string_view name) const;

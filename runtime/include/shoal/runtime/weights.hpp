@@ -5,6 +5,7 @@
 #include "shoal/config/model_config.hpp"
 #include "shoal/kernels/matrix.hpp"
 #include "shoal/kernels/moe.hpp"
+#include "shoal/runtime/weights_crypto.hpp"
 
 #include <cstddef>
 #include <cstdint>
@@ -66,10 +67,14 @@ class model_weights {
   /// layers `model.layers.{num_hidden_layers + k}` are recognised and skipped). Errors name
   /// the file and the tensor. A directory with `shoal-manifest.json` is first checked against
   /// it (`verify_manifest`, manifest.hpp): a changed, missing or unlisted file is refused by name.
+  /// With `key` the shards are encrypted (weights_crypto.hpp): only the chunks holding the
+  /// selection's tensors are decrypted, into anonymous memory that then holds the weights
+  /// whatever `residency` says (no second copy).
   static std::unique_ptr<model_weights> load(const std::filesystem::path& dir,
                                              const weight_selection& selection = {},
                                              weight_residency residency = weight_residency::copy,
-                                             const progress_fn& progress = {});
+                                             const progress_fn& progress = {},
+                                             const weights_key* key = nullptr);
 
   ~model_weights();
 

@@ -5,7 +5,11 @@
 /// and reports failed peers through callbacks.
 ///
 /// Wire protocol (private to this library): a connection starts with a hello in each direction
-/// (node name and schema version; another version is refused). Each message is one UCX active
+/// (node name, schema version and a fresh random nonce; another version is refused). With a
+/// join secret the dialer then proves that it holds the secret, and the listener proves it
+/// back: each sends HMAC-SHA256(secret, direction, the other's nonce, its own nonce, both
+/// names). No message of a peer is delivered before both proofs passed; a peer that fails is
+/// refused, logged and counted (`node_stats::peers_refused`). Each message is one UCX active
 /// message carrying the Cap'n Proto envelope, followed by one active message per bulk buffer;
 /// UCX moves large bulk messages by rendezvous (zero-copy over RDMA and shared memory where the
 /// transport supports it). The receiver assembles each envelope with its buffers and delivers
@@ -33,11 +37,18 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <string_view>
 
 namespace shoal::transport {
+
+/// The bytes of a join secret file, trailing whitespace dropped. Refuses (naming the file)
+/// one that cannot be read (`not_found`), that users other than its owner may read or write
+/// (`failed_precondition`: chmod 600), that is empty or shorter than 32 bytes
+/// (`invalid_argument`).
+std::string read_join_secret(const std::filesystem::path& file);
 
 /// A connection to another node, local to this node; never reused within a node's life.
 using peer_id = std::uint64_t;
@@ -62,6 +73,11 @@ struct node_options {
   bool spin_yield = true;
   /// Limits applied to every received envelope.
   decode_limits limits;
+  /// The cluster's shared secret (see `read_join_secret`). Non-empty: every connection, in
+  /// both directions, must prove it holds the same secret before any message is delivered.
+  /// Empty: no proof is asked for, and a listener that asks for one is refused (this node
+  /// could not tell it from an impostor).
+  std::string join_secret;
 };
 
 /// What a node reports. Every callback may be empty. All run on the progress thread.
@@ -84,6 +100,9 @@ struct node_stats {
   std::uint64_t bulk_bytes_sent = 0;    ///< Bulk payload bytes whose sends completed.
   std::uint64_t bulk_bytes_received = 0;///< Bulk payload bytes delivered.
   std::uint64_t messages_rejected = 0;  ///< Malformed messages that failed their peer.
+  /// Connections refused because the other end did not prove it holds the join secret
+  /// (a peer dialing in without it or with another one, or a listener dialed out to).
+  std::uint64_t peers_refused = 0;
 };
 
 /// One per process: see the file comment for the threading and failure model.
@@ -106,7 +125,8 @@ class node {
   /// Connects to a node listening on host:port and waits for its hello. Thread-safe; must not
   /// be called from a callback. Throws `error(unavailable)` when the peer cannot be reached
   /// within `connect_timeout`, `error(failed_precondition)` when it speaks another schema
-  /// version, `error(invalid_argument)` for a bad address.
+  /// version or either end refused the other's join secret, `error(invalid_argument)` for a
+  /// bad address.
   peer_id connect(std::string_view host, std::uint16_t port);
 
   /// Queues `message` for `peer` and returns at once. Bulk buffers are read in place and their

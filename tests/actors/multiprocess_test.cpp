@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -101,9 +102,12 @@ struct process {
   }
 
   // Exit status after SIGTERM, or -1 when it had to be killed.
-  int stop(std::chrono::seconds grace = std::chrono::seconds(15)) {
+  int stop(std::chrono::seconds grace = std::chrono::seconds(15)) { return stop_with(SIGTERM, grace); }
+
+  // Exit status after `signal`, or -1 when it had to be killed.
+  int stop_with(int signal, std::chrono::seconds grace = std::chrono::seconds(15)) {
     if (pid <= 0) return 0;
-    ::kill(pid, SIGTERM);
+    ::kill(pid, signal);
     const auto deadline = clock_type::now() + grace;
     int status = 0;
     while (::waitpid(pid, &status, WNOHANG) != pid) {
@@ -618,3 +622,52 @@ TEST_CASE("chaos: four node deaths in a row under load lose no request and chang
   CHECK(s["recoveries"].get<int>() >= 2);
   CHECK(launch.stop() == 0);
 }
+
+TEST_CASE("shoal launch on SIGTERM stops and reaps every node process it started", "[signals]") {
+  launched_cluster c;
+  std::vector<pid_t> nodes;
+  for (const char* name : {"stage0", "stage1", "experts0", "experts1"}) {
+    nodes.push_back(node_pid(c.launch->pid, name));
+    CAPTURE(name);
+    REQUIRE(nodes.back() > 0);
+  }
+  CHECK(c.launch->stop() == 0);
+  // Reaped by launch before it exited: not even zombies are left.
+  for (const auto pid : nodes) {
+    CAPTURE(pid);
+    CHECK(::kill(pid, 0) != 0);
+    CHECK(errno == ESRCH);
+  }
+}
+
+TEST_CASE("shoal node stops cleanly, exit 0, on SIGTERM and on SIGINT", "[signals]") {
+  temp_dir dir;
+  std::vector<std::uint16_t> ports;
+  for (int i = 0; i < 4; ++i) ports.push_back(free_port());
+  const auto config = dir.path / "cluster.yaml";
+  std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports);
+  const char* names[] = {"stage0", "stage1", "experts0", "experts1"};
+  std::vector<std::unique_ptr<process>> nodes;
+  for (int i = 0; i < 4; ++i)
+    nodes.push_back(std::make_unique<process>(
+        std::vector<std::string>{SHOAL_BINARY, "node", "--config", config.string(), "--name", names[i], "--transports",
+                                 "tcp", "--ready-timeout", "60"},
+        i == 0, names[i]));
+  const auto ready = nodes[0]->read_line(std::chrono::seconds(70));
+  INFO("head printed: " << ready);
+  REQUIRE(ready.find("\"ready\":true") != std::string::npos);
+  {
+    auto client = shoal::client::connect("127.0.0.1", ports[0], std::chrono::seconds(10));
+    const auto got = client->generate({.prompt = {3, 5, 7}, .sampling = {}, .max_tokens = 2, .stop_tokens = {},
+                                       .want_logits = false, .deadline = {}},
+                                      std::chrono::seconds(30));
+    CHECK(got.tokens.size() == 2);
+  }
+  // An expert node on SIGTERM, a stage on SIGINT, then the head on SIGTERM, then the last
+  // node: each exits 0 within the bound (stop() answers -1 when it had to SIGKILL).
+  CHECK(nodes[3]->stop() == 0);
+  CHECK(nodes[1]->stop_with(SIGINT) == 0);
+  CHECK(nodes[0]->stop() == 0);
+  CHECK(nodes[2]->stop() == 0);
+}
+

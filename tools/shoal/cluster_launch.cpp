@@ -192,6 +192,7 @@ void launched_cluster::watch() {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
     std::lock_guard lock(mutex_);
+    if (stopping_) break;  // `kill_now` from another thread: start nothing again
     const auto now = clock_type::now();
     // The head first: once it is gone the others stop by themselves and are not restarted.
     std::stable_partition(children_.begin(), children_.end(), [](const child& c) { return c.head; });
@@ -257,6 +258,20 @@ std::map<std::string, int> launched_cluster::restarts() const {
   std::map<std::string, int> out;
   for (const auto& c : children_) out[c.node] = c.restarts;
   return out;
+}
+
+void launched_cluster::kill_now() {
+  stopping_ = true;
+  std::lock_guard lock(mutex_);
+  for (auto& c : children_) {
+    c.restart_pending = false;
+    if (c.pid > 0) ::kill(c.pid, SIGKILL);
+  }
+  for (auto& c : children_)
+    if (c.pid > 0) {
+      ::waitpid(c.pid, nullptr, 0);
+      c.pid = -1;
+    }
 }
 
 void launched_cluster::stop() {

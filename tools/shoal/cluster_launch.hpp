@@ -61,6 +61,9 @@ class launched_cluster {
 
   /// SIGTERM to every node, SIGKILL to those still running 10 s later; idempotent.
   void stop();
+  /// SIGKILL to every node, reaped before it returns; for a stop that cannot wait. Safe from
+  /// any thread; `stop` afterwards has nothing left to do.
+  void kill_now();
 
  private:
   struct child {

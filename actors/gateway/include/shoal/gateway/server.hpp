@@ -17,7 +17,8 @@
 ///
 /// Every refusal is an OpenAI error object with the status that tells the client what to do:
 /// 400 bad input, 404 unknown model or route, 405 wrong method, 408 a request that did not
-/// arrive in time, 413 body too large, 429 too much queued, 503 shutting down or not ready.
+/// arrive in time, 413 body too large, 429 too much queued, 503 shutting down (draining) or not
+/// ready.
 /// A client that disconnects has its request cancelled in the backend.
 
 #include "shoal/gateway/backend.hpp"
@@ -73,9 +74,12 @@ class server {
   std::uint16_t port() const;
   /// Generation requests being served.
   std::int64_t in_flight() const;
-  /// Stops accepting connections and closes idle ones; lets generations in flight finish for
-  /// up to `grace`, then cancels the rest, and stops the I/O threads. Idempotent.
-  void shutdown(std::chrono::milliseconds grace);
+  /// Drains, then stops: closes idle connections and answers every new generation request
+  /// 503 (`Retry-After`, code `unavailable`; new connections are still accepted for that)
+  /// while generations in flight finish for up to `grace`; then cancels the rest, stops
+  /// listening and stops the I/O threads. Returns how many generations were still running
+  /// when `grace` ran out (cancelled); 0 on every call after the first.
+  std::int64_t shutdown(std::chrono::milliseconds grace);
 
  private:
   struct impl;

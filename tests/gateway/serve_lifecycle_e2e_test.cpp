@@ -1,7 +1,8 @@
 // Stopping `shoal serve` the way operators and supervisors do: SIGTERM and SIGINT drain (new
 // requests get 503 while the stream in flight finishes), a second signal stops at once, and a
-// drain that runs out cancels what is left and says so. Each case starts its own real server
-// on the tiny model and talks HTTP to it over loopback.
+// drain that runs out cancels what is left and says so; and a client that stops reading its
+// stream is cut off at the write-queue bound. Each case starts its own real server on the tiny
+// model and talks HTTP to it over loopback.
 
 #include "e2e_helpers.hpp"
 #include "node_pid.hpp"
@@ -12,7 +13,14 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <csignal>
+#include <sstream>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -188,4 +196,97 @@ TEST_CASE("the drain deadline runs out with a stream open: it is cancelled, the 
   CHECK(a.error);
   CHECK(a.done);
   CHECK(a.finish.empty());
+}
+
+namespace {
+
+// The /metrics value of `series` (name with labels), or -1 when absent.
+double metric(std::uint16_t port, const std::string& series) {
+  const auto r = request(port, get("/metrics"), 10s);
+  std::istringstream lines(r.body);
+  for (std::string line; std::getline(lines, line);)
+    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
+  return -1;
+}
+
+// A client socket with a receive buffer of a few kilobytes (set before connecting, so that the
+// window it offers stays that small) that sends its request and then never reads.
+class stalled_reader {
+ public:
+  stalled_reader(std::uint16_t port, const std::string& request) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(fd_ >= 0);
+    const int small = 4096;
+    REQUIRE(::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &small, sizeof small) == 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    REQUIRE(::send(fd_, request.data(), request.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(request.size()));
+  }
+  ~stalled_reader() { ::close(fd_); }
+  stalled_reader(const stalled_reader&) = delete;
+  stalled_reader& operator=(const stalled_reader&) = delete;
+
+  // Reads everything now, up to `limit`: true when the server has closed the connection.
+  bool closed_by_server(std::chrono::milliseconds limit) {
+    const auto end = clock_type::now() + limit;
+    char buffer[65536];
+    while (clock_type::now() < end) {
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      const auto n = ::recv(fd_, buffer, sizeof buffer, 0);
+      if (n <= 0) return true;  // EOF, or a reset
+      received_ += static_cast<std::size_t>(n);
+    }
+    return false;
+  }
+  std::size_t received() const { return received_; }
+
+ private:
+  int fd_ = -1;
+  std::size_t received_ = 0;
+};
+
+}  // namespace
+
+TEST_CASE("a client that never reads its stream is cut off at the write-queue bound, its request cancelled",
+          "[gateway][e2e][slow-client]") {
+  auto args = serve_model("30");
+  for (const char* a : {"--max-write-queue-kb", "64"}) args.push_back(a);
+  serve_process s("lifecycle-slow-client", args);
+  REQUIRE(metric(s.port(), "shoal_http_slow_client_disconnects_total") == 0);
+  // 8 choices of up to 3000 tokens: megabytes of events unless the server stops early.
+  json body{{"model", "tiny"},
+            {"messages", {{{"role", "user"}, {"content", "Tell me about the sea."}}}},
+            {"max_tokens", 3000},
+            {"ignore_eos", true},
+            {"n", 8},
+            {"stream", true}};
+  stalled_reader client(s.port(), post("/v1/chat/completions", body.dump()));
+  const auto started = clock_type::now();
+  const bool cut = eventually([&] { return metric(s.port(), "shoal_http_slow_client_disconnects_total") == 1; }, 60s);
+  const auto log = s.log();
+  INFO(log);
+  REQUIRE(cut);
+  INFO("cut off after " << std::chrono::duration<double>(clock_type::now() - started).count() << " s");
+  CHECK(log.find("read too slowly") != std::string::npos);
+  // Cancelled in the engine, not merely unread: nothing in flight, nothing running, and no
+  // more tokens generated.
+  CHECK(eventually([&] {
+    return metric(s.port(), "shoal_requests_in_flight") == 0 && metric(s.port(), "shoal_running_sequences") == 0;
+  }));
+  const auto generated = metric(s.port(), "shoal_engine_generated_tokens_total");
+  CHECK(generated < 8 * 3000);
+  std::this_thread::sleep_for(500ms);
+  CHECK(metric(s.port(), "shoal_engine_generated_tokens_total") == generated);
+  CHECK(eventually([&] { return s.log().find("POST /v1/chat/completions 499") != std::string::npos; }));
+  // The connection is closed: what the kernel still held arrives, then the end.
+  CHECK(client.closed_by_server(10s));
+  CHECK(client.received() > 0);
+  // Everyone else is still served.
+  const auto r = request(s.port(), chat(4, false), 60s);
+  CHECK(r.status == 200);
+  CHECK(s.terminate(30s) == 0);
 }

@@ -94,6 +94,7 @@ struct serve_options {
   bool no_prefix_cache = false;
   double drain_seconds = 30;
   std::size_t max_body_bytes = 1 << 20;
+  std::size_t max_write_queue_kb = 1024;
   std::int64_t default_max_tokens = 1024;
   gateway::security_settings security;  // keys, tokens, TLS, audit log (paths and switches)
   double audit_log_max_mb = 100;
@@ -108,6 +109,7 @@ gateway::server_options server_settings(const serve_options& o, const std::strin
   so.model_name = name;
   so.io_threads = o.io_threads;
   so.max_body_bytes = o.max_body_bytes;
+  so.max_write_queue_bytes = o.max_write_queue_kb * 1024;
   so.max_in_flight = o.max_waiting + o.max_running;
   so.default_max_tokens = o.default_max_tokens;
   so.experts_per_layer = experts;
@@ -329,6 +331,10 @@ void add_serve(CLI::App& app) {
                   "a second signal stops at once, exit 130/143)")
       ->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-body-bytes", o->max_body_bytes, "Larger request bodies get 413")->capture_default_str();
+  cmd->add_option("--max-write-queue-kb", o->max_write_queue_kb,
+                  "Unsent response data one connection may hold; a client reading slower than its stream is produced "
+                  "has its request cancelled and its connection closed past this")
+      ->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--default-max-tokens", o->default_max_tokens, "max_tokens of requests that name none")->capture_default_str()->check(CLI::PositiveNumber);
   auto& sec = o->security;
   const std::string access = "Access (docs/security.md)";

@@ -734,7 +734,19 @@ class session : public session_base, public std::enable_shared_from_this<session
 
   void send(std::string data) {
     if (closed_) return;
+    queued_bytes_ += data.size();
     out_.push_back(std::move(data));
+    // The kernel's send buffer is full and the client is not emptying it: stop generating
+    // for it rather than hold its whole answer in memory. The write in progress keeps its
+    // buffer until its handler runs (with an error, once the socket is closed).
+    const auto waiting = queued_bytes_ - (writing_ ? out_.front().size() : 0);
+    if (waiting > srv_.opt.max_write_queue_bytes) {
+      srv_.counters.count_slow_client();
+      if (srv_.opt.log)
+        srv_.opt.log(fmt::format("{} read too slowly ({} bytes unsent): request cancelled, connection closed", client_,
+                                 waiting));
+      return close();
+    }
     if (!writing_) write_next();
   }
 
@@ -754,9 +766,11 @@ class session : public session_base, public std::enable_shared_from_this<session
       if (ec) {
         self->writing_ = false;
         self->out_.clear();
+        self->queued_bytes_ = 0;
         if (self->job_) self->client_gone();
         return self->close();
       }
+      self->queued_bytes_ -= self->out_.front().size();
       self->out_.pop_front();
       self->write_next();
     });
@@ -837,6 +851,7 @@ class session : public session_base, public std::enable_shared_from_this<session
   std::size_t drained_bytes_ = 0;
   std::optional<http::request_parser<http::string_body>> parser_;
   std::deque<std::string> out_;
+  std::size_t queued_bytes_ = 0;  // the sizes of out_
   std::unique_ptr<job_state> job_;
   std::optional<usage_counts> usage_;
   std::string method_, target_;
@@ -913,6 +928,8 @@ void server_core::do_accept() {
     }
     beast::error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);  // every streamed token is a small write
+    if (opt.socket_send_buffer_bytes > 0)
+      socket.set_option(net::socket_base::send_buffer_size(static_cast<int>(opt.socket_send_buffer_bytes)), ignored);
     std::string client = "-";
     const auto peer = socket.remote_endpoint(ignored);
     if (!ignored) client = fmt::format("{}:{}", peer.address().to_string(), peer.port());

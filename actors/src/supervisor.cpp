@@ -650,6 +650,8 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
           for (const auto& [name, m] : st.members) add(m.routed);
           j["routed_tokens"] = routed;
         }
+        // Envelopes the head process refused (malformed, stale, misaddressed, not permitted).
+        j["refused_messages"] = st.book->refused_messages();
         // The router's scheduler counters complete it under "scheduler".
         auto rp = self->make_response_promise<std::string>();
         self->request(st.router, std::chrono::seconds(10), status_atom::value)

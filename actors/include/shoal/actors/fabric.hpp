@@ -54,6 +54,11 @@ class fabric {
   /// Records a placement epoch seen from the supervisor: data messages of older epochs are
   /// refused from then on.
   virtual void observe_epoch(std::uint64_t epoch) noexcept { (void)epoch; }
+  /// Envelopes from other processes that this process refused, by reason: `malformed` (a
+  /// tensor of the wrong dtype or size, a field out of range), `stale_epoch` (data of an
+  /// older placement), `unknown_receiver` (no such actor here), `not_permitted` (placement,
+  /// spawn or join from a peer that may not send it). Empty in one process.
+  virtual std::map<std::string, std::uint64_t> refused_messages() const { return {}; }
   /// Every local actor (for shutdown).
   std::map<std::pair<std::string, std::uint64_t>, caf::actor> local_actors();
 

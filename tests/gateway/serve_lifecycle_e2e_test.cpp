@@ -172,6 +172,30 @@ TEST_CASE("a second signal during the drain stops at once, exit 128 + its number
   }
 }
 
+TEST_CASE("Ctrl-C in a terminal drains serve --cluster: its nodes are not signalled, the stream completes",
+          "[gateway][e2e][signals]") {
+  // SIGINT to the whole process group, as a terminal sends it to its foreground job.
+  serve_process s("signals-ctrl-c-cluster", serve_cluster("60"), {}, std::chrono::seconds(240), true);
+  const auto nodes = node_pids(s);
+  for (const auto pid : nodes) REQUIRE(pid > 0);
+  raw_connection in_flight(s.port());
+  start_stream(in_flight, 300);
+  REQUIRE(::kill(-s.pid(), SIGINT) == 0);
+  REQUIRE(eventually([&] { return s.log().find("SIGINT received: draining") != std::string::npos; }, 5s));
+  const auto r = in_flight.read_response(120s);
+  REQUIRE(r.complete);
+  const auto a = parse_sse(r.body);
+  CHECK(a.done);
+  CHECK_FALSE(a.error);
+  CHECK(a.finish == "length");
+  CHECK(a.usage["completion_tokens"] == 300);
+  const int code = s.wait_exit(60s);
+  INFO(s.log());
+  CHECK(code == 0);
+  CHECK(s.log().find("[serve] stopped") != std::string::npos);
+  for (const auto pid : nodes) CHECK(::kill(pid, 0) != 0);
+}
+
 TEST_CASE("the drain deadline runs out with a stream open: it is cancelled, the server says so and exits 0",
           "[gateway][e2e][signals]") {
   serve_process s("signals-drain-expiry", serve_model("1"));

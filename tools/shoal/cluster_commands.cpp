@@ -159,8 +159,8 @@ void add_launch(CLI::App& app) {
     while (true) {
       if (wait_stop_signal(signals, std::chrono::milliseconds(200))) break;
       if ((dead = nodes->exited_node())) {
-        // Ctrl-C reaches the nodes too (one process group): a node that stopped on it is not
-        // a failure.
+        // A stop signal may reach the nodes too (a service manager that signals every process
+        // of the unit): a node that stopped on it is not a failure.
         if (wait_stop_signal(signals, std::chrono::milliseconds(0))) {
           dead.reset();
           break;

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include <poll.h>
+#include <sys/prctl.h>
 #include <pthread.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -38,12 +39,20 @@ std::string describe_exit(int code) {
 void launched_cluster::spawn(child& c) {
   int pipe_fds[2] = {-1, -1};
   if (c.head && ::pipe(pipe_fds) != 0) shoal::fail(errc::unavailable, "pipe: {}", std::strerror(errno));
+  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) shoal::fail(errc::unavailable, "fork: {}", std::strerror(errno));
   if (pid == 0) {
     sigset_t none;
     sigemptyset(&none);
     pthread_sigmask(SIG_SETMASK, &none, nullptr);
+    // A process group of its own: Ctrl-C in a terminal signals the whole foreground group, and
+    // the nodes must outlive the launcher's drain (it stops them itself, after it). In exchange
+    // they are told when the launcher dies (of the thread that started them: the main thread,
+    // or the watcher for restarts, both live until the nodes are stopped).
+    ::setpgid(0, 0);
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent) ::_exit(1);  // the launcher died before prctl
     if (c.head) {
       ::dup2(pipe_fds[1], STDOUT_FILENO);
       ::close(pipe_fds[0]);

@@ -109,6 +109,7 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   ro.listen_port = s.self_spec->port;
   ro.transports = s.options.transports;
   for (const auto& n : cluster.nodes) ro.addresses[n.name] = {n.host, n.port};
+  ro.head = cluster.head;
   ro.call_timeout = t.step_timeout;
   ro.connect_timeout = std::chrono::milliseconds(std::min<std::int64_t>(t.ready_timeout.count(), 5000));
   ro.stages_hold_experts = cluster.expert_groups.empty();

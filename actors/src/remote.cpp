@@ -472,13 +472,21 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
     auto book = weak.lock();
     return book ? book->resolve({book->options().node, in.receiver}) : caf::actor();
   };
-  auto missing = [reply](const inbound& in) {
+  auto missing = [reply, weak](const inbound& in) {
+    if (auto book = weak.lock()) book->count_refusal(remote_fabric::refusal::unknown_receiver);
     reply(in, [&](auto& m) {
       encode_error(m, shoal::error(errc::not_found, fmt::format("no actor {} on this node", in.receiver)));
     });
   };
-  auto fail_reply = [reply](const inbound& in) {
-    return [reply, in](caf::error& e) { reply(in, [&](auto& m) { encode_error(m, from_caf_error(e)); }); };
+  // A local actor that finds a remote request's content wrong (a tensor of the wrong size, a
+  // block outside the cache) refuses it with invalid_argument: counted like a malformed one.
+  auto fail_reply = [reply, weak](const inbound& in) {
+    return [reply, weak, in](caf::error& e) {
+      const auto err = from_caf_error(e);
+      if (auto book = weak.lock(); book && err.code() == errc::invalid_argument)
+        book->count_refusal(remote_fabric::refusal::malformed);
+      reply(in, [&](auto& m) { encode_error(m, err); });
+    };
   };
   // Status and admin requests: the supervisor's JSON answer, or its refusal, as StatusReply.
   auto ask_supervisor = [=](const inbound& in, auto... message) {
@@ -829,8 +837,45 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
     const bool data = body.which() == schema::Envelope::Body::STEP_BATCH ||
                       body.which() == schema::Envelope::Body::ACTIVATIONS ||
                       body.which() == schema::Envelope::Body::EXPERT_DISPATCH;
+    // Without node authentication the name is what the peer announced in its hello; checking
+    // it still keeps a stray or misconfigured process from re-placing or spawning here.
+    const auto kind = body.which();
+    const bool control = kind == schema::Envelope::Body::PLACEMENT_TABLE ||
+                         kind == schema::Envelope::Body::SPAWN_STAGE || kind == schema::Envelope::Body::SPAWN_EXPERT ||
+                         kind == schema::Envelope::Body::RETIRE_ACTOR;
+    if (!options_.head.empty() && (control || kind == schema::Envelope::Body::JOIN)) {
+      std::string announced;
+      {
+        std::lock_guard lock(mutex_);
+        if (const auto it = names_.find(peer); it != names_.end()) announced = it->second;
+      }
+      std::string why;
+      if (announced != in.sender.node)
+        why = fmt::format("sent as node '{}' on the connection of node '{}'", in.sender.node, announced);
+      else if (control && in.sender.node != options_.head)
+        why = fmt::format("node '{}' is not the head ('{}'); only the head places and spawns actors", in.sender.node,
+                          options_.head);
+      else if (kind == schema::Envelope::Body::JOIN && !options_.addresses.contains(in.sender.node))
+        why = fmt::format("node '{}' is not in the cluster config", in.sender.node);
+      if (!why.empty()) {
+        count_refusal(refusal::not_permitted);
+        wire_log().warn("[{}] refused a {} from peer {}: {}", options_.node, transport::message_kind_name(kind), peer,
+                        why);
+        auto m = envelope({options_.node, in.receiver}, in.sender, in.correlation, epoch());
+        if (kind == schema::Envelope::Body::JOIN) {
+          auto r = m.envelope().getBody().initJoinReply();
+          set_status(r.initStatus(), errc::failed_precondition, why);
+        } else {
+          encode_spawn_reply(m, in.receiver, shoal::error(errc::failed_precondition, why));
+        }
+        send_to_peer(peer, std::move(m));
+        return;
+      }
+    }
     if (data && env.getEpoch() < fence()) {
-      // Fencing: the sender acted on a placement that included a node since declared dead.
+      // Fencing: the sender acted on a placement that included a node since declared dead (or
+      // before the first placement).
+      count_refusal(refusal::stale_epoch);
       auto m = envelope({options_.node, in.receiver}, in.sender, in.correlation, epoch());
       encode_error(m, shoal::error(errc::aborted, fmt::format("message of placement epoch {} arrived after the fence of epoch {}",
                                                                env.getEpoch(), fence())));
@@ -1050,8 +1095,41 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
     }
     shoal::fail(errc::invalid_argument, "unknown message kind {}", static_cast<int>(body.which()));
   } catch (const shoal::error& e) {
-    wire_log().warn("dropped a message from peer {}: {}", peer, e.what());
+    count_refusal(refusal::malformed);
+    wire_log().warn("[{}] refused a message from peer {}: {}", options_.node, peer, e.what());
+    // A request is answered, so that its sender fails the call now instead of at its timeout;
+    // replies and notifications are not (an answer to them could bounce back and forth).
+    try {
+      const auto env = message.envelope();
+      const auto kind = env.getBody().which();
+      const bool request = kind == schema::Envelope::Body::STEP_BATCH ||
+                           kind == schema::Envelope::Body::ACTIVATIONS ||
+                           kind == schema::Envelope::Body::EXPERT_DISPATCH ||
+                           kind == schema::Envelope::Body::GENERATE_REQUEST ||
+                           kind == schema::Envelope::Body::STATUS_REQUEST;
+      if (request) {
+        auto m = envelope({options_.node, env.getReceiver().getActor()}, get_address(env.getSender()), env.getBatchId(),
+                          epoch());
+        if (kind == schema::Envelope::Body::GENERATE_REQUEST) {
+          auto x = m.envelope().getBody().initError();
+          x.setRequestId(env.getBody().getGenerateRequest().getRequestId());
+          set_status(x.initStatus(), e.code(), e.what());
+        } else {
+          encode_error(m, e);
+        }
+        send_to_peer(peer, std::move(m));
+      }
+    } catch (const shoal::error& again) {
+      wire_log().warn("[{}] could not answer peer {}: {}", options_.node, peer, again.what());
+    }
   }
+}
+
+std::map<std::string, std::uint64_t> remote_fabric::refused_messages() const {
+  return {{"malformed", refused_[0].load()},
+          {"stale_epoch", refused_[1].load()},
+          {"unknown_receiver", refused_[2].load()},
+          {"not_permitted", refused_[3].load()}};
 }
 
 }  // namespace shoal::actors

@@ -11,6 +11,7 @@
 
 #include <caf/actor_system.hpp>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -29,6 +30,10 @@ struct remote_options {
   std::uint16_t listen_port = 0;                     ///< Port to listen on.
   std::string transports;                            ///< UCX_TLS value; empty: UCX default.
   std::map<std::string, std::pair<std::string, std::uint16_t>> addresses; ///< Node -> host:port.
+  /// The head node (supervisor): the only peer whose placement tables and spawn commands are
+  /// obeyed, and which accepts joins only from the nodes in `addresses`. Empty: no such
+  /// checks (a client).
+  std::string head;
   std::chrono::milliseconds call_timeout{60000};     ///< Local calls made for remote callers.
   std::chrono::milliseconds connect_timeout{10000};  ///< One connection attempt.
   bool stages_hold_experts = true;                   ///< Stages spawned here compute their experts.
@@ -69,6 +74,12 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   bool remote(const std::string& node) const override;
   void evict(const std::string& node, std::uint64_t epoch) override;
   std::uint64_t refused_peers() const override;
+  std::map<std::string, std::uint64_t> refused_messages() const override;
+
+  /// Why an envelope was refused (see `fabric::refused_messages`).
+  enum class refusal { malformed, stale_epoch, unknown_receiver, not_permitted };
+  /// Counts a refused envelope; the caller has answered it (or it needed no answer).
+  void count_refusal(refusal why) noexcept { refused_[static_cast<std::size_t>(why)].fetch_add(1); }
 
  private:
   void on_message(transport::peer_id peer, transport::incoming_message message);
@@ -90,6 +101,7 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   std::atomic<std::uint64_t> correlation_{0};
   std::atomic<std::uint64_t> epoch_{0};
   std::atomic<std::uint64_t> fence_{0};
+  std::array<std::atomic<std::uint64_t>, 4> refused_{};
   std::uint64_t next_local_id_ = actor_ids::first_client;
   bool trace_ = false;  // SHOAL_TRACE_WIRE set: log every envelope
 

@@ -93,6 +93,7 @@ void wire(self_ptr self) {
   auto& st = self->state;
   st.table = placement_table{};
   st.table.epoch = ++st.epoch;
+  if (!st.served) st.fence = st.epoch;  // nothing sent before the first placement is valid
   st.table.fence = st.fence;
   st.book->observe_epoch(st.epoch, st.fence);
   st.evicted.clear();  // a new epoch: the dead were replaced
@@ -1123,6 +1124,8 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
           j["routed_tokens"] = routed_totals(st);
           if (!st.options.cluster.expert_groups.empty()) j["expert_load"] = loads_json(st);
         }
+        // Envelopes the head process refused (malformed, stale, misaddressed, not permitted).
+        j["refused_messages"] = st.book->refused_messages();
         // The router's scheduler counters complete it under "scheduler".
         auto rp = self->make_response_promise<std::string>();
         self->request(st.router, std::chrono::seconds(10), status_atom::value)

@@ -3,7 +3,9 @@
 // logits bit for bit and its greedy tokens through `shoal::client::connect`.
 
 #include "shoal/actors/client.hpp"
+#include "shoal/actors/messages.hpp"
 #include "shoal/base/error.hpp"
+#include "shoal/transport/node.hpp"
 
 #include "free_port.hpp"
 #include "node_pid.hpp"
@@ -15,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -25,6 +28,7 @@
 #include <mutex>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -101,9 +105,12 @@ struct process {
   }
 
   // Exit status after SIGTERM, or -1 when it had to be killed.
-  int stop(std::chrono::seconds grace = std::chrono::seconds(15)) {
+  int stop(std::chrono::seconds grace = std::chrono::seconds(15)) { return stop_with(SIGTERM, grace); }
+
+  // Exit status after `signal`, or -1 when it had to be killed.
+  int stop_with(int signal, std::chrono::seconds grace = std::chrono::seconds(15)) {
     if (pid <= 0) return 0;
-    ::kill(pid, SIGTERM);
+    ::kill(pid, signal);
     const auto deadline = clock_type::now() + grace;
     int status = 0;
     while (::waitpid(pid, &status, WNOHANG) != pid) {
@@ -862,4 +869,272 @@ TEST_CASE("shoal admin moves, copies and drops experts and rebalances under load
     CHECK_THAT(entries[6]["result"].get<std::string>(), Catch::Contains("has no copy besides"));
   }
   CHECK(launch.stop() == 0);
+}
+
+TEST_CASE("shoal launch on SIGTERM stops and reaps every node process it started", "[signals]") {
+  launched_cluster c;
+  std::vector<pid_t> nodes;
+  for (const char* name : {"stage0", "stage1", "experts0", "experts1"}) {
+    nodes.push_back(node_pid(c.launch->pid, name));
+    CAPTURE(name);
+    REQUIRE(nodes.back() > 0);
+  }
+  CHECK(c.launch->stop() == 0);
+  // Reaped by launch before it exited: not even zombies are left.
+  for (const auto pid : nodes) {
+    CAPTURE(pid);
+    CHECK(::kill(pid, 0) != 0);
+    CHECK(errno == ESRCH);
+  }
+}
+
+TEST_CASE("shoal node stops cleanly, exit 0, on SIGTERM and on SIGINT", "[signals]") {
+  temp_dir dir;
+  std::vector<std::uint16_t> ports;
+  for (int i = 0; i < 4; ++i) ports.push_back(free_port());
+  const auto config = dir.path / "cluster.yaml";
+  std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports);
+  const char* names[] = {"stage0", "stage1", "experts0", "experts1"};
+  std::vector<std::unique_ptr<process>> nodes;
+  for (int i = 0; i < 4; ++i)
+    nodes.push_back(std::make_unique<process>(
+        std::vector<std::string>{SHOAL_BINARY, "node", "--config", config.string(), "--name", names[i], "--transports",
+                                 "tcp", "--ready-timeout", "60"},
+        i == 0, names[i]));
+  const auto ready = nodes[0]->read_line(std::chrono::seconds(70));
+  INFO("head printed: " << ready);
+  REQUIRE(ready.find("\"ready\":true") != std::string::npos);
+  {
+    auto client = shoal::client::connect("127.0.0.1", ports[0], std::chrono::seconds(10));
+    const auto got = client->generate({.prompt = {3, 5, 7}, .sampling = {}, .max_tokens = 2, .stop_tokens = {},
+                                       .want_logits = false, .deadline = {}},
+                                      std::chrono::seconds(30));
+    CHECK(got.tokens.size() == 2);
+  }
+  // An expert node on SIGTERM, a stage on SIGINT, then the head on SIGTERM, then the last
+  // node: each exits 0 within the bound (stop() answers -1 when it had to SIGKILL).
+  CHECK(nodes[3]->stop() == 0);
+  CHECK(nodes[1]->stop_with(SIGINT) == 0);
+  CHECK(nodes[0]->stop() == 0);
+  CHECK(nodes[2]->stop() == 0);
+}
+
+namespace {
+
+namespace tp = shoal::transport;
+namespace schema = shoal::transport::schema;
+
+// A transport peer of our own making: it connects to a node as "intruder" and sends envelopes
+// built here, well framed but wrong in content, and collects whatever comes back.
+class raw_peer {
+ public:
+  raw_peer(std::uint16_t port, const std::string& name) {
+    tp::node_callbacks cb;
+    cb.on_message = [this](tp::peer_id, tp::incoming_message m) {
+      std::lock_guard lock(mutex_);
+      const auto env = m.envelope();
+      const auto body = env.getBody();
+      reply r{.kind = body.which(), .correlation = env.getBatchId(), .code = schema::ErrorCode::OK, .message = {}};
+      auto status = [&](schema::Status::Reader s) {
+        r.code = s.getCode();
+        r.message = s.getMessage().cStr();
+      };
+      switch (body.which()) {
+        case schema::Envelope::Body::ERROR: status(body.getError().getStatus()); break;
+        case schema::Envelope::Body::SPAWN_REPLY: status(body.getSpawnReply().getStatus()); break;
+        case schema::Envelope::Body::JOIN_REPLY: status(body.getJoinReply().getStatus()); break;
+        default: break;
+      }
+      replies_.push_back(std::move(r));
+    };
+    tp::node_options o;
+    o.name = name;
+    o.listen_host.clear();
+    o.transports = "tcp";
+    node_ = std::make_unique<tp::node>(o, cb);
+    peer_ = node_->connect("127.0.0.1", port);
+  }
+
+  struct reply {
+    tp::message_kind kind;
+    std::uint64_t correlation;
+    schema::ErrorCode code;
+    std::string message;
+  };
+
+  // An envelope from `from_node` to actor `to` of `node`, call `correlation`, placement `epoch`.
+  static tp::outgoing_message envelope(const std::string& from_node, const std::string& node, std::uint64_t to,
+                                       std::uint64_t correlation, std::uint64_t epoch) {
+    tp::outgoing_message m;
+    auto env = m.envelope();
+    env.initSender().setNode(from_node);
+    env.getSender().setActor(7);
+    env.initReceiver().setNode(node);
+    env.getReceiver().setActor(to);
+    env.setBatchId(correlation);
+    env.setEpoch(epoch);
+    return m;
+  }
+
+  void send(tp::outgoing_message m) { node_->send(peer_, std::move(m)); }
+
+  // The answer to call `correlation`, waiting up to `limit`.
+  std::optional<reply> answer(std::uint64_t correlation, std::chrono::seconds limit = std::chrono::seconds(10)) {
+    const auto deadline = clock_type::now() + limit;
+    while (clock_type::now() < deadline) {
+      {
+        std::lock_guard lock(mutex_);
+        for (const auto& r : replies_)
+          if (r.correlation == correlation) return r;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return std::nullopt;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<reply> replies_;
+  std::unique_ptr<tp::node> node_;
+  tp::peer_id peer_ = 0;
+};
+
+// One decode step of one token at position 0, in cache block `block`.
+void fill_step(schema::StepBatch::Builder s, std::int32_t block, unsigned sampling) {
+  s.setStep(1);
+  auto entry = s.initEntries(1)[0];
+  entry.setRequestId(77);
+  entry.initTokens(1).set(0, 3);
+  entry.setPosition(0);
+  entry.setPromptTokens(1);
+  entry.initBlocks(1).set(0, block);
+  s.initSampling(sampling);
+}
+
+std::map<std::string, std::uint64_t> refused_counts(const std::string& head) {
+  const auto [text, code] = output_of(std::string(SHOAL_BINARY) + " admin status --json --cluster " + head);
+  REQUIRE(code == 0);
+  const auto status = nlohmann::json::parse(text);
+  INFO(status.dump());
+  REQUIRE(status.contains("refused_messages"));
+  return status["refused_messages"].get<std::map<std::string, std::uint64_t>>();
+}
+
+}  // namespace
+
+TEST_CASE("envelopes well framed but wrong in content are refused, answered, counted; the node serves on",
+          "[refusals]") {
+  launched_cluster c;
+  const auto head = "127.0.0.1:" + std::to_string(c.ports[0]);
+  const auto [status_text, status_code] = output_of(std::string(SHOAL_BINARY) + " admin status --json --cluster " + head);
+  REQUIRE(status_code == 0);
+  const auto status = nlohmann::json::parse(status_text);
+  const std::uint64_t epoch = status["epoch"].get<std::uint64_t>();
+  REQUIRE(epoch > 0);  // so that an older one exists
+  REQUIRE(status["stages"][0]["node"] == "stage0");
+  const auto stage = status["stages"][0]["actor"].get<std::uint64_t>();
+  const auto before = refused_counts(head);
+
+  raw_peer intruder(c.ports[0], "intruder");
+  std::uint64_t call = 100;
+  struct expected {
+    std::uint64_t call;
+    schema::ErrorCode code;
+    const char* says;
+  };
+  std::vector<expected> want;
+
+  // Activations whose hidden tensor has the wrong dtype (i32, not f32).
+  {
+    auto m = raw_peer::envelope("intruder", "stage0", stage, ++call, epoch);
+    auto a = m.envelope().getBody().initActivations();
+    a.setStep(1);
+    auto values = std::make_shared<std::vector<std::int32_t>>(4, 1);
+    m.attach_tensor(a.initHidden(), tp::bulk_view{values->data(), values->size() * sizeof(std::int32_t), values},
+                    schema::DType::I32, {1, 4});
+    intruder.send(std::move(m));
+    want.push_back({call, schema::ErrorCode::INVALID_ARGUMENT, "unexpected tensor dtype"});
+  }
+  // A step whose sampling list does not match its entries (3 for 1).
+  {
+    auto m = raw_peer::envelope("intruder", "stage0", stage, ++call, epoch);
+    fill_step(m.envelope().getBody().initStepBatch(), 0, 3);
+    intruder.send(std::move(m));
+    want.push_back({call, schema::ErrorCode::INVALID_ARGUMENT, "3 sampling parameters for 1 entries"});
+  }
+  // A step naming a cache block the stage does not have: refused by the stage itself.
+  {
+    auto m = raw_peer::envelope("intruder", "stage0", stage, ++call, epoch);
+    fill_step(m.envelope().getBody().initStepBatch(), 1 << 30, 0);
+    intruder.send(std::move(m));
+    want.push_back({call, schema::ErrorCode::INVALID_ARGUMENT, "is outside this stage's"});
+  }
+  // A step of an older placement epoch.
+  {
+    auto m = raw_peer::envelope("intruder", "stage0", stage, ++call, epoch - 1);
+    fill_step(m.envelope().getBody().initStepBatch(), 0, 0);
+    intruder.send(std::move(m));
+    want.push_back({call, schema::ErrorCode::ABORTED, "arrived after the fence of epoch"});
+  }
+  // A step for an actor this node does not have.
+  {
+    auto m = raw_peer::envelope("intruder", "stage0", 4242, ++call, epoch);
+    fill_step(m.envelope().getBody().initStepBatch(), 0, 0);
+    intruder.send(std::move(m));
+    want.push_back({call, schema::ErrorCode::NOT_FOUND, "no actor 4242"});
+  }
+  // A spawn command from a peer that is not the head.
+  {
+    auto m = raw_peer::envelope("intruder", "stage0", shoal::actors::actor_ids::node_agent, ++call, epoch);
+    auto s = m.envelope().getBody().initSpawnStage();
+    s.setActor(555);
+    s.setStageCount(1);
+    s.setEndLayer(1);
+    s.setModelPath("/nonexistent");
+    intruder.send(std::move(m));
+    want.push_back({call, schema::ErrorCode::FAILED_PRECONDITION, "only the head places and spawns actors"});
+  }
+  // A placement table from a peer that is not the head.
+  {
+    auto m = raw_peer::envelope("intruder", "stage0", shoal::actors::actor_ids::router, ++call, epoch + 5);
+    m.envelope().getBody().initPlacementTable().setEpoch(epoch + 5);
+    intruder.send(std::move(m));
+    want.push_back({call, schema::ErrorCode::FAILED_PRECONDITION, "only the head places and spawns actors"});
+  }
+  // A join from a node that is not in the config, and one that claims another node's name.
+  for (const char* claimed : {"intruder", "stage1"}) {
+    auto m = raw_peer::envelope(claimed, "stage0", shoal::actors::actor_ids::supervisor, ++call, 0);
+    auto j = m.envelope().getBody().initJoin();
+    j.setNode(claimed);
+    j.setHost("127.0.0.1");
+    j.setPort(1);
+    j.setSchemaVersion(tp::schema_version);
+    intruder.send(std::move(m));
+    want.push_back({call, schema::ErrorCode::FAILED_PRECONDITION,
+                    std::string(claimed) == "intruder" ? "is not in the cluster config" : "on the connection of node"});
+  }
+  for (const auto& w : want) {
+    CAPTURE(w.call, w.says);
+    const auto r = intruder.answer(w.call);
+    REQUIRE(r);
+    CHECK(r->code == w.code);
+    CHECK_THAT(r->message, Catch::Contains(w.says));
+  }
+  const auto after = refused_counts(head);
+  auto added = [&](const std::string& reason) { return after.at(reason) - (before.count(reason) ? before.at(reason) : 0); };
+  CHECK(added("malformed") == 3);
+  CHECK(added("stale_epoch") == 1);
+  CHECK(added("unknown_receiver") == 1);
+  CHECK(added("not_permitted") == 4);
+  // Nothing was placed or spawned: the same epoch and stages, and every node still joined.
+  const auto [now_text, now_code] = output_of(std::string(SHOAL_BINARY) + " admin status --json --cluster " + head);
+  REQUIRE(now_code == 0);
+  const auto now = nlohmann::json::parse(now_text);
+  CHECK(now["epoch"] == epoch);
+  CHECK(now["serving"] == true);
+  CHECK(now["stages"] == status["stages"]);
+  for (const auto& n : now["nodes"]) CHECK(n["down"] == false);
+  // ...and the cluster still computes the reference tokens.
+  check_cluster("127.0.0.1", c.ports[0]);
+  CHECK(c.launch->stop() == 0);
 }

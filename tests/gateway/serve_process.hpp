@@ -63,8 +63,11 @@ inline long rss_kb(pid_t pid) {
 // constructor returns once it printed where it listens and that it is ready.
 class serve_process {
  public:
+  // `own_group`: the process leads a process group of its own (as a shell's foreground job
+  // does), so that `kill(-pid(), ...)` plays a terminal's Ctrl-C without reaching the test.
   serve_process(const std::string& name, std::vector<std::string> args,
-                std::map<std::string, std::string> env = {}, std::chrono::seconds start_limit = std::chrono::seconds(240)) {
+                std::map<std::string, std::string> env = {}, std::chrono::seconds start_limit = std::chrono::seconds(240),
+                bool own_group = false) {
     using namespace std::chrono_literals;
     std::filesystem::create_directories(SHOAL_GATEWAY_WORK_DIR);
     log_ = std::filesystem::path(SHOAL_GATEWAY_WORK_DIR) / (name + ".log");
@@ -73,6 +76,7 @@ class serve_process {
     args.insert(args.begin(), SHOAL_BINARY);
     pid_ = ::fork();
     if (pid_ == 0) {
+      if (own_group) ::setpgid(0, 0);
       for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
       const int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
       ::dup2(fd, 1);

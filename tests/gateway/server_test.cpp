@@ -567,9 +567,9 @@ TEST_CASE("metrics count requests, tokens and latencies", "[gateway]") {
   CHECK(m.find("shoal_time_per_output_token_seconds_count 3") != std::string::npos);
 }
 
-TEST_CASE("shutdown lets requests in flight finish and refuses new connections", "[gateway]") {
+TEST_CASE("shutdown lets requests in flight finish, answers new ones 503, then stops listening", "[gateway]") {
   fake_options fo;
-  fo.pieces.assign(40, "x");
+  fo.pieces.assign(400, "x");
   fo.interval = 5ms;
   fake_backend back(fo);
   server srv(back, test_tokenizer(), test_options());
@@ -577,13 +577,69 @@ TEST_CASE("shutdown lets requests in flight finish and refuses new connections",
   raw_connection c(port);
   c.send(post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"Hi"}],"stream":true})"));
   REQUIRE(eventually([&] { return back.active() == 1; }));
-  std::thread stopper([&] { srv.shutdown(5s); });
+  std::int64_t cancelled = -1;
+  std::thread stopper([&] { cancelled = srv.shutdown(5s); });
+  // The stream takes about two seconds more: the drain is under way.
+  REQUIRE(eventually([&] { return request(port, get("/ready")).status == 503; }));
+  const auto refused = request(port, post("/v1/chat/completions", kChat));
+  CHECK(refused.status == 503);
+  CHECK(refused.headers.count("retry-after") == 1);
+  CHECK(refused.headers.at("connection") == "close");
+  CHECK(error_of(refused)["code"] == "unavailable");
+  CHECK(back.active() == 1);
   auto r = c.read_response();
   stopper.join();
   CHECK(r.complete);
   CHECK(sse_events(r).back() == "[DONE]");
   CHECK(back.cancelled().empty());
+  CHECK(back.submitted().size() == 1);  // the refused request never reached the backend
+  CHECK(cancelled == 0);
   CHECK_THROWS(raw_connection(port));
+}
+
+TEST_CASE("a connection that is new or half-way through a request when the drain starts gets 503, not a reset",
+          "[gateway]") {
+  fake_options fo;
+  fo.pieces.assign(400, "x");
+  fo.interval = 5ms;
+  fake_backend back(fo);
+  server srv(back, test_tokenizer(), test_options());
+  const auto port = srv.port();
+  raw_connection streaming(port);
+  streaming.send(post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"Hi"}],"stream":true})"));
+  REQUIRE(eventually([&] { return back.active() == 1; }));
+  const auto whole = post("/v1/chat/completions", kChat);
+  raw_connection fresh(port);  // connected, nothing sent yet
+  raw_connection half(port);
+  half.send(whole.substr(0, 20));
+  std::this_thread::sleep_for(100ms);  // both accepted and reading
+  std::thread stopper([&] { (void)srv.shutdown(5s); });
+  REQUIRE(eventually([&] { return request(port, get("/ready")).status == 503; }));
+  fresh.send(whole);
+  half.send(whole.substr(20));
+  for (auto* c : {&fresh, &half}) {
+    const auto r = c->read_response();
+    CHECK(r.status == 503);
+    if (r.complete) CHECK(error_of(r)["code"] == "unavailable");
+  }
+  const auto r = streaming.read_response();
+  stopper.join();
+  CHECK(r.complete);
+  CHECK(back.submitted().size() == 1);
+}
+
+TEST_CASE("shutdown cancels what is still running when the grace period runs out and says how many", "[gateway]") {
+  fake_options fo;
+  fo.pieces.assign(100000, "x");
+  fo.interval = 5ms;
+  fake_backend back(fo);
+  server srv(back, test_tokenizer(), test_options());
+  raw_connection c(srv.port());
+  c.send(post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"Hi"}],"stream":true})"));
+  REQUIRE(eventually([&] { return back.active() == 1; }));
+  CHECK(srv.shutdown(200ms) == 1);
+  CHECK(back.cancelled().size() == 1);
+  CHECK(srv.shutdown(0ms) == 0);
 }
 
 TEST_CASE("random and mutated HTTP requests never hurt the server", "[gateway][fuzz]") {

@@ -2,6 +2,7 @@
 
 #include "commands.hpp"
 #include "cluster_launch.hpp"
+#include "stop_signals.hpp"
 
 #include "shoal/actors/client.hpp"
 #include "shoal/actors/node_process.hpp"
@@ -37,24 +38,6 @@ namespace shoal::tools {
 namespace {
 
 using clock_type = std::chrono::steady_clock;
-
-// SIGINT and SIGTERM are blocked in every thread (the mask is inherited by threads started
-// later) and taken synchronously, so shutdown runs on the main thread, not in a handler.
-sigset_t block_stop_signals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  return set;
-}
-
-// Waits up to `timeout` for SIGINT/SIGTERM; returns the signal or 0.
-int wait_stop_signal(const sigset_t& set, std::chrono::milliseconds timeout) {
-  timespec ts{static_cast<time_t>(timeout.count() / 1000), static_cast<long>((timeout.count() % 1000) * 1000000)};
-  const int sig = sigtimedwait(&set, nullptr, &ts);
-  return sig > 0 ? sig : 0;
-}
 
 struct timeout_options {
   int ready_s = 0;
@@ -189,8 +172,8 @@ void add_launch(CLI::App& app) {
     while (true) {
       if (wait_stop_signal(signals, std::chrono::milliseconds(200))) break;
       if ((dead = nodes->exited_node())) {
-        // Ctrl-C reaches the nodes too (one process group): a node that stopped on it is not
-        // a failure.
+        // A stop signal may reach the nodes too (a service manager that signals every process
+        // of the unit): a node that stopped on it is not a failure.
         if (wait_stop_signal(signals, std::chrono::milliseconds(0))) {
           dead.reset();
           break;

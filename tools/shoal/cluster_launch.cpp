@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include <poll.h>
+#include <sys/prctl.h>
 #include <pthread.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -39,12 +40,20 @@ std::string describe_exit(int code) {
 void launched_cluster::spawn(child& c) {
   int pipe_fds[2] = {-1, -1};
   if (c.head && ::pipe(pipe_fds) != 0) shoal::fail(errc::unavailable, "pipe: {}", std::strerror(errno));
+  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) shoal::fail(errc::unavailable, "fork: {}", std::strerror(errno));
   if (pid == 0) {
     sigset_t none;
     sigemptyset(&none);
     pthread_sigmask(SIG_SETMASK, &none, nullptr);
+    // A process group of its own: Ctrl-C in a terminal signals the whole foreground group, and
+    // the nodes must outlive the launcher's drain (it stops them itself, after it). In exchange
+    // they are told when the launcher dies (of the thread that started them: the main thread,
+    // or the watcher for restarts, both live until the nodes are stopped).
+    ::setpgid(0, 0);
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent) ::_exit(1);  // the launcher died before prctl
     if (c.head) {
       ::dup2(pipe_fds[1], STDOUT_FILENO);
       ::close(pipe_fds[0]);
@@ -207,6 +216,7 @@ void launched_cluster::watch() {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
     std::lock_guard lock(mutex_);
+    if (stopping_) break;  // `kill_now` from another thread: start nothing again
     const auto now = clock_type::now();
     // The head first: once it is gone the others stop by themselves and are not restarted.
     std::stable_partition(children_.begin(), children_.end(), [](const child& c) { return c.head; });
@@ -272,6 +282,20 @@ std::map<std::string, int> launched_cluster::restarts() const {
   std::map<std::string, int> out;
   for (const auto& c : children_) out[c.node] = c.restarts;
   return out;
+}
+
+void launched_cluster::kill_now() {
+  stopping_ = true;
+  std::lock_guard lock(mutex_);
+  for (auto& c : children_) {
+    c.restart_pending = false;
+    if (c.pid > 0) ::kill(c.pid, SIGKILL);
+  }
+  for (auto& c : children_)
+    if (c.pid > 0) {
+      ::waitpid(c.pid, nullptr, 0);
+      c.pid = -1;
+    }
 }
 
 void launched_cluster::stop() {

@@ -18,6 +18,9 @@ namespace shoal::tools {
 
 /// Every node of a cluster config as a child process: on this machine for local hosts, over
 /// ssh (`shoal node ...` on the remote PATH) for the others. Stops them all when destroyed.
+/// Each runs in a process group of its own, so that Ctrl-C reaches only the launcher (which
+/// then stops them, after draining when it serves HTTP), and gets SIGTERM if the launcher
+/// dies.
 ///
 /// Once the cluster is ready, a watcher thread keeps it whole: a node process that exits is
 /// started again after a backoff (0.5 s doubling to 8 s), at most `restart_limit` times within
@@ -61,6 +64,9 @@ class launched_cluster {
 
   /// SIGTERM to every node, SIGKILL to those still running 10 s later; idempotent.
   void stop();
+  /// SIGKILL to every node, reaped before it returns; for a stop that cannot wait. Safe from
+  /// any thread; `stop` afterwards has nothing left to do.
+  void kill_now();
 
  private:
   struct child {

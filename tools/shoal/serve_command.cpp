@@ -3,6 +3,7 @@
 
 #include "commands.hpp"
 #include "cluster_launch.hpp"
+#include "stop_signals.hpp"
 
 #include "shoal/actors/client.hpp"
 #include "shoal/actors/cluster.hpp"
@@ -26,7 +27,9 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <charconv>
+#include <functional>
 #include <chrono>
 #include <optional>
 #include <tuple>
@@ -93,6 +96,7 @@ struct serve_options {
   bool no_prefix_cache = false;
   double drain_seconds = 30;
   std::size_t max_body_bytes = 1 << 20;
+  std::size_t max_write_queue_kb = 1024;
   std::int64_t default_max_tokens = 1024;
   gateway::security_settings security;  // keys, tokens, TLS, audit log (paths and switches)
   double audit_log_max_mb = 100;
@@ -107,6 +111,7 @@ gateway::server_options server_settings(const serve_options& o, const std::strin
   so.model_name = name;
   so.io_threads = o.io_threads;
   so.max_body_bytes = o.max_body_bytes;
+  so.max_write_queue_bytes = o.max_write_queue_kb * 1024;
   so.max_in_flight = o.max_waiting + o.max_running;
   so.default_max_tokens = o.default_max_tokens;
   so.experts_per_layer = experts;
@@ -138,6 +143,38 @@ void print_ready(const serve_options& o, const gateway::server& srv, const std::
                      "-d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",
              seconds_since(start), scheme == "https" ? "--cacert CERT " : "", scheme, o.host, srv.port(),
              access.empty() ? "" : "-H \"Authorization: Bearer $KEY\" ", name);
+}
+
+const char* signal_name(int signal) { return signal == SIGINT ? "SIGINT" : signal == SIGTERM ? "SIGTERM" : "a signal"; }
+
+// The first SIGINT/SIGTERM drains: new generation requests get 503 while those in flight
+// finish, for up to --drain-seconds, then the rest are cancelled. A second signal during the
+// drain stops at once: `kill_now` (the cluster's nodes, if any), then exit 128 + the signal's
+// number (130 for SIGINT, 143 for SIGTERM), what a shell reports for a process it killed.
+void drain(gateway::server& srv, int signal, const serve_options& o, const sigset_t& signals,
+           const std::function<void()>& kill_now) {
+  fmt::print(stderr,
+             "[serve] {} received: draining; new requests get 503; finishing {} requests in flight (up to {:.0f} s); "
+             "a second signal stops at once\n",
+             signal_name(signal), srv.in_flight(), o.drain_seconds);
+  std::atomic<bool> drained{false};
+  // The signals stay blocked: this thread takes the second one synchronously too.
+  std::thread watch([&] {
+    while (!drained) {
+      const int again = wait_stop_signal(signals, std::chrono::milliseconds(100));
+      if (again == 0) continue;
+      fmt::print(stderr, "[serve] {} received while draining: stopping now, {} requests cut off\n", signal_name(again),
+                 srv.in_flight());
+      if (kill_now) kill_now();
+      std::_Exit(128 + again);
+    }
+  });
+  const auto cancelled = srv.shutdown(std::chrono::milliseconds(static_cast<std::int64_t>(o.drain_seconds * 1000)));
+  drained = true;
+  watch.join();
+  if (cancelled > 0)
+    fmt::print(stderr, "[serve] the drain ran out after {:.0f} s (--drain-seconds): cancelled {} requests still in flight\n",
+               o.drain_seconds, cancelled);
 }
 
 // The gateway in front of a cluster: a running one (HOST:PORT of its head node) or the nodes
@@ -179,8 +216,7 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
                                .node_arguments = extra,
                                .ready_timeout = std::chrono::seconds(cluster.ready_timeout_s),
                                .interrupted = [&signals] {
-                                 timespec zero{0, 0};
-                                 return sigtimedwait(&signals, nullptr, &zero) > 0;
+                                 return wait_stop_signal(signals, std::chrono::milliseconds(0)) != 0;
                                },
                                .log_prefix = "[serve]",
                                .restart_limit = cluster.restart_limit,
@@ -203,9 +239,8 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
 
   int signal = 0;
   while (true) {
-    timespec tick{0, 200'000'000};
-    signal = sigtimedwait(&signals, nullptr, &tick);
-    if (signal > 0) break;
+    signal = wait_stop_signal(signals, std::chrono::milliseconds(200));
+    if (signal != 0) break;
     if (nodes) {
       if (const auto dead = nodes->exited_node()) {
         // Other nodes are restarted by the launcher; without the head (supervisor and
@@ -213,17 +248,16 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
         // that would only fail.
         fmt::print(stderr, "[serve] the head node {} exited (status {}): the cluster cannot serve; stopping\n",
                    dead->first, dead->second);
-        srv->shutdown(std::chrono::seconds(0));
+        (void)srv->shutdown(std::chrono::seconds(0));
         back.reset();
         srv.reset();
         shoal::fail(errc::unavailable, "the head node {} of {} exited", dead->first, o.cluster);
       }
     }
   }
-  fmt::print(stderr, "[serve] {} received: no new connections; finishing {} requests in flight (up to {:.0f} s)\n",
-             signal == SIGINT ? "SIGINT" : "SIGTERM", srv->in_flight(), o.drain_seconds);
-  pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
-  srv->shutdown(std::chrono::milliseconds(static_cast<std::int64_t>(o.drain_seconds * 1000)));
+  drain(*srv, signal, o, signals, [&nodes] {
+    if (nodes) nodes->kill_now();
+  });
   back.reset();  // cancels what is left on the cluster
   srv.reset();
   client.reset();
@@ -233,11 +267,7 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
 
 void serve(const serve_options& options) {
   // Signals are taken synchronously by this thread: block them before any thread starts.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const sigset_t signals = block_stop_signals();
   std::signal(SIGPIPE, SIG_IGN);
   // Keys, tokens, certificates and the audit log are checked before any model is loaded or
   // node started: a malformed keys file is refused now, naming its line.
@@ -281,12 +311,8 @@ void serve(const serve_options& options) {
   print_ready(o, *srv, name, start);
 
   int signal = 0;
-  sigwait(&signals, &signal);
-  fmt::print(stderr, "[serve] {} received: no new connections; finishing {} requests in flight (up to {:.0f} s)\n",
-             signal == SIGINT ? "SIGINT" : "SIGTERM", srv->in_flight(), o.drain_seconds);
-  // A second signal while draining stops at once.
-  pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
-  srv->shutdown(std::chrono::milliseconds(static_cast<std::int64_t>(o.drain_seconds * 1000)));
+  while (signal == 0) signal = wait_stop_signal(signals, std::chrono::seconds(1));
+  drain(*srv, signal, o, signals, {});
   back.reset();  // cancels what is left in the cluster
   srv.reset();
   fmt::print(stderr, "[serve] stopped\n");
@@ -315,9 +341,14 @@ void add_serve(CLI::App& app) {
   cmd->add_option("--max-running", o->max_running, "Sequences decoding at once")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--max-waiting", o->max_waiting, "Queued requests; more are refused with 429")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_flag("--no-prefix-cache", o->no_prefix_cache, "Do not reuse cached prompt prefixes");
-  cmd->add_option("--drain-seconds", o->drain_seconds, "On SIGINT/SIGTERM, time given to requests in flight before they are cancelled")
+  cmd->add_option("--drain-seconds", o->drain_seconds, "On SIGINT/SIGTERM, time given to requests in flight before they are cancelled (new ones get 503 meanwhile; "
+                  "a second signal stops at once, exit 130/143)")
       ->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-body-bytes", o->max_body_bytes, "Larger request bodies get 413")->capture_default_str();
+  cmd->add_option("--max-write-queue-kb", o->max_write_queue_kb,
+                  "Unsent response data one connection may hold; a client reading slower than its stream is produced "
+                  "has its request cancelled and its connection closed past this")
+      ->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--default-max-tokens", o->default_max_tokens, "max_tokens of requests that name none")->capture_default_str()->check(CLI::PositiveNumber);
   auto& sec = o->security;
   const std::string access = "Access (docs/security.md)";

@@ -37,6 +37,11 @@ void metrics::count_request(std::string_view route, int status) {
   ++requests_[{std::string(route), status}];
 }
 
+void metrics::count_slow_client() {
+  std::lock_guard lock(mutex_);
+  ++slow_clients_;
+}
+
 void metrics::count_tokens(std::int64_t prompt, std::int64_t completion, std::int64_t cached) {
   std::lock_guard lock(mutex_);
   prompt_tokens_ += static_cast<std::uint64_t>(prompt);
@@ -70,6 +75,8 @@ std::string metrics::render(const runtime::engine_stats& e, std::int64_t in_flig
     series("shoal_request_generated_tokens_total", "counter", "Tokens generated for finished requests.", completion_tokens_);
     series("shoal_request_cached_prompt_tokens_total", "counter",
            "Prompt tokens of finished requests served from the prefix cache.", cached_tokens_);
+    series("shoal_http_slow_client_disconnects_total", "counter",
+           "Connections closed, and their requests cancelled, because the client read too slowly.", slow_clients_);
     ttft_.render(out, "shoal_time_to_first_token_seconds", "Time from request arrival to the first generated token.");
     tpot_.render(out, "shoal_time_per_output_token_seconds", "Mean time between output tokens of a request.");
   }

@@ -95,8 +95,10 @@ class session_base {
   virtual ~session_base() = default;
   // Begins serving (the TLS handshake first, for HTTPS).
   virtual void start() = 0;
-  // Shutdown: drop connections that are not serving a request.
-  virtual void close_if_idle() = 0;
+  // Shutdown: drop connections that are not serving a request. While draining (`finally`
+  // false) only those waiting for another request on a kept-alive connection: one that is
+  // new, or has a request under way, is answered (503 for a generation) rather than reset.
+  virtual void close_if_idle(bool finally) = 0;
   // Shutdown after the grace period: cancel what is still generating.
   virtual void cancel_generation() = 0;
 };
@@ -132,7 +134,11 @@ struct server_core {
   server_options opt;
   gateway::metrics counters;
   std::int64_t created = 0;
+  // Draining: new generations get 503 while those in flight finish.
   std::atomic<bool> stopping{false};
+  // Cleared when the drain is over; until then new connections are accepted (and answered 503)
+  // rather than refused, so that a client learns to retry elsewhere instead of seeing a reset.
+  std::atomic<bool> listening{true};
   std::atomic<std::int64_t> in_flight{0};
   std::atomic<std::int64_t> last_event_ns{0};
   std::atomic<std::int64_t> busy_since_ns{0};
@@ -212,9 +218,12 @@ class session : public session_base, public std::enable_shared_from_this<session
         self->do_read(true);
     });
   }
-  void close_if_idle() override {
-    net::post(stream_.get_executor(), [self = this->shared_from_this()] {
-      if (!self->job_ && !self->writing_ && !self->response_done_ && !self->handling_) self->close();
+  void close_if_idle(bool finally) override {
+    net::post(stream_.get_executor(), [self = this->shared_from_this(), finally] {
+      if (self->job_ || self->writing_ || self->response_done_ || self->handling_) return;
+      const bool between_requests = self->answered_ && self->reading_ && self->buffer_.size() == 0 &&
+                                    !(self->parser_ && self->parser_->got_some());
+      if (finally || between_requests) self->close();
     });
   }
   void cancel_generation() override {
@@ -725,7 +734,19 @@ class session : public session_base, public std::enable_shared_from_this<session
 
   void send(std::string data) {
     if (closed_) return;
+    queued_bytes_ += data.size();
     out_.push_back(std::move(data));
+    // The kernel's send buffer is full and the client is not emptying it: stop generating
+    // for it rather than hold its whole answer in memory. The write in progress keeps its
+    // buffer until its handler runs (with an error, once the socket is closed).
+    const auto waiting = queued_bytes_ - (writing_ ? out_.front().size() : 0);
+    if (waiting > srv_.opt.max_write_queue_bytes) {
+      srv_.counters.count_slow_client();
+      if (srv_.opt.log)
+        srv_.opt.log(fmt::format("{} read too slowly ({} bytes unsent): request cancelled, connection closed", client_,
+                                 waiting));
+      return close();
+    }
     if (!writing_) write_next();
   }
 
@@ -745,9 +766,11 @@ class session : public session_base, public std::enable_shared_from_this<session
       if (ec) {
         self->writing_ = false;
         self->out_.clear();
+        self->queued_bytes_ = 0;
         if (self->job_) self->client_gone();
         return self->close();
       }
+      self->queued_bytes_ -= self->out_.front().size();
       self->out_.pop_front();
       self->write_next();
     });
@@ -756,6 +779,7 @@ class session : public session_base, public std::enable_shared_from_this<session
   void on_drained() {
     if (!response_done_ || closed_) return;
     response_done_ = false;
+    answered_ = true;
     next_read_ = keep_alive_ && !srv_.stopping;
     if (watch_pending_) {
       resume_ = true;
@@ -827,6 +851,7 @@ class session : public session_base, public std::enable_shared_from_this<session
   std::size_t drained_bytes_ = 0;
   std::optional<http::request_parser<http::string_body>> parser_;
   std::deque<std::string> out_;
+  std::size_t queued_bytes_ = 0;  // the sizes of out_
   std::unique_ptr<job_state> job_;
   std::optional<usage_counts> usage_;
   std::string method_, target_;
@@ -837,6 +862,7 @@ class session : public session_base, public std::enable_shared_from_this<session
   bool keep_alive_ = true;
   bool writing_ = false;
   bool response_done_ = false;
+  bool answered_ = false;  // a response went out on this connection
   bool handling_ = false;
   bool watch_pending_ = false;
   bool resume_ = false;
@@ -890,18 +916,20 @@ server_core::server_core(backend& b, const runtime::tokenizer& t, server_options
 
 void server_core::do_accept() {
   acceptor.async_accept(net::make_strand(ioc), [this](beast::error_code ec, tcp::socket socket) {
-    if (stopping) return;
+    if (!listening) return;
     if (ec) {
       if (ec == net::error::operation_aborted) return;
       // Out of descriptors or a transient error: back off instead of spinning.
       accept_retry.expires_after(std::chrono::milliseconds(50));
       accept_retry.async_wait([this](beast::error_code e) {
-        if (!e && !stopping) do_accept();
+        if (!e && listening) do_accept();
       });
       return;
     }
     beast::error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);  // every streamed token is a small write
+    if (opt.socket_send_buffer_bytes > 0)
+      socket.set_option(net::socket_base::send_buffer_size(static_cast<int>(opt.socket_send_buffer_bytes)), ignored);
     std::string client = "-";
     const auto peer = socket.remote_endpoint(ignored);
     if (!ignored) client = fmt::format("{}:{}", peer.address().to_string(), peer.port());
@@ -1016,32 +1044,36 @@ server::server(backend& back, const runtime::tokenizer& tok, server_options opti
     });
 }
 
-server::~server() { shutdown(std::chrono::milliseconds(0)); }
+server::~server() { (void)shutdown(std::chrono::milliseconds(0)); }
 
 std::uint16_t server::port() const { return impl_->acceptor.local_endpoint().port(); }
 
 std::int64_t server::in_flight() const { return impl_->in_flight.load(); }
 
-void server::shutdown(std::chrono::milliseconds grace) {
+std::int64_t server::shutdown(std::chrono::milliseconds grace) {
   auto& i = *impl_;
   std::lock_guard lock(i.shutdown_mutex);
-  if (i.shut_down) return;
+  if (i.shut_down) return 0;
   i.shut_down = true;
   i.stopping = true;
+  i.for_each_session([](session_base& s) { s.close_if_idle(false); });
+  auto wait_until = [](clock_type::time_point deadline, auto done) {
+    while (!done() && clock_type::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  };
+  wait_until(clock_type::now() + grace, [&i] { return i.in_flight.load() == 0; });
+  const std::int64_t cancelled = i.in_flight.load();
+  if (cancelled > 0) {
+    i.for_each_session([](session_base& s) { s.cancel_generation(); });
+    wait_until(clock_type::now() + std::chrono::seconds(5), [&i] { return i.in_flight.load() == 0; });
+  }
+  // The drain is over: stop listening, and close what connected meanwhile (each got its 503).
+  i.listening = false;
   net::post(i.ioc, [&i] {
     beast::error_code ec;
     i.acceptor.close(ec);
     i.accept_retry.cancel();
   });
-  i.for_each_session([](session_base& s) { s.close_if_idle(); });
-  auto wait_until = [](clock_type::time_point deadline, auto done) {
-    while (!done() && clock_type::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  };
-  wait_until(clock_type::now() + grace, [&i] { return i.in_flight.load() == 0; });
-  if (i.in_flight.load() > 0) {
-    i.for_each_session([](session_base& s) { s.cancel_generation(); });
-    wait_until(clock_type::now() + std::chrono::seconds(5), [&i] { return i.in_flight.load() == 0; });
-  }
+  i.for_each_session([](session_base& s) { s.close_if_idle(true); });
   // The probe's handler points at this server: it must have run before the server goes.
   {
     std::unique_lock l(i.probe_mutex);
@@ -1064,6 +1096,7 @@ void server::shutdown(std::chrono::milliseconds grace) {
   i.ioc.stop();
   for (auto& t : i.threads) t.join();
   i.threads.clear();
+  return cancelled;
 }
 
 }  // namespace shoal::gateway

@@ -62,6 +62,11 @@ class fabric {
   /// Connections this process refused because the other end did not prove it holds the
   /// cluster's join secret (none in one process).
   virtual std::uint64_t refused_peers() const { return 0; }
+  /// Envelopes from other processes that this process refused, by reason: `malformed` (a
+  /// tensor of the wrong dtype or size, a field out of range), `stale_epoch` (data of an
+  /// older placement), `unknown_receiver` (no such actor here), `not_permitted` (placement,
+  /// spawn or join from a peer that may not send it). Empty in one process.
+  virtual std::map<std::string, std::uint64_t> refused_messages() const { return {}; }
   /// Every local actor (for shutdown).
   std::map<std::pair<std::string, std::uint64_t>, caf::actor> local_actors();
 

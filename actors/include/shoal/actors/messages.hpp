@@ -136,7 +136,7 @@ struct placement_table {
   std::vector<expert_placement> experts;    ///< Empty: stages compute their experts.
   actor_address router;                     ///< The router.
   /// Data messages of older epochs are refused: the epoch in which a node was last declared
-  /// dead. A change that loses no node (an expert copied, moved or dropped) moves the epoch
+  /// dead (or the first placement's). A change that loses no node (an expert copied, moved or dropped) moves the epoch
   /// but not the fence, so that the step in flight finishes on the old placement.
   std::uint64_t fence = 0;
 };

@@ -45,6 +45,9 @@ class metrics {
   void observe_ttft(double seconds);
   /// Mean seconds between output tokens of one request (after the first).
   void observe_tpot(double seconds);
+  /// A connection closed because its client did not read fast enough (its write queue
+  /// passed `server_options::max_write_queue_bytes`).
+  void count_slow_client();
   /// The text of /metrics: the gateway's series, `in_flight` generation requests, and the
   /// engine snapshot (`experts_per_layer` splits `expert_tokens` into layer and expert labels;
   /// 0: one `index` label).
@@ -54,6 +57,7 @@ class metrics {
   mutable std::mutex mutex_;
   std::map<std::pair<std::string, int>, std::uint64_t> requests_;
   std::uint64_t prompt_tokens_ = 0, completion_tokens_ = 0, cached_tokens_ = 0;
+  std::uint64_t slow_clients_ = 0;
   histogram ttft_;
   histogram tpot_;
 };

@@ -17,8 +17,10 @@
 ///
 /// Every refusal is an OpenAI error object with the status that tells the client what to do:
 /// 400 bad input, 404 unknown model or route, 405 wrong method, 408 a request that did not
-/// arrive in time, 413 body too large, 429 too much queued, 503 shutting down or not ready.
-/// A client that disconnects has its request cancelled in the backend.
+/// arrive in time, 413 body too large, 429 too much queued, 503 shutting down (draining) or not
+/// ready.
+/// A client that disconnects has its request cancelled in the backend, and so has one that
+/// reads so slowly that its unsent stream passes `max_write_queue_bytes`.
 
 #include "shoal/gateway/backend.hpp"
 #include "shoal/gateway/security.hpp"
@@ -44,6 +46,15 @@ struct server_options {
   std::chrono::milliseconds read_timeout{10'000};    ///< A request must arrive within this (408).
   std::chrono::milliseconds idle_timeout{60'000};    ///< Keep-alive connections idle longer are closed.
   std::chrono::milliseconds write_timeout{30'000};   ///< A client not reading for this long is dropped.
+  /// Response bytes one connection may hold unsent beyond the write in progress: a client that
+  /// reads slower than its stream is produced has its request cancelled and its connection
+  /// closed past this (counted as shoal_http_slow_client_disconnects_total).
+  std::size_t max_write_queue_bytes = 1 << 20;
+  /// The kernel's send buffer of each connection (SO_SNDBUF; Linux doubles it for its own
+  /// bookkeeping). Fixed rather than autotuned (up to net.ipv4.tcp_wmem's 4 MiB) so that what
+  /// a client that stops reading can make the server hold is known: this plus
+  /// `max_write_queue_bytes`. 0: the kernel's autotuning.
+  std::size_t socket_send_buffer_bytes = 256 << 10;
   std::chrono::milliseconds request_deadline{600'000};  ///< Engine deadline of one generation.
   std::chrono::milliseconds stall_timeout{5'000};    ///< /ready: work held this long with no step is a hang.
   std::chrono::milliseconds probe_interval{10'000};  ///< /ready: idle longer than this, run a one-token probe.
@@ -73,9 +84,12 @@ class server {
   std::uint16_t port() const;
   /// Generation requests being served.
   std::int64_t in_flight() const;
-  /// Stops accepting connections and closes idle ones; lets generations in flight finish for
-  /// up to `grace`, then cancels the rest, and stops the I/O threads. Idempotent.
-  void shutdown(std::chrono::milliseconds grace);
+  /// Drains, then stops: closes idle connections and answers every new generation request
+  /// 503 (`Retry-After`, code `unavailable`; new connections are still accepted for that)
+  /// while generations in flight finish for up to `grace`; then cancels the rest, stops
+  /// listening and stops the I/O threads. Returns how many generations were still running
+  /// when `grace` ran out (cancelled); 0 on every call after the first.
+  std::int64_t shutdown(std::chrono::milliseconds grace);
 
  private:
   struct impl;

@@ -386,7 +386,7 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
       rp.deliver(to_caf_error(e));
     }
   };
-  auto tell = [self, book, target](const actor_address& from, auto&& fill) {
+  auto tell = [book, target](const actor_address& from, auto&& fill) {
     auto m = envelope(from, target, 0, book->epoch());
     fill(m);
     try {

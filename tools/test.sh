@@ -42,7 +42,8 @@ san_dir=${SHOAL_SANITIZE_BUILD_DIR:-build-asan}
 san_tests=(config_model_config_test runtime_safetensors_test runtime_tokenizer_test runtime_text_test
            actors_cluster_config_test transport_codec_test gateway_api_test gateway_server_test
            actors_cluster_test)
-fuzz_names=(safetensors_header model_config cluster_yaml envelope chat_request tokenizer_encode bearer_token)
+# Every fuzz target of tests/fuzz/CMakeLists.txt, so that a new one cannot be left out here.
+mapfile -t fuzz_names < <(sed -n 's/^shoal_add_fuzz_target(\([a-z_0-9]*\) .*/\1/p' tests/fuzz/CMakeLists.txt)
 compilers=()
 if command -v clang++ >/dev/null 2>&1; then
   compilers=(-DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++)

@@ -212,6 +212,12 @@ void place(self_ptr self) {
   bool spawning = false;
   for (std::size_t j = 0; j < st.experts.size(); ++j) {
     auto& e = st.experts[j];
+    if (c.expert_groups[j].experts.empty() && e.phase != placement_phase::stopped &&
+        !std::count(st.retiring.begin(), st.retiring.end(), e.address)) {
+      // Emptied by a drop and then failed with its node before it was retired: nothing to load.
+      e.phase = placement_phase::stopped;
+      continue;
+    }
     if (e.phase == placement_phase::spawning) spawning = true;
     if ((e.phase != placement_phase::pending && e.phase != placement_phase::failed) || !node_up(st, e.address.node))
       continue;

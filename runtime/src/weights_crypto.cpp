@@ -218,6 +218,18 @@ encrypted_weights_reader::encrypted_weights_reader(const std::filesystem::path& 
     : path_(file) {
   fd_ = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) shoal::fail(errc::not_found, "{}: cannot open: {}", file.string(), std::strerror(errno));
+  // A refused file must not keep its descriptor: the destructor does not run when the
+  // constructor throws.
+  try {
+    check_header(file, key);
+  } catch (...) {
+    ::close(fd_);
+    fd_ = -1;
+    throw;
+  }
+}
+
+void encrypted_weights_reader::check_header(const std::filesystem::path& file, const weights_key& key) {
   struct stat info {};
   if (::fstat(fd_, &info) != 0) shoal::fail(errc::invalid_argument, "{}: cannot stat", file.string());
   const auto size = static_cast<std::uint64_t>(info.st_size);

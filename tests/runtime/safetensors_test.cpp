@@ -136,6 +136,17 @@ TEST_CASE("an encrypted file decrypts only the chunks of the tensors read", "[sa
   CHECK_THROWS_WITH(safetensors_file::open(encrypted), Catch::Contains("SHOAL_WEIGHTS_KEY_FILE"));
   CHECK_THROWS_WITH(safetensors_file::open(dir.path / "plain.safetensors", &key),
                     Catch::Contains("not encrypted, but a weights key was given"));
+
+  // A refused file keeps no descriptor open: a truncated copy, refused 200 times.
+  const auto truncated = dir.path / "t.safetensors";
+  std::filesystem::copy_file(encrypted, truncated);
+  std::filesystem::resize_file(truncated, size - 1);
+  auto open_descriptors = [] {
+    return std::distance(std::filesystem::directory_iterator("/proc/self/fd"), std::filesystem::directory_iterator{});
+  };
+  const auto before = open_descriptors();
+  for (int i = 0; i < 200; ++i) CHECK_THROWS_WITH(safetensors_file::open(truncated, &key), Catch::Contains("truncated"));
+  CHECK(open_descriptors() == before);
 }
 
 TEST_CASE("corrupt safetensors headers are refused with the file and tensor named", "[safetensors]") {

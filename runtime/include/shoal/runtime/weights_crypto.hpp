@@ -78,6 +78,7 @@ class encrypted_weights_reader {
   void decrypt_chunk(std::uint64_t index, std::byte* out);
 
  private:
+  void check_header(const std::filesystem::path& file, const weights_key& key);
   std::filesystem::path path_;
   int fd_ = -1;
   std::array<unsigned char, 64> header_{};

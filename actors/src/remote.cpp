@@ -488,6 +488,17 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
       reply(in, [&](auto& m) { encode_error(m, err); });
     };
   };
+  // Spawn and retire commands for the node agent; its answer (or refusal) as a SpawnReply.
+  auto to_agent = [=](const inbound& in, auto command) {
+    auto target = caf::actor_cast<node_agent_actor>(local(in));
+    if (!target) return missing(in);
+    const auto actor = command.actor;
+    self->request(target, timeout, std::move(command))
+        .then([reply, in, actor](ok_atom) { reply(in, [&](auto& m) { encode_spawn_reply(m, actor, std::nullopt); }); },
+              [reply, in, actor](caf::error& e) {
+                reply(in, [&](auto& m) { encode_spawn_reply(m, actor, from_caf_error(e)); });
+              });
+  };
   // Status and admin requests: the supervisor's JSON answer, or its refusal, as StatusReply.
   auto ask_supervisor = [=](const inbound& in, auto... message) {
     auto target = caf::actor_cast<supervisor_actor>(local(in));
@@ -534,36 +545,9 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
           self->request(caf::actor_cast<stage_actor>(target), timeout, wire_atom::value, std::move(t))
               .then([spawn_reply](ok_atom) { spawn_reply(std::nullopt); }, on_error);
       },
-      [=](inbound& in, spawn_stage_cmd& c) {
-        auto target = caf::actor_cast<node_agent_actor>(local(in));
-        if (!target) return missing(in);
-        const auto actor = c.actor;
-        self->request(target, timeout, std::move(c))
-            .then([reply, in, actor](ok_atom) { reply(in, [&](auto& m) { encode_spawn_reply(m, actor, std::nullopt); }); },
-                  [reply, in, actor](caf::error& e) {
-                    reply(in, [&](auto& m) { encode_spawn_reply(m, actor, from_caf_error(e)); });
-                  });
-      },
-      [=](inbound& in, spawn_expert_cmd& c) {
-        auto target = caf::actor_cast<node_agent_actor>(local(in));
-        if (!target) return missing(in);
-        const auto actor = c.actor;
-        self->request(target, timeout, std::move(c))
-            .then([reply, in, actor](ok_atom) { reply(in, [&](auto& m) { encode_spawn_reply(m, actor, std::nullopt); }); },
-                  [reply, in, actor](caf::error& e) {
-                    reply(in, [&](auto& m) { encode_spawn_reply(m, actor, from_caf_error(e)); });
-                  });
-      },
-      [=](inbound& in, retire_actor_cmd& c) {
-        auto target = caf::actor_cast<node_agent_actor>(local(in));
-        if (!target) return missing(in);
-        const auto actor = c.actor;
-        self->request(target, timeout, std::move(c))
-            .then([reply, in, actor](ok_atom) { reply(in, [&](auto& m) { encode_spawn_reply(m, actor, std::nullopt); }); },
-                  [reply, in, actor](caf::error& e) {
-                    reply(in, [&](auto& m) { encode_spawn_reply(m, actor, from_caf_error(e)); });
-                  });
-      },
+      [=](inbound& in, spawn_stage_cmd& c) { to_agent(in, std::move(c)); },
+      [=](inbound& in, spawn_expert_cmd& c) { to_agent(in, std::move(c)); },
+      [=](inbound& in, retire_actor_cmd& c) { to_agent(in, std::move(c)); },
       [=](inbound& in, join_request& j) {
         auto book = weak.lock();
         auto target = caf::actor_cast<supervisor_actor>(local(in));

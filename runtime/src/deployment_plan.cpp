@@ -114,6 +114,17 @@ std::string expand(const std::string& pattern, std::string_view what, int index,
   }
 }
 
+// The layers node `n` holds, [begin, end) over its GPUs in order; (-1, -1) when none.
+std::pair<std::int64_t, std::int64_t> layers_of_node(const deployment_plan& plan, int n) {
+  std::int64_t begin = -1, end = -1;
+  for (const auto& gp : plan.gpus)
+    if (gp.node == n && gp.layer_end > gp.layer_begin) {
+      if (begin < 0) begin = gp.layer_begin;
+      end = gp.layer_end;
+    }
+  return {begin, end};
+}
+
 }  // namespace
 
 config::model_config deepseek_v3_config(bool fp8) {
@@ -378,12 +389,7 @@ std::string deployment_plan_to_json(const deployment_request& r, const deploymen
   using nlohmann::json;
   json stages = json::array();
   for (int n = 0; n < r.nodes; ++n) {
-    std::int64_t begin = -1, end = -1;
-    for (const auto& gp : plan.gpus)
-      if (gp.node == n && gp.layer_end > gp.layer_begin) {
-        if (begin < 0) begin = gp.layer_begin;
-        end = gp.layer_end;
-      }
+    const auto [begin, end] = layers_of_node(plan, n);
     stages.push_back({{"node", n}, {"layers", range_text(begin, end)}, {"layer_begin", begin}, {"layer_end", end}});
   }
   json gpus = json::array();
@@ -501,12 +507,7 @@ std::string deployment_cluster_yaml(const deployment_request& r, const deploymen
   }
   y += fmt::format("head: {}\nplan:\n  stages:\n", names.front());
   for (int n = 0; n < r.nodes; ++n) {
-    std::int64_t begin = -1, end = -1;
-    for (const auto& gp : plan.gpus)
-      if (gp.node == n && gp.layer_end > gp.layer_begin) {
-        if (begin < 0) begin = gp.layer_begin;
-        end = gp.layer_end;
-      }
+    const auto [begin, end] = layers_of_node(plan, n);
     y += fmt::format("    - {{node: {}, layers: {}}}\n", names[static_cast<std::size_t>(n)], range_text(begin, end));
   }
   if (plan.expert_parallelism > 0) {

@@ -540,13 +540,13 @@ struct measured_loads {
   double node_seconds = 0;  // of per_node
 };
 
-measured_loads measure(supervisor_state& st) {
+// `routed`: `routed_totals(st)`, which the caller may need too.
+measured_loads measure(supervisor_state& st, const std::vector<std::uint64_t>& routed) {
   measured_loads out;
   const auto n = st.options.model.n_routed_experts;
   if (n <= 0) return out;
   out.per_expert.assign(static_cast<std::size_t>(n), 0.0);
   const auto now = clock_type::now();
-  const auto routed = routed_totals(st);
   const auto* base = st.routed_history.empty() ? nullptr : &st.routed_history.front().routed;
   for (std::size_t i = 0; i < routed.size(); ++i) {
     const auto before = base && i < base->size() ? (*base)[i] : 0;
@@ -648,9 +648,9 @@ void settle_changes(self_ptr self) {
     }
     const auto address = *it;
     it = st.retiring.erase(it);
-    for (auto& p : st.experts)
-      if (p.address == address && st.options.cluster.expert_groups[static_cast<std::size_t>(&p - st.experts.data())].experts.empty())
-        p.phase = placement_phase::stopped;
+    for (std::size_t j = 0; j < st.experts.size(); ++j)
+      if (st.experts[j].address == address && st.options.cluster.expert_groups[j].experts.empty())
+        st.experts[j].phase = placement_phase::stopped;
     if (!node_up(st, address.node)) continue;
     self->request(st.members[address.node].agent, st.options.ready_timeout, retire_actor_cmd{.actor = address.actor})
         .then([](ok_atom) {}, [](caf::error&) {});  // a node that fails meanwhile is handled as dead
@@ -769,8 +769,8 @@ std::optional<std::int64_t> parse_expert(const supervisor_state& st, const std::
   return id;
 }
 
-nlohmann::json loads_json(supervisor_state& st) {
-  const auto m = measure(st);
+nlohmann::json loads_json(supervisor_state& st, const std::vector<std::uint64_t>& routed) {
+  const auto m = measure(st, routed);
   nlohmann::json nodes = nlohmann::json::object();
   for (const auto& [node, load] : m.per_node) nodes[node] = load;
   return {{"window_s", st.options.load_window.count()}, {"measured_s", m.seconds}, {"nodes_measured_s", m.node_seconds},
@@ -843,7 +843,7 @@ caf::result<std::string> admin_command(self_ptr self, admin_request& request) {
     const auto [end, ec] = std::from_chars(args[1].data(), args[1].data() + args[1].size(), max_copies);
     if (ec != std::errc() || end != args[1].data() + args[1].size() || max_copies == 0 || max_copies > 4096)
       return refuse(errc::invalid_argument, fmt::format("rebalance: '{}' is not a number of copies in [1, 4096]", args[1]));
-    const auto measured = measure(st);
+    const auto measured = measure(st, routed_totals(st));
     double total = 0;
     for (auto l : measured.per_expert) total += l;
     if (total <= 0)
@@ -1127,8 +1127,9 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         }
         j["changes_pending"] = changes_pending(st);
         if (st.options.model.n_routed_experts > 0) {
-          j["routed_tokens"] = routed_totals(st);
-          if (!st.options.cluster.expert_groups.empty()) j["expert_load"] = loads_json(st);
+          const auto routed = routed_totals(st);
+          j["routed_tokens"] = routed;
+          if (!st.options.cluster.expert_groups.empty()) j["expert_load"] = loads_json(st, routed);
         }
         // Envelopes the head process refused (malformed, stale, misaddressed, not permitted).
         j["refused_messages"] = st.book->refused_messages();

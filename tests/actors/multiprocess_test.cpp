@@ -826,6 +826,15 @@ TEST_CASE("shoal admin moves, copies and drops experts and rebalances under load
     check_same_streams(undisturbed, during);
     auto s = nlohmann::json::parse(client->status());
     INFO(s.dump());
+    // No step was abandoned and no request recomputed: the moves lost no node, so the steps
+    // in flight finished on the old placement. (A machine loaded enough to make a node miss
+    // its heartbeats would add a real recovery; that is not what this checks.)
+    if (s["recoveries"] == 0) {
+      CHECK(s["scheduler"]["failed_steps"] == 0);
+      CHECK(s["scheduler"]["replayed_requests"] == 0);
+    } else {
+      WARN("a node was declared dead during the moves; the no-replay check does not apply");
+    }
     CHECK(holders(s, 3) == std::vector<std::string>{"experts0"});
     CHECK(holders(s, 7) == std::vector<std::string>{"experts0"});
     std::size_t stopped = 0;

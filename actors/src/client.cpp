@@ -12,6 +12,9 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <random>
+
+#include <fmt/format.h>
 
 namespace shoal {
 
@@ -23,6 +26,16 @@ actors::token_sink_actor::behavior_type make_client_sink(actors::token_sink_acto
         std::shared_ptr<std::function<void(const actors::token_chunk&)>> callback;
         {
           std::lock_guard lock(box->mutex);
+          if (box->track) {
+            const auto id = chunk.request & id_mask;
+            const auto attempt = chunk.request >> attempt_shift;
+            const auto t = box->tracked.find(id);
+            // Finished here already, or an attempt on a head that was given up: not for us.
+            if (t == box->tracked.end() || t->second.attempt != attempt) return;
+            chunk.request = id;
+            t->second.delivered.insert(t->second.delivered.end(), chunk.tokens.begin(), chunk.tokens.end());
+            if (chunk.finish != actors::finish_reason::none) box->tracked.erase(t);
+          }
           if (auto it = box->callbacks.find(chunk.request); it != box->callbacks.end()) {
             callback = it->second;
             if (chunk.finish != actors::finish_reason::none) box->callbacks.erase(it);
@@ -51,10 +64,15 @@ client::client(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
 
 std::string client::admin(const std::string& command, const std::vector<std::string>& args, const std::string& token,
                           std::chrono::milliseconds timeout) {
+  actors::supervisor_actor supervisor;
+  {
+    std::lock_guard lock(impl_->route_mutex);
+    supervisor = impl_->supervisor;
+  }
   caf::scoped_actor self{*impl_->system};
   std::string out;
   std::optional<shoal::error> failure;
-  self->request(impl_->supervisor, timeout, actors::admin_atom::value,
+  self->request(supervisor, timeout, actors::admin_atom::value,
                 actors::admin_request{.command = command, .args = args, .token = token})
       .receive([&](std::string& s) { out = std::move(s); },
                [&](caf::error& e) { failure = actors::from_caf_error(e); });
@@ -63,10 +81,15 @@ std::string client::admin(const std::string& command, const std::vector<std::str
 }
 
 std::string client::status(std::chrono::milliseconds timeout) {
+  actors::supervisor_actor supervisor;
+  {
+    std::lock_guard lock(impl_->route_mutex);
+    supervisor = impl_->supervisor;
+  }
   caf::scoped_actor self{*impl_->system};
   std::string out;
   std::optional<shoal::error> failure;
-  self->request(impl_->supervisor, timeout, actors::status_atom::value)
+  self->request(supervisor, timeout, actors::status_atom::value)
       .receive([&](std::string& s) { out = std::move(s); },
                [&](caf::error& e) { failure = actors::from_caf_error(e); });
   if (failure) throw *failure;
@@ -74,6 +97,14 @@ std::string client::status(std::chrono::milliseconds timeout) {
 }
 
 client::impl::~impl() {
+  if (failover_thread.joinable()) {
+    {
+      std::lock_guard lock(dog->mutex);
+      dog->stopping = true;
+    }
+    dog->wake.notify_all();
+    failover_thread.join();
+  }
   if (sink) caf::anon_send_exit(sink, caf::exit_reason::user_shutdown);
   sink = nullptr;
   router = nullptr;
@@ -97,12 +128,23 @@ std::uint64_t client::submit(const generate_options& options, std::function<void
   }
   actors::generate_request request{.request = id, .prompt = options.prompt, .sampling = options.sampling,
                                    .max_tokens = options.max_tokens, .stop_tokens = options.stop_tokens,
-                                   .want_logits = options.want_logits, .deadline_unix_ms = 0};
+                                   .want_logits = options.want_logits, .deadline_unix_ms = 0, .resume = {}};
   if (options.deadline.count() > 0)
     request.deadline_unix_ms = static_cast<std::uint64_t>(
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch() +
                                                               options.deadline)
             .count());
+  std::lock_guard route(impl_->route_mutex);
+  if (impl_->box->track) {
+    // Fixed here, not by the router, so that a resubmission elsewhere draws the same tokens.
+    auto& s = request.sampling;
+    if (s.temperature != 0.0f && s.top_k != 1 && !s.has_seed) {
+      s.has_seed = true;
+      s.seed = std::random_device{}() * 0x100000000ull + std::random_device{}();
+    }
+    std::lock_guard lock(impl_->box->mutex);
+    impl_->box->tracked[id] = tracked_request{.request = request, .delivered = {}, .attempt = 0, .cancel_wanted = false};
+  }
   caf::anon_send(impl_->router, std::move(request), impl_->sink);
   return id;
 }
@@ -117,7 +159,179 @@ std::optional<token_event> client::next(std::uint64_t id, std::chrono::milliseco
   return chunk;
 }
 
-void client::cancel(std::uint64_t id) { caf::anon_send(impl_->router, actors::cancel_atom::value, id, impl_->sink); }
+void client::cancel(std::uint64_t id) {
+  std::lock_guard route(impl_->route_mutex);
+  std::uint64_t wire = id;
+  if (impl_->box->track) {
+    std::lock_guard lock(impl_->box->mutex);
+    const auto t = impl_->box->tracked.find(id);
+    if (t == impl_->box->tracked.end()) return;  // finished already
+    t->second.cancel_wanted = true;
+    wire = id | t->second.attempt << attempt_shift;
+  }
+  caf::anon_send(impl_->router, actors::cancel_atom::value, wire, impl_->sink);
+}
+
+std::uint64_t client::failovers() const { return impl_->failovers.load(); }
+
+namespace {
+
+// Whether the supervisor of `node` answers (it is the head in charge).
+bool answers(caf::actor_system& system, actors::remote_fabric& remote, const std::string& node,
+             std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{system};
+  auto target = caf::actor_cast<actors::supervisor_actor>(remote.resolve({node, actors::actor_ids::supervisor}));
+  bool ok = false;
+  self->request(target, timeout, actors::status_atom::value).receive([&](std::string&) { ok = true; }, [&](caf::error&) {});
+  return ok;
+}
+
+}  // namespace
+
+// Pings the head in charge and moves the requests when it is gone (a thread of its own).
+void client::impl::watch_heads() {
+  const auto interval = std::max(failover_after / 6, std::chrono::milliseconds(100));
+  while (true) {
+    bool lost = false;
+    {
+      std::unique_lock lock(dog->mutex);
+      dog->wake.wait_for(lock, interval, [&] { return dog->stopping || dog->lost; });
+      if (dog->stopping) return;
+      lost = dog->lost && dog->lost_node == head_node;
+      dog->lost = false;
+    }
+    if (!lost) {
+      // A frozen head keeps its connection open: it must answer a ping (from its transport
+      // thread, whatever its actors are doing).
+      std::string node;
+      {
+        std::lock_guard route(route_mutex);
+        node = head_node;
+      }
+      caf::scoped_actor self{*system};
+      auto agent = caf::actor_cast<actors::node_agent_actor>(remote->resolve({node, actors::actor_ids::node_agent}));
+      bool answered = false;
+      self->request(agent, failover_after, actors::heartbeat{}).receive([&](actors::heartbeat&) { answered = true; },
+                                                                         [&](caf::error&) {});
+      if (answered) continue;
+      std::lock_guard dl(dog->mutex);
+      if (dog->stopping) return;
+    }
+    while (!fail_over(lost)) {
+      std::unique_lock lock(dog->mutex);
+      if (dog->wake.wait_for(lock, std::chrono::milliseconds(250), [&] { return dog->stopping; })) return;
+    }
+  }
+}
+
+// Finds the head in charge and resubmits there; false when none answered (try again).
+bool client::impl::fail_over(bool connection_lost) {
+  const auto old = [&] {
+    std::lock_guard route(route_mutex);
+    return head_node;
+  }();
+  for (const auto& h : heads) {
+    std::string node;
+    try {
+      node = remote->connect(h.host, h.port);
+    } catch (const shoal::error&) {
+      continue;
+    }
+    if (!answers(*system, *remote, node, std::chrono::seconds(3))) continue;
+    // The same head answering after a missed ping (a slow machine): its requests still run.
+    if (node == old && !connection_lost) return true;
+    ++failovers;
+    std::vector<std::pair<actors::generate_request, bool>> resubmit;  // request, or a cancel to confirm
+    std::lock_guard route(route_mutex);
+    auto previous_router = router;
+    head_node = node;
+    router = caf::actor_cast<actors::router_actor>(remote->resolve({node, actors::actor_ids::router}));
+    supervisor = caf::actor_cast<actors::supervisor_actor>(remote->resolve({node, actors::actor_ids::supervisor}));
+    {
+      std::lock_guard lock(box->mutex);
+      for (auto& [id, t] : box->tracked) {
+        const auto old_wire = id | t.attempt << attempt_shift;
+        if (node == old) caf::anon_send(previous_router, actors::cancel_atom::value, old_wire, sink);
+        ++t.attempt;
+        auto r = t.request;
+        r.request = id | t.attempt << attempt_shift;
+        r.resume = t.delivered;
+        resubmit.emplace_back(std::move(r), t.cancel_wanted);
+      }
+    }
+    for (auto& [r, cancelled] : resubmit) {
+      if (cancelled) {
+        // Nothing runs it any more: end it here as the router would have.
+        caf::anon_send(sink, actors::token_chunk{.request = r.request, .tokens = {}, .logits = {},
+                                                 .finish = actors::finish_reason::cancelled, .error_code = 0,
+                                                 .error = {}, .cached_prompt_tokens = 0});
+        continue;
+      }
+      caf::anon_send(router, std::move(r), sink);
+    }
+    return true;
+  }
+  return false;
+}
+
+std::unique_ptr<client> client::connect(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout,
+                                        const std::string& join_secret) {
+  return connect(std::vector<head_endpoint>{{host, port}}, timeout, join_secret);
+}
+
+std::unique_ptr<client> client::connect(const std::vector<head_endpoint>& heads, std::chrono::milliseconds timeout,
+                                        const std::string& join_secret, std::chrono::milliseconds failover_after) {
+  if (heads.empty()) shoal::fail(errc::invalid_argument, "no head address to connect to");
+  auto state = std::make_unique<impl>();
+  state->own_config = std::make_unique<caf::actor_system_config>();
+  state->own_system = std::make_unique<caf::actor_system>(*state->own_config);
+  state->system = state->own_system.get();
+  state->heads = heads;
+  state->failover_after = failover_after;
+  actors::remote_options o;
+  o.node = fmt::format("client-{}-{}", ::getpid(), reinterpret_cast<std::uintptr_t>(state.get()) & 0xffffff);
+  o.connect_timeout = timeout;
+  o.join_secret = join_secret;
+  o.on_node_lost = [dog = std::weak_ptr(state->dog)](const std::string& node) {
+    if (auto d = dog.lock()) {
+      {
+        std::lock_guard lock(d->mutex);
+        d->lost = true;
+        d->lost_node = node;
+      }
+      d->wake.notify_all();
+    }
+  };
+  state->remote = std::make_shared<actors::remote_fabric>(*state->system, o);
+  state->remote->start();
+  // The first head that answers; with one address, its connection is enough (the status
+  // request comes later, from whoever needs it).
+  std::string head;
+  std::optional<shoal::error> last;
+  for (const auto& h : heads) {
+    try {
+      head = state->remote->connect(h.host, h.port);
+    } catch (const shoal::error& e) {
+      last = e;
+      continue;
+    }
+    if (heads.size() == 1 || answers(*state->system, *state->remote, head, timeout)) break;
+    last = shoal::error(errc::unavailable, fmt::format("{}:{} ({}) runs no supervisor now", h.host, h.port, head));
+    head.clear();
+  }
+  if (head.empty()) throw *last;
+  state->head_node = head;
+  state->sink = state->system->spawn(make_client_sink, state->box);
+  state->remote->address_of(caf::actor_cast<caf::actor>(state->sink));
+  state->router = caf::actor_cast<actors::router_actor>(state->remote->resolve({head, actors::actor_ids::router}));
+  state->supervisor =
+      caf::actor_cast<actors::supervisor_actor>(state->remote->resolve({head, actors::actor_ids::supervisor}));
+  if (heads.size() > 1) {
+    state->box->track = true;
+    state->failover_thread = std::thread([s = state.get()] { s->watch_heads(); });
+  }
+  return std::unique_ptr<client>(new client(std::move(state)));
+}
 
 generate_result client::generate(const generate_options& options, std::chrono::milliseconds timeout) {
   const auto id = submit(options);

@@ -8,7 +8,9 @@
 #include <caf/actor_system_config.hpp>
 #include <caf/typed_event_based_actor.hpp>
 
+#include <atomic>
 #include <condition_variable>
+#include <thread>
 #include <deque>
 #include <functional>
 #include <map>
@@ -20,6 +22,20 @@ namespace actors {
 class remote_fabric;
 }
 
+// A request of a network client, kept until it finishes so that it can be resubmitted to
+// another head: as sent, with every token the client received and the attempt now streaming.
+struct tracked_request {
+  actors::generate_request request;     // as first sent (seed fixed, deadline absolute)
+  std::vector<std::int32_t> delivered;  // tokens received so far
+  std::uint64_t attempt = 0;            // chunks of earlier attempts are dropped
+  bool cancel_wanted = false;
+};
+
+// The router sees `id | attempt << attempt_shift`, so that a late chunk of an attempt on a
+// head that was given up is told apart from the current one.
+inline constexpr unsigned attempt_shift = 40;
+inline constexpr std::uint64_t id_mask = (std::uint64_t{1} << attempt_shift) - 1;
+
 // Chunks that arrived, per request, until `next` takes them.
 struct client_inbox {
   std::mutex mutex;
@@ -27,6 +43,8 @@ struct client_inbox {
   std::map<std::uint64_t, std::deque<actors::token_chunk>> chunks;
   // Requests submitted with a callback: their chunks go there instead.
   std::map<std::uint64_t, std::shared_ptr<std::function<void(const actors::token_chunk&)>>> callbacks;
+  bool track = false;                               // a network client: requests are tracked
+  std::map<std::uint64_t, tracked_request> tracked; // by client id, until their last chunk
 };
 
 /// The actor tokens arrive at; it only fills the inbox.
@@ -47,6 +65,24 @@ class client::impl {
   std::shared_ptr<client_inbox> box = std::make_shared<client_inbox>();
   std::mutex ids_mutex;
   std::uint64_t next_id = 1;
+
+  // Failover (network clients of a cluster with a standby head).
+  std::vector<head_endpoint> heads;     // where a head may listen
+  std::string head_node;                // the head in charge
+  std::chrono::milliseconds failover_after{3000};
+  std::mutex route_mutex;               // router/supervisor/head_node, and sending under them
+  struct watchdog {
+    std::mutex mutex;
+    std::condition_variable wake;
+    bool lost = false;
+    bool stopping = false;
+    std::string lost_node;
+  };
+  std::shared_ptr<watchdog> dog = std::make_shared<watchdog>();
+  std::thread failover_thread;
+  std::atomic<std::uint64_t> failovers{0};
+  void watch_heads();
+  bool fail_over(bool connection_lost);
 };
 
 }  // namespace shoal

@@ -8,6 +8,8 @@
 #include <caf/actor_cast.hpp>
 #include <caf/exit_reason.hpp>
 
+#include <fmt/format.h>
+
 namespace shoal::actors {
 
 node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_pointer<node_agent_state> self,
@@ -23,11 +25,32 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
     st.children.clear();
   };
   self->attach_functor([stop] { stop(); });
+  // Whether `address` runs as `spec` already (true: nothing to do); an actor at the address
+  // spawned as something else is stopped first.
+  auto already = [self](const actor_address& address, const std::string& spec) {
+    auto& st = self->state;
+    for (std::size_t i = 0; i < st.addresses.size(); ++i) {
+      if (st.addresses[i] != address) continue;
+      if (st.specs[i] == spec) return true;
+      st.book->unregister(address);
+      self->send_exit(st.children[i], caf::exit_reason::user_shutdown);
+      const auto at = static_cast<std::ptrdiff_t>(i);
+      st.children.erase(st.children.begin() + at);
+      st.addresses.erase(st.addresses.begin() + at);
+      st.specs.erase(st.specs.begin() + at);
+      break;
+    }
+    return false;
+  };
   return {
-      [self](spawn_stage_cmd& cmd) -> caf::result<ok_atom> {
+      [self, already](spawn_stage_cmd& cmd) -> caf::result<ok_atom> {
         auto& st = self->state;
         if (st.stopped) return to_caf_error(errc::failed_precondition, "node " + st.options.node + " is stopping");
         const actor_address address{st.options.node, cmd.actor};
+        const auto spec = fmt::format("stage {}/{} layers {}-{} experts {} model {} blocks {}x{}", cmd.stage,
+                                      cmd.stage_count, cmd.first_layer, cmd.end_layer, cmd.hold_experts, cmd.model_path,
+                                      cmd.cache_blocks, cmd.block_tokens);
+        if (already(address, spec)) return ok_atom::value;
         try {
           stage_engine::options o{.model = st.options.model_override.empty() ? cmd.model_path : st.options.model_override,
                                   .first_layer = cmd.first_layer, .end_layer = cmd.end_layer,
@@ -42,16 +65,19 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
           st.book->register_stage_engine(address, engine);
           st.children.push_back(caf::actor_cast<caf::actor>(handle));
           st.addresses.push_back(address);
+          st.specs.push_back(spec);
         } catch (const shoal::error& e) {
           return to_caf_error(e.code(), fmt::format("node {}: stage {} (layers {}-{}): {}", st.options.node, cmd.stage,
                                                     cmd.first_layer, cmd.end_layer - 1, e.what()));
         }
         return ok_atom::value;
       },
-      [self](spawn_expert_cmd& cmd) -> caf::result<ok_atom> {
+      [self, already](spawn_expert_cmd& cmd) -> caf::result<ok_atom> {
         auto& st = self->state;
         if (st.stopped) return to_caf_error(errc::failed_precondition, "node " + st.options.node + " is stopping");
         const actor_address address{st.options.node, cmd.actor};
+        const auto spec = fmt::format("experts {} model {}", fmt::join(cmd.experts, ","), cmd.model_path);
+        if (already(address, spec)) return ok_atom::value;
         try {
           auto engine = std::make_shared<expert_engine>(
               st.options.model_override.empty() ? cmd.model_path : st.options.model_override, cmd.experts,
@@ -61,6 +87,7 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
           st.book->register_engine(address, engine);
           st.children.push_back(caf::actor_cast<caf::actor>(handle));
           st.addresses.push_back(address);
+          st.specs.push_back(spec);
         } catch (const shoal::error& e) {
           return to_caf_error(e.code(), fmt::format("node {}: expert actor {}: {}", st.options.node, cmd.actor, e.what()));
         }
@@ -75,6 +102,7 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
           self->send_exit(st.children[i], caf::exit_reason::user_shutdown);
           st.children.erase(st.children.begin() + static_cast<std::ptrdiff_t>(i));
           st.addresses.erase(st.addresses.begin() + static_cast<std::ptrdiff_t>(i));
+          st.specs.erase(st.specs.begin() + static_cast<std::ptrdiff_t>(i));
           break;
         }
         return ok_atom::value;

@@ -10,7 +10,10 @@
 #include <caf/exit_reason.hpp>
 #include <caf/scoped_actor.hpp>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
+
+#include <cstdio>
 
 #include <fstream>
 #include <sstream>
@@ -22,13 +25,19 @@ namespace shoal::actors {
 struct node_process::impl {
   node_process_options options;
   const config::node_spec* self_spec = nullptr;
-  bool head = false;
+  config::model_config model;
+  bool head = false;          // runs the supervisor and router now
+  std::string active_head;    // whose supervisor this node belongs to
   caf::actor_system_config system_config;
   std::unique_ptr<caf::actor_system> system;
   std::shared_ptr<remote_fabric> book;
   node_agent_actor agent;
   router_actor router;
   supervisor_actor supervisor;
+  // After losing its head: the node it tries to join next, and until when.
+  bool seeking = false;
+  std::chrono::steady_clock::time_point seek_deadline;
+  std::chrono::steady_clock::time_point last_watch;
 
   ~impl() {
     if (system) {
@@ -44,6 +53,21 @@ struct node_process::impl {
     supervisor = nullptr;
     book.reset();
   }
+
+  const config::cluster_config& cluster() const { return options.cluster; }
+  std::chrono::milliseconds patience() const {
+    return std::chrono::milliseconds(static_cast<std::int64_t>(cluster().heartbeat_ms) * cluster().heartbeat_misses);
+  }
+  // The other node that can be head (head <-> standby), or "" for the others.
+  std::string peer_head() const {
+    if (cluster().standby.empty()) return {};
+    if (options.node == cluster().head) return cluster().standby;
+    if (options.node == cluster().standby) return cluster().head;
+    return {};
+  }
+  void become_head(const std::string& takeover_from);
+  bool in_charge(const std::string& node);
+  std::optional<shoal::error> join(const std::string& target, std::chrono::milliseconds timeout);
 };
 
 namespace {
@@ -86,6 +110,59 @@ config::model_config read_model_config(const std::filesystem::path& model) {
 
 }  // namespace
 
+void node_process::impl::become_head(const std::string& takeover_from) {
+  const auto& c = cluster();
+  const auto& t = options.timeouts;
+  router_options rop{.scheduling = scheduling_for(c, model), .step_timeout = t.step_timeout,
+                     .vocab_size = model.vocab_size, .max_positions = model.max_position_embeddings,
+                     .replay_limit = c.replay_limit, .micro_batches = c.micro_batches};
+  router = system->spawn(make_router, rop, book);
+  book->register_actor({options.node, actor_ids::router}, caf::actor_cast<caf::actor>(router));
+  if (!c.admin_audit_log.empty() && !std::ofstream(c.admin_audit_log, std::ios::app))
+    shoal::fail(errc::invalid_argument, "{}: cannot append to the admin audit log (admin_audit_log in {})",
+                c.admin_audit_log.string(), c.source.string());
+  supervisor_options so{.cluster = c, .model = model, .ready_timeout = t.ready_timeout,
+                        .heartbeat_interval = std::chrono::milliseconds(c.heartbeat_ms),
+                        .heartbeat_misses = c.heartbeat_misses,
+                        .replace_after = std::chrono::seconds(c.replace_after_s),
+                        .load_window = std::chrono::seconds(c.load_window_s),
+                        .admin_token = read_admin_token(c), .admin_audit_log = c.admin_audit_log,
+                        .on_event = options.on_event, .key = options.key, .node = options.node,
+                        .takeover_from = takeover_from, .epoch = book->epoch()};
+  supervisor = system->spawn(make_supervisor, so, book, router);
+  book->register_actor({options.node, actor_ids::supervisor}, caf::actor_cast<caf::actor>(supervisor));
+  head = true;
+  active_head = options.node;
+}
+
+// Whether `node` runs a supervisor now (it answers a status request).
+bool node_process::impl::in_charge(const std::string& node) {
+  caf::scoped_actor self{*system};
+  auto target = caf::actor_cast<supervisor_actor>(book->resolve({node, actor_ids::supervisor}));
+  bool answered = false;
+  self->request(target, std::chrono::seconds(3), status_atom::value)
+      .receive([&](std::string&) { answered = true; }, [&](caf::error&) {});
+  return answered;
+}
+
+// One join attempt at `target`'s supervisor; nothing on success, else why it failed.
+std::optional<shoal::error> node_process::impl::join(const std::string& target, std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{*system};
+  const join_request request{.node = options.node, .host = self_spec->host, .port = self_spec->port,
+                             .pid = static_cast<std::uint32_t>(::getpid()), .schema_version = schema_version,
+                             .memory_bytes = self_spec->memory_gb > 0
+                                                 ? static_cast<std::uint64_t>(self_spec->memory_gb * 1e9)
+                                                 : available_memory_bytes(),
+                             .epoch = book->epoch()};
+  auto supervisor_handle = caf::actor_cast<supervisor_actor>(book->resolve({target, actor_ids::supervisor}));
+  std::optional<shoal::error> failure;
+  bool joined = false;
+  self->request(supervisor_handle, timeout, join_atom::value, request, agent)
+      .receive([&](std::uint64_t) { joined = true; }, [&](caf::error& e) { failure = from_caf_error(e); });
+  if (joined) active_head = target;
+  return failure;
+}
+
 node_process::node_process(node_process_options options) : impl_(std::make_unique<impl>()) {
   auto& s = *impl_;
   s.options = std::move(options);
@@ -94,10 +171,9 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   if (!s.self_spec)
     shoal::fail(errc::invalid_argument, "node '{}' is not in the cluster config {}", s.options.node,
                 cluster.source.string());
-  s.head = cluster.head == s.options.node;
   const auto model_dir = s.options.model_override.empty() ? cluster.model : std::filesystem::path(s.options.model_override);
-  const auto model = read_model_config(model_dir);
-  config::validate_against_model(cluster, model);
+  s.model = read_model_config(model_dir);
+  config::validate_against_model(cluster, s.model);
   const auto& t = s.options.timeouts;
   if (t.scheduler_threads > 0)
     s.system_config.set("scheduler.max-threads", static_cast<std::size_t>(t.scheduler_threads));
@@ -110,6 +186,7 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   ro.transports = s.options.transports;
   for (const auto& n : cluster.nodes) ro.addresses[n.name] = {n.host, n.port};
   ro.head = cluster.head;
+  ro.standby = cluster.standby;
   ro.call_timeout = t.step_timeout;
   ro.connect_timeout = std::chrono::milliseconds(std::min<std::int64_t>(t.ready_timeout.count(), 5000));
   ro.stages_hold_experts = cluster.expert_groups.empty();
@@ -122,51 +199,98 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   s.agent = s.system->spawn<caf::detached>(make_node_agent, ao, s.book);
   s.book->register_actor({s.options.node, actor_ids::node_agent}, caf::actor_cast<caf::actor>(s.agent));
 
-  if (s.head) {
-    router_options rop{.scheduling = scheduling_for(cluster, model), .step_timeout = t.step_timeout,
-                       .vocab_size = model.vocab_size, .max_positions = model.max_position_embeddings,
-                       .replay_limit = cluster.replay_limit, .micro_batches = cluster.micro_batches};
-    s.router = s.system->spawn(make_router, rop, s.book);
-    s.book->register_actor({s.options.node, actor_ids::router}, caf::actor_cast<caf::actor>(s.router));
-    if (!cluster.admin_audit_log.empty() && !std::ofstream(cluster.admin_audit_log, std::ios::app))
-      shoal::fail(errc::invalid_argument, "{}: cannot append to the admin audit log (admin_audit_log in {})",
-                  cluster.admin_audit_log.string(), cluster.source.string());
-    supervisor_options so{.cluster = cluster, .model = model, .ready_timeout = t.ready_timeout,
-                          .heartbeat_interval = std::chrono::milliseconds(cluster.heartbeat_ms),
-                          .heartbeat_misses = cluster.heartbeat_misses,
-                          .replace_after = std::chrono::seconds(cluster.replace_after_s),
-                          .load_window = std::chrono::seconds(cluster.load_window_s),
-                          .admin_token = read_admin_token(cluster), .admin_audit_log = cluster.admin_audit_log,
-                          .on_event = s.options.on_event, .key = s.options.key};
-    s.supervisor = s.system->spawn(make_supervisor, so, s.book, s.router);
-    s.book->register_actor({s.options.node, actor_ids::supervisor}, caf::actor_cast<caf::actor>(s.supervisor));
+  // The config's head leads unless its standby took over while it was away (it was restarted
+  // after a failure): then it joins the standby and is the standby from now on.
+  if (s.options.node == cluster.head) {
+    if (!cluster.standby.empty() && s.in_charge(cluster.standby)) {
+      if (s.options.on_event)
+        s.options.on_event(nlohmann::json{{"event", "standby"}, {"node", s.options.node}, {"head", cluster.standby}}.dump());
+      s.active_head = cluster.standby;
+    } else {
+      s.become_head({});
+    }
+  } else {
+    s.active_head = cluster.head;
   }
 
   // Join: the head's supervisor directly, others through the transport, retrying while the
-  // head is not up yet.
-  caf::scoped_actor self{*s.system};
-  const join_request join{.node = s.options.node, .host = s.self_spec->host, .port = s.self_spec->port,
-                          .pid = static_cast<std::uint32_t>(::getpid()), .schema_version = schema_version,
-                          .memory_bytes = s.self_spec->memory_gb > 0
-                                              ? static_cast<std::uint64_t>(s.self_spec->memory_gb * 1e9)
-                                              : available_memory_bytes()};
+  // head is not up yet. With a standby, a node that finds no supervisor at the head tries the
+  // standby too (it may have taken over while this process was away).
+  std::vector<std::string> targets{s.active_head};
+  if (const auto other = s.active_head == cluster.head ? cluster.standby : cluster.head;
+      !cluster.standby.empty() && other != s.options.node && other != s.active_head)
+    targets.push_back(other);
   const auto deadline = std::chrono::steady_clock::now() + t.ready_timeout;
   std::string last_error;
-  while (true) {
-    auto target = caf::actor_cast<supervisor_actor>(s.book->resolve({cluster.head, actor_ids::supervisor}));
-    std::optional<shoal::error> failure;
-    bool joined = false;
-    self->request(target, t.ready_timeout, join_atom::value, join, s.agent)
-        .receive([&](std::uint64_t) { joined = true; }, [&](caf::error& e) { failure = from_caf_error(e); });
-    if (joined) break;
-    if (failure->code() != errc::unavailable) throw *failure;  // refused: retrying will not help
-    last_error = failure->what();
+  for (std::size_t attempt = 0;; ++attempt) {
+    const auto& target = targets[attempt % targets.size()];
+    const auto failure = s.join(target, t.ready_timeout);
+    if (!failure) break;
+    // not_found: the node runs no supervisor (yet: the head is still starting, or a standby
+    // has not taken over).
+    const bool retry = failure->code() == errc::unavailable || failure->code() == errc::not_found;
+    if (!retry) throw *failure;  // refused: retrying will not help
+    last_error = fmt::format("{}: {}", target, failure->what());
     if (std::chrono::steady_clock::now() + std::chrono::milliseconds(250) > deadline)
       shoal::fail(errc::deadline_exceeded, "node {}: could not join the head node {} within {} ms: {}", s.options.node,
                   cluster.head, t.ready_timeout.count(), last_error);
     std::this_thread::sleep_for(std::chrono::milliseconds(250));
   }
+  s.last_watch = std::chrono::steady_clock::now();
 }
+
+bool node_process::watch() {
+  auto& s = *impl_;
+  const auto now = std::chrono::steady_clock::now();
+  const auto since_last = now - s.last_watch;
+  s.last_watch = now;
+  if (s.head) return true;
+  const auto& cluster = s.options.cluster;
+  if (s.seeking) {
+    // The standby takes over once it sees the head gone too: until then joins find no
+    // supervisor there.
+    if (const auto failure = s.join(s.active_head, std::chrono::seconds(5)); !failure) {
+      s.seeking = false;
+      fmt::print(stderr, "[node {}] joined the new head {}\n", s.options.node, s.active_head);
+      return true;
+    } else if (now > s.seek_deadline) {
+      fmt::print(stderr, "[node {}] no head accepted this node within {} ms (last: {}): stopping\n", s.options.node,
+                 s.options.timeouts.ready_timeout.count(), failure->what());
+      return false;
+    }
+    return true;
+  }
+  // A watcher that was itself stalled (a loaded machine) lets the transport catch up first.
+  if (since_last > s.patience() / 2) return true;
+  const auto heard = s.book->last_heard(s.active_head);
+  const bool silent = cluster.heartbeat_ms > 0 && heard && now - *heard > s.patience();
+  const bool lost = !s.book->connected(s.active_head) || silent;
+  if (!lost) return true;
+  const auto why = silent ? fmt::format("silent for {} ms", std::chrono::duration_cast<std::chrono::milliseconds>(now - *heard).count())
+                          : std::string("its connection failed");
+  const auto old = s.active_head;
+  if (cluster.standby.empty()) {
+    fmt::print(stderr, "[node {}] the head node {} is gone ({}): stopping\n", s.options.node, old, why);
+    return false;
+  }
+  if (s.peer_head() == old) {
+    fmt::print(stderr, "[node {}] the head node {} is gone ({}): taking over as head\n", s.options.node, old, why);
+    s.book->evict(old, s.book->epoch());
+    s.become_head(old);
+    if (const auto failure = s.join(s.options.node, s.options.timeouts.ready_timeout)) throw *failure;
+    return true;
+  }
+  // Another node: the one of head and standby that was not in charge is now.
+  const auto next = old == cluster.head ? cluster.standby : cluster.head;
+  fmt::print(stderr, "[node {}] the head node {} is gone ({}): joining {}\n", s.options.node, old, why, next);
+  s.book->evict(old, s.book->epoch());
+  s.active_head = next;
+  s.seeking = true;
+  s.seek_deadline = now + s.options.timeouts.ready_timeout;
+  return true;
+}
+
+std::string node_process::head() const { return impl_->active_head; }
 
 node_process::~node_process() = default;
 
@@ -188,9 +312,5 @@ std::string node_process::status() {
   return head_status(*impl_->system, impl_->supervisor);
 }
 
-bool node_process::head_alive() const {
-  if (impl_->head) return true;
-  return impl_->book->connected(impl_->options.cluster.head);
-}
 
 }  // namespace shoal::actors

@@ -250,6 +250,7 @@ void encode(transport::outgoing_message& m, const join_request& j) {
   s.setPid(j.pid);
   s.setSchemaVersion(j.schema_version);
   s.setMemoryBytes(j.memory_bytes);
+  s.setEpoch(j.epoch);
 }
 
 void encode(transport::outgoing_message& m, const heartbeat& h, const std::string& from) {
@@ -287,6 +288,8 @@ void encode(transport::outgoing_message& m, const generate_request& g) {
   for (unsigned i = 0; i < g.stop_tokens.size(); ++i) stops.set(i, g.stop_tokens[i]);
   s.setDeadlineUnixMs(g.deadline_unix_ms);
   s.setWantLogits(g.want_logits);
+  auto resume = s.initResumeTokens(static_cast<unsigned>(g.resume.size()));
+  for (unsigned i = 0; i < g.resume.size(); ++i) resume.set(i, g.resume[i]);
 }
 
 void encode(transport::outgoing_message& m, token_chunk c) {
@@ -663,6 +666,13 @@ bool remote_fabric::connected(const std::string& node) {
   return peers_.count(node) > 0;
 }
 
+std::optional<std::chrono::steady_clock::time_point> remote_fabric::last_heard(const std::string& node) {
+  std::lock_guard lock(mutex_);
+  const auto it = heard_.find(node);
+  if (it == heard_.end()) return std::nullopt;
+  return it->second;
+}
+
 caf::actor remote_fabric::resolve(const actor_address& address) {
   if (address.node.empty() || address.node == options_.node) return find_local(address);
   std::lock_guard lock(mutex_);
@@ -798,6 +808,7 @@ void remote_fabric::on_peer_lost(transport::peer_id peer, const shoal::error& re
   // An orderly close (a node stopping) is not worth a warning; calls pending on it still fail.
   if (!orderly || trace_) wire_log().warn("{}", message);
   for (auto& proxy : lost) caf::anon_send(proxy, lost_atom::value, message);
+  if (options_.on_node_lost) options_.on_node_lost(name);
 }
 
 void remote_fabric::on_message(transport::peer_id peer, transport::incoming_message message) {
@@ -807,6 +818,10 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
     inbound in{.peer = peer, .sender = get_address(env.getSender()), .receiver = env.getReceiver().getActor(),
                .correlation = env.getBatchId()};
     const auto body = env.getBody();
+    {
+      std::lock_guard lock(mutex_);
+      if (const auto it = names_.find(peer); it != names_.end()) heard_[it->second] = std::chrono::steady_clock::now();
+    }
     if (trace_)
       wire_log().info("[{}] <- {} (peer {}): {} call {}", options_.node, in.sender.node, peer,
                    transport::message_kind_name(body.which()), in.correlation);
@@ -836,7 +851,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
       std::string why;
       if (announced != in.sender.node)
         why = fmt::format("sent as node '{}' on the connection of node '{}'", in.sender.node, announced);
-      else if (control && in.sender.node != options_.head)
+      else if (control && in.sender.node != options_.head && in.sender.node != options_.standby)
         why = fmt::format("node '{}' is not the head ('{}'); only the head places and spawns actors", in.sender.node,
                           options_.head);
       else if (kind == schema::Envelope::Body::JOIN && !options_.addresses.contains(in.sender.node))
@@ -952,7 +967,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
       case schema::Envelope::Body::JOIN: {
         const auto j = body.getJoin();
         join_request r{.node = j.getNode().cStr(), .host = j.getHost().cStr(), .port = j.getPort(), .pid = j.getPid(),
-                       .schema_version = j.getSchemaVersion(), .memory_bytes = j.getMemoryBytes()};
+                       .schema_version = j.getSchemaVersion(), .memory_bytes = j.getMemoryBytes(), .epoch = j.getEpoch()};
         if (r.node != in.sender.node)
           shoal::fail(errc::invalid_argument, "join for node '{}' sent by node '{}'", r.node, in.sender.node);
         caf::anon_send(bridge_, std::move(in), std::move(r));
@@ -975,6 +990,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         for (auto t : g.getSampling().getStopTokens()) r.stop_tokens.push_back(t);
         r.want_logits = g.getWantLogits();
         r.deadline_unix_ms = g.getDeadlineUnixMs();
+        for (auto t : g.getResumeTokens()) r.resume.push_back(t);
         caf::anon_send(bridge_, std::move(in), std::move(r));
         return;
       }
@@ -1121,26 +1137,5 @@ std::map<std::string, std::uint64_t> remote_fabric::refused_messages() const {
 namespace shoal {
 
 std::string read_join_secret(const std::filesystem::path& file) { return transport::read_join_secret(file); }
-
-std::unique_ptr<client> client::connect(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout,
-                                        const std::string& join_secret) {
-  auto state = std::make_unique<impl>();
-  state->own_config = std::make_unique<caf::actor_system_config>();
-  state->own_system = std::make_unique<caf::actor_system>(*state->own_config);
-  state->system = state->own_system.get();
-  actors::remote_options o;
-  o.node = fmt::format("client-{}-{}", ::getpid(), reinterpret_cast<std::uintptr_t>(state.get()) & 0xffffff);
-  o.connect_timeout = timeout;
-  o.join_secret = join_secret;
-  state->remote = std::make_shared<actors::remote_fabric>(*state->system, o);
-  state->remote->start();
-  const auto head = state->remote->connect(host, port);
-  state->sink = state->system->spawn(make_client_sink, state->box);
-  state->remote->address_of(caf::actor_cast<caf::actor>(state->sink));
-  state->router = caf::actor_cast<actors::router_actor>(state->remote->resolve({head, actors::actor_ids::router}));
-  state->supervisor =
-      caf::actor_cast<actors::supervisor_actor>(state->remote->resolve({head, actors::actor_ids::supervisor}));
-  return std::unique_ptr<client>(new client(std::move(state)));
-}
 
 }  // namespace shoal

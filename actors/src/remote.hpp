@@ -14,6 +14,7 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -34,6 +35,11 @@ struct remote_options {
   /// obeyed, and which accepts joins only from the nodes in `addresses`. Empty: no such
   /// checks (a client).
   std::string head;
+  /// The node that takes over as head if the head fails: its placement tables and spawn
+  /// commands are obeyed too (the epoch tells which head is current). Empty: none.
+  std::string standby;
+  /// Called (on the transport's thread) when the last connection to a node is lost.
+  std::function<void(const std::string& node)> on_node_lost;
   std::chrono::milliseconds call_timeout{60000};     ///< Local calls made for remote callers.
   std::chrono::milliseconds connect_timeout{10000};  ///< One connection attempt.
   bool stages_hold_experts = true;                   ///< Stages spawned here compute their experts.
@@ -53,6 +59,9 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   caf::actor resolve(const actor_address& address) override;
   /// Whether a connection to `node` is up.
   bool connected(const std::string& node);
+  /// When the last message from `node` arrived (any kind; the head's heartbeats come every
+  /// interval), or nothing if none did.
+  std::optional<std::chrono::steady_clock::time_point> last_heard(const std::string& node);
   /// Connects to `host:port` now and records the peer under the name it announced.
   std::string connect(const std::string& host, std::uint16_t port);
 
@@ -96,7 +105,8 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   std::map<transport::peer_id, std::string> names_;
   std::map<std::pair<std::string, std::uint64_t>, caf::actor> proxies_;
   std::map<std::uint64_t, caf::actor> pending_;       // correlation -> proxy
-  std::set<std::pair<std::string, std::uint64_t>> evictions_;  // (node, epoch) already evicted
+  std::set<std::pair<std::string, std::uint64_t>> evictions_;
+  std::map<std::string, std::chrono::steady_clock::time_point> heard_;  // by node name  // (node, epoch) already evicted
   std::mutex connect_mutex_;
   std::atomic<std::uint64_t> correlation_{0};
   std::atomic<std::uint64_t> epoch_{0};

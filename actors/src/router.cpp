@@ -232,6 +232,12 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
         for (auto t : spec.prompt)
           if (t < 0 || (st.options.vocab_size > 0 && t >= st.options.vocab_size))
             return reject(fmt::format("prompt token {} is outside the vocabulary [0, {})", t, st.options.vocab_size));
+        for (auto t : spec.resume)
+          if (t < 0 || (st.options.vocab_size > 0 && t >= st.options.vocab_size))
+            return reject(fmt::format("resumed token {} is outside the vocabulary [0, {})", t, st.options.vocab_size));
+        if (spec.resume.size() >= spec.max_tokens)
+          return reject(fmt::format("{} tokens to resume from, but max_tokens is {}: the request is complete",
+                                    spec.resume.size(), spec.max_tokens));
         try {
           runtime::validate(to_sampling_params(spec.sampling));
         } catch (const shoal::error& e) {
@@ -250,10 +256,16 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
           spec.sampling.has_seed = true;
           spec.sampling.seed = st.seeds();
         }
-        st.plan->add(id, spec.prompt);
+        // A resumed request continues where its client is: the tokens it already has are
+        // recomputed like a prompt, but count as generated (max_tokens, sampler, penalties).
+        auto tokens = spec.prompt;
+        tokens.insert(tokens.end(), spec.resume.begin(), spec.resume.end());
+        st.plan->add(id, std::move(tokens), static_cast<std::int64_t>(spec.prompt.size()));
         router_state::request r;
         r.client_id = spec.request;
         r.sink = std::move(sink);
+        r.generated = static_cast<std::uint32_t>(spec.resume.size());
+        if (!spec.resume.empty()) ++st.resumed;
         r.spec = std::move(spec);
         st.requests.emplace(id, std::move(r));
         schedule(self);
@@ -287,6 +299,7 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
                               {"most_steps_in_flight", self->state.most_in_flight},
                               {"failed_steps", self->state.failed_steps},
                               {"replayed_requests", self->state.replays},
+                              {"resumed_requests", self->state.resumed},
                               {"requeued_sequences", s.requeued},
                               {"epoch", self->state.epoch}}
             .dump();

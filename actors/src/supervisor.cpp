@@ -93,13 +93,13 @@ void wire(self_ptr self) {
   auto& st = self->state;
   st.table = placement_table{};
   st.table.epoch = ++st.epoch;
-  if (!st.served) st.fence = st.epoch;  // nothing sent before the first placement is valid
+  if (!st.served || st.fresh_router) st.fence = st.epoch;  // nothing sent before the first placement is valid
   st.table.fence = st.fence;
   st.book->observe_epoch(st.epoch, st.fence);
   st.evicted.clear();  // a new epoch: the dead were replaced
   st.wiring = true;
   st.rewire = false;
-  st.table.router = {st.options.cluster.head, actor_ids::router};
+  st.table.router = {st.options.node, actor_ids::router};
   for (std::size_t i = 0; i < st.stages.size(); ++i) {
     const auto& spec = st.options.cluster.stages[i];
     st.table.stages.push_back({.stage = static_cast<std::uint32_t>(i),
@@ -128,6 +128,7 @@ void wire(self_ptr self) {
       for (auto& e : st.experts)
         if (e.address == p.address && e.phase == placement_phase::running) e.phase = placement_phase::serving;
     st.serving = true;
+    st.fresh_router = false;
     if (st.served && st.healing) {
       ++st.recoveries;
       emit(self, {{"event", "recovered"}, {"recoveries", st.recoveries}});
@@ -1017,6 +1018,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
   st.router = std::move(router);
   st.started = clock_type::now();
   st.last_heartbeat = st.started;
+  if (st.options.node.empty()) st.options.node = st.options.cluster.head;
   for (const auto& n : st.options.cluster.nodes) st.members[n.name] = {};
   for (std::size_t i = 0; i < st.options.cluster.stages.size(); ++i)
     st.stages.push_back({.address = {st.options.cluster.stages[i].node, actor_ids::first_stage + i},
@@ -1024,6 +1026,32 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
   for (std::size_t j = 0; j < st.options.cluster.expert_groups.size(); ++j)
     st.experts.push_back({.address = {st.options.cluster.expert_groups[j].node, actor_ids::first_expert + j},
                           .phase = placement_phase::pending, .error = {}});
+  if (const auto old = st.options.takeover_from; !old.empty()) {
+    // The cluster served under the old head: failures heal from the start, the old head's
+    // actors are failed like a dead node's, and nothing of the old head's epochs counts.
+    st.served = true;
+    st.healing = true;
+    st.epoch = st.options.epoch + 1;
+    st.fence = st.epoch;
+    st.book->observe_epoch(st.epoch, st.fence);
+    auto& m = st.members[old];
+    m.down = true;
+    m.down_at = st.started;
+    m.down_reason = fmt::format("the head failed; {} took over", st.options.node);
+    for (auto* v : {&st.stages, &st.experts})
+      for (auto& p : *v)
+        if (p.address.node == old) {
+          p.phase = placement_phase::failed;
+          p.error = fmt::format("node {} is dead: {}", old, m.down_reason);
+        }
+    st.degraded = fmt::format("{} took over as head from {}; waiting for the nodes to join again", st.options.node, old);
+    st.book->evict(old, st.epoch);
+    st.evicted.push_back(old);
+    emit(self, {{"event", "head_takeover"}, {"node", st.options.node}, {"from", old}});
+    // For whoever started the old head: it must not wake up (a frozen process) or come back
+    // as head; a restarted process joins this one.
+    emit(self, {{"event", "node_down"}, {"node", old}, {"pid", 0}, {"reason", m.down_reason}});
+  }
   self->set_down_handler([self](caf::down_msg& msg) {
     auto& st = self->state;
     for (auto& [name, m] : st.members)
@@ -1062,6 +1090,12 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         }
         const bool rejoin = m.down;
         if (rejoin) ++m.restarts;
+        // A head that took over starts above every epoch a node has seen.
+        if (info.epoch >= st.epoch && !st.wiring) {
+          st.epoch = info.epoch + 1;
+          st.fence = st.epoch;
+          st.book->observe_epoch(st.epoch, st.fence);
+        }
         m.agent = std::move(agent);
         m.info = std::move(info);
         m.down = false;

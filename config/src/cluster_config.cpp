@@ -124,7 +124,7 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   }
   if (!root.IsMap()) p.error(1, "the cluster config must be a mapping with keys model, nodes, plan");
   p.allow_keys(root, "the cluster config",
-               {"model", "nodes", "head", "plan", "threads", "max_batch", "max_batch_tokens", "cache_mb", "cache_blocks",
+               {"model", "nodes", "head", "standby", "plan", "threads", "max_batch", "max_batch_tokens", "cache_mb", "cache_blocks",
                 "block_tokens", "prefix_cache", "ready_timeout_s", "heartbeat_ms", "heartbeat_misses", "restart_limit",
                 "restart_window_s", "replay_limit", "replace_after_s", "admin_token_file", "load_window_s", "admin_audit_log", "micro_batches",
                 "join_secret_file"});
@@ -224,6 +224,11 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
     return name;
   };
   c.head = root["head"] ? node_ref(root["head"], "head") : c.nodes.front().name;
+  if (root["standby"]) {
+    c.standby = node_ref(root["standby"], "standby");
+    if (c.standby == c.head)
+      p.error(line_of(root["standby"]), fmt::format("standby: '{}' is the head; the standby must be another node", c.standby));
+  }
 
   const YAML::Node plan = root["plan"];
   if (!plan) p.error(1, "missing key 'plan' (pipeline stages and expert placement)");

@@ -107,10 +107,7 @@ void add_node(CLI::App& app) {
         fmt::print(stderr, "[node {}] {}: stopping\n", o->name, sig == SIGINT ? "SIGINT" : "SIGTERM");
         break;
       }
-      if (!node.head_alive()) {
-        fmt::print(stderr, "[node {}] the head node {} is gone: stopping\n", o->name, cluster.head);
-        break;
-      }
+      if (!node.watch()) break;  // it said why
     }
   });
 }

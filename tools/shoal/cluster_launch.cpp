@@ -39,7 +39,7 @@ std::string describe_exit(int code) {
 
 void launched_cluster::spawn(child& c) {
   int pipe_fds[2] = {-1, -1};
-  if (c.head && ::pipe(pipe_fds) != 0) shoal::fail(errc::unavailable, "pipe: {}", std::strerror(errno));
+  if (c.watched && ::pipe(pipe_fds) != 0) shoal::fail(errc::unavailable, "pipe: {}", std::strerror(errno));
   const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) shoal::fail(errc::unavailable, "fork: {}", std::strerror(errno));
@@ -54,7 +54,7 @@ void launched_cluster::spawn(child& c) {
     ::setpgid(0, 0);
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (::getppid() != parent) ::_exit(1);  // the launcher died before prctl
-    if (c.head) {
+    if (c.watched) {
       ::dup2(pipe_fds[1], STDOUT_FILENO);
       ::close(pipe_fds[0]);
       ::close(pipe_fds[1]);
@@ -67,9 +67,11 @@ void launched_cluster::spawn(child& c) {
     ::_exit(127);
   }
   c.pid = pid;
-  if (c.head) {
+  if (c.watched) {
     ::close(pipe_fds[1]);
+    if (c.out >= 0) ::close(c.out);  // a restarted node: the old process's pipe
     c.out = pipe_fds[0];
+    c.buffer.clear();
   }
 }
 
@@ -82,11 +84,15 @@ launched_cluster::launched_cluster(const config::cluster_config& cluster, settin
       std::any_of(cluster.nodes.begin(), cluster.nodes.end(), [](const auto& n) { return is_local_host(n.host); }))
     (void)read_join_secret(cluster.join_secret_file);
   int head_out = -1;
+  standby_ = !cluster.standby.empty();
+  for (const auto* name : {&cluster.head, &cluster.standby})
+    if (const auto* spec = cluster.find_node(*name)) heads_.emplace_back(spec->host, spec->port);
   try {
     for (const auto& node : cluster.nodes) {
       child c;
       c.node = node.name;
       c.head = node.name == cluster.head;
+      c.watched = c.head || node.name == cluster.standby;
       if (is_local_host(node.host))
         c.args = {self_exe};
       else  // the same command over ssh; the config path and the binary must exist there
@@ -106,7 +112,7 @@ launched_cluster::launched_cluster(const config::cluster_config& cluster, settin
                settings_.ready_timeout.count());
     // The head's ready line, a node dying, an interruption, or the deadline, whichever first.
     const auto deadline = clock_type::now() + settings_.ready_timeout + std::chrono::seconds(5);
-    std::string& line = head_buffer_;
+    std::string& line = std::find_if(children_.begin(), children_.end(), [](const child& c) { return c.head; })->buffer;
     while (true) {
       if (auto dead = exited_node())
         shoal::fail(errc::unavailable, "node {} exited (status {}) before the cluster was ready; see its messages above",
@@ -132,7 +138,7 @@ launched_cluster::launched_cluster(const config::cluster_config& cluster, settin
             ready = true;
             break;
           }
-          on_head_line(one);
+          on_head_line(one, cluster.head);
         }
         if (ready) break;
       }
@@ -146,12 +152,13 @@ launched_cluster::launched_cluster(const config::cluster_config& cluster, settin
 
 launched_cluster::~launched_cluster() { stop(); }
 
-// A line of the head's stdout: a membership event, or a library's message to pass on.
-void launched_cluster::on_head_line(const std::string& line) {
+// A line of a head's (or standby's) stdout: a membership event, or a library's message to
+// pass on.
+void launched_cluster::on_head_line(const std::string& line, const std::string& from) {
   nlohmann::json event;
   if (line.starts_with("{")) event = nlohmann::json::parse(line, nullptr, false);
   if (!event.is_object() || !event.contains("event")) {
-    fmt::print(stderr, "{} head node: {}\n", prefix_, line);
+    fmt::print(stderr, "{} node {}: {}\n", prefix_, from, line);
     return;
   }
   const auto kind = event.value("event", "");
@@ -162,10 +169,16 @@ void launched_cluster::on_head_line(const std::string& line) {
     // end it, so that the watcher restarts it like any exited node.
     std::lock_guard lock(mutex_);
     for (auto& c : children_)
-      if (c.node == node && c.pid > 0 && !c.head) {
+      if (c.node == node && c.node != from && c.pid > 0 && (standby_ || !c.head)) {
         fmt::print(stderr, "{} killing node {} (pid {})\n", prefix_, node, c.pid);
         ::kill(c.pid, SIGKILL);
       }
+  } else if (kind == "head_takeover") {
+    fmt::print(stderr, "{} node {} took over as head from {} (placement epoch {})\n", prefix_, node,
+               event.value("from", ""), event.value("epoch", 0));
+  } else if (kind == "standby") {
+    fmt::print(stderr, "{} node {} found {} in charge and joined it as its standby\n", prefix_, node,
+               event.value("head", ""));
   } else if (kind == "node_rejoined") {
     fmt::print(stderr, "{} node {} rejoined (pid {}); loading its part of the placement\n", prefix_, node,
                event.value("pid", 0));
@@ -192,33 +205,44 @@ void launched_cluster::on_head_line(const std::string& line) {
 
 void launched_cluster::watch() {
   while (!stopping_) {
-    int head_out = -1;
+    // The stdout of the head and the standby (whichever is in charge prints the events).
+    std::vector<pollfd> fds;
+    std::vector<std::size_t> owners;
     {
       std::lock_guard lock(mutex_);
-      for (const auto& c : children_)
-        if (c.head) head_out = c.out;
-    }
-    pollfd p{head_out, POLLIN, 0};
-    if (head_out >= 0 && ::poll(&p, 1, 100) > 0) {
-      char buffer[4096];
-      const auto n = ::read(head_out, buffer, sizeof(buffer));
-      if (n > 0) {
-        head_buffer_.append(buffer, static_cast<std::size_t>(n));
-        for (auto end = head_buffer_.find('\n'); end != std::string::npos; end = head_buffer_.find('\n')) {
-          const auto one = head_buffer_.substr(0, end);
-          head_buffer_.erase(0, end + 1);
-          on_head_line(one);
+      for (std::size_t i = 0; i < children_.size(); ++i)
+        if (children_[i].out >= 0) {
+          fds.push_back({children_[i].out, POLLIN, 0});
+          owners.push_back(i);
         }
-      } else if (n == 0) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the head closed its stdout
+    }
+    if (fds.empty() || ::poll(fds.data(), fds.size(), 100) <= 0) {
+      if (fds.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    } else {
+      for (std::size_t k = 0; k < fds.size(); ++k) {
+        if (!(fds[k].revents & (POLLIN | POLLHUP))) continue;
+        auto& c = children_[owners[k]];
+        char buffer[4096];
+        const auto n = ::read(fds[k].fd, buffer, sizeof(buffer));
+        if (n > 0) {
+          c.buffer.append(buffer, static_cast<std::size_t>(n));
+          for (auto end = c.buffer.find('\n'); end != std::string::npos; end = c.buffer.find('\n')) {
+            const auto one = c.buffer.substr(0, end);
+            c.buffer.erase(0, end + 1);
+            on_head_line(one, c.node);
+          }
+        } else if (n == 0) {
+          std::lock_guard lock(mutex_);  // the process closed its stdout (it exited)
+          ::close(c.out);
+          c.out = -1;
+        }
       }
-    } else if (head_out < 0) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
     std::lock_guard lock(mutex_);
     if (stopping_) break;  // `kill_now` from another thread: start nothing again
     const auto now = clock_type::now();
-    // The head first: once it is gone the others stop by themselves and are not restarted.
+    // The head first: without a standby, once it is gone the others stop by themselves and
+    // are not restarted.
     std::stable_partition(children_.begin(), children_.end(), [](const child& c) { return c.head; });
     for (auto& c : children_) {
       if (head_gone_) break;
@@ -226,7 +250,7 @@ void launched_cluster::watch() {
       if (c.pid > 0 && ::waitpid(c.pid, &status, WNOHANG) == c.pid) {
         c.pid = -1;
         const int code = exit_code(status);
-        if (c.head) {
+        if (c.head && !standby_) {
           head_exit_ = std::pair{c.node, code};
           head_gone_ = true;
           continue;

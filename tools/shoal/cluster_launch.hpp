@@ -26,8 +26,10 @@ namespace shoal::tools {
 /// started again after a backoff (0.5 s doubling to 8 s), at most `restart_limit` times within
 /// `restart_window`; a node the head declares dead (it prints a `node_down` event line, e.g.
 /// for a frozen process that missed its heartbeats) is killed first, so that its port is free
-/// and it can never come back under the old placement. The head node itself is not
-/// restarted: its exit is reported by `exited_node`.
+/// and it can never come back under the old placement. Without a `standby` in the config the
+/// head node itself is not restarted: its exit is reported by `exited_node`. With one, the
+/// head is restarted like any node (the standby has taken over; the restarted process joins
+/// it), and the events of both are read, whichever is in charge.
 class launched_cluster {
  public:
   /// How to start the nodes.
@@ -55,6 +57,8 @@ class launched_cluster {
   /// Where clients connect: the head's host and port.
   const std::string& host() const { return host_; }
   std::uint16_t port() const { return port_; }
+  /// Every node that can be head: the head, then the standby if the config has one.
+  const std::vector<std::pair<std::string, std::uint16_t>>& heads() const { return heads_; }
 
   /// Before the cluster is ready: a node process that has exited since the last call, as
   /// (node, exit status). After: only the head node (others are restarted), or nothing.
@@ -73,8 +77,10 @@ class launched_cluster {
     std::string node;
     std::vector<std::string> args;
     bool head = false;
+    bool watched = false;  // head or standby: its stdout carries the supervisor's events
     int pid = -1;
-    int out = -1;  // the head's stdout, read for the ready line and events
+    int out = -1;  // a watched node's stdout, read for the ready line and events
+    std::string buffer;  // its stdout up to the next newline
     int restarts = 0;
     std::vector<std::chrono::steady_clock::time_point> recent;  // restart times in the window
     std::chrono::steady_clock::time_point restart_at{};         // pending restart, if pid < 0
@@ -83,16 +89,18 @@ class launched_cluster {
   };
   void spawn(child& c);
   void watch();
-  void on_head_line(const std::string& line);
+  void on_head_line(const std::string& line, const std::string& from);
+  void read_output(child& c);
 
   settings settings_;
   mutable std::mutex mutex_;  // children_ and head_exit_, once the watcher runs
   std::vector<child> children_;
   std::string prefix_;
   std::string ready_line_;
-  std::string head_buffer_;
   std::string host_;
   std::uint16_t port_ = 0;
+  std::vector<std::pair<std::string, std::uint16_t>> heads_;
+  bool standby_ = false;  // the config has a standby head
   std::optional<std::pair<std::string, int>> head_exit_;  // until `exited_node` reports it
   bool head_gone_ = false;
   std::atomic<bool> stopping_{false};

@@ -1,11 +1,14 @@
 #pragma once
 // Each group of subcommands registers itself on the top-level CLI.
 
+#include "shoal/actors/client.hpp"
+
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <utility>
 #include <string>
+#include <vector>
 
 namespace CLI {
 class App;
@@ -46,6 +49,8 @@ void add_plan_command(CLI::App& app);
 /// HOST:PORT of a running cluster's head node, or nothing when `spec` is not one (a file of
 /// that name is a config, not an address).
 std::optional<std::pair<std::string, std::uint16_t>> head_address(const std::string& spec);
+/// HOST:PORT[,HOST:PORT]: a running cluster's head and its standby; nothing when `spec` is not that.
+std::optional<std::vector<head_endpoint>> head_addresses(const std::string& spec);
 
 /// Adds `--key-file` to a command that loads a checkpoint's weights.
 void add_weights_key_option(CLI::App& cmd, std::string& file);

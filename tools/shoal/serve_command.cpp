@@ -183,16 +183,15 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
   const auto start = clock_type::now();
   std::optional<launched_cluster> nodes;
   fs::path dir = o.model;
-  std::string host;
-  std::uint16_t port = 0;
+  std::vector<head_endpoint> heads;
   std::string join_secret;
-  if (auto address = head_address(o.cluster)) {
+  if (auto addresses = head_addresses(o.cluster)) {
     join_secret = join_secret_from(o.join_secret_file);
     if (dir.empty())
       shoal::fail(errc::invalid_argument,
                   "--cluster {} needs --model DIR: the checkpoint the cluster serves (its tokenizer and context length "
                   "are read here; the weights are not)", o.cluster);
-    std::tie(host, port) = *address;
+    heads = std::move(*addresses);
   } else {
     if (!fs::exists(o.cluster))
       shoal::fail(errc::invalid_argument, "--cluster '{}' is neither a cluster config file nor HOST:PORT of a head node",
@@ -221,19 +220,21 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
                                .log_prefix = "[serve]",
                                .restart_limit = cluster.restart_limit,
                                .restart_window = std::chrono::seconds(cluster.restart_window_s)});
-    host = nodes->host();
-    port = nodes->port();
+    for (const auto& [h, p] : nodes->heads()) heads.push_back({h, p});
   }
+  const auto& [host, port] = heads.front();
   const auto model = config::load_model_config(dir);
   const auto tok = runtime::tokenizer::load(dir);
   std::string name = o.name;
   if (name.empty()) name = fs::absolute(dir).lexically_normal().filename().string();
   if (name.empty()) name = "shoal";
-  auto client = shoal::client::connect(host, port, std::chrono::seconds(10), join_secret);
+  // With a standby head, the client follows whichever is in charge and resumes the streams.
+  auto client = shoal::client::connect(heads, std::chrono::seconds(10), join_secret);
   auto back = gateway::make_cluster_backend(*client, tok, model.max_position_embeddings, o.max_waiting + o.max_running);
   std::mutex log_mutex;
   auto srv = std::make_unique<gateway::server>(*back, tok, server_settings(o, name, model.n_routed_experts, log_mutex));
-  fmt::print(stderr, "[serve] model {} on the cluster at {}:{}{}\n", name, host, port,
+  fmt::print(stderr, "[serve] model {} on the cluster at {}:{}{}{}\n", name, host, port,
+             heads.size() > 1 ? fmt::format(" (standby {}:{})", heads[1].host, heads[1].port) : std::string(),
              nodes ? fmt::format(" ({} started here)", o.cluster) : std::string());
   print_ready(o, *srv, name, start);
 
@@ -326,8 +327,8 @@ void add_serve(CLI::App& app) {
                   "or ~/.cache/shoal)");
   cmd->add_option("--cluster", o->cluster,
                   "Serve a cluster instead of computing here: a cluster config (YAML; its nodes are started here and "
-                  "stopped with the server) or HOST:PORT of a running cluster's head node (then --model names the "
-                  "checkpoint, for its tokenizer)");
+                  "stopped with the server) or HOST:PORT of a running cluster's head node, HOST:PORT,HOST:PORT for its "
+                  "head and standby (then --model names the checkpoint, for its tokenizer)");
   cmd->add_option("--transports", o->transports, "With a --cluster config: UCX transports for its nodes, e.g. tcp");
   add_join_secret_option(*cmd, o->join_secret_file);
   add_weights_key_option(*cmd, o->key_file);
@@ -513,6 +514,22 @@ void add_bench_serve(CLI::App& app) {
 void add_serve_commands(CLI::App& app) {
   add_serve(app);
   add_bench_serve(app);
+}
+
+// HOST:PORT[,HOST:PORT] of a running cluster's head node and standby, or nothing when `spec`
+// is not that.
+std::optional<std::vector<head_endpoint>> head_addresses(const std::string& spec) {
+  if (std::filesystem::exists(spec)) return std::nullopt;
+  std::vector<head_endpoint> out;
+  std::size_t start = 0;
+  while (true) {
+    const auto comma = spec.find(',', start);
+    const auto one = head_address(spec.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+    if (!one) return std::nullopt;
+    out.push_back({one->first, one->second});
+    if (comma == std::string::npos) return out;
+    start = comma + 1;
+  }
 }
 
 // HOST:PORT of a running cluster's head node, or nothing when `spec` is not one.

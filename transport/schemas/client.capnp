@@ -38,6 +38,7 @@ struct GenerateRequest {
   deadlineUnixMs @5 :UInt64;          # 0 = no deadline.
   model @6 :Text;                     # "" = the default model.
   wantLogits @7 :Bool;                # Return each token's logits with it (tests, eval).
+  resumeTokens @8 :List(Int32);       # Tokens of it already delivered (a client resuming after a head failover).
 }
 
 enum FinishReason {

@@ -15,6 +15,7 @@ struct Join {
   devices @4 :List(Common.Device);
   schemaVersion @5 :UInt16;             # Common.schemaVersion of the joining binary.
   memoryBytes @6 :UInt64;               # Memory it offers for placement (0: unknown).
+  epoch @7 :UInt64;                     # Newest placement epoch it has seen (a new head starts above it).
 }
 
 # Supervisor -> node, answer to Join.

@@ -50,6 +50,12 @@ struct generate_result {
 /// (`failed_precondition`), or it holds fewer than 32 bytes (`invalid_argument`).
 std::string read_join_secret(const std::filesystem::path& file);
 
+/// Where a head node listens (`host:port` of its node in the cluster config).
+struct head_endpoint {
+  std::string host;
+  std::uint16_t port = 0;
+};
+
 /// A connection to a router. Thread-safe; requests are independent streams.
 class client {
  public:
@@ -63,6 +69,19 @@ class client {
   static std::unique_ptr<client> connect(const std::string& host, std::uint16_t port,
                                          std::chrono::milliseconds timeout = std::chrono::seconds(10),
                                          const std::string& join_secret = {});
+  /// A client of a cluster with a standby head: `heads` lists the head and the standby. It
+  /// connects to the one in charge; when that one's connection fails, or it answers no ping
+  /// for `failover_after`, the client finds the one in charge now and resubmits every
+  /// unfinished request there with the tokens it already received, so each stream goes on
+  /// where it was: no token missing or repeated, greedy output identical (sampled requests
+  /// carry a seed fixed at submission). Throws like the other `connect` when no head answers.
+  static std::unique_ptr<client> connect(const std::vector<head_endpoint>& heads,
+                                         std::chrono::milliseconds timeout = std::chrono::seconds(10),
+                                         const std::string& join_secret = {},
+                                         std::chrono::milliseconds failover_after = std::chrono::seconds(3));
+  /// Times this client moved its requests to another head (or to the same one after its
+  /// connection failed).
+  std::uint64_t failovers() const;
   ~client();
   client(const client&) = delete;
   client& operator=(const client&) = delete;

@@ -17,7 +17,7 @@ namespace shoal::actors {
 /// 3: the supervisor sends heartbeats carrying its epoch and the nodes it evicted.
 /// 4: the transport's hello carries nonces for the join-secret proof.
 /// 5: placement tables and heartbeats carry the fence; expert copies are retired one by one.
-inline constexpr std::uint16_t schema_version = 5;
+inline constexpr std::uint16_t schema_version = 6;
 
 /// Identifies a request for its whole life, including replays after a failure.
 using request_id = std::uint64_t;
@@ -177,6 +177,9 @@ struct join_request {
   /// Memory it offers for placement: the node's `memory_gb`, or what the OS reports available
   /// at the join (0: unknown). Re-placement after a failure keeps within it.
   std::uint64_t memory_bytes = 0;
+  /// Newest placement epoch the node has seen: a head that takes over starts above it, so
+  /// that nothing of the old head's placements passes the new fence.
+  std::uint64_t epoch = 0;
 };
 
 /// Supervisor -> node, every heartbeat interval; the node answers at once from its transport
@@ -215,6 +218,10 @@ struct generate_request {
   std::vector<std::int32_t> stop_tokens; ///< Generation ends after one of these.
   bool want_logits = false;            ///< Return the logits of each sampled token too.
   std::uint64_t deadline_unix_ms = 0;  ///< 0: none.
+  /// Tokens of this request the client already received (it resumes on a new head after a
+  /// failover): they are recomputed after the prompt, count towards `max_tokens` and advance
+  /// the sampler's random stream, and are not sent again.
+  std::vector<std::int32_t> resume;
 };
 
 /// Why a request's stream ended (the schema's FinishReason).
@@ -298,7 +305,7 @@ typename Inspector::result_type inspect(Inspector& f, retire_actor_cmd& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, join_request& x) {
-  return f(x.node, x.host, x.port, x.pid, x.schema_version, x.memory_bytes);
+  return f(x.node, x.host, x.port, x.pid, x.schema_version, x.memory_bytes, x.epoch);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, heartbeat& x) {
@@ -310,7 +317,7 @@ typename Inspector::result_type inspect(Inspector& f, admin_request& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, generate_request& x) {
-  return f(x.request, x.prompt, x.sampling, x.max_tokens, x.stop_tokens, x.want_logits, x.deadline_unix_ms);
+  return f(x.request, x.prompt, x.sampling, x.max_tokens, x.stop_tokens, x.want_logits, x.deadline_unix_ms, x.resume);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, token_chunk& x) {

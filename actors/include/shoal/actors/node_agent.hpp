@@ -39,6 +39,9 @@ struct node_agent_state {
   std::shared_ptr<fabric> book;                         ///< Where spawned actors register.
   std::vector<caf::actor> children;                     ///< Spawned actors, kept alive.
   std::vector<actor_address> addresses;                 ///< Their addresses.
+  /// What each was spawned as (the command's fields): a head that takes over asks again for
+  /// what runs already, and gets it without a reload (latent caches and weights stay).
+  std::vector<std::string> specs;
   bool stopped = false;                                 ///< Stop ran.
 };
 

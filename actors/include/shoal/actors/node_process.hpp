@@ -30,6 +30,13 @@ struct node_process_options {
 
 /// A running node. The head node listens for the others' joins and for clients; every other
 /// node joins the head, retrying until the ready deadline (the head may start later).
+///
+/// With a `standby` in the config, the head and the standby can both run the supervisor and
+/// router, one at a time. The standby joins the head like any node and watches it; when the
+/// head's connection fails or it is silent for `heartbeat_ms` x `heartbeat_misses`, the
+/// standby takes over (`supervisor_options::takeover_from`) and every other node joins it,
+/// keeping its actors. A restarted process of either finds the other one in charge and joins
+/// it, becoming the standby in turn.
 class node_process {
  public:
   /// Starts listening on the node's host:port and joins (or, on the head, waits for joins).
@@ -42,14 +49,19 @@ class node_process {
   node_process(const node_process&) = delete;
   node_process& operator=(const node_process&) = delete;
 
-  /// Whether this is the head node (supervisor and router).
+  /// Whether this process runs the supervisor and router now.
   bool is_head() const noexcept;
   /// Head only: blocks until the cluster serves; returns the placement or throws what failed.
   placement_table wait_ready();
   /// Head only: membership and placement as JSON.
   std::string status();
-  /// Whether the head is still reachable (non-head nodes exit when it is gone).
-  bool head_alive() const;
+  /// Keeps this node with a head; call it every few hundred milliseconds. Notices a head that
+  /// is gone and, with a standby in the config, takes over (on the standby) or joins the new
+  /// head (elsewhere), one step per call. Returns false when the node should stop: the head
+  /// is gone and nothing takes over, or no head accepted it within the ready deadline.
+  bool watch();
+  /// The node whose supervisor this process belongs to now (itself when `is_head`).
+  std::string head() const;
 
   struct impl;
 

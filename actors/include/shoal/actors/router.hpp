@@ -72,6 +72,7 @@ struct router_state {
   bool paused = false;                     ///< A step failed; waiting for `retry_pause` or a new placement.
   std::uint64_t failed_steps = 0;          ///< Steps abandoned because of a failure.
   std::uint64_t replays = 0;               ///< Requests recomputed after a failure.
+  std::uint64_t resumed = 0;               ///< Requests a client resubmitted with tokens it had (head failover).
   std::mt19937_64 seeds{std::random_device{}()}; ///< Seeds for sampled requests that bring none.
   router_state();
   ~router_state();

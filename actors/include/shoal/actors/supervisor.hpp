@@ -40,8 +40,9 @@
 ///    new epoch; the router recomputes every request from its prompt and streamed tokens.
 ///    A node not back within `replace_after` has its actors re-placed onto surviving nodes
 ///    that offer the memory for them (nodes of the same role first); if none does, the
-///    cluster waits and its status says what fits nowhere. Not implemented yet: a standby
-///    head.
+///    cluster waits and its status says what fits nowhere.
+/// 8. With a `standby` node in the config, a supervisor and router start there when the head
+///    dies or freezes (`supervisor_options::takeover_from`); see docs/cluster.md.
 
 #include "shoal/actors/protocols.hpp"
 #include "shoal/config/cluster_config.hpp"
@@ -95,6 +96,14 @@ struct supervisor_options {
   /// Key of a checkpoint encrypted at rest, to read its shards' headers for the memory each
   /// actor needs (only the chunks holding the headers are decrypted); null for plain files.
   std::shared_ptr<const runtime::weights_key> key = nullptr;
+  /// The node this supervisor (and the router beside it) runs on; empty: the config's head.
+  std::string node = {};
+  /// Non-empty: this supervisor takes over from that head node, which failed. It starts as a
+  /// cluster that served and lost that node: the nodes join again (their actors keep running
+  /// and are adopted, not reloaded), the dead head's own actors wait for its restart or are
+  /// re-placed after `replace_after`, and the placement epoch starts above `epoch`.
+  std::string takeover_from = {};
+  std::uint64_t epoch = 0;                         ///< Newest epoch seen before a takeover.
 };
 
 /// State of the supervisor.
@@ -139,6 +148,7 @@ struct supervisor_state {
   std::string degraded;                          ///< Why it does not serve right now, while it heals.
   std::uint64_t recoveries = 0;                  ///< Times it served again after a failure.
   bool healing = false;                          ///< A node died or rejoined and the placement is not whole yet.
+  bool fresh_router = true;                      ///< No placement acknowledged yet: the first one fences all before it.
   std::uint64_t heartbeat_sequence = 0;          ///< Heartbeats sent.
   std::vector<std::string> evicted;              ///< Nodes dead in the current epoch.
   std::chrono::steady_clock::time_point last_heartbeat; ///< When the last round went out.

@@ -51,6 +51,9 @@ struct cluster_config {
   std::filesystem::path model;                   ///< Checkpoint directory, resolved.
   std::vector<node_spec> nodes;                  ///< In file order.
   std::string head;                              ///< Node hosting the supervisor and router.
+  /// Node that takes over as head (supervisor and router) when the head dies or freezes;
+  /// empty: none, and the head is a single point of failure.
+  std::string standby;
   std::vector<stage_spec> stages;                ///< Pipeline order.
   std::vector<expert_group_spec> expert_groups;  ///< Expert actors.
   /// Expert placement by policy, resolved against the model by `validate_against_model`:

@@ -1,0 +1,319 @@
+// Chaos under `shoal serve --cluster`: five node processes of the tiny model (2 pipeline
+// stages, 3 expert nodes; the first stage node is the head, the second its standby) serve 50
+// concurrent greedy streaming completions while, at seeded random moments, an expert node, a
+// stage node and the head are killed with SIGKILL and a seeded node is frozen with SIGSTOP.
+// Each fault comes once the cluster serves again after the previous one. Every stream must
+// end with exactly the text of a run without faults. Prints, per fault, the detection time
+// (the fault to the launcher's "declared dead" / "took over" line), the time to serving again,
+// and the longest pause a stream saw, and the latency the faults added per request.
+
+#include "free_port.hpp"
+#include "node_pid.hpp"
+#include "raw_http.hpp"
+#include "serve_process.hpp"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <thread>
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+using namespace shoal::gateway::testing;
+using clock_type = std::chrono::steady_clock;
+
+namespace {
+
+const fs::path kWork = SHOAL_GATEWAY_WORK_DIR;
+constexpr int kStreams = 50;
+constexpr int kMaxTokens = 96;
+
+fs::path tiny_model() {
+  fs::create_directories(kWork);
+  const auto d = kWork / "tiny";
+  if (!fs::exists(d / "tokenizer.json")) {
+    fs::remove_all(d);
+    const auto r = run(std::string(SHOAL_BINARY) + " make-model --preset tiny --out " + d.string(), 300);
+    INFO(r.out);
+    REQUIRE(r.exit_code == 0);
+  }
+  return d;
+}
+
+fs::path chaos_config() {
+  const auto model = tiny_model();
+  const auto p = kWork / "chaos.yaml";
+  std::ofstream out(p);
+  // Every node is killed several times within a minute: a restart budget and a backoff
+  // window sized for that (the defaults would, rightly, give up on such a node).
+  out << "model: " << model.string()
+      << "\nthreads: 1\nready_timeout_s: 120\nrestart_limit: 50\nrestart_window_s: 5\nnodes:\n";
+  for (const char* n : {"stage0", "stage1", "experts0", "experts1", "experts2"})
+    out << "  - {name: " << n << ", host: 127.0.0.1, port: " << shoal::testing::free_port() << "}\n";
+  out << R"(head: stage0
+standby: stage1
+plan:
+  stages:
+    - {node: stage0, layers: 0-1}
+    - {node: stage1, layers: 2-3}
+  experts:
+    - {node: experts0, experts: 0-5}
+    - {node: experts1, experts: 6-10}
+    - {node: experts2, experts: 11-15}
+)";
+  return p;
+}
+
+// The body of a chunked HTTP response (what follows the header).
+std::string dechunk(const std::string& raw) {
+  const auto header_end = raw.find("\r\n\r\n");
+  if (header_end == std::string::npos) return {};
+  std::string body;
+  std::size_t at = header_end + 4;
+  while (true) {
+    const auto eol = raw.find("\r\n", at);
+    if (eol == std::string::npos) break;
+    const auto size = std::strtoul(raw.substr(at, eol - at).c_str(), nullptr, 16);
+    if (size == 0 || eol + 2 + size > raw.size()) break;
+    body += raw.substr(eol + 2, size);
+    at = eol + 2 + size + 2;
+  }
+  return body;
+}
+
+// One streamed completion on its own thread: its text, finish reason, errors, and when each
+// event arrived.
+struct stream {
+  std::string prompt;
+  std::thread thread;
+  std::string text, finish, error;
+  bool done = false;
+  clock_type::time_point started, ended;
+  std::mutex mutex;
+  std::vector<clock_type::time_point> arrivals;  // one per data event with text
+
+  stream(std::uint16_t port, std::string p) : prompt(std::move(p)) {
+    thread = std::thread([this, port] { go(port); });
+  }
+  ~stream() {
+    if (thread.joinable()) thread.join();
+  }
+
+  void go(std::uint16_t port) {
+    const json body{{"model", "tiny"}, {"prompt", prompt}, {"max_tokens", kMaxTokens}, {"temperature", 0},
+                    {"stream", true}};
+    started = clock_type::now();
+    try {
+      raw_connection c(port);
+      c.send(post("/v1/completions", body.dump()));
+      std::size_t seen = 0;
+      const auto limit = started + 300s;
+      while (clock_type::now() < limit) {
+        if (!c.fill(100ms)) continue;
+        const auto& in = c.received();
+        std::size_t n = 0;
+        for (std::size_t at = 0; (at = in.find("\"text\":", at)) != std::string::npos; ++at) ++n;
+        if (n > seen) {
+          std::lock_guard lock(mutex);
+          arrivals.insert(arrivals.end(), n - seen, clock_type::now());
+          seen = n;
+        }
+        if (in.find("data: [DONE]") != std::string::npos || c.closed_within(0ms)) break;
+      }
+      ended = clock_type::now();
+      std::istringstream lines(dechunk(c.received()));
+      for (std::string line; std::getline(lines, line);) {
+        if (line.starts_with("data: [DONE]")) done = true;
+        if (!line.starts_with("data: {")) continue;
+        const auto event = json::parse(line.substr(6), nullptr, false);
+        if (event.is_discarded()) continue;
+        if (event.contains("error")) error = event["error"].dump();
+        if (!event.contains("choices")) continue;
+        const auto& choice = event["choices"][0];
+        if (choice.contains("text") && choice["text"].is_string()) text += choice["text"].get<std::string>();
+        if (choice.contains("finish_reason") && choice["finish_reason"].is_string())
+          finish = choice["finish_reason"].get<std::string>();
+      }
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  // The gap between the last event before `t` and the first one after it (how long this
+  // stream waited across `t`), or nothing if it was not streaming at `t`.
+  std::optional<double> pause_across(clock_type::time_point t) {
+    std::lock_guard lock(mutex);
+    const auto after = std::upper_bound(arrivals.begin(), arrivals.end(), t);
+    if (after == arrivals.begin() || after == arrivals.end()) return std::nullopt;
+    return std::chrono::duration<double>(*after - t).count();
+  }
+};
+
+std::vector<std::string> prompts() {
+  std::vector<std::string> out;
+  for (int i = 0; i < kStreams; ++i) out.push_back("Chaos story " + std::to_string(i) + ": once upon a time");
+  return out;
+}
+
+// Lines of the gateway's log with the time this test first saw them.
+class log_watch {
+ public:
+  explicit log_watch(const serve_process& s) : server_(s), thread_([this] { loop(); }) {}
+  ~log_watch() {
+    stop_ = true;
+    thread_.join();
+  }
+  // When the first line containing `needle` seen after `since` appeared, or nothing.
+  std::optional<clock_type::time_point> first(const std::string& needle, clock_type::time_point since) {
+    std::lock_guard lock(mutex_);
+    for (const auto& [t, line] : lines_)
+      if (t >= since && line.find(needle) != std::string::npos) return t;
+    return std::nullopt;
+  }
+  std::size_t count(const std::string& needle) {
+    std::lock_guard lock(mutex_);
+    return static_cast<std::size_t>(std::count_if(lines_.begin(), lines_.end(), [&](const auto& l) {
+      return l.second.find(needle) != std::string::npos;
+    }));
+  }
+
+ private:
+  void loop() {
+    std::size_t offset = 0;
+    while (!stop_) {
+      const auto text = server_.log();
+      const auto now = clock_type::now();
+      {
+        std::lock_guard lock(mutex_);
+        for (auto end = text.find('\n', offset); end != std::string::npos; end = text.find('\n', offset)) {
+          lines_.emplace_back(now, text.substr(offset, end - offset));
+          offset = end + 1;
+        }
+      }
+      std::this_thread::sleep_for(10ms);
+    }
+  }
+  const serve_process& server_;
+  std::mutex mutex_;
+  std::vector<std::pair<clock_type::time_point, std::string>> lines_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+double seconds(clock_type::duration d) { return std::chrono::duration<double>(d).count(); }
+
+bool ready(const serve_process& s) { return run("curl -sS -m 10 -w ' %{http_code}' " + s.url() + "/ready", 15).out.ends_with(" 200"); }
+
+}  // namespace
+
+TEST_CASE("chaos: 50 greedy streams lose nothing across SIGKILL of an expert node, a stage node and the head, and a "
+          "SIGSTOP, for 5 seeds",
+          "[gateway][e2e][cluster][chaos]") {
+  serve_process server("serve-chaos", {"serve", "--cluster", chaos_config().string(), "--transports", "tcp", "--port",
+                                       "0", "--name", "tiny", "--drain-seconds", "5"});
+  log_watch log(server);
+  const auto texts = prompts();
+
+  // The run without faults.
+  std::vector<std::string> expected;
+  double undisturbed_mean = 0;
+  {
+    std::vector<std::unique_ptr<stream>> streams;
+    for (const auto& p : texts) streams.push_back(std::make_unique<stream>(server.port(), p));
+    for (auto& s : streams) {
+      s->thread.join();
+      INFO(s->prompt << ": " << s->error);
+      REQUIRE(s->error.empty());
+      REQUIRE(s->done);
+      expected.push_back(s->text);
+      undisturbed_mean += seconds(s->ended - s->started) / kStreams;
+    }
+  }
+
+  std::string head = "stage0", standby = "stage1";
+  for (unsigned seed = 1; seed <= 5; ++seed) {
+    CAPTURE(seed);
+    std::mt19937 rng(seed);
+    std::vector<std::string> kinds{"expert", "stage", "head"};
+    std::shuffle(kinds.begin(), kinds.end(), rng);
+    const std::vector<std::string> frozen_kinds{"expert", "stage", "head"};
+    kinds.push_back("freeze " + frozen_kinds[rng() % 3]);
+
+    std::vector<std::unique_ptr<stream>> streams;
+    for (const auto& p : texts) streams.push_back(std::make_unique<stream>(server.port(), p));
+    auto streaming = [&] {
+      std::size_t n = 0;
+      for (auto& s : streams) {
+        std::lock_guard lock(s->mutex);
+        n += s->arrivals.empty() ? 0 : 1;
+      }
+      return n;
+    };
+    const auto begun = clock_type::now();
+    while (streaming() < kStreams / 2 && clock_type::now() - begun < 60s) std::this_thread::sleep_for(5ms);
+
+    struct fault {
+      std::string what, node;
+      bool freeze;
+      clock_type::time_point at;
+      std::optional<clock_type::time_point> detected, served;
+    };
+    std::vector<fault> faults;
+    for (const auto& kind : kinds) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100 + rng() % 900));
+      const bool freeze = kind.starts_with("freeze");
+      const auto what = freeze ? kind.substr(7) : kind;
+      const std::string node = what == "expert" ? "experts" + std::to_string(rng() % 3) : what == "stage" ? standby : head;
+      const pid_t pid = shoal::testing::node_pid(server.pid(), node);
+      REQUIRE(pid > 0);
+      const auto recoveries = log.count("serves again");
+      const auto at = clock_type::now();
+      REQUIRE(::kill(pid, freeze ? SIGSTOP : SIGKILL) == 0);
+      if (what == "head") std::swap(head, standby);  // the standby takes over; the old head comes back as standby
+      while (log.count("serves again") == recoveries && clock_type::now() - at < 90s) std::this_thread::sleep_for(10ms);
+      const auto served = log.first("serves again", at);
+      INFO(server.log());
+      REQUIRE(served);
+      const auto detected = what == "head" ? log.first("took over as head from " + node, at)
+                                           : log.first("node " + node + " was declared dead", at);
+      faults.push_back({what, node, freeze, at, detected, served});
+      if (freeze) ::kill(pid, SIGCONT);  // killed by the launcher by now; harmless if not
+    }
+
+    double mean = 0;
+    for (std::size_t i = 0; i < streams.size(); ++i) {
+      auto& s = *streams[i];
+      s.thread.join();
+      CAPTURE(i, s.error);
+      CHECK(s.error.empty());
+      CHECK(s.done);
+      CHECK(s.text == expected[i]);
+      mean += seconds(s.ended - s.started) / kStreams;
+    }
+    for (const auto& f : faults) {
+      double pause = 0;
+      for (auto& s : streams)
+        if (const auto p = s->pause_across(f.at)) pause = std::max(pause, *p);
+      WARN("seed " << seed << ": " << (f.freeze ? "SIGSTOP" : "SIGKILL") << " of " << f.node << " (" << f.what
+                   << "): detected after " << (f.detected ? seconds(*f.detected - f.at) : -1.0)
+                   << " s, serving again after " << seconds(*f.served - f.at)
+                   << " s, next token of the stream that waited longest after " << pause << " s");
+    }
+    WARN("seed " << seed << ": mean request time " << mean << " s against " << undisturbed_mean
+                 << " s undisturbed (added " << mean - undisturbed_mean << " s per request)");
+    // The next seed starts on a whole cluster.
+    const auto wait_from = clock_type::now();
+    while (!ready(server) && clock_type::now() - wait_from < 60s) std::this_thread::sleep_for(100ms);
+    REQUIRE(ready(server));
+  }
+  CHECK(server.terminate(30s) == 0);
+}

@@ -15,6 +15,7 @@
 
 #include <cstdio>
 
+#include <atomic>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -38,6 +39,13 @@ struct node_process::impl {
   bool seeking = false;
   std::chrono::steady_clock::time_point seek_deadline;
   std::chrono::steady_clock::time_point last_watch;
+  // Set by the supervisor's `superseded` event: another head took over while this one was
+  // frozen or cut off.
+  std::shared_ptr<std::atomic<bool>> superseded = std::make_shared<std::atomic<bool>>(false);
+  // When the supervisor last declared a node dead (steady clock, ms): a head that woke up
+  // after its standby took over finds its nodes gone; it then asks the standby.
+  std::shared_ptr<std::atomic<std::int64_t>> node_down_at = std::make_shared<std::atomic<std::int64_t>>(-1);
+  std::chrono::steady_clock::time_point last_probe;
 
   ~impl() {
     if (system) {
@@ -66,7 +74,7 @@ struct node_process::impl {
     return {};
   }
   void become_head(const std::string& takeover_from);
-  bool in_charge(const std::string& node);
+  std::optional<std::uint64_t> in_charge(const std::string& node);
   std::optional<shoal::error> join(const std::string& target, std::chrono::milliseconds timeout);
 };
 
@@ -127,22 +135,37 @@ void node_process::impl::become_head(const std::string& takeover_from) {
                         .replace_after = std::chrono::seconds(c.replace_after_s),
                         .load_window = std::chrono::seconds(c.load_window_s),
                         .admin_token = read_admin_token(c), .admin_audit_log = c.admin_audit_log,
-                        .on_event = options.on_event, .key = options.key, .node = options.node,
+                        .on_event =
+                            [forward = options.on_event, flag = superseded, down = node_down_at](const std::string& event) {
+                              if (event.find("\"event\":\"superseded\"") != std::string::npos) flag->store(true);
+                              if (event.find("\"event\":\"node_down\"") != std::string::npos)
+                                down->store(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                std::chrono::steady_clock::now().time_since_epoch())
+                                                .count());
+                              if (forward) forward(event);
+                            },
+                        .key = options.key, .node = options.node,
                         .takeover_from = takeover_from, .epoch = book->epoch()};
   supervisor = system->spawn(make_supervisor, so, book, router);
   book->register_actor({options.node, actor_ids::supervisor}, caf::actor_cast<caf::actor>(supervisor));
   head = true;
   active_head = options.node;
+  book->set_head(options.node);
 }
 
-// Whether `node` runs a supervisor now (it answers a status request).
-bool node_process::impl::in_charge(const std::string& node) {
+// The placement epoch of `node`'s supervisor if it runs one now (it answers a status request).
+std::optional<std::uint64_t> node_process::impl::in_charge(const std::string& node) {
   caf::scoped_actor self{*system};
   auto target = caf::actor_cast<supervisor_actor>(book->resolve({node, actor_ids::supervisor}));
-  bool answered = false;
+  std::optional<std::uint64_t> epoch;
   self->request(target, std::chrono::seconds(3), status_atom::value)
-      .receive([&](std::string&) { answered = true; }, [&](caf::error&) {});
-  return answered;
+      .receive(
+          [&](std::string& status) {
+            const auto j = nlohmann::json::parse(status, nullptr, false);
+            epoch = j.is_object() ? j.value("epoch", std::uint64_t{0}) : 0;
+          },
+          [&](caf::error&) {});
+  return epoch;
 }
 
 // One join attempt at `target`'s supervisor; nothing on success, else why it failed.
@@ -159,7 +182,10 @@ std::optional<shoal::error> node_process::impl::join(const std::string& target, 
   bool joined = false;
   self->request(supervisor_handle, timeout, join_atom::value, request, agent)
       .receive([&](std::uint64_t) { joined = true; }, [&](caf::error& e) { failure = from_caf_error(e); });
-  if (joined) active_head = target;
+  if (joined) {
+    active_head = target;
+    book->set_head(target);
+  }
   return failure;
 }
 
@@ -244,12 +270,27 @@ bool node_process::watch() {
   const auto now = std::chrono::steady_clock::now();
   const auto since_last = now - s.last_watch;
   s.last_watch = now;
-  if (s.head) return true;
   const auto& cluster = s.options.cluster;
+  if (s.head) {
+    const auto down_at = std::chrono::steady_clock::time_point(std::chrono::milliseconds(s.node_down_at->load()));
+    if (!s.superseded->load() && !s.peer_head().empty() && s.node_down_at->load() >= 0 &&
+        now - down_at < std::chrono::seconds(30) && now - s.last_probe > std::chrono::seconds(1)) {
+      // Nodes lost: maybe this process was frozen or cut off and the standby took over.
+      s.last_probe = now;
+      // Both may run a supervisor for a moment (this one woke up): the newer placement epoch
+      // wins, and a takeover always starts a newer one than the head it replaced could reach.
+      if (const auto theirs = s.in_charge(s.peer_head()); theirs && *theirs > s.book->epoch()) s.superseded->store(true);
+    }
+    if (!s.superseded->load()) return true;
+    fmt::print(stderr, "[node {}] the nodes answer that another head took over while this one was frozen or cut off: "
+                       "stopping (started again, it joins the new head)\n", s.options.node);
+    return false;
+  }
   if (s.seeking) {
     // The standby takes over once it sees the head gone too: until then joins find no
     // supervisor there.
-    if (const auto failure = s.join(s.active_head, std::chrono::seconds(5)); !failure) {
+    const auto target = s.active_head;
+    if (const auto failure = s.join(target, std::chrono::seconds(5)); !failure) {
       s.seeking = false;
       fmt::print(stderr, "[node {}] joined the new head {}\n", s.options.node, s.active_head);
       return true;
@@ -258,6 +299,9 @@ bool node_process::watch() {
                  s.options.timeouts.ready_timeout.count(), failure->what());
       return false;
     }
+    // The other one may be in charge after all (the one that seemed gone woke up first).
+    if (const auto other = target == cluster.head ? cluster.standby : cluster.head; other != s.options.node)
+      s.active_head = other;
     return true;
   }
   // A watcher that was itself stalled (a loaded machine) lets the transport catch up first.

@@ -666,6 +666,11 @@ bool remote_fabric::connected(const std::string& node) {
   return peers_.count(node) > 0;
 }
 
+void remote_fabric::set_head(const std::string& node) {
+  std::lock_guard lock(mutex_);
+  head_now_ = node;
+}
+
 std::optional<std::chrono::steady_clock::time_point> remote_fabric::last_heard(const std::string& node) {
   std::lock_guard lock(mutex_);
   const auto it = heard_.find(node);
@@ -1053,6 +1058,24 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         }
         // A ping from the supervisor, answered here rather than by an actor: it proves this
         // process and its transport make progress, whatever its actors are busy with.
+        if (!options_.standby.empty() && (in.sender.node == options_.head || in.sender.node == options_.standby)) {
+          std::string now;
+          {
+            std::lock_guard lock(mutex_);
+            now = head_now_;
+          }
+          if (!now.empty() && now != in.sender.node) {
+            // A head that was replaced while it was frozen or cut off: its evictions and
+            // epochs must not count here, and it must learn that it is not the head.
+            count_refusal(refusal::not_permitted);
+            auto m = envelope({options_.node, in.receiver}, in.sender, in.correlation, epoch());
+            encode_error(m, shoal::error(errc::failed_precondition,
+                                         fmt::format("node {} took over as head; {} is not the head any more", now,
+                                                     in.sender.node)));
+            send_to_peer(peer, std::move(m));
+            return;
+          }
+        }
         observe_epoch(env.getEpoch(), h.getFence());
         for (auto name : h.getEvicted())
           if (std::string(name.cStr()) != options_.node) evict(name.cStr(), env.getEpoch());

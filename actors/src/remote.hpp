@@ -62,6 +62,9 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   /// When the last message from `node` arrived (any kind; the head's heartbeats come every
   /// interval), or nothing if none did.
   std::optional<std::chrono::steady_clock::time_point> last_heard(const std::string& node);
+  /// The head this node belongs to now (of the config's head and standby). Heartbeats of the
+  /// other one are refused: a head that was frozen and replaced learns so from its nodes.
+  void set_head(const std::string& node);
   /// Connects to `host:port` now and records the peer under the name it announced.
   std::string connect(const std::string& host, std::uint16_t port);
 
@@ -106,7 +109,8 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   std::map<std::pair<std::string, std::uint64_t>, caf::actor> proxies_;
   std::map<std::uint64_t, caf::actor> pending_;       // correlation -> proxy
   std::set<std::pair<std::string, std::uint64_t>> evictions_;
-  std::map<std::string, std::chrono::steady_clock::time_point> heard_;  // by node name  // (node, epoch) already evicted
+  std::map<std::string, std::chrono::steady_clock::time_point> heard_;  // by node name
+  std::string head_now_;  // set_head  // (node, epoch) already evicted
   std::mutex connect_mutex_;
   std::atomic<std::uint64_t> correlation_{0};
   std::atomic<std::uint64_t> epoch_{0};

@@ -27,6 +27,14 @@ namespace {
 using self_ptr = supervisor_actor::stateful_pointer<supervisor_state>;
 using clock_type = std::chrono::steady_clock;
 
+// A head that takes over starts a new term: the upper 32 bits of the epoch count takeovers,
+// so that no epoch of the head it replaced (which may still be bumping its own, frozen or
+// cut off) can reach those of the new one.
+std::uint64_t next_term(std::uint64_t epoch) {
+  constexpr std::uint64_t term = std::uint64_t{1} << 32;
+  return (epoch / term + 1) * term;
+}
+
 void emit(self_ptr self, nlohmann::json event) {
   auto& st = self->state;
   event["epoch"] = st.epoch;
@@ -295,7 +303,19 @@ void send_heartbeats(self_ptr self) {
               for (std::size_t i = 0; i < answer.served_actor.size() && i < answer.served_rows.size(); ++i)
                 m.served[answer.served_actor[i]] = answer.served_rows[i];
             },
-            [](caf::error&) {});  // counted by the missing answer, not by the error
+            [self](caf::error& e) {
+              // Counted by the missing answer, not by the error; except a node's word that
+              // another head took over while this one was frozen or cut off.
+              const auto err = from_caf_error(e);
+              auto& st = self->state;
+              if (err.code() == errc::failed_precondition && !st.superseded &&
+                  std::string_view(err.what()).find("took over as head") != std::string_view::npos) {
+                st.superseded = true;
+                st.serving = false;
+                st.degraded = err.what();
+                emit(self, {{"event", "superseded"}, {"reason", err.what()}});
+              }
+            });
   }
 }
 
@@ -1031,7 +1051,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
     // actors are failed like a dead node's, and nothing of the old head's epochs counts.
     st.served = true;
     st.healing = true;
-    st.epoch = st.options.epoch + 1;
+    st.epoch = next_term(st.options.epoch);
     st.fence = st.epoch;
     st.book->observe_epoch(st.epoch, st.fence);
     auto& m = st.members[old];
@@ -1090,11 +1110,26 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         }
         const bool rejoin = m.down;
         if (rejoin) ++m.restarts;
-        // A head that took over starts above every epoch a node has seen.
-        if (info.epoch >= st.epoch && !st.wiring) {
-          st.epoch = info.epoch + 1;
-          st.fence = st.epoch;
-          st.book->observe_epoch(st.epoch, st.fence);
+        if (info.epoch > st.epoch) {
+          if (!st.options.takeover_from.empty() && st.fresh_router && !st.wiring) {
+            // A head that takes over starts above every epoch a node has seen.
+            st.epoch = next_term(info.epoch);
+            st.fence = st.epoch;
+            st.book->observe_epoch(st.epoch, st.fence);
+          } else {
+            // The node follows a newer head: this one was frozen or cut off while the other
+            // took over.
+            const auto why = fmt::format("node {} has seen placement epoch {}, newer than this head's {}: another "
+                                         "node took over as head",
+                                         info.node, info.epoch, st.epoch);
+            if (!st.superseded) {
+              st.superseded = true;
+              st.serving = false;
+              st.degraded = why;
+              emit(self, {{"event", "superseded"}, {"reason", why}});
+            }
+            return to_caf_error(errc::failed_precondition, why);
+          }
         }
         m.agent = std::move(agent);
         m.info = std::move(info);

@@ -79,6 +79,13 @@ TEST_CASE("a good cluster config parses with everything in place") {
   CHECK_NOTHROW(shoal::config::validate_against_model(copy, model(6, 32)));
 }
 
+TEST_CASE("a standby head is optional and names another node") {
+  CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").standby.empty());
+  const auto c = parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\nhead: a\nstandby: c"), "cluster.yaml", "/base");
+  CHECK(c.head == "a");
+  CHECK(c.standby == "c");
+}
+
 TEST_CASE("join_secret_file is resolved against the config's directory") {
   CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").join_secret_file.empty());
   CHECK(parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: secrets/join"), "cluster.yaml", "/base")
@@ -222,6 +229,9 @@ TEST_CASE("every refusal of a cluster config names the file and the line") {
   refused(replace(kGood, "  - name: c\n", "  - name: c\n    ? [x, y]\n    : 1\n"), "cluster.yaml:10: a key in a node must be a string");
   refused(replace(kGood, "  - name: c\n    port: 7001", "  - c"), "cluster.yaml:9: a node must be a mapping");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nhead: z"), "cluster.yaml:2: head: unknown node 'z' (nodes: a, b, c)");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nstandby: z"), "cluster.yaml:2: standby: unknown node 'z' (nodes: a, b, c)");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nhead: b\nstandby: b"),
+          "cluster.yaml:3: standby: 'b' is the head; the standby must be another node");
   const std::string before_plan = std::string(kGood).substr(0, std::string(kGood).find("plan:"));
   refused(before_plan, "cluster.yaml:1: missing key 'plan' (pipeline stages and expert placement)");
   refused(before_plan + "plan: [1]\n", "cluster.yaml:11: plan must be a mapping");

@@ -317,3 +317,104 @@ TEST_CASE("chaos: 50 greedy streams lose nothing across SIGKILL of an expert nod
   }
   CHECK(server.terminate(30s) == 0);
 }
+
+namespace {
+
+// `shoal node --config CONFIG --name NAME` started by hand (as systemd would on a machine of
+// its own: nobody kills it when the head declares it dead), its output in a log file.
+class hand_started_node {
+ public:
+  hand_started_node(const fs::path& config, const std::string& name) : log_(kWork / ("hand-" + name + ".log")) {
+    fs::remove(log_);
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      const int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+      std::vector<std::string> args{SHOAL_BINARY, "node", "--config", config.string(), "--name", name, "--transports", "tcp"};
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(SHOAL_BINARY, argv.data());
+      ::_exit(127);
+    }
+  }
+  ~hand_started_node() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGCONT);
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+  }
+  pid_t pid() const { return pid_; }
+  std::string log() const { return slurp(log_); }
+  // Waits up to `limit` for `needle` in its output.
+  bool says(const std::string& needle, std::chrono::seconds limit) const {
+    const auto end = clock_type::now() + limit;
+    while (clock_type::now() < end) {
+      if (log().find(needle) != std::string::npos) return true;
+      std::this_thread::sleep_for(50ms);
+    }
+    return false;
+  }
+  // Its exit status once it exited within `limit`, or -1.
+  int exit_within(std::chrono::seconds limit) {
+    const auto end = clock_type::now() + limit;
+    while (clock_type::now() < end) {
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+      std::this_thread::sleep_for(50ms);
+    }
+    return -1;
+  }
+
+ private:
+  fs::path log_;
+  pid_t pid_ = -1;
+};
+
+}  // namespace
+
+TEST_CASE("a head frozen until its standby took over learns so from its nodes when it wakes, and stops",
+          "[gateway][e2e][cluster][chaos]") {
+  const auto model = tiny_model();
+  const auto config = kWork / "hand.yaml";
+  {
+    std::ofstream out(config);
+    out << "model: " << model.string() << "\nthreads: 1\nready_timeout_s: 120\nnodes:\n";
+    for (const char* n : {"stage0", "stage1", "experts0"})
+      out << "  - {name: " << n << ", host: 127.0.0.1, port: " << shoal::testing::free_port() << "}\n";
+    out << R"(head: stage0
+standby: stage1
+plan:
+  stages:
+    - {node: stage0, layers: 0-1}
+    - {node: stage1, layers: 2-3}
+  experts:
+    - {node: experts0, experts: 0-15}
+)";
+  }
+  hand_started_node head(config, "stage0"), standby(config, "stage1"), experts(config, "experts0");
+  INFO(head.log() << standby.log() << experts.log());
+  REQUIRE(head.says("\"ready\":true", 120s));
+
+  REQUIRE(::kill(head.pid(), SIGSTOP) == 0);
+  REQUIRE(standby.says("\"event\":\"head_takeover\"", 30s));
+  REQUIRE(experts.says("joined the new head stage1", 30s));
+  // The new head waits for the old head's stage; the frozen process wakes up meanwhile.
+  REQUIRE(::kill(head.pid(), SIGCONT) == 0);
+  const auto woke = clock_type::now();
+  const int status = head.exit_within(30s);
+  INFO(head.log());
+  CHECK(status == 0);
+  CHECK(head.log().find("another head took over while this one was frozen or cut off") != std::string::npos);
+  WARN("the woken head stopped " << seconds(clock_type::now() - woke) << " s after SIGCONT");
+  // Started again (as a supervisor would), it joins the new head as its standby, and the
+  // cluster serves: the standby's ready answer comes from a head that heals.
+  hand_started_node again(config, "stage0");
+  CHECK(again.says("\"event\":\"standby\"", 60s));
+  CHECK(standby.says("\"event\":\"recovered\"", 120s));
+}

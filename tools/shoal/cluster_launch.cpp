@@ -176,6 +176,9 @@ void launched_cluster::on_head_line(const std::string& line, const std::string& 
   } else if (kind == "head_takeover") {
     fmt::print(stderr, "{} node {} took over as head from {} (placement epoch {})\n", prefix_, node,
                event.value("from", ""), event.value("epoch", 0));
+  } else if (kind == "superseded") {
+    fmt::print(stderr, "{} node {} was replaced as head while it was frozen or cut off ({}); it stops\n", prefix_, from,
+               event.value("reason", ""));
   } else if (kind == "standby") {
     fmt::print(stderr, "{} node {} found {} in charge and joined it as its standby\n", prefix_, node,
                event.value("head", ""));

@@ -149,6 +149,7 @@ struct supervisor_state {
   std::uint64_t recoveries = 0;                  ///< Times it served again after a failure.
   bool healing = false;                          ///< A node died or rejoined and the placement is not whole yet.
   bool fresh_router = true;                      ///< No placement acknowledged yet: the first one fences all before it.
+  bool superseded = false;                       ///< A node said another head took over (this one was frozen or cut off).
   std::uint64_t heartbeat_sequence = 0;          ///< Heartbeats sent.
   std::vector<std::string> evicted;              ///< Nodes dead in the current epoch.
   std::chrono::steady_clock::time_point last_heartbeat; ///< When the last round went out.

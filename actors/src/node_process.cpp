@@ -307,7 +307,9 @@ bool node_process::watch() {
   // A watcher that was itself stalled (a loaded machine) lets the transport catch up first.
   if (since_last > s.patience() / 2) return true;
   const auto heard = s.book->last_heard(s.active_head);
-  const bool silent = cluster.heartbeat_ms > 0 && heard && now - *heard > s.patience();
+  // Silence matters only when a standby can take over: without one, a head that is merely
+  // slow (a loaded machine) is better waited for than left.
+  const bool silent = !cluster.standby.empty() && cluster.heartbeat_ms > 0 && heard && now - *heard > s.patience();
   const bool lost = !s.book->connected(s.active_head) || silent;
   if (!lost) return true;
   const auto why = silent ? fmt::format("silent for {} ms", std::chrono::duration_cast<std::chrono::milliseconds>(now - *heard).count())

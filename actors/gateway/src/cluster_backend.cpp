@@ -225,6 +225,8 @@ class cluster_backend final : public backend {
       s.cached_prompt_tokens = sched.at("cached_prompt_tokens").get<std::uint64_t>();
       s.cluster.replayed_requests = sched.at("replayed_requests").get<std::uint64_t>();
       s.cluster.failed_steps = sched.at("failed_steps").get<std::uint64_t>();
+      s.cluster.resumed_requests = sched.value("resumed_requests", std::uint64_t{0});
+      s.cluster.head_failovers = client_.failovers();
       s.cluster.epoch = status_.at("epoch").get<std::uint64_t>();
       if (status_.contains("routed_tokens")) s.expert_tokens = status_.at("routed_tokens").get<std::vector<std::uint64_t>>();
       s.cluster.recoveries = status_.at("recoveries").get<std::uint64_t>();

@@ -110,6 +110,12 @@ std::string metrics::render(const runtime::engine_stats& e, std::int64_t in_flig
            "Requests recomputed from their prompt and streamed tokens after a failed step.", e.cluster.replayed_requests);
     series("shoal_cluster_failed_steps_total", "counter", "Pipeline steps abandoned because a node failed.",
            e.cluster.failed_steps);
+    series("shoal_cluster_head_failovers_total", "counter",
+           "Times this gateway moved its streams to another head (the head died, froze or its connection failed).",
+           e.cluster.head_failovers);
+    series("shoal_cluster_resumed_requests_total", "counter",
+           "Requests the head in charge took over from a gateway with the tokens already streamed (head failovers).",
+           e.cluster.resumed_requests);
     series("shoal_cluster_refused_peers_total", "counter",
            "Connections the head node refused because they did not prove the cluster's join secret.",
            e.cluster.refused_peers);

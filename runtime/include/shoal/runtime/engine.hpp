@@ -95,6 +95,8 @@ struct engine_stats {
     /// load window (1 is balanced; 0 when unmeasured or without expert nodes).
     double expert_imbalance = 0;
     std::uint64_t refused_peers = 0;       ///< Connections the head refused: no or another join secret.
+    std::uint64_t head_failovers = 0;      ///< Times the gateway moved its streams to another head.
+    std::uint64_t resumed_requests = 0;    ///< Requests the head in charge took over with tokens a client had.
   } cluster;
 };
 

@@ -15,6 +15,7 @@
 #include <random>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 namespace shoal {
 
@@ -176,14 +177,48 @@ std::uint64_t client::failovers() const { return impl_->failovers.load(); }
 
 namespace {
 
-// Whether the supervisor of `node` answers (it is the head in charge).
-bool answers(caf::actor_system& system, actors::remote_fabric& remote, const std::string& node,
-             std::chrono::milliseconds timeout) {
+// The placement epoch of `node`'s supervisor if it answers (it runs one), else nothing.
+std::optional<std::uint64_t> head_epoch(caf::actor_system& system, actors::remote_fabric& remote, const std::string& node,
+                                        std::chrono::milliseconds timeout) {
   caf::scoped_actor self{system};
   auto target = caf::actor_cast<actors::supervisor_actor>(remote.resolve({node, actors::actor_ids::supervisor}));
-  bool ok = false;
-  self->request(target, timeout, actors::status_atom::value).receive([&](std::string&) { ok = true; }, [&](caf::error&) {});
-  return ok;
+  std::optional<std::uint64_t> epoch;
+  self->request(target, timeout, actors::status_atom::value)
+      .receive(
+          [&](std::string& status) {
+            const auto j = nlohmann::json::parse(status, nullptr, false);
+            epoch = j.is_object() ? j.value("epoch", std::uint64_t{0}) : 0;
+          },
+          [&](caf::error&) {});
+  return epoch;
+}
+
+// The head in charge among `heads`: of those whose supervisor answers, the one with the newest
+// placement epoch (a head that woke up after its standby took over is older). Empty if none.
+std::string find_head(caf::actor_system& system, actors::remote_fabric& remote, const std::vector<head_endpoint>& heads,
+                      std::chrono::milliseconds timeout, std::optional<shoal::error>& last) {
+  std::string best;
+  std::uint64_t newest = 0;
+  for (const auto& h : heads) {
+    std::string node;
+    try {
+      node = remote.connect(h.host, h.port);
+    } catch (const shoal::error& e) {
+      last = e;
+      continue;
+    }
+    if (heads.size() == 1) return node;  // nothing to choose from: its connection is enough
+    const auto epoch = head_epoch(system, remote, node, timeout);
+    if (!epoch) {
+      last = shoal::error(errc::unavailable, fmt::format("{}:{} ({}) runs no supervisor now", h.host, h.port, node));
+      continue;
+    }
+    if (best.empty() || *epoch > newest) {
+      best = node;
+      newest = *epoch;
+    }
+  }
+  return best;
 }
 
 }  // namespace
@@ -230,14 +265,8 @@ bool client::impl::fail_over(bool connection_lost) {
     std::lock_guard route(route_mutex);
     return head_node;
   }();
-  for (const auto& h : heads) {
-    std::string node;
-    try {
-      node = remote->connect(h.host, h.port);
-    } catch (const shoal::error&) {
-      continue;
-    }
-    if (!answers(*system, *remote, node, std::chrono::seconds(3))) continue;
+  std::optional<shoal::error> ignored;
+  if (const auto node = find_head(*system, *remote, heads, std::chrono::seconds(3), ignored); !node.empty()) {
     // The same head answering after a missed ping (a slow machine): its requests still run.
     if (node == old && !connection_lost) return true;
     ++failovers;
@@ -304,21 +333,8 @@ std::unique_ptr<client> client::connect(const std::vector<head_endpoint>& heads,
   };
   state->remote = std::make_shared<actors::remote_fabric>(*state->system, o);
   state->remote->start();
-  // The first head that answers; with one address, its connection is enough (the status
-  // request comes later, from whoever needs it).
-  std::string head;
   std::optional<shoal::error> last;
-  for (const auto& h : heads) {
-    try {
-      head = state->remote->connect(h.host, h.port);
-    } catch (const shoal::error& e) {
-      last = e;
-      continue;
-    }
-    if (heads.size() == 1 || answers(*state->system, *state->remote, head, timeout)) break;
-    last = shoal::error(errc::unavailable, fmt::format("{}:{} ({}) runs no supervisor now", h.host, h.port, head));
-    head.clear();
-  }
+  const auto head = find_head(*state->system, *state->remote, heads, timeout, last);
   if (head.empty()) throw *last;
   state->head_node = head;
   state->sink = state->system->spawn(make_client_sink, state->box);

@@ -145,7 +145,8 @@ void node_process::impl::become_head(const std::string& takeover_from) {
                               if (forward) forward(event);
                             },
                         .key = options.key, .node = options.node,
-                        .takeover_from = takeover_from, .epoch = book->epoch()};
+                        .takeover_from = takeover_from, .epoch = book->epoch(),
+                        .adopt = takeover_from.empty() ? std::string() : book->head_state()};
   supervisor = system->spawn(make_supervisor, so, book, router);
   book->register_actor({options.node, actor_ids::supervisor}, caf::actor_cast<caf::actor>(supervisor));
   head = true;

@@ -270,6 +270,7 @@ void encode(transport::outgoing_message& m, const heartbeat& h, const std::strin
   for (unsigned i = 0; i < h.served_actor.size(); ++i) actors.set(i, h.served_actor[i]);
   auto rows = b.initServedRows(static_cast<unsigned>(h.served_rows.size()));
   for (unsigned i = 0; i < h.served_rows.size(); ++i) rows.set(i, h.served_rows[i]);
+  b.setHeadState(h.head_state);
 }
 
 void encode(transport::outgoing_message& m, const retire_actor_cmd& c) {
@@ -664,6 +665,11 @@ std::string remote_fabric::connect(const std::string& host, std::uint16_t port) 
 bool remote_fabric::connected(const std::string& node) {
   std::lock_guard lock(mutex_);
   return peers_.count(node) > 0;
+}
+
+std::string remote_fabric::head_state() {
+  std::lock_guard lock(mutex_);
+  return head_state_;
 }
 
 void remote_fabric::set_head(const std::string& node) {
@@ -1077,6 +1083,10 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
           }
         }
         observe_epoch(env.getEpoch(), h.getFence());
+        if (h.getHeadState().size() > 0) {
+          std::lock_guard lock(mutex_);
+          head_state_ = h.getHeadState().cStr();
+        }
         for (auto name : h.getEvicted())
           if (std::string(name.cStr()) != options_.node) evict(name.cStr(), env.getEpoch());
         heartbeat answer_beat;

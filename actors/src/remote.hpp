@@ -65,6 +65,8 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   /// The head this node belongs to now (of the config's head and standby). Heartbeats of the
   /// other one are refused: a head that was frozen and replaced learns so from its nodes.
   void set_head(const std::string& node);
+  /// The latest placement the head sent this node as its standby (JSON), or "".
+  std::string head_state();
   /// Connects to `host:port` now and records the peer under the name it announced.
   std::string connect(const std::string& host, std::uint16_t port);
 
@@ -110,7 +112,8 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   std::map<std::uint64_t, caf::actor> pending_;       // correlation -> proxy
   std::set<std::pair<std::string, std::uint64_t>> evictions_;
   std::map<std::string, std::chrono::steady_clock::time_point> heard_;  // by node name
-  std::string head_now_;  // set_head  // (node, epoch) already evicted
+  std::string head_now_;  // set_head
+  std::string head_state_;  // head_state  // (node, epoch) already evicted
   std::mutex connect_mutex_;
   std::atomic<std::uint64_t> correlation_{0};
   std::atomic<std::uint64_t> epoch_{0};

@@ -275,6 +275,61 @@ void place(self_ptr self) {
   if (!st.serving || unwired || st.rewire) wire(self);
 }
 
+// The node that takes over if this head fails: the config's standby, or after a takeover the
+// config's head (it comes back as the standby); "" without a standby.
+std::string standby_of(const supervisor_state& st) {
+  const auto& c = st.options.cluster;
+  if (c.standby.empty()) return {};
+  return st.options.node == c.head ? c.standby : c.head;
+}
+
+// What a standby needs to take over with the placement as operators and failures left it.
+std::string placement_state(const supervisor_state& st) {
+  nlohmann::json j;
+  auto& stages = j["stages"] = nlohmann::json::array();
+  for (const auto& s : st.stages) stages.push_back(s.address.node);
+  auto& groups = j["groups"] = nlohmann::json::array();
+  for (const auto& g : st.options.cluster.expert_groups)
+    groups.push_back({{"node", g.node}, {"experts", g.experts}, {"copy", g.copy}});
+  for (std::size_t k = 0; k < st.experts.size() && k < groups.size(); ++k) groups[k]["node"] = st.experts[k].address.node;
+  j["drained"] = std::vector<std::string>(st.drained.begin(), st.drained.end());
+  return j.dump();
+}
+
+// Takes over the placement the old head sent (see `placement_state`); entries naming nodes
+// the config does not have are ignored.
+void adopt_placement(supervisor_state& st, const std::string& text) {
+  const auto j = nlohmann::json::parse(text, nullptr, false);
+  if (!j.is_object()) return;
+  auto known = [&](const nlohmann::json& node) { return node.is_string() && st.members.contains(node.get<std::string>()); };
+  if (j.contains("stages") && j["stages"].is_array() && j["stages"].size() == st.stages.size())
+    for (std::size_t i = 0; i < st.stages.size(); ++i)
+      if (known(j["stages"][i])) st.stages[i].address.node = j["stages"][i].get<std::string>();
+  auto& groups = st.options.cluster.expert_groups;
+  if (j.contains("groups") && j["groups"].is_array() && j["groups"].size() >= groups.size()) {
+    for (std::size_t k = 0; k < j["groups"].size(); ++k) {
+      const auto& g = j["groups"][k];
+      if (!g.is_object() || !known(g.value("node", nlohmann::json())) || !g.contains("experts") || !g["experts"].is_array())
+        return;
+      config::expert_group_spec spec{.node = g["node"].get<std::string>(),
+                                     .experts = g["experts"].get<std::vector<std::int64_t>>(),
+                                     .line = k < groups.size() ? groups[k].line : 0,
+                                     .copy = g.value("copy", 0)};
+      if (k < groups.size()) {
+        groups[k] = std::move(spec);
+        st.experts[k].address.node = groups[k].node;
+      } else {
+        st.experts.push_back({.address = {spec.node, actor_ids::first_expert + k}, .phase = placement_phase::pending,
+                              .error = {}});
+        groups.push_back(std::move(spec));
+      }
+    }
+  }
+  if (j.contains("drained") && j["drained"].is_array())
+    for (const auto& n : j["drained"])
+      if (known(n)) st.drained.insert(n.get<std::string>());
+}
+
 void send_heartbeats(self_ptr self) {
   auto& st = self->state;
   st.last_heartbeat = clock_type::now();
@@ -286,10 +341,13 @@ void send_heartbeats(self_ptr self) {
   st.rounds[beat.sequence] = st.last_heartbeat;
   while (st.rounds.size() > static_cast<std::size_t>(st.options.heartbeat_misses) + 2) st.rounds.erase(st.rounds.begin());
   const auto patience = st.options.heartbeat_interval * st.options.heartbeat_misses;
+  const auto standby = standby_of(st);
   for (auto& [name, m] : st.members) {
     if (!m.agent || m.down || !st.book->remote(name)) continue;
     const auto pid = m.info.pid;
-    self->request(m.agent, patience, beat)
+    auto one = beat;
+    if (name == standby) one.head_state = placement_state(st);
+    self->request(m.agent, patience, std::move(one))
         .then(
             [self, name = name, pid, round = beat.sequence](heartbeat& answer) {
               auto& st = self->state;
@@ -1051,6 +1109,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
     // actors are failed like a dead node's, and nothing of the old head's epochs counts.
     st.served = true;
     st.healing = true;
+    if (!st.options.adopt.empty()) adopt_placement(st, st.options.adopt);
     st.epoch = next_term(st.options.epoch);
     st.fence = st.epoch;
     st.book->observe_epoch(st.epoch, st.fence);

@@ -22,7 +22,10 @@
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <map>
+#include <optional>
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -448,4 +451,81 @@ plan:
   hand_started_node again(config, "stage0");
   CHECK(again.says("\"event\":\"standby\"", 60s));
   CHECK(standby.says("\"event\":\"recovered\"", 120s));
+}
+
+TEST_CASE("a standby that takes over keeps the placement the operator changed", "[gateway][e2e][cluster][chaos]") {
+  const auto model = tiny_model();
+  const auto config = kWork / "moved.yaml";
+  const auto token = kWork / "admin.token";
+  std::ofstream(token) << "an-admin-token-of-some-length\n";
+  std::map<std::string, std::uint16_t> ports;
+  {
+    std::ofstream out(config);
+    out << "model: " << model.string() << "\nthreads: 1\nready_timeout_s: 120\nadmin_token_file: " << token.string()
+        << "\nnodes:\n";
+    for (const char* n : {"stage0", "stage1", "experts0", "experts1"}) {
+      ports[n] = shoal::testing::free_port();
+      out << "  - {name: " << n << ", host: 127.0.0.1, port: " << ports[n] << "}\n";
+    }
+    out << R"(head: stage0
+standby: stage1
+plan:
+  stages:
+    - {node: stage0, layers: 0-1}
+    - {node: stage1, layers: 2-3}
+  experts:
+    - {node: experts0, experts: 0-7}
+    - {node: experts1, experts: 8-15}
+)";
+  }
+  auto admin = [&](const std::string& node, const std::string& args) {
+    return run(std::string(SHOAL_BINARY) + " admin " + args + " --cluster 127.0.0.1:" + std::to_string(ports[node]) +
+                   " --token-file " + token.string() + " --json",
+               120);
+  };
+  // Where each routed expert is served, from a head's status.
+  auto placement = [&](const std::string& node) {
+    const auto r = run(std::string(SHOAL_BINARY) + " admin status --json --cluster 127.0.0.1:" + std::to_string(ports[node]), 60);
+    INFO(r.out);
+    REQUIRE(r.exit_code == 0);
+    std::map<std::int64_t, std::set<std::string>> where;
+    const auto status = json::parse(r.out.substr(r.out.find('{')));
+    for (const auto& group : status["experts"])
+      for (const auto& e : group["experts"]) where[e.get<std::int64_t>()].insert(group["node"].get<std::string>());
+    return std::pair{where, status};
+  };
+  auto generate = [&](const std::string& node) {
+    const auto r = run(std::string(SHOAL_BINARY) + " generate --quiet --cluster 127.0.0.1:" + std::to_string(ports[node]) +
+                           " --tokens 1,2,3,4 --max-new-tokens 8",
+                       120);
+    INFO(r.out);
+    CHECK(r.exit_code == 0);
+    return r.out.substr(0, r.out.find("[generate]"));  // the token ids, not the progress line
+  };
+  std::optional<hand_started_node> head(std::in_place, config, "stage0");
+  hand_started_node standby(config, "stage1"), experts0(config, "experts0"), experts1(config, "experts1");
+  INFO(head->log() << standby.log());
+  REQUIRE(head->says("\"ready\":true", 120s));
+
+  const auto moved = admin("stage0", "move-expert 3 --to experts1");
+  INFO(moved.out);
+  REQUIRE(moved.exit_code == 0);
+  const auto drained = admin("stage0", "drain experts0");
+  INFO(drained.out);
+  REQUIRE(drained.exit_code == 0);
+  const auto [before, before_status] = placement("stage0");
+  CHECK(before.at(3) == std::set<std::string>{"experts1"});
+  CHECK(before.at(0) == std::set<std::string>{"experts1"});  // the drain moved the rest of experts0 too
+  const auto answer = generate("stage0");
+  std::this_thread::sleep_for(1500ms);  // a few heartbeats carry the placement to the standby
+
+  REQUIRE(::kill(head->pid(), SIGKILL) == 0);
+  head.reset();
+  REQUIRE(standby.says("\"event\":\"head_takeover\"", 30s));
+  hand_started_node again(config, "stage0");  // restarted, it joins stage1 as its standby
+  REQUIRE(standby.says("\"event\":\"recovered\"", 120s));
+  const auto [after, after_status] = placement("stage1");
+  CHECK(after == before);
+  CHECK(after_status["drained"] == json::array({"experts0"}));
+  CHECK(generate("stage1") == answer);  // and it serves, with the same greedy answer
 }

@@ -39,6 +39,7 @@ struct Heartbeat {
   fence @7 :UInt64;                     # Data messages of older epochs are refused (see PlacementTable).
   servedActor @8 :List(UInt64);         # Answer: this node's expert actors ...
   servedRows @9 :List(UInt64);          # ... and the rows each computed so far.
+  headState @10 :Text;                  # To the standby only: the head's placement (JSON), to take over with.
 }
 
 # Node -> supervisor, before an orderly shutdown (drain finished).

@@ -200,6 +200,9 @@ struct heartbeat {
   /// load of each copy).
   std::vector<std::uint64_t> served_actor;
   std::vector<std::uint64_t> served_rows;
+  /// To the standby head only: the placement as operators and failures left it (stage and
+  /// expert-group nodes, expert ids, drained nodes; JSON), so that a takeover keeps it.
+  std::string head_state;
 };
 
 /// Operator -> supervisor (`shoal admin`): a command that changes the cluster.
@@ -309,7 +312,8 @@ typename Inspector::result_type inspect(Inspector& f, join_request& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, heartbeat& x) {
-  return f(x.epoch, x.sequence, x.evicted, x.routed_index, x.routed_count, x.fence, x.served_actor, x.served_rows);
+  return f(x.epoch, x.sequence, x.evicted, x.routed_index, x.routed_count, x.fence, x.served_actor, x.served_rows,
+           x.head_state);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, admin_request& x) {

@@ -104,6 +104,9 @@ struct supervisor_options {
   /// re-placed after `replace_after`, and the placement epoch starts above `epoch`.
   std::string takeover_from = {};
   std::uint64_t epoch = 0;                         ///< Newest epoch seen before a takeover.
+  /// With `takeover_from`: the placement the old head last sent to this node as its standby
+  /// (stage and expert-group nodes, expert ids, drained nodes; JSON); empty: the config's plan.
+  std::string adopt = {};
 };
 
 /// State of the supervisor.

@@ -177,22 +177,6 @@ std::uint64_t client::failovers() const { return impl_->failovers.load(); }
 
 namespace {
 
-// The placement epoch of `node`'s supervisor if it answers (it runs one), else nothing.
-std::optional<std::uint64_t> head_epoch(caf::actor_system& system, actors::remote_fabric& remote, const std::string& node,
-                                        std::chrono::milliseconds timeout) {
-  caf::scoped_actor self{system};
-  auto target = caf::actor_cast<actors::supervisor_actor>(remote.resolve({node, actors::actor_ids::supervisor}));
-  std::optional<std::uint64_t> epoch;
-  self->request(target, timeout, actors::status_atom::value)
-      .receive(
-          [&](std::string& status) {
-            const auto j = nlohmann::json::parse(status, nullptr, false);
-            epoch = j.is_object() ? j.value("epoch", std::uint64_t{0}) : 0;
-          },
-          [&](caf::error&) {});
-  return epoch;
-}
-
 // The head in charge among `heads`: of those whose supervisor answers, the one with the newest
 // placement epoch (a head that woke up after its standby took over is older). Empty if none.
 std::string find_head(caf::actor_system& system, actors::remote_fabric& remote, const std::vector<head_endpoint>& heads,
@@ -208,7 +192,7 @@ std::string find_head(caf::actor_system& system, actors::remote_fabric& remote, 
       continue;
     }
     if (heads.size() == 1) return node;  // nothing to choose from: its connection is enough
-    const auto epoch = head_epoch(system, remote, node, timeout);
+    const auto epoch = actors::supervisor_epoch(system, remote, node, timeout);
     if (!epoch) {
       last = shoal::error(errc::unavailable, fmt::format("{}:{} ({}) runs no supervisor now", h.host, h.port, node));
       continue;

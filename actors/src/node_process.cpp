@@ -74,7 +74,6 @@ struct node_process::impl {
     return {};
   }
   void become_head(const std::string& takeover_from);
-  std::optional<std::uint64_t> in_charge(const std::string& node);
   std::optional<shoal::error> join(const std::string& target, std::chrono::milliseconds timeout);
 };
 
@@ -154,21 +153,6 @@ void node_process::impl::become_head(const std::string& takeover_from) {
   book->set_head(options.node);
 }
 
-// The placement epoch of `node`'s supervisor if it runs one now (it answers a status request).
-std::optional<std::uint64_t> node_process::impl::in_charge(const std::string& node) {
-  caf::scoped_actor self{*system};
-  auto target = caf::actor_cast<supervisor_actor>(book->resolve({node, actor_ids::supervisor}));
-  std::optional<std::uint64_t> epoch;
-  self->request(target, std::chrono::seconds(3), status_atom::value)
-      .receive(
-          [&](std::string& status) {
-            const auto j = nlohmann::json::parse(status, nullptr, false);
-            epoch = j.is_object() ? j.value("epoch", std::uint64_t{0}) : 0;
-          },
-          [&](caf::error&) {});
-  return epoch;
-}
-
 // One join attempt at `target`'s supervisor; nothing on success, else why it failed.
 std::optional<shoal::error> node_process::impl::join(const std::string& target, std::chrono::milliseconds timeout) {
   caf::scoped_actor self{*system};
@@ -229,7 +213,7 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   // The config's head leads unless its standby took over while it was away (it was restarted
   // after a failure): then it joins the standby and is the standby from now on.
   if (s.options.node == cluster.head) {
-    if (!cluster.standby.empty() && s.in_charge(cluster.standby)) {
+    if (!cluster.standby.empty() && supervisor_epoch(*s.system, *s.book, cluster.standby, std::chrono::seconds(3))) {
       if (s.options.on_event)
         s.options.on_event(nlohmann::json{{"event", "standby"}, {"node", s.options.node}, {"head", cluster.standby}}.dump());
       s.active_head = cluster.standby;
@@ -280,7 +264,8 @@ bool node_process::watch() {
       s.last_probe = now;
       // Both may run a supervisor for a moment (this one woke up): the newer placement epoch
       // wins, and a takeover always starts a newer one than the head it replaced could reach.
-      if (const auto theirs = s.in_charge(s.peer_head()); theirs && *theirs > s.book->epoch()) s.superseded->store(true);
+      const auto theirs = supervisor_epoch(*s.system, *s.book, s.peer_head(), std::chrono::seconds(3));
+      if (theirs && *theirs > s.book->epoch()) s.superseded->store(true);
     }
     if (!s.superseded->load()) return true;
     fmt::print(stderr, "[node {}] the nodes answer that another head took over while this one was frozen or cut off: "

@@ -4,6 +4,8 @@
 
 #include <shoal/transport/schema.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <caf/actor_cast.hpp>
 #include <caf/event_based_actor.hpp>
 #include <caf/exit_reason.hpp>
@@ -670,6 +672,21 @@ bool remote_fabric::connected(const std::string& node) {
 std::string remote_fabric::head_state() {
   std::lock_guard lock(mutex_);
   return head_state_;
+}
+
+std::optional<std::uint64_t> supervisor_epoch(caf::actor_system& system, remote_fabric& remote, const std::string& node,
+                                              std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{system};
+  auto target = caf::actor_cast<supervisor_actor>(remote.resolve({node, actor_ids::supervisor}));
+  std::optional<std::uint64_t> epoch;
+  self->request(target, timeout, status_atom::value)
+      .receive(
+          [&](std::string& status) {
+            const auto j = nlohmann::json::parse(status, nullptr, false);
+            epoch = j.is_object() ? j.value("epoch", std::uint64_t{0}) : 0;
+          },
+          [&](caf::error&) {});
+  return epoch;
 }
 
 void remote_fabric::set_head(const std::string& node) {

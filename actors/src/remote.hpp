@@ -46,6 +46,13 @@ struct remote_options {
   std::string join_secret;                           ///< The cluster's join secret; empty: none.
 };
 
+class remote_fabric;
+
+/// The placement epoch of `node`'s supervisor if it runs one now (it answers a status request
+/// within `timeout`), else nothing. Of two heads that both answer, the newer epoch is in charge.
+std::optional<std::uint64_t> supervisor_epoch(caf::actor_system& system, remote_fabric& remote, const std::string& node,
+                                              std::chrono::milliseconds timeout);
+
 class remote_fabric final : public fabric, public std::enable_shared_from_this<remote_fabric> {
  public:
   remote_fabric(caf::actor_system& system, remote_options options);

@@ -11,6 +11,7 @@
 #include "node_pid.hpp"
 #include "raw_http.hpp"
 #include "serve_process.hpp"
+#include "tiny_cluster.hpp"
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -41,39 +42,33 @@ const fs::path kWork = SHOAL_GATEWAY_WORK_DIR;
 constexpr int kStreams = 50;
 constexpr int kMaxTokens = 96;
 
-fs::path tiny_model() {
-  fs::create_directories(kWork);
-  const auto d = kWork / "tiny";
-  if (!fs::exists(d / "tokenizer.json")) {
-    fs::remove_all(d);
-    const auto r = run(std::string(SHOAL_BINARY) + " make-model --preset tiny --out " + d.string(), 300);
-    INFO(r.out);
-    REQUIRE(r.exit_code == 0);
+// A cluster config of the tiny model: the nodes (ports reserved for this process), head
+// stage0 with standby stage1, stages on stage0 and stage1, expert groups as given (YAML
+// lines), `extra` keys first. Returns each node's port.
+std::map<std::string, std::uint16_t> write_config(const fs::path& path, const std::vector<std::string>& nodes,
+                                                  const std::string& experts, const std::string& extra = {}) {
+  const auto model = tiny_model();
+  std::map<std::string, std::uint16_t> ports;
+  std::ofstream out(path);
+  out << "model: " << model.string() << "\nthreads: 1\nready_timeout_s: 120\n" << extra << "nodes:\n";
+  for (const auto& n : nodes) {
+    ports[n] = shoal::testing::free_port();
+    out << "  - {name: " << n << ", host: 127.0.0.1, port: " << ports[n] << "}\n";
   }
-  return d;
+  out << "head: stage0\nstandby: stage1\nplan:\n  stages:\n    - {node: stage0, layers: 0-1}\n"
+         "    - {node: stage1, layers: 2-3}\n  experts:\n"
+      << experts;
+  return ports;
 }
 
 fs::path chaos_config() {
-  const auto model = tiny_model();
   const auto p = kWork / "chaos.yaml";
-  std::ofstream out(p);
   // Every node is killed several times within a minute: a restart budget and a backoff
   // window sized for that (the defaults would, rightly, give up on such a node).
-  out << "model: " << model.string()
-      << "\nthreads: 1\nready_timeout_s: 120\nrestart_limit: 50\nrestart_window_s: 5\nnodes:\n";
-  for (const char* n : {"stage0", "stage1", "experts0", "experts1", "experts2"})
-    out << "  - {name: " << n << ", host: 127.0.0.1, port: " << shoal::testing::free_port() << "}\n";
-  out << R"(head: stage0
-standby: stage1
-plan:
-  stages:
-    - {node: stage0, layers: 0-1}
-    - {node: stage1, layers: 2-3}
-  experts:
-    - {node: experts0, experts: 0-5}
-    - {node: experts1, experts: 6-10}
-    - {node: experts2, experts: 11-15}
-)";
+  write_config(p, {"stage0", "stage1", "experts0", "experts1", "experts2"},
+               "    - {node: experts0, experts: 0-5}\n    - {node: experts1, experts: 6-10}\n"
+               "    - {node: experts2, experts: 11-15}\n",
+               "restart_limit: 50\nrestart_window_s: 5\n");
   return p;
 }
 
@@ -223,16 +218,6 @@ class log_watch {
 };
 
 double seconds(clock_type::duration d) { return std::chrono::duration<double>(d).count(); }
-
-// One series of the /metrics text, summed over its labels.
-double metric(const serve_process& s, const std::string& name) {
-  const auto r = run("curl -sS -m 10 " + s.url() + "/metrics", 15);
-  double total = 0;
-  std::istringstream lines(r.out);
-  for (std::string line; std::getline(lines, line);)
-    if (line.starts_with(name + " ") || line.starts_with(name + "{")) total += std::stod(line.substr(line.rfind(' ') + 1));
-  return total;
-}
 
 bool ready(const serve_process& s) { return run("curl -sS -m 10 -w ' %{http_code}' " + s.url() + "/ready", 15).out.ends_with(" 200"); }
 
@@ -414,23 +399,8 @@ class hand_started_node {
 
 TEST_CASE("a head frozen until its standby took over learns so from its nodes when it wakes, and stops",
           "[gateway][e2e][cluster][chaos]") {
-  const auto model = tiny_model();
   const auto config = kWork / "hand.yaml";
-  {
-    std::ofstream out(config);
-    out << "model: " << model.string() << "\nthreads: 1\nready_timeout_s: 120\nnodes:\n";
-    for (const char* n : {"stage0", "stage1", "experts0"})
-      out << "  - {name: " << n << ", host: 127.0.0.1, port: " << shoal::testing::free_port() << "}\n";
-    out << R"(head: stage0
-standby: stage1
-plan:
-  stages:
-    - {node: stage0, layers: 0-1}
-    - {node: stage1, layers: 2-3}
-  experts:
-    - {node: experts0, experts: 0-15}
-)";
-  }
+  write_config(config, {"stage0", "stage1", "experts0"}, "    - {node: experts0, experts: 0-15}\n");
   hand_started_node head(config, "stage0"), standby(config, "stage1"), experts(config, "experts0");
   INFO(head.log() << standby.log() << experts.log());
   REQUIRE(head.says("\"ready\":true", 120s));
@@ -454,30 +424,12 @@ plan:
 }
 
 TEST_CASE("a standby that takes over keeps the placement the operator changed", "[gateway][e2e][cluster][chaos]") {
-  const auto model = tiny_model();
   const auto config = kWork / "moved.yaml";
   const auto token = kWork / "admin.token";
   std::ofstream(token) << "an-admin-token-of-some-length\n";
-  std::map<std::string, std::uint16_t> ports;
-  {
-    std::ofstream out(config);
-    out << "model: " << model.string() << "\nthreads: 1\nready_timeout_s: 120\nadmin_token_file: " << token.string()
-        << "\nnodes:\n";
-    for (const char* n : {"stage0", "stage1", "experts0", "experts1"}) {
-      ports[n] = shoal::testing::free_port();
-      out << "  - {name: " << n << ", host: 127.0.0.1, port: " << ports[n] << "}\n";
-    }
-    out << R"(head: stage0
-standby: stage1
-plan:
-  stages:
-    - {node: stage0, layers: 0-1}
-    - {node: stage1, layers: 2-3}
-  experts:
-    - {node: experts0, experts: 0-7}
-    - {node: experts1, experts: 8-15}
-)";
-  }
+  auto ports = write_config(config, {"stage0", "stage1", "experts0", "experts1"},
+                            "    - {node: experts0, experts: 0-7}\n    - {node: experts1, experts: 8-15}\n",
+                            "admin_token_file: " + token.string() + "\n");
   auto admin = [&](const std::string& node, const std::string& args) {
     return run(std::string(SHOAL_BINARY) + " admin " + args + " --cluster 127.0.0.1:" + std::to_string(ports[node]) +
                    " --token-file " + token.string() + " --json",

@@ -263,16 +263,6 @@ struct sse_stream {
   }
 };
 
-// One series of the /metrics text, summed over its labels.
-double metric(const serve_process& s, const std::string& name) {
-  const auto r = run("curl -sS -m 10 " + s.url() + "/metrics", 15);
-  double total = 0;
-  std::istringstream lines(r.out);
-  for (std::string line; std::getline(lines, line);)
-    if (line.starts_with(name + " ") || line.starts_with(name + "{")) total += std::stod(line.substr(line.rfind(' ') + 1));
-  return total;
-}
-
 }  // namespace
 
 TEST_CASE("a node killed mid-stream costs the streams a pause, not a token; a frozen node is named by /ready and replaced",

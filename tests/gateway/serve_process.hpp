@@ -142,4 +142,14 @@ class serve_process {
   std::uint16_t port_ = 0;
 };
 
+// One series of a server's /metrics text, summed over its labels.
+inline double metric(const serve_process& s, const std::string& name) {
+  const auto r = run("curl -sS -m 10 " + s.url() + "/metrics", 15);
+  double total = 0;
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);)
+    if (line.starts_with(name + " ") || line.starts_with(name + "{")) total += std::stod(line.substr(line.rfind(' ') + 1));
+  return total;
+}
+
 }  // namespace shoal::gateway::testing

@@ -1229,6 +1229,8 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         // the join secret, and nodes the head dialed that could not prove it.
         j["refused_peers"] = st.book->refused_peers();
         j["config"] = st.options.cluster.source.string();
+        j["head"] = st.options.node;
+        j["standby"] = standby_of(st);
         j["heartbeat_ms"] = st.options.heartbeat_interval.count();
         j["drained"] = std::vector<std::string>(st.drained.begin(), st.drained.end());
         auto& nodes = j["nodes"] = nlohmann::json::array();
@@ -1238,6 +1240,11 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
                            {"restarts", m.restarts}, {"down_reason", m.down_reason}};
           if (m.agent && st.book->remote(name))
             n["last_heartbeat_ms"] = std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_seen).count();
+          // What the placement puts there (weights of its actors and a stage's latent cache,
+          // from the checkpoint's tensor sizes) against what the node offers (0: unknown).
+          const auto [placed, offered] = node_memory(st, name);
+          n["memory_placed_bytes"] = placed;
+          n["memory_offered_bytes"] = offered;
           nodes.push_back(std::move(n));
         }
         auto list = [](const std::vector<supervisor_state::placed>& v) {

@@ -252,13 +252,21 @@ TEST_CASE("shoal launch: 2 stages and 2 expert nodes as 4 processes match the si
   CHECK(status["serving"] == true);
   CHECK(status["nodes"].size() == 4);
   CHECK(status["stages"][1]["node"] == "stage1");
+  CHECK(status["head"] == "stage0");
+  for (const auto& n : status["nodes"]) {
+    CAPTURE(n.dump());
+    // Every node holds part of the placement; the OS reported what it offers at the join.
+    CHECK(n["memory_placed_bytes"].get<std::uint64_t>() > 0);
+    CHECK(n["memory_offered_bytes"].get<std::uint64_t>() > n["memory_placed_bytes"].get<std::uint64_t>());
+  }
   CHECK(status["scheduler"]["steps"].get<int>() > 0);
   std::uint64_t routed = 0;
   for (const auto& n : status["routed_tokens"]) routed += n.get<std::uint64_t>();
   CHECK(routed > 0);
   const auto [table, table_exit] = output_of(std::string(SHOAL_BINARY) + " admin status --cluster " + head);
   CHECK(table_exit == 0);
-  CHECK_THAT(table, Catch::Contains("serving") && Catch::Contains("experts1") && Catch::Contains("expert group 1"));
+  CHECK_THAT(table, Catch::Contains("serving") && Catch::Contains("experts1") && Catch::Contains("expert group 1") &&
+                        Catch::Contains("memory placed/offered"));
   CHECK(output_of(std::string(SHOAL_BINARY) + " admin status --cluster nowhere 2>/dev/null").second == 2);
   CHECK(c.launch->stop() == 0);
 }

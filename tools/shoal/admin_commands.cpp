@@ -101,13 +101,21 @@ void print_status(const nlohmann::json& s) {
     health += ": " + s["degraded"].get<std::string>();
   fmt::print("cluster {}  epoch {}  recoveries {}  refused connections {}\n{}\n\n", s.value("config", std::string()),
              s.value("epoch", 0), s.value("recoveries", 0), s.value("refused_peers", 0), health);
-  fmt::print("{:<16} {:<8} {:>8} {:>9} {:>12}  {}\n", "node", "state", "pid", "restarts", "answered", "last failure");
+  if (!s.value("standby", std::string()).empty())
+    fmt::print("head {}, standby {}\n\n", s.value("head", std::string()), s.value("standby", std::string()));
+  fmt::print("{:<16} {:<8} {:>8} {:>9} {:>12} {:>22}  {}\n", "node", "state", "pid", "restarts", "answered",
+             "memory placed/offered", "last failure");
+  auto megabytes = [](const nlohmann::json& n, const char* key) {
+    const auto bytes = n.value(key, std::uint64_t{0});
+    return bytes == 0 ? std::string("?") : fmt::format("{:.0f} MB", static_cast<double>(bytes) / 1e6);
+  };
   for (const auto& n : s["nodes"]) {
     const auto state = n.value("down", false) ? "dead" : n.value("joined", false) ? "up" : "absent";
     const auto beat = n.contains("last_heartbeat_ms") ? fmt::format("{} ms ago", n["last_heartbeat_ms"].get<std::int64_t>())
                                                       : std::string("-");
-    fmt::print("{:<16} {:<8} {:>8} {:>9} {:>12}  {}\n", n.value("name", std::string()), state, n.value("pid", 0),
-               n.value("restarts", 0), beat, n.value("down_reason", std::string()));
+    const auto memory = fmt::format("{} / {}", megabytes(n, "memory_placed_bytes"), megabytes(n, "memory_offered_bytes"));
+    fmt::print("{:<16} {:<8} {:>8} {:>9} {:>12} {:>22}  {}\n", n.value("name", std::string()), state, n.value("pid", 0),
+               n.value("restarts", 0), beat, memory, n.value("down_reason", std::string()));
   }
   fmt::print("\n{:<16} {:<18} {:<10} {}\n", "actor", "on node", "phase", "error");
   for (std::size_t i = 0; i < s["stages"].size(); ++i) {

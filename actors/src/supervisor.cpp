@@ -897,7 +897,7 @@ caf::result<std::string> admin_command(self_ptr self, admin_request& request) {
     if (command == "undrain") {
       st.drained.erase(node);
     } else {
-      if (node == st.options.cluster.head)
+      if (node == st.options.node)
         return refuse(errc::invalid_argument,
                       fmt::format("node {} is the head (supervisor and router): it cannot be drained", node));
       st.drained.insert(node);
@@ -1028,6 +1028,32 @@ void check_replacements(self_ptr self) {
   }
 }
 
+// `rebalance_every_s`: what `shoal admin rebalance` does, by itself, when it pays.
+void scheduled_rebalance(self_ptr self) {
+  auto& st = self->state;
+  const auto& c = st.options.cluster;
+  const auto now = clock_type::now();
+  if (c.rebalance_every_s <= 0 || c.expert_groups.empty() || now - st.last_rebalance < std::chrono::seconds(c.rebalance_every_s))
+    return;
+  if (!st.serving || st.wiring || !st.moves.empty() || changes_pending(st) > 0) return;  // next tick
+  st.last_rebalance = now;
+  const auto measured = measure(st, routed_totals(st));
+  double total = 0;
+  for (auto l : measured.per_expert) total += l;
+  if (total <= 0) return;
+  const auto plan = plan_rebalance(st, measured.per_expert, static_cast<std::size_t>(c.rebalance_max_copies));
+  if (plan.copies.empty() || plan.after > plan.before * 0.95) return;
+  auto actions = nlohmann::json::array();
+  for (const auto& [expert, node] : plan.copies) {
+    actions.push_back({{"replicate", expert}, {"to", node}});
+    add_copy(self, expert, node);
+  }
+  // In the audit trail like an operator's command.
+  emit(self, {{"event", "admin"}, {"command", "rebalance"}, {"args", {"scheduled"}}, {"result", "ok"},
+              {"actions", actions}, {"predicted_imbalance_before", plan.before}, {"predicted_imbalance_after", plan.after}});
+  place(self);
+}
+
 void check_heartbeats(self_ptr self) {
   auto& st = self->state;
   if (st.options.heartbeat_interval.count() <= 0 || !st.failure.empty()) return;
@@ -1096,6 +1122,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
   st.router = std::move(router);
   st.started = clock_type::now();
   st.last_heartbeat = st.started;
+  st.last_rebalance = st.started;
   if (st.options.node.empty()) st.options.node = st.options.cluster.head;
   for (const auto& n : st.options.cluster.nodes) st.members[n.name] = {};
   for (std::size_t i = 0; i < st.options.cluster.stages.size(); ++i)
@@ -1290,6 +1317,7 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
         }
         check_heartbeats(self);
         check_replacements(self);
+        scheduled_rebalance(self);
         sample_loads(self, false);
         // A wiring that failed after a recovery is retried on the next tick.
         if (st.served && !st.serving && !st.wiring && st.degraded.starts_with("wiring")) place(self);

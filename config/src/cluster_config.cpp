@@ -127,6 +127,7 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
                {"model", "nodes", "head", "standby", "plan", "threads", "max_batch", "max_batch_tokens", "cache_mb", "cache_blocks",
                 "block_tokens", "prefix_cache", "ready_timeout_s", "heartbeat_ms", "heartbeat_misses", "restart_limit",
                 "restart_window_s", "replay_limit", "replace_after_s", "admin_token_file", "load_window_s", "admin_audit_log", "micro_batches",
+                "rebalance_every_s", "rebalance_max_copies",
                 "join_secret_file"});
 
   cluster_config c;
@@ -178,6 +179,11 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
     c.replace_after_s = static_cast<int>(p.integer_at(root["replace_after_s"], "replace_after_s", 0, 86400));
   if (root["load_window_s"])
     c.load_window_s = static_cast<int>(p.integer_at(root["load_window_s"], "load_window_s", 1, 86400));
+  if (root["rebalance_every_s"])
+    c.rebalance_every_s = static_cast<int>(p.integer_at(root["rebalance_every_s"], "rebalance_every_s", 0, 86400 * 7));
+  if (root["rebalance_max_copies"])
+    c.rebalance_max_copies =
+        static_cast<int>(p.integer_at(root["rebalance_max_copies"], "rebalance_max_copies", 1, 4096));
 
   const YAML::Node nodes = root["nodes"];
   if (!nodes || !nodes.IsSequence() || nodes.size() == 0)

@@ -207,6 +207,8 @@ TEST_CASE("every refusal of a cluster config names the file and the line") {
   refused(replace(kGood, "model: ckpt", "model: ckpt\nheartbeat_misses: 0"), "cluster.yaml:2: heartbeat_misses = 0 is out of range [1, 1000]");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nreplace_after_s: soon"), "cluster.yaml:2: replace_after_s must be an integer, got 'soon'");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nload_window_s: 0"), "cluster.yaml:2: load_window_s = 0 is out of range [1, 86400]");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nrebalance_every_s: -1"), "cluster.yaml:2: rebalance_every_s = -1 is out of range [0, 604800]");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nrebalance_max_copies: 0"), "cluster.yaml:2: rebalance_max_copies = 0 is out of range [1, 4096]");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nadmin_audit_log: [a]"), "cluster.yaml:2: admin_audit_log must be a string");
   refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: [a, b]"), "cluster.yaml:2: join_secret_file must be a string");
   refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: ''"), "cluster.yaml:2: join_secret_file must name a file");

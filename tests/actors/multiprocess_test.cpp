@@ -768,6 +768,27 @@ std::vector<std::string> holders(const nlohmann::json& status, std::int64_t expe
 
 }  // namespace
 
+TEST_CASE("with rebalance_every_s the head adds copies of hot experts by itself; tokens never change", "[admin]") {
+  // The skewed placement of the test below, no admin token: nobody asks for the change.
+  launched_cluster c("rebalance_every_s: 2\nload_window_s: 600\n", "plan:\n", {}, {}, "", {},
+                     {{"experts: 0-15}", "experts: 0-23}"}, {"experts: 16-31}", "experts: 24-31}"}});
+  auto client = shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10));
+  const auto first = long_streams(*client);  // the load the head measures (copies may come meanwhile)
+  nlohmann::json s;
+  const auto deadline = clock_type::now() + std::chrono::seconds(30);
+  while (clock_type::now() < deadline) {
+    s = nlohmann::json::parse(client->status());
+    if (s["experts"].size() > 2 && s["changes_pending"] == 0 && s["serving"] == true) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  INFO(s.dump());
+  CHECK(s["experts"].size() > 2);
+  CHECK(s["serving"] == true);
+  const auto again = long_streams(*client);
+  CHECK(again.tokens == first.tokens);
+  CHECK(c.launch->stop() == 0);
+}
+
 TEST_CASE("shoal admin moves, copies and drops experts and rebalances under load; tokens never change", "[admin]") {
   // A skewed placement: experts0 holds three quarters of the routed experts.
   temp_dir secrets;

@@ -189,6 +189,7 @@ struct supervisor_state {
   bool sizes_loaded = false;                     ///< `tensor_sizes` was read (or could not be).
   std::vector<std::pair<std::string, std::uint64_t>> tensor_sizes; ///< Checkpoint tensors' bytes, for placement.
   std::chrono::steady_clock::time_point started; ///< For the ready deadline.
+  std::chrono::steady_clock::time_point last_rebalance; ///< The latest scheduled rebalance (or start).
   std::vector<caf::typed_response_promise<placement_table>> waiting; ///< `ready_atom` callers.
 };
 

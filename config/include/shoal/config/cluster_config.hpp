@@ -96,6 +96,11 @@ struct cluster_config {
   /// Expert loads that `shoal admin status` and `rebalance` use are counted over the last
   /// this many seconds.
   int load_window_s = 60;
+  /// The head rebalances by itself this often (as `shoal admin rebalance` does: copies of hot
+  /// experts, within each node's memory), when that lowers the predicted imbalance by at
+  /// least 5%; 0: only when an operator asks.
+  int rebalance_every_s = 0;
+  int rebalance_max_copies = 8;                  ///< Copies one scheduled rebalance adds at most.
   /// File holding the token `shoal admin` commands that change the cluster must bring
   /// (resolved against the config's directory); empty: such commands are refused.
   std::filesystem::path admin_token_file;

@@ -189,6 +189,13 @@ TEST_CASE("the example configs parse and fit the golden model") {
     auto c = shoal::config::load_cluster_config(std::string(SHOAL_SOURCE_DIR) + "/config/examples/" + name);
     CHECK_NOTHROW(shoal::config::validate_against_model(c, model(6, 32)));
   }
+  {
+    // The one for HTTP serving, on the tiny preset of `shoal make-model` (4 layers, 16 experts).
+    auto c = shoal::config::load_cluster_config(std::string(SHOAL_SOURCE_DIR) + "/config/examples/tiny-4.yaml");
+    CHECK(c.standby == "stage1");
+    CHECK(c.model.filename() == "tiny");
+    CHECK_NOTHROW(shoal::config::validate_against_model(c, model(4, 16)));
+  }
 }
 
 TEST_CASE("every refusal of a cluster config names the file and the line") {

@@ -198,6 +198,8 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
                   o.cluster);
     const auto cluster = config::load_cluster_config(o.cluster);
     if (dir.empty()) dir = cluster.model;
+    // The gateway needs the checkpoint's tokenizer: say so before starting any node.
+    (void)runtime::tokenizer::load(dir);
     // Read before any node starts, so a bad secret file stops nothing.
     if (!cluster.join_secret_file.empty()) join_secret = read_join_secret(cluster.join_secret_file);
     std::vector<std::string> extra{"--ready-timeout", std::to_string(cluster.ready_timeout_s)};

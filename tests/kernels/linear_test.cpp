@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <random>
+#include <utility>
+#include <vector>
 
 using namespace shoal;
 using kernels::dtype;
@@ -95,6 +97,24 @@ TEST_CASE("FP8 linear stays exact for subnormal weights and activations of any m
   p.y = actual.data();
   kernels::linear(pool, p);
   for (float v : actual) REQUIRE(v == 0.0f);
+}
+
+TEST_CASE("dequantize_row gives each element's exact value for any column range", "[linear]") {
+  std::mt19937 rng(17);
+  const dtype type = GENERATE(dtype::f32, dtype::bf16, dtype::f16, dtype::f8_e4m3);
+  CAPTURE(kernels::dtype_name(type));
+  auto w = test::random_matrix(type, 130, 300, rng);
+  if (type == dtype::f8_e4m3)
+    for (std::int64_t c = 0; c < 40; ++c) w.bytes[129 * 300 + c] = static_cast<std::uint8_t>(rng() & 0x87);  // subnormals
+  for (const auto& [col0, count] : std::vector<std::pair<std::int64_t, std::int64_t>>{
+           {0, 300}, {0, 1}, {5, 17}, {120, 20}, {127, 130}, {250, 50}, {16, 256}}) {
+    for (std::int64_t row : {0, 1, 127, 128, 129}) {
+      std::vector<float> out(count + 1, -3.0f);
+      kernels::dequantize_row(w.view, row, col0, count, out.data());
+      for (std::int64_t i = 0; i < count; ++i) REQUIRE(out[i] == w.view.at(row, col0 + i));
+      REQUIRE(out[count] == -3.0f);  // nothing written past the range
+    }
+  }
 }
 
 TEST_CASE("FP8 dequantization applies each 128x128 block's own scale", "[linear]") {

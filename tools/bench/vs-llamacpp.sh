@@ -219,6 +219,7 @@ run_llama() {
 } >"$results/info.txt"
 say "results go to $results; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 for (( r = 1; r <= rounds; ++r )); do
+  cut -d' ' -f1 /proc/loadavg >"$results/load-$r.txt"
   say "round $r/$rounds: triad.c and shoal's triad"
   run_triads "$r"
   if (( r % 2 )); then
@@ -304,11 +305,15 @@ for key, sname, lname in pairs:
 print()
 print("Bandwidth yardsticks, back to back in each round (STREAM triad, GB/s):")
 print()
-print("| round | threads | triad.c | shoal bench --bandwidth-only | shoal / triad.c |")
-print("|---|---|---|---|---|")
+print("| round | load average at its start | threads | triad.c | shoal bench --bandwidth-only | shoal / triad.c |")
+print("|---|---|---|---|---|---|")
 for r, tc, ts in triads:
+    load = open(f"{res}/load-{r}.txt").read().strip()
     for t in tcounts:
         if t in tc and t in ts:
-            print(f"| {r} | {t} | {tc[t]:.1f} | {ts[t]:.1f} | {ts[t]/tc[t]:.2f} |")
+            print(f"| {r} | {load} | {t} | {tc[t]:.1f} | {ts[t]:.1f} | {ts[t]/tc[t]:.2f} |")
+print()
+print("On a machine with other work running (load average above its core count), the 2-thread rows and the"
+      " percentages of the roofline say little: read the ranges over rounds.")
 EOF
 say "done: $results/table.md"

@@ -235,7 +235,7 @@ echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$results/info.txt
 # --- 5. the table -------------------------------------------------------------------------------------------
 python3 - "$results" "$rounds" "$fp8" "$bf16_bytes" "$q8_bytes" "$prompt" "$decode" "$threads" \
   <<'EOF' | tee "$results/table.md"
-import json, re, sys
+import json, os, re, sys
 res, rounds, fp8, bf16_bytes, q8_bytes, prompt, decode, threads = sys.argv[1:9]
 rounds, fp8, prompt, decode, threads = int(rounds), fp8 == "1", int(prompt), int(decode), int(threads)
 gguf_bytes = {"bf16": int(bf16_bytes), "q8": int(q8_bytes)}
@@ -253,7 +253,7 @@ def shoal_triad(r):
 def llama(r, kind):
     out = {}
     for row in json.load(open(f"{res}/llama-{kind}-{r}.json")):
-        key = "q8" if "Q8_0" in row["model_filename"] else "bf16"
+        key = "q8" if os.path.basename(row["model_filename"]).endswith("-Q8_0.gguf") else "bf16"
         out[(key, row["n_threads"])] = row["avg_ts"]
     return out
 
@@ -270,7 +270,8 @@ for r in range(1, rounds + 1):
     pp, tg = llama(r, "pp"), llama(r, "tg")
     for key, _, _ in pairs:
         for t in tcounts:
-            row = next(x for x in srows if x["threads"] == t and (("fp8" in x["model"]) == (key == "q8")))
+            fp8_row = lambda x: os.path.basename(x["model"].rstrip("/")) == "bench-small-fp8"
+            row = next(x for x in srows if x["threads"] == t and fp8_row(x) == (key == "q8"))
             shoal_bytes[key] = row["decode_bytes"]
             vals = {"s_pp": row["prefill_tokens_per_s"], "s_tg": row["decode_tokens_per_s"],
                     "l_pp": pp[(key, t)], "l_tg": tg[(key, t)], "bw": tc.get(t, 0.0)}

@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <random>
+#include <utility>
+#include <vector>
 
 using namespace shoal;
 using kernels::dtype;
@@ -63,6 +65,56 @@ TEST_CASE("linear honours input and output strides", "[linear]") {
   CHECK(test::relative_error(actual, expected) < kLinearTolerance);
   for (std::int64_t t = 0; t < tokens; ++t)
     for (std::int64_t j = 40; j < 50; ++j) REQUIRE(actual[t * 50 + j] == -7.0f);  // untouched
+}
+
+TEST_CASE("FP8 linear stays exact for subnormal weights and activations of any magnitude", "[linear]") {
+  std::mt19937 rng(21);
+  kernels::thread_pool pool(2);
+  const std::int64_t rows = 64, cols = 300, tokens = GENERATE(1, 3);
+  const int exponent = GENERATE(-90, -20, 0, 20, 60, 100);
+  CAPTURE(tokens, exponent);
+  auto w = test::random_matrix(dtype::f8_e4m3, rows, cols, rng);
+  // Row 1 holds only E4M3 subnormals (exponent bits 0), both signs; row 0 starts with the
+  // largest normals.
+  for (std::int64_t c = 0; c < cols; ++c) w.bytes[cols + c] = static_cast<std::uint8_t>(rng() & 0x87);
+  w.bytes[0] = 0x7e;
+  w.bytes[1] = 0xfe;
+  auto x = test::random_vector(tokens * cols, rng);
+  for (auto& v : x) v = std::ldexp(v, exponent);
+  std::vector<float> expected(tokens * rows), actual(tokens * rows);
+  kernels::linear_params p{.x = x.data(), .weight = w.view, .y = expected.data(), .tokens = tokens};
+  kernels::reference::linear(p);
+  p.y = actual.data();
+  kernels::linear(pool, p);
+  CHECK(test::relative_error(actual, expected) < kLinearTolerance);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    // Relative to the sum of the terms' magnitudes: a sum that cancels has no relative precision.
+    double magnitude = 0.0;
+    for (std::int64_t c = 0; c < cols; ++c) magnitude += std::fabs(static_cast<double>(w.view.at(1, c)) * x[t * cols + c]);
+    CHECK(std::fabs(actual[t * rows + 1] - expected[t * rows + 1]) / magnitude < kLinearTolerance);
+  }
+  std::fill(x.begin(), x.end(), 0.0f);
+  p.y = actual.data();
+  kernels::linear(pool, p);
+  for (float v : actual) REQUIRE(v == 0.0f);
+}
+
+TEST_CASE("dequantize_row gives each element's exact value for any column range", "[linear]") {
+  std::mt19937 rng(17);
+  const dtype type = GENERATE(dtype::f32, dtype::bf16, dtype::f16, dtype::f8_e4m3);
+  CAPTURE(kernels::dtype_name(type));
+  auto w = test::random_matrix(type, 130, 300, rng);
+  if (type == dtype::f8_e4m3)
+    for (std::int64_t c = 0; c < 40; ++c) w.bytes[129 * 300 + c] = static_cast<std::uint8_t>(rng() & 0x87);  // subnormals
+  for (const auto& [col0, count] : std::vector<std::pair<std::int64_t, std::int64_t>>{
+           {0, 300}, {0, 1}, {5, 17}, {120, 20}, {127, 130}, {250, 50}, {16, 256}}) {
+    for (std::int64_t row : {0, 1, 127, 128, 129}) {
+      std::vector<float> out(count + 1, -3.0f);
+      kernels::dequantize_row(w.view, row, col0, count, out.data());
+      for (std::int64_t i = 0; i < count; ++i) REQUIRE(out[i] == w.view.at(row, col0 + i));
+      REQUIRE(out[count] == -3.0f);  // nothing written past the range
+    }
+  }
 }
 
 TEST_CASE("FP8 dequantization applies each 128x128 block's own scale", "[linear]") {

@@ -67,6 +67,22 @@ TEST_CASE("make-model writes a loadable, deterministic tiny checkpoint", "[cli]"
                          " --prompt-tokens 16 --decode-tokens 4 --repeats 1 --triad-mb 16 --threads 2");
   REQUIRE(bench.exit_code == 0);
   CHECK_THAT(bench.out, Catch::Contains("% of roofline") && Catch::Contains("| 1 |") && Catch::Contains("| 2 |"));
+
+  // The machine-readable forms that tools/bench/vs-llamacpp.sh reads.
+  const auto bench_json = run("bench --model " + (dir.path / "a").string() +
+                              " --prompt-tokens 16 --decode-tokens 4 --repeats 1 --triad-mb 16 --threads 2 --json");
+  REQUIRE(bench_json.exit_code == 0);
+  const auto rows = json::parse(bench_json.out)["rows"];
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[1]["threads"] == 2);
+  CHECK(rows[0]["decode_tokens_per_s"].get<double>() > 0.0);
+  CHECK(rows[0]["decode_roofline_tokens_per_s"].get<double>() > 0.0);
+  const auto bandwidth = run("bench --bandwidth-only --triad-mb 16 --threads 2 --json");
+  REQUIRE(bandwidth.exit_code == 0);
+  const auto triad = json::parse(bandwidth.out)["rows"];
+  REQUIRE(triad.size() == 2);
+  CHECK(triad[0]["threads"] == 1);
+  CHECK(triad[1]["triad_gbps"].get<double>() > 0.0);
 }
 
 TEST_CASE("eval and generate on a golden checkpoint match DeepSeek's reference", "[cli][golden]") {

@@ -11,6 +11,7 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -159,6 +160,21 @@ double gemm_gflops(kernels::thread_pool& pool) {
   return best;
 }
 
+// The triad alone, on each thread count, for comparing this yardstick with other STREAM-like
+// probes run back to back with it.
+void print_bandwidth(const std::vector<int>& thread_counts, std::size_t bytes_per_array, bool json) {
+  nlohmann::json out{{"triad_bytes_per_array", bytes_per_array}, {"rows", nlohmann::json::array()}};
+  if (!json) fmt::print("triad, 3 arrays of {} MiB, best of 7\n| threads | triad GB/s |\n|---|---|\n", bytes_per_array >> 20);
+  for (int threads : thread_counts) {
+    const double gbps = triad_bandwidth(threads, bytes_per_array);
+    if (json)
+      out["rows"].push_back({{"threads", threads}, {"triad_gbps", gbps}});
+    else
+      fmt::print("| {} | {:.1f} |\n", threads, gbps);
+  }
+  if (json) fmt::print("{}\n", out.dump());
+}
+
 struct speed {
   double prefill_tokens_per_s = 0;
   double decode_tokens_per_s = 0;
@@ -196,6 +212,7 @@ void add_bench_command(CLI::App& app) {
     std::string transports;
     std::string key_file;
     bool json = false;
+    bool bandwidth_only = false;
   };
   auto o = std::make_shared<options>();
   auto* cmd = app.add_subcommand("bench", "Prefill and decode speed against the memory roofline of this machine, or "
@@ -208,7 +225,11 @@ void add_bench_command(CLI::App& app) {
   model_option->excludes(cluster_option);
   cmd->add_option("--transports", o->transports, "With --cluster: UCX transports, e.g. tcp")->needs(cluster_option);
   add_weights_key_option(*cmd, o->key_file);
-  cmd->add_flag("--json", o->json, "With --cluster: one JSON object instead of the table")->needs(cluster_option);
+  cmd->add_flag("--json", o->json, "One JSON object on stdout instead of the table");
+  cmd->add_flag("--bandwidth-only", o->bandwidth_only,
+                "Only the STREAM triad on 1 thread and on --threads threads (no model is loaded)")
+      ->excludes(model_option)
+      ->excludes(cluster_option);
   cmd->add_option("--prompt-tokens", o->prompt_tokens, "Prefill length")->capture_default_str()->check(CLI::Range(1, 1 << 16));
   cmd->add_option("--decode-tokens", o->decode_tokens, "Tokens decoded after the prompt")
       ->capture_default_str()->check(CLI::Range(1, 1 << 16));
@@ -229,16 +250,21 @@ void add_bench_command(CLI::App& app) {
                      .key_file = o->key_file});
       return;
     }
-    if (o->models.empty()) throw CLI::RequiredError("--model or --cluster");
+    const int all = o->threads > 0 ? o->threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    std::vector<int> thread_counts = {1};
+    if (all > 1) thread_counts.push_back(all);
+    const std::size_t triad_bytes = o->triad_mb > 0 ? o->triad_mb << 20 : default_triad_bytes();
+    if (o->bandwidth_only) {
+      print_bandwidth(thread_counts, triad_bytes, o->json);
+      return;
+    }
+    if (o->models.empty()) throw CLI::RequiredError("--model, --cluster or --bandwidth-only");
     std::vector<std::unique_ptr<runtime::model_weights>> weights;
     for (const auto& dir : o->models) {
       fmt::print(stderr, "[bench] loading {} into memory\n", dir);
       weights.push_back(runtime::model_weights::load(dir, {}, runtime::weight_residency::copy, {},
                                                      weights_key_from(o->key_file).get()));
     }
-    const int all = o->threads > 0 ? o->threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    std::vector<int> thread_counts = {1};
-    if (all > 1) thread_counts.push_back(all);
     std::mt19937 rng(1);
     struct row {
       std::string model;
@@ -249,7 +275,6 @@ void add_bench_command(CLI::App& app) {
       double flops = 0, gemm_gflops = 0;
     };
     std::vector<row> rows;
-    const std::size_t triad_bytes = o->triad_mb > 0 ? o->triad_mb << 20 : default_triad_bytes();
     for (int threads : thread_counts) {
       kernels::thread_pool pool(threads);
       fmt::print(stderr, "[bench] {} thread(s): measuring memory bandwidth\n", threads);
@@ -278,6 +303,24 @@ void add_bench_command(CLI::App& app) {
         r.bandwidth_after = after;
         rows.push_back(r);
       }
+    }
+    if (o->json) {
+      nlohmann::json out{{"prompt_tokens", o->prompt_tokens}, {"decode_tokens", o->decode_tokens}, {"rows", nlohmann::json::array()}};
+      for (const auto& r : rows) {
+        const double bandwidth = (r.bandwidth_before + r.bandwidth_after) / 2.0;
+        out["rows"].push_back({{"model", r.model},
+                               {"threads", r.threads},
+                               {"prefill_tokens_per_s", r.best.prefill_tokens_per_s},
+                               {"prefill_gflops", r.flops * r.best.prefill_tokens_per_s / o->prompt_tokens / 1e9},
+                               {"gemm_gflops", r.gemm_gflops},
+                               {"decode_tokens_per_s", r.best.decode_tokens_per_s},
+                               {"decode_bytes", r.bytes},
+                               {"triad_gbps_before", r.bandwidth_before},
+                               {"triad_gbps_after", r.bandwidth_after},
+                               {"decode_roofline_tokens_per_s", bandwidth * 1e9 / r.bytes}});
+      }
+      fmt::print("{}\n", out.dump());
+      return;
     }
     fmt::print("\nprefill {} tokens, decode {} tokens after it; decode roofline = triad bandwidth / bytes a decode "
                "step reads; prefill is compared with the FP32 GEMM rate of the same run\n\n",

@@ -67,12 +67,7 @@ struct node_process::impl {
     return std::chrono::milliseconds(static_cast<std::int64_t>(cluster().heartbeat_ms) * cluster().heartbeat_misses);
   }
   // The other node that can be head (head <-> standby), or "" for the others.
-  std::string peer_head() const {
-    if (cluster().standby.empty()) return {};
-    if (options.node == cluster().head) return cluster().standby;
-    if (options.node == cluster().standby) return cluster().head;
-    return {};
-  }
+  std::string peer_head() const { return cluster().other_head(options.node); }
   void become_head(const std::string& takeover_from);
   std::optional<shoal::error> join(const std::string& target, std::chrono::milliseconds timeout);
 };
@@ -228,8 +223,7 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   // head is not up yet. With a standby, a node that finds no supervisor at the head tries the
   // standby too (it may have taken over while this process was away).
   std::vector<std::string> targets{s.active_head};
-  if (const auto other = s.active_head == cluster.head ? cluster.standby : cluster.head;
-      !cluster.standby.empty() && other != s.options.node && other != s.active_head)
+  if (const auto other = cluster.other_head(s.active_head); !other.empty() && other != s.options.node)
     targets.push_back(other);
   const auto deadline = std::chrono::steady_clock::now() + t.ready_timeout;
   std::string last_error;
@@ -286,7 +280,7 @@ bool node_process::watch() {
       return false;
     }
     // The other one may be in charge after all (the one that seemed gone woke up first).
-    if (const auto other = target == cluster.head ? cluster.standby : cluster.head; other != s.options.node)
+    if (const auto other = cluster.other_head(target); !other.empty() && other != s.options.node)
       s.active_head = other;
     return true;
   }
@@ -313,7 +307,7 @@ bool node_process::watch() {
     return true;
   }
   // Another node: the one of head and standby that was not in charge is now.
-  const auto next = old == cluster.head ? cluster.standby : cluster.head;
+  const auto next = cluster.other_head(old);
   fmt::print(stderr, "[node {}] the head node {} is gone ({}): joining {}\n", s.options.node, old, why, next);
   s.book->evict(old, s.book->epoch());
   s.active_head = next;

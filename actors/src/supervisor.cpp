@@ -277,11 +277,7 @@ void place(self_ptr self) {
 
 // The node that takes over if this head fails: the config's standby, or after a takeover the
 // config's head (it comes back as the standby); "" without a standby.
-std::string standby_of(const supervisor_state& st) {
-  const auto& c = st.options.cluster;
-  if (c.standby.empty()) return {};
-  return st.options.node == c.head ? c.standby : c.head;
-}
+std::string standby_of(const supervisor_state& st) { return st.options.cluster.other_head(st.options.node); }
 
 // What a standby needs to take over with the placement as operators and failures left it.
 std::string placement_state(const supervisor_state& st) {

@@ -111,6 +111,13 @@ const node_spec* cluster_config::find_node(std::string_view name) const noexcept
   return nullptr;
 }
 
+std::string cluster_config::other_head(std::string_view node) const {
+  if (standby.empty()) return {};
+  if (node == head) return standby;
+  if (node == standby) return head;
+  return {};
+}
+
 std::string cluster_config::where(int line) const { return fmt::format("{}:{}", source.string(), line); }
 
 cluster_config parse_cluster_config(std::string_view yaml_text, const std::filesystem::path& source,

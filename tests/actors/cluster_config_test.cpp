@@ -84,6 +84,10 @@ TEST_CASE("a standby head is optional and names another node") {
   const auto c = parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\nhead: a\nstandby: c"), "cluster.yaml", "/base");
   CHECK(c.head == "a");
   CHECK(c.standby == "c");
+  CHECK(c.other_head("a") == "c");
+  CHECK(c.other_head("c") == "a");
+  CHECK(c.other_head("b").empty());
+  CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").other_head("a").empty());
 }
 
 TEST_CASE("join_secret_file is resolved against the config's directory") {

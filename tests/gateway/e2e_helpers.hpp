@@ -4,6 +4,8 @@
 
 #include "raw_http.hpp"
 
+#include <catch2/catch.hpp>
+
 #include <nlohmann/json.hpp>
 
 #include <chrono>
@@ -65,6 +67,18 @@ inline streamed_answer parse_sse(const std::string& body) {
     if (choice["finish_reason"].is_string()) a.finish = choice["finish_reason"].get<std::string>();
   }
   return a;
+}
+
+// Reads the rest of a streamed completion on `c` and checks that it ran to its length:
+// `[DONE]`, no error event, `tokens` generated.
+inline void check_runs_to_length(raw_connection& c, int tokens) {
+  const auto r = c.read_response(std::chrono::seconds(120));
+  REQUIRE(r.complete);
+  const auto a = parse_sse(r.body);
+  CHECK(a.done);
+  CHECK_FALSE(a.error);
+  CHECK(a.finish == "length");
+  CHECK(a.usage["completion_tokens"] == tokens);
 }
 
 }  // namespace shoal::gateway::testing

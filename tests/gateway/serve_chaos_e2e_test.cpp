@@ -9,7 +9,7 @@
 
 #include "free_port.hpp"
 #include "node_pid.hpp"
-#include "raw_http.hpp"
+#include "e2e_helpers.hpp"
 #include "serve_process.hpp"
 #include "tiny_cluster.hpp"
 
@@ -72,23 +72,6 @@ fs::path chaos_config() {
   return p;
 }
 
-// The body of a chunked HTTP response (what follows the header).
-std::string dechunk(const std::string& raw) {
-  const auto header_end = raw.find("\r\n\r\n");
-  if (header_end == std::string::npos) return {};
-  std::string body;
-  std::size_t at = header_end + 4;
-  while (true) {
-    const auto eol = raw.find("\r\n", at);
-    if (eol == std::string::npos) break;
-    const auto size = std::strtoul(raw.substr(at, eol - at).c_str(), nullptr, 16);
-    if (size == 0 || eol + 2 + size > raw.size()) break;
-    body += raw.substr(eol + 2, size);
-    at = eol + 2 + size + 2;
-  }
-  return body;
-}
-
 // One streamed completion on its own thread: its text, finish reason, errors, and when each
 // event arrived.
 struct stream {
@@ -129,19 +112,11 @@ struct stream {
         if (in.find("data: [DONE]") != std::string::npos || c.closed_within(0ms)) break;
       }
       ended = clock_type::now();
-      std::istringstream lines(dechunk(c.received()));
-      for (std::string line; std::getline(lines, line);) {
-        if (line.starts_with("data: [DONE]")) done = true;
-        if (!line.starts_with("data: {")) continue;
-        const auto event = json::parse(line.substr(6), nullptr, false);
-        if (event.is_discarded()) continue;
-        if (event.contains("error")) error = event["error"].dump();
-        if (!event.contains("choices")) continue;
-        const auto& choice = event["choices"][0];
-        if (choice.contains("text") && choice["text"].is_string()) text += choice["text"].get<std::string>();
-        if (choice.contains("finish_reason") && choice["finish_reason"].is_string())
-          finish = choice["finish_reason"].get<std::string>();
-      }
+      const auto answer = parse_sse(c.read_response(5s).body);
+      text = answer.content;
+      finish = answer.finish;
+      done = answer.done;
+      if (answer.error) error = "an error event in the stream";
     } catch (const std::exception& e) {
       error = e.what();
     }

@@ -109,13 +109,7 @@ TEST_CASE("SIGTERM and SIGINT drain: new requests get 503 with Retry-After, the 
       CHECK(request(s.port(), get("/health")).status == 200);
       // The refusals came while the stream was still running; it then runs to its end.
       CHECK_FALSE(has_done(in_flight));
-      const auto r = in_flight.read_response(120s);
-      REQUIRE(r.complete);
-      const auto a = parse_sse(r.body);
-      CHECK(a.done);
-      CHECK_FALSE(a.error);
-      CHECK(a.finish == "length");
-      CHECK(a.usage["completion_tokens"] == 1500);
+      check_runs_to_length(in_flight, 1500);
       const int code = s.wait_exit(60s);
       const auto log = s.log();
       INFO(log);
@@ -182,13 +176,7 @@ TEST_CASE("Ctrl-C in a terminal drains serve --cluster: its nodes are not signal
   start_stream(in_flight, 300);
   REQUIRE(::kill(-s.pid(), SIGINT) == 0);
   REQUIRE(eventually([&] { return s.log().find("SIGINT received: draining") != std::string::npos; }, 5s));
-  const auto r = in_flight.read_response(120s);
-  REQUIRE(r.complete);
-  const auto a = parse_sse(r.body);
-  CHECK(a.done);
-  CHECK_FALSE(a.error);
-  CHECK(a.finish == "length");
-  CHECK(a.usage["completion_tokens"] == 300);
+  check_runs_to_length(in_flight, 300);
   const int code = s.wait_exit(60s);
   INFO(s.log());
   CHECK(code == 0);

@@ -531,13 +531,7 @@ void check_drain(serve_process& s) {
   CHECK(idle.closed_within(5s));
   // ...while the request in flight is still streaming, and then completes.
   CHECK_FALSE(receive_until(in_flight, [](const std::string& in) { return in.find("[DONE]") != std::string::npos; }, 20ms));
-  const auto r = in_flight.read_response(120s);
-  REQUIRE(r.complete);
-  const auto a = parse_sse(r.body);
-  CHECK(a.done);
-  CHECK_FALSE(a.error);
-  CHECK(a.finish == "length");
-  CHECK(a.usage["completion_tokens"] == 400);
+  check_runs_to_length(in_flight, 400);
   INFO(s.log());
   CHECK(s.wait_exit(60s) == 0);
   CHECK(s.log().find("[serve] stopped") != std::string::npos);

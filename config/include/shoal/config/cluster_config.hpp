@@ -114,6 +114,9 @@ struct cluster_config {
 
   /// The node named `name`, or null.
   const node_spec* find_node(std::string_view name) const noexcept;
+  /// Of the head and the standby, the one that is not `node` (they take each other's place);
+  /// "" without a standby, or when `node` is neither.
+  std::string other_head(std::string_view node) const;
   /// "file:line" for error messages.
   std::string where(int line) const;
 };

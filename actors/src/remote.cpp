@@ -39,7 +39,7 @@ static_assert(schema_version == transport::schema_version, "actors and transport
 
 // Who sent an envelope, to whom, and the call it belongs to.
 struct inbound {
-  std::uint64_t peer = 0;
+  std::uint64_t peer = 0;  // 0: not the connection it came in on; answer by node name
   actor_address sender;
   std::uint64_t receiver = 0;
   std::uint64_t correlation = 0;
@@ -48,6 +48,14 @@ struct inbound {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, inbound& x) {
   return f(x.peer, x.sender, x.receiver, x.correlation);
+}
+
+// Answers an envelope: on the connection it came in on, or by node name.
+void send_back(remote_fabric& book, const inbound& in, transport::outgoing_message message) {
+  if (in.peer == 0)
+    book.send_to(in.sender.node, std::move(message));
+  else
+    book.send_to_peer(in.peer, std::move(message));
 }
 
 // --- Encoding -------------------------------------------------------------------------------
@@ -132,6 +140,14 @@ void set_entries(Builder b, const std::vector<batch_entry>& entries) {
   }
 }
 
+template <class Builder>
+void set_return(Builder s, const step_batch& b) {
+  if (b.return_call == 0) return;
+  s.getReturnTo().setNode(b.return_to.node);
+  s.getReturnTo().setActor(b.return_to.actor);
+  s.setReturnCall(b.return_call);
+}
+
 void encode(transport::outgoing_message& m, step_batch b) {
   auto body = m.envelope().getBody();
   if (b.hidden.empty()) {
@@ -139,6 +155,7 @@ void encode(transport::outgoing_message& m, step_batch b) {
     s.setStep(b.step);
     set_entries(s, b.entries);
     s.setWantLogits(b.want_logits);
+    set_return(s, b);
     return;
   }
   auto a = body.initActivations();
@@ -146,6 +163,7 @@ void encode(transport::outgoing_message& m, step_batch b) {
   a.setNextLayer(b.next_layer);
   set_entries(a, b.entries);
   a.setWantLogits(b.want_logits);
+  set_return(a, b);
   std::uint64_t rows = 0;
   for (const auto& e : b.entries) rows += e.tokens.size();
   const std::uint64_t width = rows ? b.hidden.size() / rows : 0;
@@ -409,7 +427,23 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
     self->state.pending.erase(it);
   };
   return {
-      [call](step_batch& b) { call([&](auto& m) { encode(m, std::move(b)); }); },
+      [self, call, book, target](step_batch& b) {
+        // A step that came from another node (the router's) goes on with the call that began
+        // it: the last stage answers that call itself, and this stage is done once it is sent.
+        // Not when the next stage lives on the node that began it (a node does not call itself).
+        if (b.return_call == 0 || b.return_to.node == target.node)
+          return call([&](auto& m) { encode(m, std::move(b)); });
+        auto rp = self->make_response_promise();
+        const auto step = b.step;
+        auto m = envelope({book->options().node, 0}, target, 0, book->epoch());
+        encode(m, std::move(b));
+        try {
+          book->send_to(target.node, std::move(m));
+          rp.deliver(sampled_batch{.step = step, .tokens = {}, .logits = {}, .forwarded = true});
+        } catch (const shoal::error& e) {
+          rp.deliver(to_caf_error(e));
+        }
+      },
       [call](expert_dispatch& d) { call([&](auto& m) { encode(m, std::move(d)); }); },
       [call, book](wire_atom, placement_table& t) {
         book->observe_epoch(t.epoch, t.fence);
@@ -469,7 +503,7 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
     auto m = envelope({book->options().node, in.receiver}, in.sender, in.correlation, book->epoch());
     fill(m);
     try {
-      book->send_to_peer(in.peer, std::move(m));
+      send_back(*book, in, std::move(m));
     } catch (const shoal::error& e) {
       wire_log().warn("reply to {}/{} dropped: {}", in.sender.node, in.sender.actor, e.what());
     }
@@ -527,8 +561,15 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
       [=](inbound& in, step_batch& b) {
         auto target = caf::actor_cast<stage_actor>(local(in));
         if (!target) return missing(in);
+        // `in` is the call that began the step (on_message resolved a forwarded one).
+        b.return_to = in.sender;
+        b.return_call = in.correlation;
         self->request(target, timeout, std::move(b))
-            .then([reply, in](sampled_batch& s) { reply(in, [&](auto& m) { encode(m, std::move(s)); }); }, fail_reply(in));
+            .then(
+                [reply, in](sampled_batch& s) {
+                  if (!s.forwarded) reply(in, [&](auto& m) { encode(m, std::move(s)); });
+                },
+                fail_reply(in));
       },
       [=](inbound& in, expert_dispatch& d) {
         auto target = caf::actor_cast<expert_actor>(local(in));
@@ -850,6 +891,22 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
       std::lock_guard lock(mutex_);
       if (const auto it = names_.find(peer); it != names_.end()) heard_[it->second] = std::chrono::steady_clock::now();
     }
+    // A step another stage forwarded belongs to the call that began it: its answer, or its
+    // refusal, goes there (by node name: it did not come in on that connection).
+    std::uint64_t return_call = 0;
+    schema::ActorAddress::Reader return_to;
+    if (body.which() == schema::Envelope::Body::STEP_BATCH) {
+      return_call = body.getStepBatch().getReturnCall();
+      return_to = body.getStepBatch().getReturnTo();
+    } else if (body.which() == schema::Envelope::Body::ACTIVATIONS) {
+      return_call = body.getActivations().getReturnCall();
+      return_to = body.getActivations().getReturnTo();
+    }
+    if (return_call != 0) {
+      in.sender = get_address(return_to);
+      in.correlation = return_call;
+      in.peer = 0;
+    }
     if (trace_)
       wire_log().info("[{}] <- {} (peer {}): {} call {}", options_.node, in.sender.node, peer,
                    transport::message_kind_name(body.which()), in.correlation);
@@ -906,14 +963,15 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
       auto m = envelope({options_.node, in.receiver}, in.sender, in.correlation, epoch());
       encode_error(m, shoal::error(errc::aborted, fmt::format("message of placement epoch {} arrived after the fence of epoch {}",
                                                                env.getEpoch(), fence())));
-      send_to_peer(peer, std::move(m));
+      send_back(*this, in, std::move(m));
       return;
     }
     switch (body.which()) {
       case schema::Envelope::Body::STEP_BATCH: {
         const auto s = body.getStepBatch();
         step_batch b{.step = s.getStep(), .next_layer = 0, .entries = get_entries(s), .hidden = {},
-                     .want_logits = s.getWantLogits()};
+                     .want_logits = s.getWantLogits(), .return_to = {}, .return_call = s.getReturnCall()};
+        if (b.return_call != 0) b.return_to = get_address(s.getReturnTo());
         caf::anon_send(bridge_, std::move(in), std::move(b));
         return;
       }
@@ -921,7 +979,8 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         const auto a = body.getActivations();
         step_batch b{.step = a.getStep(), .next_layer = a.getNextLayer(), .entries = get_entries(a),
                      .hidden = tensor_values<float>(message, a.getHidden(), schema::DType::F32, "activations"),
-                     .want_logits = a.getWantLogits()};
+                     .want_logits = a.getWantLogits(), .return_to = {}, .return_call = a.getReturnCall()};
+        if (b.return_call != 0) b.return_to = get_address(a.getReturnTo());
         caf::anon_send(bridge_, std::move(in), std::move(b));
         return;
       }

@@ -34,7 +34,7 @@ class expert_dispatcher final : public runtime::expert_backend {
   std::uint64_t step = 0;
 
   void run(std::int64_t layer, const float* x, std::int64_t tokens, std::int64_t top_k, const std::int32_t* indices,
-           const float* weights, float* y) override {
+           const float* weights, float* y, const std::function<void()>& meanwhile) override {
     const auto n = tokens * top_k;
     const auto experts = static_cast<std::int64_t>(owners_.size());
     std::vector<std::int64_t> rows_of(owners_.size(), 0);
@@ -73,7 +73,7 @@ class expert_dispatcher final : public runtime::expert_backend {
       }
       return d;
     };
-    // Remote groups first, so they compute while local ones run here.
+    // Remote groups first, so they compute while local ones and the shared expert run here.
     for (std::size_t g = 0; g < groups_.size(); ++g)
       if (!choices[g].empty() && !groups_[g].local)
         pending[g].emplace(self_->request(groups_[g].remote, timeout_, build(g)));
@@ -84,6 +84,7 @@ class expert_dispatcher final : public runtime::expert_backend {
       groups_[g].local->compute(layer, d.hidden.data(), d.expert_ids.data(),
                                 static_cast<std::int64_t>(d.expert_ids.size()), outputs[g].data());
     }
+    meanwhile();
     std::optional<shoal::error> failure;
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       if (!pending[g]) continue;

@@ -254,16 +254,26 @@ void model::feed_forward(std::int64_t layer_index, const float* x, std::int64_t 
   if (route_observer_) route_observer_(layer_index, tokens, c.num_experts_per_tok, indices.data(), weights.data());
   std::vector<float> y(static_cast<std::size_t>(tokens * c.hidden_size), 0.0f);
   if (experts) {
-    experts->run(layer_index, x, tokens, c.num_experts_per_tok, indices.data(), weights.data(), y.data());
-  } else {
-    kernels::moe_experts_params p{.x = x, .tokens = tokens, .hidden = c.hidden_size,
-                                  .top_k = c.num_experts_per_tok, .indices = indices.data(),
-                                  .weights = weights.data(), .experts = w.experts, .y = y.data()};
-    if (mode_ == kernel_mode::reference)
-      kernels::reference::moe_experts(p);
-    else
-      kernels::moe_experts(pool_, p);
+    // The shared expert runs while the expert actors compute. Summed into zeros and then
+    // added, its output rounds exactly as when accumulated into y after the routed experts.
+    std::vector<float> shared;
+    auto meanwhile = [&] {
+      if (c.n_shared_experts == 0) return;
+      shared.assign(y.size(), 0.0f);
+      run_mlp(w.shared, x, tokens, shared.data());
+    };
+    experts->run(layer_index, x, tokens, c.num_experts_per_tok, indices.data(), weights.data(), y.data(), meanwhile);
+    for (std::size_t i = 0; i < shared.size(); ++i) y[i] += shared[i];
+    for (std::size_t i = 0; i < y.size(); ++i) hidden[i] += y[i];
+    return;
   }
+  kernels::moe_experts_params p{.x = x, .tokens = tokens, .hidden = c.hidden_size,
+                                .top_k = c.num_experts_per_tok, .indices = indices.data(),
+                                .weights = weights.data(), .experts = w.experts, .y = y.data()};
+  if (mode_ == kernel_mode::reference)
+    kernels::reference::moe_experts(p);
+  else
+    kernels::moe_experts(pool_, p);
   if (c.n_shared_experts > 0) run_mlp(w.shared, x, tokens, y.data());
   for (std::size_t i = 0; i < y.size(); ++i) hidden[i] += y[i];
 }

@@ -271,6 +271,38 @@ TEST_CASE("shoal launch: 2 stages and 2 expert nodes as 4 processes match the si
   CHECK(c.launch->stop() == 0);
 }
 
+TEST_CASE("the last stage answers the router itself: with the head apart from the stages, sampled tokens skip stage 0") {
+  // The head (supervisor and router) on an expert node: a step goes head -> stage0 -> stage1,
+  // and stage1 sends the sampled tokens straight to the head. The wire trace shows who sent
+  // them; the answers stay bit-identical to one process.
+  temp_dir dir;
+  std::vector<std::uint16_t> ports;
+  for (int i = 0; i < 4; ++i) ports.push_back(free_port());
+  auto text = four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports);
+  text.replace(text.find("head: stage0"), 12, "head: experts0");
+  std::ofstream(dir.path / "cluster.yaml") << text;
+  const auto log = dir.path / "launch.log";
+  process launch({"sh", "-c",
+                  "SHOAL_TRACE_WIRE=1 exec " + std::string(SHOAL_BINARY) + " launch " + (dir.path / "cluster.yaml").string() +
+                      " --transports tcp --ready-timeout 60 2>" + log.string()},
+                 true, "launch");
+  const auto ready = launch.read_line(std::chrono::seconds(70));
+  INFO("launch printed: " << ready);
+  REQUIRE(ready.find("\"ready\":true") != std::string::npos);
+  check_cluster("127.0.0.1", ports[2]);
+  CHECK(launch.stop() == 0);
+  std::ifstream in(log);
+  int direct = 0, through_stage0 = 0;
+  for (std::string line; std::getline(in, line);) {
+    if (line.find("sampledTokens") == std::string::npos || line.find(" -> ") == std::string::npos) continue;
+    if (line.find("[stage1] -> experts0 ") != std::string::npos) ++direct;
+    if (line.find("[stage0] -> ") != std::string::npos) ++through_stage0;
+  }
+  // One answer per step: at least one per generated token of every golden prompt.
+  CHECK(direct >= static_cast<int>(shoal::testing::golden_prompts().size()) * kNewTokens);
+  CHECK(through_stage0 == 0);
+}
+
 TEST_CASE("with a join secret only processes that hold it join or connect; the others are refused and counted",
           "[join-secret]") {
   const std::string secret = "5b0c6e2f9a8d4471b3e2c90d1f7a6e58c4d3b2a1908f7e6d5c4b3a2918f7e6d5";

@@ -253,14 +253,19 @@ void bench_cluster(const bench_cluster_options& o) {
     }
     const double cluster_s = std::chrono::duration<double>(clock_type::now() - first_token).count();
 
-    // Sequential network legs of one decode step: activations forward and the sampled reply
-    // back along the pipeline, and one dispatch/combine round per MoE layer held by a stage
-    // whose expert actors are remote (groups are asked in parallel: one round).
+    // Sequential network legs of one decode step: the step from the router's node through
+    // every stage, the sampled tokens from the last stage straight back to the router, and one
+    // dispatch/combine round per MoE layer held by a stage whose expert actors are remote
+    // (groups are asked in parallel: one round).
     std::int64_t moe_layers = 0;
     for (std::int64_t l = 0; l < model.num_hidden_layers; ++l) moe_layers += model.is_moe_layer(l) ? 1 : 0;
-    const std::int64_t legs = 2 * static_cast<std::int64_t>(cluster.stages.size() - 1) +
-                              (cluster.stages.front().node != cluster.head ? 2 : 0) +
-                              (cluster.expert_groups.empty() ? 0 : 2 * moe_layers);
+    std::int64_t legs = cluster.expert_groups.empty() ? 0 : 2 * moe_layers;
+    std::string at = cluster.head;
+    for (const auto& stage : cluster.stages) {
+      if (stage.node != at) ++legs;
+      at = stage.node;
+    }
+    if (at != cluster.head) ++legs;
     const double single_step = single_s / o.decode_tokens, cluster_step = cluster_s / o.decode_tokens;
     nlohmann::json out{{"decode_tokens", o.decode_tokens},
                        {"single_process_tokens_per_s", o.decode_tokens / single_s},

@@ -24,6 +24,8 @@ struct StepBatch {
   entries @1 :List(BatchEntry);
   sampling @2 :List(SamplingParams);  # Parallel to entries.
   wantLogits @3 :Bool;                # The last stage returns the logits it sampled from.
+  returnTo @4 :Common.ActorAddress;   # With returnCall: who began the step (its node answers
+  returnCall @5 :UInt64;              # call returnCall); the last stage replies there directly.
 }
 
 # Per-request sampling parameters carried with the batch to the last stage.
@@ -48,6 +50,8 @@ struct Activations {
   entries @3 :List(BatchEntry);       # Layout of the token rows, as in StepBatch.
   sampling @4 :List(SamplingParams);
   wantLogits @5 :Bool;                # As in StepBatch.
+  returnTo @6 :Common.ActorAddress;   # As in StepBatch.
+  returnCall @7 :UInt64;
 }
 
 # Stage -> expert actor: only the token rows routed to that actor's experts in one layer.

@@ -17,7 +17,9 @@ namespace shoal::actors {
 /// 3: the supervisor sends heartbeats carrying its epoch and the nodes it evicted.
 /// 4: the transport's hello carries nonces for the join-secret proof.
 /// 5: placement tables and heartbeats carry the fence; expert copies are retired one by one.
-inline constexpr std::uint16_t schema_version = 6;
+/// 6: joins carry the epoch a node has seen; heartbeats to the standby carry the head's placement.
+/// 7: steps carry the call that began them; the last stage answers the router directly.
+inline constexpr std::uint16_t schema_version = 7;
 
 /// Identifies a request for its whole life, including replays after a failure.
 using request_id = std::uint64_t;
@@ -83,6 +85,11 @@ struct step_batch {
   std::vector<batch_entry> entries;   ///< Token rows, in order.
   std::vector<float> hidden;          ///< `[rows][hidden_size]`, rows as in `entries`.
   bool want_logits = false;           ///< The last stage returns the logits it sampled from.
+  /// Set when a step crosses nodes: the call of the node that began it (the router's). The
+  /// last stage answers that call itself, so sampled tokens go straight back to the router
+  /// instead of retracing every stage. 0 = answer whoever sent it.
+  actor_address return_to;
+  std::uint64_t return_call = 0;
 };
 
 /// A token chosen by the last stage.
@@ -96,6 +103,9 @@ struct sampled_batch {
   std::uint64_t step = 0;              ///< As in the step_batch.
   std::vector<sampled_token> tokens;   ///< One per entry with `sample_after`, in entry order.
   std::vector<float> logits;           ///< `[tokens][vocab]` when the step wanted logits.
+  /// Not a result: the step went on to another node, whose last stage answers the caller in
+  /// `step_batch::return_to` directly. Never leaves the process.
+  bool forwarded = false;
 };
 
 /// Stage -> expert actor: token rows routed to the receiver's experts in one layer. One row
@@ -263,7 +273,7 @@ typename Inspector::result_type inspect(Inspector& f, batch_entry& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_batch& x) {
-  return f(x.step, x.next_layer, x.entries, x.hidden, x.want_logits);
+  return f(x.step, x.next_layer, x.entries, x.hidden, x.want_logits, x.return_to, x.return_call);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, sampled_token& x) {
@@ -271,7 +281,7 @@ typename Inspector::result_type inspect(Inspector& f, sampled_token& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, sampled_batch& x) {
-  return f(x.step, x.tokens, x.logits);
+  return f(x.step, x.tokens, x.logits, x.forwarded);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, expert_dispatch& x) {

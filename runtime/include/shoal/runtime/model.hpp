@@ -157,8 +157,11 @@ class expert_backend {
  public:
   virtual ~expert_backend() = default;
   /// Adds sum_k weights[t][k] * expert_{indices[t][k]}(x[t]) into y[t] for every token.
+  /// Calls `meanwhile` once, while other processes compute their experts (the model runs the
+  /// shared expert there instead of after the routed ones).
   virtual void run(std::int64_t layer, const float* x, std::int64_t tokens, std::int64_t top_k,
-                   const std::int32_t* indices, const float* weights, float* y) = 0;
+                   const std::int32_t* indices, const float* weights, float* y,
+                   const std::function<void()>& meanwhile) = 0;
 };
 
 /// The model over the weights a process holds.

@@ -236,11 +236,50 @@ void client::impl::watch_heads() {
       std::lock_guard dl(dog->mutex);
       if (dog->stopping) return;
     }
+    const auto lost_since = std::chrono::steady_clock::now();
     while (!fail_over(lost)) {
+      end_stranded(lost_since);
       std::unique_lock lock(dog->mutex);
       if (dog->wake.wait_for(lock, std::chrono::milliseconds(250), [&] { return dog->stopping; })) return;
     }
   }
+}
+
+// While no head answers nothing runs: a request the caller cancelled ends at once, one whose
+// deadline passes ends with deadline_exceeded, and once no head answered for `no_head_limit`
+// every request ends with unavailable (a gateway answers 503 instead of holding its clients).
+void client::impl::end_stranded(std::chrono::steady_clock::time_point lost_since) {
+  const auto waited = std::chrono::steady_clock::now() - lost_since;
+  const auto now_ms = static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                     std::chrono::system_clock::now().time_since_epoch())
+                                                     .count());
+  std::string tried;
+  for (const auto& h : heads) tried += fmt::format("{}{}:{}", tried.empty() ? "" : ", ", h.host, h.port);
+  std::vector<actors::token_chunk> ends;
+  {
+    std::lock_guard lock(box->mutex);
+    for (auto& [id, t] : box->tracked) {
+      if (t.ending) continue;
+      actors::token_chunk end{.request = id | t.attempt << attempt_shift, .tokens = {}, .logits = {},
+                              .finish = actors::finish_reason::error, .error_code = 0, .error = {},
+                              .cached_prompt_tokens = 0};
+      if (t.cancel_wanted) {
+        end.finish = actors::finish_reason::cancelled;
+      } else if (t.request.deadline_unix_ms != 0 && now_ms > t.request.deadline_unix_ms) {
+        end.error_code = static_cast<std::uint8_t>(errc::deadline_exceeded);
+        end.error = "the request's deadline passed while no head of the cluster answered";
+      } else if (waited >= no_head_limit) {
+        end.error_code = static_cast<std::uint8_t>(errc::unavailable);
+        end.error = fmt::format("no head of the cluster answered for {} s (tried {})",
+                                std::chrono::duration_cast<std::chrono::seconds>(waited).count(), tried);
+      } else {
+        continue;
+      }
+      t.ending = true;
+      ends.push_back(std::move(end));
+    }
+  }
+  for (auto& end : ends) caf::anon_send(sink, std::move(end));
 }
 
 // Finds the head in charge and resubmits there; false when none answered (try again).
@@ -263,6 +302,7 @@ bool client::impl::fail_over(bool connection_lost) {
     {
       std::lock_guard lock(box->mutex);
       for (auto& [id, t] : box->tracked) {
+        if (t.ending) continue;
         const auto old_wire = id | t.attempt << attempt_shift;
         if (node == old) caf::anon_send(previous_router, actors::cancel_atom::value, old_wire, sink);
         ++t.attempt;
@@ -293,7 +333,8 @@ std::unique_ptr<client> client::connect(const std::string& host, std::uint16_t p
 }
 
 std::unique_ptr<client> client::connect(const std::vector<head_endpoint>& heads, std::chrono::milliseconds timeout,
-                                        const std::string& join_secret, std::chrono::milliseconds failover_after) {
+                                        const std::string& join_secret, std::chrono::milliseconds failover_after,
+                                        std::chrono::milliseconds no_head_limit) {
   if (heads.empty()) shoal::fail(errc::invalid_argument, "no head address to connect to");
   auto state = std::make_unique<impl>();
   state->own_config = std::make_unique<caf::actor_system_config>();
@@ -301,6 +342,7 @@ std::unique_ptr<client> client::connect(const std::vector<head_endpoint>& heads,
   state->system = state->own_system.get();
   state->heads = heads;
   state->failover_after = failover_after;
+  state->no_head_limit = no_head_limit;
   actors::remote_options o;
   o.node = fmt::format("client-{}-{}", ::getpid(), reinterpret_cast<std::uintptr_t>(state.get()) & 0xffffff);
   o.connect_timeout = timeout;
@@ -326,10 +368,9 @@ std::unique_ptr<client> client::connect(const std::vector<head_endpoint>& heads,
   state->router = caf::actor_cast<actors::router_actor>(state->remote->resolve({head, actors::actor_ids::router}));
   state->supervisor =
       caf::actor_cast<actors::supervisor_actor>(state->remote->resolve({head, actors::actor_ids::supervisor}));
-  if (heads.size() > 1) {
-    state->box->track = true;
-    state->failover_thread = std::thread([s = state.get()] { s->watch_heads(); });
-  }
+  // With one head too: it may come back (restarted), and requests must not wait forever meanwhile.
+  state->box->track = true;
+  state->failover_thread = std::thread([s = state.get()] { s->watch_heads(); });
   return std::unique_ptr<client>(new client(std::move(state)));
 }
 

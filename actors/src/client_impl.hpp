@@ -29,6 +29,7 @@ struct tracked_request {
   std::vector<std::int32_t> delivered;  // tokens received so far
   std::uint64_t attempt = 0;            // chunks of earlier attempts are dropped
   bool cancel_wanted = false;
+  bool ending = false;                  // ended here while no head answered; its last chunk is on its way
 };
 
 // The router sees `id | attempt << attempt_shift`, so that a late chunk of an attempt on a
@@ -70,6 +71,7 @@ class client::impl {
   std::vector<head_endpoint> heads;     // where a head may listen
   std::string head_node;                // the head in charge
   std::chrono::milliseconds failover_after{3000};
+  std::chrono::milliseconds no_head_limit{60000};  // requests fail after this long with no head
   std::mutex route_mutex;               // router/supervisor/head_node, and sending under them
   struct watchdog {
     std::mutex mutex;
@@ -83,6 +85,7 @@ class client::impl {
   std::atomic<std::uint64_t> failovers{0};
   void watch_heads();
   bool fail_over(bool connection_lost);
+  void end_stranded(std::chrono::steady_clock::time_point lost_since);
 };
 
 }  // namespace shoal

@@ -456,3 +456,51 @@ TEST_CASE("a standby that takes over keeps the placement the operator changed", 
   CHECK(after_status["drained"] == json::array({"experts0"}));
   CHECK(generate("stage1") == answer);  // and it serves, with the same greedy answer
 }
+
+TEST_CASE("while neither head answers, requests fail after --no-head-seconds instead of waiting; a head back serves",
+          "[gateway][e2e][cluster][chaos]") {
+  const auto config = kWork / "headless.yaml";
+  auto ports = write_config(config, {"stage0", "stage1", "experts0"}, "    - {node: experts0, experts: 0-15}\n");
+  hand_started_node head(config, "stage0"), standby(config, "stage1"), experts(config, "experts0");
+  INFO(head.log() << standby.log() << experts.log());
+  REQUIRE(head.says("\"ready\":true", 120s));
+  serve_process server("serve-headless",
+                       {"serve", "--cluster",
+                        "127.0.0.1:" + std::to_string(ports["stage0"]) + ",127.0.0.1:" + std::to_string(ports["stage1"]),
+                        "--model", tiny_model().string(), "--port", "0", "--no-head-seconds", "2"});
+  INFO(server.log());
+  const auto complete = [&](int limit_s) {
+    return run("curl -sS -m " + std::to_string(limit_s) + " -w ' %{http_code}' -H 'Content-Type: application/json' -d " +
+                   "'{\"model\":\"tiny\",\"prompt\":\"a b c\",\"max_tokens\":8,\"temperature\":0}' " + server.url() +
+                   "/v1/completions",
+               limit_s + 10);
+  };
+  REQUIRE(complete(60).out.ends_with(" 200"));
+
+  // Frozen, both keep their connections open and answer nothing.
+  REQUIRE(::kill(head.pid(), SIGSTOP) == 0);
+  REQUIRE(::kill(standby.pid(), SIGSTOP) == 0);
+  const auto frozen = clock_type::now();
+  const auto failed = complete(120);
+  const double waited = seconds(clock_type::now() - frozen);
+  INFO(failed.out);
+  CHECK(failed.out.ends_with(" 503"));
+  CHECK(failed.out.find("no head of the cluster answered") != std::string::npos);
+  WARN("the request failed " << waited << " s after both heads froze (--no-head-seconds 2)");
+  // Detection (3 s without a ping answer), then probes of both heads until the limit.
+  CHECK(waited < 60);
+  const auto refused = complete(60);  // and the next one without a wait of its own for the limit
+  CHECK(refused.out.ends_with(" 503"));
+
+  REQUIRE(::kill(head.pid(), SIGCONT) == 0);
+  REQUIRE(::kill(standby.pid(), SIGCONT) == 0);
+  const auto back = clock_type::now() + 120s;
+  std::string answer;
+  while (clock_type::now() < back) {
+    answer = complete(60).out;
+    if (answer.ends_with(" 200")) break;
+    std::this_thread::sleep_for(1s);
+  }
+  INFO(answer);
+  CHECK(answer.ends_with(" 200"));
+}

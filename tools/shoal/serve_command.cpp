@@ -95,6 +95,7 @@ struct serve_options {
   std::int64_t max_waiting = 1024;
   bool no_prefix_cache = false;
   double drain_seconds = 30;
+  double no_head_seconds = 60;
   std::size_t max_body_bytes = 1 << 20;
   std::size_t max_write_queue_kb = 1024;
   std::int64_t default_max_tokens = 1024;
@@ -231,7 +232,9 @@ void serve_cluster(const serve_options& o, const sigset_t& signals) {
   if (name.empty()) name = fs::absolute(dir).lexically_normal().filename().string();
   if (name.empty()) name = "shoal";
   // With a standby head, the client follows whichever is in charge and resumes the streams.
-  auto client = shoal::client::connect(heads, std::chrono::seconds(10), join_secret);
+  auto client = shoal::client::connect(
+      heads, std::chrono::seconds(10), join_secret, std::chrono::seconds(3),
+      std::chrono::milliseconds(static_cast<std::int64_t>(o.no_head_seconds * 1000)));
   auto back = gateway::make_cluster_backend(*client, tok, model.max_position_embeddings, o.max_waiting + o.max_running);
   std::mutex log_mutex;
   auto srv = std::make_unique<gateway::server>(*back, tok, server_settings(o, name, model.n_routed_experts, log_mutex));
@@ -332,6 +335,12 @@ void add_serve(CLI::App& app) {
                   "stopped with the server) or HOST:PORT of a running cluster's head node, HOST:PORT,HOST:PORT for its "
                   "head and standby (then --model names the checkpoint, for its tokenizer)");
   cmd->add_option("--transports", o->transports, "With a --cluster config: UCX transports for its nodes, e.g. tcp");
+  cmd->add_option("--no-head-seconds", o->no_head_seconds,
+                  "With --cluster: while neither head nor standby answers, requests wait this long for one to come "
+                  "back, then fail (503, or an error event in a stream); later requests fail the same way until a head "
+                  "answers")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   add_join_secret_option(*cmd, o->join_secret_file);
   add_weights_key_option(*cmd, o->key_file);
   cmd->add_option("--name", o->name, "Model name clients use (default: the directory's name, shoal-tiny for the demo)");

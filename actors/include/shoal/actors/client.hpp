@@ -75,10 +75,14 @@ class client {
   /// unfinished request there with the tokens it already received, so each stream goes on
   /// where it was: no token missing or repeated, greedy output identical (sampled requests
   /// carry a seed fixed at submission). Throws like the other `connect` when no head answers.
+  /// While no head answers, a cancelled request ends at once, a request whose deadline passes
+  /// ends with `deadline_exceeded`, and after `no_head_limit` every request ends with
+  /// `unavailable` (later ones too, until a head answers again).
   static std::unique_ptr<client> connect(const std::vector<head_endpoint>& heads,
                                          std::chrono::milliseconds timeout = std::chrono::seconds(10),
                                          const std::string& join_secret = {},
-                                         std::chrono::milliseconds failover_after = std::chrono::seconds(3));
+                                         std::chrono::milliseconds failover_after = std::chrono::seconds(3),
+                                         std::chrono::milliseconds no_head_limit = std::chrono::seconds(60));
   /// Times this client moved its requests to another head (or to the same one after its
   /// connection failed).
   std::uint64_t failovers() const;

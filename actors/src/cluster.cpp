@@ -35,6 +35,7 @@ local_cluster::impl::impl(config::cluster_config c, cluster_options o) : config(
   config::validate_against_model(config, model);
   if (options.scheduler_threads > 0)
     system_config.set("scheduler.max-threads", static_cast<std::size_t>(options.scheduler_threads));
+  system_config.set("scheduler.policy", config.actor_scheduler == "stealing" ? caf::atom("stealing") : caf::atom("sharing"));
   system = std::make_unique<caf::actor_system>(system_config);
   book = std::make_shared<fabric>();
   router_options ro{.scheduling = scheduling_for(config, model), .step_timeout = options.step_timeout,

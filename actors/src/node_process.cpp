@@ -183,11 +183,10 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   const auto& t = s.options.timeouts;
   if (t.scheduler_threads > 0)
     s.system_config.set("scheduler.max-threads", static_cast<std::size_t>(t.scheduler_threads));
-  if (const char* x = std::getenv("SHOAL_X_POLICY")) s.system_config.set("scheduler.policy", caf::atom("sharing")), (void)x;
+  s.system_config.set("scheduler.policy", cluster.actor_scheduler == "stealing" ? caf::atom("stealing") : caf::atom("sharing"));
   s.system = std::make_unique<caf::actor_system>(s.system_config);
 
   remote_options ro;
-  if (const char* x = std::getenv("SHOAL_X_SPIN_US")) ro.spin = std::chrono::microseconds(std::atoi(x));
   ro.node = s.options.node;
   ro.listen_host = s.self_spec->host;
   ro.listen_port = s.self_spec->port;

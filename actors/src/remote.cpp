@@ -656,7 +656,6 @@ void remote_fabric::start() {
   o.transports = options_.transports;
   o.connect_timeout = options_.connect_timeout;
   o.join_secret = options_.join_secret;
-  o.spin = options_.spin;
   transport::node_callbacks cb;
   std::weak_ptr<remote_fabric> weak = weak_from_this();
   cb.on_peer_connected = [weak](transport::peer_id peer, const std::string& name) {

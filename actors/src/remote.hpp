@@ -44,8 +44,6 @@ struct remote_options {
   std::chrono::milliseconds connect_timeout{10000};  ///< One connection attempt.
   bool stages_hold_experts = true;                   ///< Stages spawned here compute their experts.
   std::string join_secret;                           ///< The cluster's join secret; empty: none.
-  /// How long the transport's progress thread spins after activity before it sleeps.
-  std::chrono::microseconds spin{200};
 };
 
 class remote_fabric;

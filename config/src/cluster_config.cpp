@@ -134,7 +134,7 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
                {"model", "nodes", "head", "standby", "plan", "threads", "max_batch", "max_batch_tokens", "cache_mb", "cache_blocks",
                 "block_tokens", "prefix_cache", "ready_timeout_s", "heartbeat_ms", "heartbeat_misses", "restart_limit",
                 "restart_window_s", "replay_limit", "replace_after_s", "admin_token_file", "load_window_s", "admin_audit_log", "micro_batches",
-                "rebalance_every_s", "rebalance_max_copies",
+                "rebalance_every_s", "rebalance_max_copies", "actor_scheduler",
                 "join_secret_file"});
 
   cluster_config c;
@@ -168,6 +168,13 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
     c.restart_window_s = static_cast<int>(p.integer_at(root["restart_window_s"], "restart_window_s", 1, 86400 * 30));
   if (root["micro_batches"])
     c.micro_batches = static_cast<int>(p.integer_at(root["micro_batches"], "micro_batches", 0, 64));
+  if (root["actor_scheduler"]) {
+    const auto text = p.string_at(root["actor_scheduler"], "actor_scheduler");
+    if (text != "sharing" && text != "stealing")
+      p.error(line_of(root["actor_scheduler"]),
+              fmt::format("actor_scheduler must be sharing or stealing, got '{}'", text));
+    c.actor_scheduler = text;
+  }
   if (root["replay_limit"]) c.replay_limit = static_cast<int>(p.integer_at(root["replay_limit"], "replay_limit", 0, 1000));
   if (root["admin_token_file"]) {
     const std::filesystem::path token = p.string_at(root["admin_token_file"], "admin_token_file");

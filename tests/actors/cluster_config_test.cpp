@@ -90,6 +90,12 @@ TEST_CASE("a standby head is optional and names another node") {
   CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").other_head("a").empty());
 }
 
+TEST_CASE("actor threads block when idle unless the config asks for CAF's work stealing") {
+  CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").actor_scheduler == "sharing");
+  CHECK(parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\nactor_scheduler: stealing"), "cluster.yaml", "/base")
+            .actor_scheduler == "stealing");
+}
+
 TEST_CASE("join_secret_file is resolved against the config's directory") {
   CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").join_secret_file.empty());
   CHECK(parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: secrets/join"), "cluster.yaml", "/base")
@@ -221,6 +227,8 @@ TEST_CASE("every refusal of a cluster config names the file and the line") {
   refused(replace(kGood, "model: ckpt", "model: ckpt\nrebalance_every_s: -1"), "cluster.yaml:2: rebalance_every_s = -1 is out of range [0, 604800]");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nrebalance_max_copies: 0"), "cluster.yaml:2: rebalance_max_copies = 0 is out of range [1, 4096]");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nadmin_audit_log: [a]"), "cluster.yaml:2: admin_audit_log must be a string");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nactor_scheduler: fifo"),
+          "cluster.yaml:2: actor_scheduler must be sharing or stealing, got 'fifo'");
   refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: [a, b]"), "cluster.yaml:2: join_secret_file must be a string");
   refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: ''"), "cluster.yaml:2: join_secret_file must name a file");
   refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secrets: s"), "cluster.yaml:2: unknown key 'join_secrets' in the cluster config");

@@ -30,8 +30,9 @@ using namespace std::chrono_literals;
 
 namespace {
 
-// Transports every test runs over: TCP, and shared memory (with TCP only for the connection
-// handshake, which UCX's sockaddr connection manager needs).
+// Transports every test runs over: TCP, and shared memory (with TCP for the connection
+// handshake, which UCX's sockaddr connection manager needs; the first test below checks that
+// shared memory really carries the messages).
 const char* const kTransports[] = {"tcp", "sm,self,tcp"};
 
 std::uint64_t fnv1a(std::span<const std::byte> bytes) {
@@ -149,6 +150,38 @@ int reap(pid_t pid, std::chrono::milliseconds timeout) {
 }
 
 }  // namespace
+
+TEST_CASE("with sm in UCX_TLS, nodes on one machine talk over shared memory, not TCP", "[transport][node]") {
+  // Endpoints are created with peer-failure handling; UCX leaves out transports that do not
+  // report peer failures unless told they may, so this fails when shared memory is left out.
+  for (const std::string transports : kTransports) {
+    CAPTURE(transports);
+    harness a("a", transports), b("b", transports, false);
+    const auto peer = b.node->connect("127.0.0.1", a.node->port());
+    REQUIRE(a.wait([&] { return !a.connected.empty(); }));
+    tp::outgoing_message hello;
+    hello.envelope().setRequestId(1);
+    b.node->send(peer, std::move(hello));
+    REQUIRE(a.wait([&] { return !a.messages.empty(); }));
+    // The lanes are final once UCX's wireup completes, shortly after the first messages.
+    std::string lanes;
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    const bool sm = transports.find("sm") != std::string::npos;
+    while (std::chrono::steady_clock::now() < deadline) {
+      lanes = b.node->peer_lanes(peer);
+      if (!sm || lanes.find("/memory") != std::string::npos) break;
+      std::this_thread::sleep_for(50ms);
+    }
+    CAPTURE(lanes);
+    CHECK(lanes.find("tcp") != std::string::npos);  // the connection's own handshake lane
+    if (sm)
+      CHECK((lanes.find("sysv/memory") != std::string::npos || lanes.find("posix/memory") != std::string::npos));
+    else
+      CHECK(lanes.find("/memory") == std::string::npos);
+  }
+  harness lone("lone", "tcp", false);
+  CHECK_THROWS_AS(lone.node->peer_lanes(12345), shoal::error);
+}
 
 TEST_CASE("large tensors keep their bytes in both directions", "[transport][node]") {
   std::string transports = GENERATE(values<std::string>({kTransports[0], kTransports[1]}));

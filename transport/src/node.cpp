@@ -22,8 +22,10 @@
 #include <array>
 #include <atomic>
 #include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <cstdlib>
+#include <future>
 #include <deque>
 #include <fstream>
 #include <map>
@@ -230,7 +232,12 @@ struct node::impl {
   struct disconnect_command {
     peer_id peer;
   };
-  using command = std::variant<send_command, connect_command, abandon_command, disconnect_command>;
+  // UCX's description of a peer's endpoint, for the caller waiting on `done`.
+  struct describe_command {
+    peer_id peer;
+    std::shared_ptr<std::promise<std::string>> done;
+  };
+  using command = std::variant<send_command, connect_command, abandon_command, disconnect_command, describe_command>;
 
   // Events are handed to the application outside UCX callbacks, so the application may send
   // from its callback without re-entering UCX.
@@ -323,6 +330,17 @@ struct node::impl {
     // because the previous process's connections are still in TIME_WAIT. An explicit
     // UCX_TCP_CM_REUSEADDR in the environment wins; a UCX without the setting just keeps its own.
     if (!std::getenv("UCX_TCP_CM_REUSEADDR")) (void)ucp_config_modify(config.get(), "CM_REUSEADDR", "y");
+    // Endpoints are created with peer-failure handling (a dead node must fail its calls), and
+    // UCX then leaves out every transport that does not report peer failures: its shared-memory
+    // transports report them only when asked to, so without this, nodes on one machine talk
+    // over TCP loopback even when UCX_TLS offers sm. Explicit settings in the environment win.
+    const std::string& tls = options.transports;
+    const bool shared_memory = tls.empty() || tls.find("sm") != std::string::npos || tls.find("mm") != std::string::npos ||
+                               tls.find("posix") != std::string::npos || tls.find("sysv") != std::string::npos ||
+                               tls.find("all") != std::string::npos;
+    if (shared_memory && !std::getenv("UCX_MM_ERROR_HANDLING") && !std::getenv("UCX_POSIX_ERROR_HANDLING") &&
+        !std::getenv("UCX_SYSV_ERROR_HANDLING"))
+      (void)ucp_config_modify(config.get(), "MM_ERROR_HANDLING", "y");
     if (!options.transports.empty())
       SHOAL_UCS_CHECK(ucp_config_modify(config.get(), "TLS", options.transports.c_str()),
                       fmt::format("setting UCX transports to '{}'", options.transports));
@@ -537,6 +555,26 @@ struct node::impl {
         return;
       }
     }
+  }
+
+  void handle(describe_command&& cmd) {
+    auto it = peers.find(cmd.peer);
+    if (it == peers.end() || it->second.phase != peer_phase::connected) {
+      cmd.done->set_value({});
+      return;
+    }
+    char* text = nullptr;
+    std::size_t size = 0;
+    FILE* stream = ::open_memstream(&text, &size);
+    if (stream == nullptr) {
+      cmd.done->set_value({});
+      return;
+    }
+    ucp_ep_print_info(it->second.ep, stream);
+    std::fclose(stream);
+    std::string out(text, size);
+    std::free(text);
+    cmd.done->set_value(std::move(out));
   }
 
   void handle(disconnect_command&& cmd) {
@@ -1258,6 +1296,22 @@ std::string node::peer_name(peer_id peer) const {
   auto it = impl_->live.find(peer);
   if (it == impl_->live.end()) fail(errc::not_found, "no connection {}", peer);
   return it->second;
+}
+
+std::string node::peer_lanes(peer_id peer) const {
+  {
+    std::lock_guard lock(impl_->mutex);
+    if (impl_->live.find(peer) == impl_->live.end()) fail(errc::not_found, "no connection {}", peer);
+  }
+  SHOAL_REQUIRE(!impl_->on_progress_thread(), "node::peer_lanes called from a node callback");
+  auto done = std::make_shared<std::promise<std::string>>();
+  auto answer = done->get_future();
+  impl_->push(impl::describe_command{peer, done});
+  if (answer.wait_for(std::chrono::seconds(10)) != std::future_status::ready)
+    fail(errc::deadline_exceeded, "the transport's progress thread did not answer within 10 s");
+  auto text = answer.get();
+  if (text.empty()) fail(errc::not_found, "no connection {}", peer);
+  return text;
 }
 
 std::size_t node::in_flight() const noexcept { return impl_->in_flight.load(); }

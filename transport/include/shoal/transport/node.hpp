@@ -142,6 +142,11 @@ class node {
   /// Name the peer announced in its hello; throws `error(not_found)` for unknown peers.
   std::string peer_name(peer_id peer) const;
 
+  /// UCX's account of the connection to `peer`: the transports and devices of each lane
+  /// (e.g. `am(sysv/memory tcp/lo)`), for operators and tests. Throws `error(not_found)` for
+  /// unknown peers; not from a node callback.
+  std::string peer_lanes(peer_id peer) const;
+
   /// Messages queued or being sent (all peers), for flow control by the caller.
   std::size_t in_flight() const noexcept;
 

@@ -90,10 +90,10 @@ TEST_CASE("a standby head is optional and names another node") {
   CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").other_head("a").empty());
 }
 
-TEST_CASE("actor threads block when idle unless the config asks for CAF's work stealing") {
-  CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").actor_scheduler == "sharing");
-  CHECK(parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\nactor_scheduler: stealing"), "cluster.yaml", "/base")
-            .actor_scheduler == "stealing");
+TEST_CASE("actor threads steal work as CAF does unless the config asks them to share one queue") {
+  CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").actor_scheduler == "stealing");
+  CHECK(parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\nactor_scheduler: sharing"), "cluster.yaml", "/base")
+            .actor_scheduler == "sharing");
 }
 
 TEST_CASE("join_secret_file is resolved against the config's directory") {

@@ -90,11 +90,11 @@ struct cluster_config {
   /// Steps in the pipeline at once, each with its own share of the running requests; 0: one
   /// per stage (stages then never wait for each other), 1: one step at a time.
   int micro_batches = 0;
-  /// How each node's actor threads wait for work: "sharing" (one queue; idle threads block
-  /// and leave the cores to the kernels, and wake within microseconds) or "stealing" (CAF's
-  /// default: idle threads poll each other's queues for a while before they sleep; for nodes
-  /// with many actors busy at once).
-  std::string actor_scheduler = "sharing";
+  /// How each node's actor threads wait for work: "stealing" (CAF's default: idle threads
+  /// poll each other's queues for a while before they sleep) or "sharing" (one queue; idle
+  /// threads block at once and leave the cores to the kernels: for nodes that share cores
+  /// with other nodes).
+  std::string actor_scheduler = "stealing";
   /// A dead node that has not joined again after this long has its stages and expert groups
   /// re-placed onto surviving nodes with the memory for them. 0: never; wait for it.
   int replace_after_s = 30;

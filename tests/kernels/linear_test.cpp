@@ -17,9 +17,9 @@ using kernels::dtype;
 
 // FP32 accumulation in a different order: errors grow like sqrt(cols) * eps relative to the
 // output scale; 1e-5 leaves a wide margin at these widths while catching any real mistake
-// (a wrong scale block, a dropped tail, a wrong row). The BF16 GEMM (BF16 weights, 16 tokens
-// or more, on CPUs with AVX512-BF16) also carries each activation as two BF16 parts, off by at
-// most 2^-17 of it: about 3e-6 of the output scale here.
+// (a wrong scale block, a dropped tail, a wrong row). The BF16 GEMM (BF16 weights on CPUs
+// with AVX512-BF16) also carries each activation as two BF16 parts, off by at
+// most 2^-16 of it: about 3e-6 of the output scale here.
 constexpr double kLinearTolerance = 1e-5;
 
 TEST_CASE("optimized linear matches the reference for every dtype, batch and ragged shape", "[linear]") {
@@ -53,11 +53,12 @@ TEST_CASE("optimized linear matches the reference for every dtype, batch and rag
 }
 
 TEST_CASE("a token's linear outputs do not depend on the tokens computed with it", "[linear]") {
-  // Continuous batching and chunked prefill change which tokens share a pass over the weights;
-  // a token's outputs must stay bit for bit the same. BF16 weights take the BF16 GEMM from 16
-  // tokens on; 2000 columns end in a partial 32-column step and make its token blocks 30 tokens
+  // Continuous batching, chunked prefill and recomputing a sequence after a node failure change
+  // which tokens share a pass over the weights; a token's outputs must stay bit for bit the
+  // same. BF16 weights take the BF16 GEMM at every batch size (one token alone streams one row
+  // at a time); 2000 columns end in a partial 32-column step and make its token blocks 30 tokens
   // of 3-token tiles, and 37 rows end in a partial 4-row tile: the batch sizes below straddle
-  // the 16-token switch, the tile and the block edges.
+  // the tile and block edges and the old 16-token switch from the streaming kernel.
   std::mt19937 rng(31);
   kernels::thread_pool pool(2);
   const std::int64_t rows = 37, cols = 2000, all = 70;
@@ -69,7 +70,7 @@ TEST_CASE("a token's linear outputs do not depend on the tokens computed with it
     return y;
   };
   const auto together = run(0, all);
-  for (const std::int64_t count : {16, 17, 18, 19, 29, 30, 31, 32, 33, 59, 60, 61, 69}) {
+  for (const std::int64_t count : {1, 2, 3, 4, 5, 15, 16, 17, 29, 30, 31, 32, 33, 59, 60, 61, 69}) {
     for (const std::int64_t first : {std::int64_t{0}, (all - count) / 2, all - count}) {
       CAPTURE(count, first);
       const auto part = run(first, count);

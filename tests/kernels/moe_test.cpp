@@ -160,9 +160,9 @@ TEST_CASE("an expert's output for a row does not depend on the other rows comput
 }
 
 TEST_CASE("an expert's output for a row does not depend on the other rows of its GEMM", "[moe]") {
-  // The same as above with 16 or more rows per expert, where BF16 experts take the BF16 GEMM:
-  // 2000-wide activations make its token blocks 30 rows of 3-row tiles, so the row counts
-  // below straddle the tile and block edges.
+  // The same as above with 16 or more rows per expert (where the fp32 path switches from
+  // streaming to a GEMM), BF16 weights: 2000-wide activations make the BF16 GEMM's token blocks
+  // 30 rows of 3-row tiles, so the row counts below also straddle its tile and block edges.
   std::mt19937 rng(41);
   kernels::thread_pool pool(2);
   const std::int64_t experts = 2, hidden = 2000, inter = 200, rows = 80;

@@ -27,6 +27,9 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+// GCC 12 flags its own AVX-512 intrinsic headers (an undefined-vector idiom) as uninitialized use.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace shoal::tools {

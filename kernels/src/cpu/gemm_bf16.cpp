@@ -103,8 +103,11 @@ void gemm_rows(const gemm_bf16_params& p, std::int64_t row_begin, std::int64_t r
   const std::int64_t block = std::max<std::int64_t>(kT, kTokenBlockBytes / token_bytes / kT * kT);
   for (std::int64_t b0 = 0; b0 < p.tokens; b0 += block) {
     const std::int64_t b1 = std::min(p.tokens, b0 + block);
-    for (std::int64_t r0 = row_begin; r0 < row_end; r0 += kTileRows) {
-      const int rows = static_cast<int>(std::min<std::int64_t>(kTileRows, row_end - r0));
+    // One token (decode) streams one weight row at a time: faster than four interleaved rows
+    // (21-24 against 18-19 GB/s), and a tile's row count changes no output.
+    const int tile_rows_here = p.tokens == 1 ? 1 : kTileRows;
+    for (std::int64_t r0 = row_begin; r0 < row_end; r0 += tile_rows_here) {
+      const int rows = static_cast<int>(std::min<std::int64_t>(tile_rows_here, row_end - r0));
       for (std::int64_t t0 = b0; t0 < b1; t0 += kT)
         tile_rows<P>(p, r0, t0, rows, static_cast<int>(std::min<std::int64_t>(kT, b1 - t0)));
     }
@@ -140,8 +143,8 @@ int bf16_parts() {
   return parts;
 }
 
-bool bf16_gemm_applies(const matrix_view& weight, std::int64_t tokens) {
-  return weight.type == dtype::bf16 && tokens >= kBf16MinTokens && bf16_gemm_enabled();
+bool bf16_gemm_applies(const matrix_view& weight) {
+  return weight.type == dtype::bf16 && bf16_gemm_enabled();
 }
 
 bool bf16_gemm_enabled() {

@@ -225,7 +225,7 @@ void linear_rows(const linear_params& p, std::int64_t row_begin, std::int64_t ro
   }
 }
 
-bool use_bf16_gemm(const linear_params& p) { return detail::bf16_gemm_applies(p.weight, p.tokens); }
+bool use_bf16_gemm(const linear_params& p) { return detail::bf16_gemm_applies(p.weight); }
 
 detail::gemm_bf16_params bf16_params(const linear_params& p, const detail::bf16_activations& x) {
   return {.x = x.data.data(),

@@ -149,7 +149,7 @@ void moe_experts(thread_pool& pool, const moe_experts_params& p) {
   // An expert's rows are split into BF16 parts once, here, not once per row block.
   bool any_bf16 = false;
   for (std::int32_t e = 0; e < num_experts; ++e)
-    any_bf16 = any_bf16 || detail::bf16_gemm_applies(p.experts[e].gate, offsets[e + 1] - offsets[e]);
+    any_bf16 = any_bf16 || (offsets[e + 1] > offsets[e] && detail::bf16_gemm_applies(p.experts[e].gate));
   detail::bf16_activations split_x, split_act;
   if (any_bf16) detail::bf16_split(gathered.data(), assignments, p.hidden, p.hidden, split_x, &pool);
   // The tile of rows [begin, end) of `w` for an expert's n rows of split activations x.
@@ -172,7 +172,7 @@ void moe_experts(thread_pool& pool, const moe_experts_params& p) {
     const std::int64_t first = offsets[item.expert];
     const std::int64_t n = offsets[item.expert + 1] - first;
     const std::int64_t rows = item.row_end - item.row_begin;
-    if (detail::bf16_gemm_applies(w.gate, n) && detail::bf16_gemm_applies(w.up, n)) {
+    if (detail::bf16_gemm_applies(w.gate) && detail::bf16_gemm_applies(w.up)) {
       gemm_bf16(split_x, first, n, w.gate, item.row_begin, item.row_end, gate_out.data() + first * max_inter,
                 max_inter);
       gemm_bf16(split_x, first, n, w.up, item.row_begin, item.row_end, up_out.data() + first * max_inter,
@@ -199,7 +199,7 @@ void moe_experts(thread_pool& pool, const moe_experts_params& p) {
     const expert_weights& w = p.experts[item.expert];
     const std::int64_t first = offsets[item.expert];
     const std::int64_t n = offsets[item.expert + 1] - first;
-    if (detail::bf16_gemm_applies(w.down, n)) {
+    if (detail::bf16_gemm_applies(w.down)) {
       gemm_bf16(split_act, first, n, w.down, item.row_begin, item.row_end, expert_out.data() + first * p.hidden,
                 p.hidden);
       return;

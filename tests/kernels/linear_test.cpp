@@ -17,7 +17,9 @@ using kernels::dtype;
 
 // FP32 accumulation in a different order: errors grow like sqrt(cols) * eps relative to the
 // output scale; 1e-5 leaves a wide margin at these widths while catching any real mistake
-// (a wrong scale block, a dropped tail, a wrong row).
+// (a wrong scale block, a dropped tail, a wrong row). The BF16 GEMM (BF16 weights on CPUs
+// with AVX512-BF16) also carries each activation as two BF16 parts, off by at
+// most 2^-16 of it: about 3e-6 of the output scale here.
 constexpr double kLinearTolerance = 1e-5;
 
 TEST_CASE("optimized linear matches the reference for every dtype, batch and ragged shape", "[linear]") {
@@ -47,6 +49,33 @@ TEST_CASE("optimized linear matches the reference for every dtype, batch and rag
     kernels::linear(pool, p);
     for (std::size_t i = 0; i < base.size(); ++i) base[i] += expected[i];
     CHECK(test::relative_error(sum, base) < kLinearTolerance);
+  }
+}
+
+TEST_CASE("a token's linear outputs do not depend on the tokens computed with it", "[linear]") {
+  // Continuous batching, chunked prefill and recomputing a sequence after a node failure change
+  // which tokens share a pass over the weights; a token's outputs must stay bit for bit the
+  // same. BF16 weights take the BF16 GEMM at every batch size (one token alone streams one row
+  // at a time); 2000 columns end in a partial 32-column step and make its token blocks 30 tokens
+  // of 3-token tiles, and 37 rows end in a partial 4-row tile: the batch sizes below straddle
+  // the tile and block edges and the old 16-token switch from the streaming kernel.
+  std::mt19937 rng(31);
+  kernels::thread_pool pool(2);
+  const std::int64_t rows = 37, cols = 2000, all = 70;
+  auto w = test::random_matrix(dtype::bf16, rows, cols, rng);
+  const auto x = test::random_vector(all * cols, rng);
+  auto run = [&](std::int64_t first, std::int64_t count) {
+    std::vector<float> y(static_cast<std::size_t>(count * rows));
+    kernels::linear(pool, {.x = x.data() + first * cols, .weight = w.view, .y = y.data(), .tokens = count});
+    return y;
+  };
+  const auto together = run(0, all);
+  for (const std::int64_t count : {1, 2, 3, 4, 5, 15, 16, 17, 29, 30, 31, 32, 33, 59, 60, 61, 69}) {
+    for (const std::int64_t first : {std::int64_t{0}, (all - count) / 2, all - count}) {
+      CAPTURE(count, first);
+      const auto part = run(first, count);
+      CHECK(std::equal(part.begin(), part.end(), together.begin() + first * rows));
+    }
   }
 }
 

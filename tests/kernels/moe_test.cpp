@@ -158,3 +158,32 @@ TEST_CASE("an expert's output for a row does not depend on the other rows comput
   const auto half = run(rows / 2, rows - rows / 2);
   CHECK(std::equal(half.begin(), half.end(), together.begin() + (rows / 2) * hidden));
 }
+
+TEST_CASE("an expert's output for a row does not depend on the other rows of its GEMM", "[moe]") {
+  // The same as above with 16 or more rows per expert (where the fp32 path switches from
+  // streaming to a GEMM), BF16 weights: 2000-wide activations make the BF16 GEMM's token blocks
+  // 30 rows of 3-row tiles, so the row counts below also straddle its tile and block edges.
+  std::mt19937 rng(41);
+  kernels::thread_pool pool(2);
+  const std::int64_t experts = 2, hidden = 2000, inter = 200, rows = 80;
+  auto set = random_experts(dtype::bf16, experts, hidden, inter, rng);
+  const auto x = test::random_vector(rows * hidden, rng);
+  std::vector<std::int32_t> ids(rows);
+  for (std::int64_t r = 0; r < rows; ++r) ids[r] = static_cast<std::int32_t>(r % experts);
+  const std::vector<float> ones(rows, 1.0f);
+  auto run = [&](std::int64_t first, std::int64_t count) {
+    std::vector<float> y(static_cast<std::size_t>(count * hidden), 0.0f);
+    kernels::moe_experts(pool, {.x = x.data() + first * hidden, .tokens = count, .hidden = hidden, .top_k = 1,
+                                .indices = ids.data() + first, .weights = ones.data(), .experts = set.experts,
+                                .y = y.data()});
+    return y;
+  };
+  const auto together = run(0, rows);
+  for (const std::int64_t count : {32, 33, 34, 35, 58, 59, 60, 61, 62, 63, 79}) {
+    for (const std::int64_t first : {std::int64_t{0}, rows - count}) {
+      CAPTURE(count, first);
+      const auto part = run(first, count);
+      CHECK(std::equal(part.begin(), part.end(), together.begin() + first * hidden));
+    }
+  }
+}

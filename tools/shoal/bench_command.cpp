@@ -25,6 +25,13 @@
 
 #include <unistd.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+// GCC 12 flags its own AVX-512 intrinsic headers (an undefined-vector idiom) as uninitialized use.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace shoal::tools {
 namespace {
 
@@ -160,6 +167,46 @@ double gemm_gflops(kernels::thread_pool& pool) {
   return best;
 }
 
+#if defined(__x86_64__)
+// 12 independent accumulators: more than latency x throughput of `vdpbf16ps` on current cores.
+__attribute__((target("avx512f,avx512bf16"), noinline)) float bf16_dot_loop(std::int64_t iterations) {
+  constexpr int kChains = 12;
+  __m512 acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_setzero_ps();
+  __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3f80));  // 1.0
+  const __m512bh b = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3c00));  // 2^-7
+  for (std::int64_t n = 0; n < iterations; ++n) {
+#pragma GCC unroll 12
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+    __asm__ volatile("" : "+v"(a));  // keeps the loop from being folded
+  }
+  __m512 sum = acc[0];
+  for (int i = 1; i < kChains; ++i) sum = _mm512_add_ps(sum, acc[i]);
+  return _mm512_reduce_add_ps(sum);
+}
+#endif
+
+// BF16 multiply-add peak of this machine: every pool thread runs independent `vdpbf16ps`
+// (32 multiply-adds each) from registers; 0 where the CPU has no AVX512-BF16. Prefill is
+// compared with it.
+double bf16_peak_gflops(kernels::thread_pool& pool) {
+#if defined(__x86_64__)
+  if (!__builtin_cpu_supports("avx512bf16")) return 0.0;
+  constexpr std::int64_t kIterations = 20'000'000;  // ~65 ms per thread at 3.7 GHz
+  double best = 0.0;
+  std::vector<float> sink(static_cast<std::size_t>(pool.size()));
+  for (int pass = 0; pass < 3; ++pass) {
+    const auto start = clock_type::now();
+    pool.run([&](int t) { sink[static_cast<std::size_t>(t)] = bf16_dot_loop(kIterations); });
+    best = std::max(best, 12.0 * 64.0 * kIterations * pool.size() / seconds_since(start) / 1e9);
+  }
+  return best;
+#else
+  (void)pool;
+  return 0.0;
+#endif
+}
+
 // The triad alone, on each thread count, for comparing this yardstick with other STREAM-like
 // probes run back to back with it.
 void print_bandwidth(const std::vector<int>& thread_counts, std::size_t bytes_per_array, bool json) {
@@ -272,7 +319,7 @@ void add_bench_command(CLI::App& app) {
       double bytes;
       speed best;
       double bandwidth_before = 0, bandwidth_after = 0;
-      double flops = 0, gemm_gflops = 0;
+      double flops = 0, gemm_gflops = 0, bf16_peak_gflops = 0;
     };
     std::vector<row> rows;
     for (int threads : thread_counts) {
@@ -281,12 +328,14 @@ void add_bench_command(CLI::App& app) {
       const double before = triad_bandwidth(threads, triad_bytes);
       fmt::print(stderr, "[bench] {} thread(s): measuring the FP32 GEMM rate\n", threads);
       const double gemm = gemm_gflops(pool);
+      fmt::print(stderr, "[bench] {} thread(s): measuring the BF16 multiply-add peak\n", threads);
+      const double bf16_peak = bf16_peak_gflops(pool);
       std::vector<std::unique_ptr<runtime::model>> nets;
       std::vector<row> these;
       for (std::size_t m = 0; m < weights.size(); ++m) {
         nets.push_back(std::make_unique<runtime::model>(*weights[m], pool));
         these.push_back({o->models[m], threads, decode_bytes(*weights[m], o->prompt_tokens + o->decode_tokens / 2), {},
-                         before, 0, prefill_flops(*weights[m], o->prompt_tokens), gemm});
+                         before, 0, prefill_flops(*weights[m], o->prompt_tokens), gemm, bf16_peak});
       }
       // A B A B: bandwidth drifts over minutes, so variants alternate instead of running in blocks.
       for (int round = 0; round < o->repeats; ++round)
@@ -313,6 +362,7 @@ void add_bench_command(CLI::App& app) {
                                {"prefill_tokens_per_s", r.best.prefill_tokens_per_s},
                                {"prefill_gflops", r.flops * r.best.prefill_tokens_per_s / o->prompt_tokens / 1e9},
                                {"gemm_gflops", r.gemm_gflops},
+                               {"bf16_peak_gflops", r.bf16_peak_gflops},
                                {"decode_tokens_per_s", r.best.decode_tokens_per_s},
                                {"decode_bytes", r.bytes},
                                {"triad_gbps_before", r.bandwidth_before},
@@ -323,18 +373,22 @@ void add_bench_command(CLI::App& app) {
       return;
     }
     fmt::print("\nprefill {} tokens, decode {} tokens after it; decode roofline = triad bandwidth / bytes a decode "
-               "step reads; prefill is compared with the FP32 GEMM rate of the same run\n\n",
+               "step reads; prefill is compared with the FP32 GEMM rate (OpenBLAS) and the BF16 multiply-add peak "
+               "(vdpbf16ps from registers) of the same run\n\n",
                o->prompt_tokens, o->decode_tokens);
-    fmt::print("| model | threads | prefill tok/s | prefill GFLOP/s | GEMM GFLOP/s | % of GEMM | decode tok/s | MB read "
+    fmt::print("| model | threads | prefill tok/s | prefill GFLOP/s | GEMM GFLOP/s | % of GEMM | BF16 peak GFLOP/s | % of BF16 peak | decode tok/s | MB read "
                "per token | triad GB/s (before/after) | decode roofline tok/s | % of roofline |\n");
-    fmt::print("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    fmt::print("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const auto& r : rows) {
       const double bandwidth = (r.bandwidth_before + r.bandwidth_after) / 2.0;
       const double roofline = bandwidth * 1e9 / r.bytes;
       const double prefill_gflops = r.flops * r.best.prefill_tokens_per_s / o->prompt_tokens / 1e9;
-      fmt::print("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.0f}% | {:.2f} | {:.1f} | {:.1f} / {:.1f} | {:.2f} | {:.0f}% |\n",
+      fmt::print("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.0f}% | {:.1f} | {:.0f}% | {:.2f} | {:.1f} | {:.1f} / {:.1f} | "
+                 "{:.2f} | {:.0f}% |\n",
                  r.model, r.threads, r.best.prefill_tokens_per_s, prefill_gflops, r.gemm_gflops,
-                 100.0 * prefill_gflops / r.gemm_gflops, r.best.decode_tokens_per_s, r.bytes / 1e6,
+                 100.0 * prefill_gflops / r.gemm_gflops, r.bf16_peak_gflops,
+                 r.bf16_peak_gflops > 0 ? 100.0 * prefill_gflops / r.bf16_peak_gflops : 0.0,
+                 r.best.decode_tokens_per_s, r.bytes / 1e6,
                  r.bandwidth_before, r.bandwidth_after, roofline, 100.0 * r.best.decode_tokens_per_s / roofline);
     }
     if (rows.size() >= 2 && weights.size() >= 2) {

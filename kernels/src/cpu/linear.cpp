@@ -3,6 +3,7 @@
 #include "shoal/kernels/thread_pool.hpp"
 
 #include "blas.hpp"
+#include "gemm_bf16.hpp"
 #include "simd.hpp"
 
 #include <algorithm>
@@ -224,10 +225,37 @@ void linear_rows(const linear_params& p, std::int64_t row_begin, std::int64_t ro
   }
 }
 
+bool use_bf16_gemm(const linear_params& p) { return detail::bf16_gemm_applies(p.weight); }
+
+detail::gemm_bf16_params bf16_params(const linear_params& p, const detail::bf16_activations& x) {
+  return {.x = x.data.data(),
+          .x_stride = x.stride,
+          .weight = p.weight,
+          .y = p.y,
+          .tokens = p.tokens,
+          .y_stride = p.y_stride ? p.y_stride : p.weight.rows,
+          .accumulate = p.accumulate};
+}
+
 }  // namespace
 
 void linear(thread_pool& pool, const linear_params& params) {
   if (params.tokens <= 0 || params.weight.rows <= 0) return;
+  if (use_bf16_gemm(params)) {
+    thread_local detail::bf16_activations x;
+    detail::bf16_split(params.x, params.tokens, params.weight.cols,
+                       params.x_stride ? params.x_stride : params.weight.cols, x, &pool);
+    const auto g = bf16_params(params, x);
+    if (params.tokens * params.weight.rows * params.weight.cols < kMinParallelWork) {
+      detail::gemm_bf16_rows(g, 0, params.weight.rows);
+      return;
+    }
+    const std::int64_t granules = (params.weight.rows + 15) / 16;
+    pool.parallel_for(granules, [&](std::int64_t begin, std::int64_t end) {
+      detail::gemm_bf16_rows(g, begin * 16, std::min(end * 16, params.weight.rows));
+    });
+    return;
+  }
   if (params.tokens * params.weight.rows * params.weight.cols < kMinParallelWork) {
     linear_rows(params, 0, params.weight.rows);
     return;
@@ -241,6 +269,13 @@ void linear(thread_pool& pool, const linear_params& params) {
 
 void linear_serial(const linear_params& params) {
   if (params.tokens <= 0 || params.weight.rows <= 0) return;
+  if (use_bf16_gemm(params)) {
+    thread_local detail::bf16_activations x;
+    detail::bf16_split(params.x, params.tokens, params.weight.cols,
+                       params.x_stride ? params.x_stride : params.weight.cols, x);
+    detail::gemm_bf16_rows(bf16_params(params, x), 0, params.weight.rows);
+    return;
+  }
   linear_rows(params, 0, params.weight.rows);
 }
 

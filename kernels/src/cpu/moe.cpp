@@ -3,6 +3,8 @@
 #include "shoal/kernels/linear.hpp"
 #include "shoal/kernels/thread_pool.hpp"
 
+#include "gemm_bf16.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -135,6 +137,33 @@ void moe_experts(thread_pool& pool, const moe_experts_params& p) {
   std::vector<float> gate_out(static_cast<std::size_t>(assignments * max_inter));
   std::vector<float> up_out(static_cast<std::size_t>(assignments * max_inter));
   std::vector<float> expert_out(static_cast<std::size_t>(assignments * p.hidden));
+  // SwiGLU of rows [first, first + n), columns [col, col + count) of the gate and up outputs.
+  const auto silu_mul = [&](std::int64_t first, std::int64_t n, std::int64_t col, std::int64_t count) {
+    for (std::int64_t t = 0; t < n; ++t) {
+      float* g = gate_out.data() + (first + t) * max_inter + col;
+      const float* u = up_out.data() + (first + t) * max_inter + col;
+      for (std::int64_t r = 0; r < count; ++r) g[r] = silu(g[r]) * u[r];
+    }
+  };
+
+  // An expert's rows are split into BF16 parts once, here, not once per row block.
+  bool any_bf16 = false;
+  for (std::int32_t e = 0; e < num_experts; ++e)
+    any_bf16 = any_bf16 || (offsets[e + 1] > offsets[e] && detail::bf16_gemm_applies(p.experts[e].gate));
+  detail::bf16_activations split_x, split_act;
+  if (any_bf16) detail::bf16_split(gathered.data(), assignments, p.hidden, p.hidden, split_x, &pool);
+  // The tile of rows [begin, end) of `w` for an expert's n rows of split activations x.
+  const auto gemm_bf16 = [](const detail::bf16_activations& x, std::int64_t first, std::int64_t n,
+                            const matrix_view& w, std::int64_t begin, std::int64_t end, float* y,
+                            std::int64_t y_stride) {
+    detail::gemm_bf16_rows({.x = x.data.data() + first * x.token_stride(),
+                            .x_stride = x.stride,
+                            .weight = w,
+                            .y = y,
+                            .tokens = n,
+                            .y_stride = y_stride},
+                           begin, end);
+  };
 
   // Phase 1: gate and up projections of each expert's tokens, SwiGLU fused per row block.
   const std::int64_t phase_work = assignments * max_inter * p.hidden;
@@ -143,6 +172,14 @@ void moe_experts(thread_pool& pool, const moe_experts_params& p) {
     const std::int64_t first = offsets[item.expert];
     const std::int64_t n = offsets[item.expert + 1] - first;
     const std::int64_t rows = item.row_end - item.row_begin;
+    if (detail::bf16_gemm_applies(w.gate) && detail::bf16_gemm_applies(w.up)) {
+      gemm_bf16(split_x, first, n, w.gate, item.row_begin, item.row_end, gate_out.data() + first * max_inter,
+                max_inter);
+      gemm_bf16(split_x, first, n, w.up, item.row_begin, item.row_end, up_out.data() + first * max_inter,
+                max_inter);
+      silu_mul(first, n, item.row_begin, rows);
+      return;
+    }
     linear_params lp;
     lp.x = gathered.data() + first * p.hidden;
     lp.tokens = n;
@@ -154,16 +191,19 @@ void moe_experts(thread_pool& pool, const moe_experts_params& p) {
     lp.weight = w.up.row_slice(item.row_begin, rows);
     lp.y = up_out.data() + first * max_inter + item.row_begin;
     linear_serial(lp);
-    for (std::int64_t t = 0; t < n; ++t) {
-      float* g = gate_out.data() + (first + t) * max_inter + item.row_begin;
-      const float* u = up_out.data() + (first + t) * max_inter + item.row_begin;
-      for (std::int64_t r = 0; r < rows; ++r) g[r] = silu(g[r]) * u[r];
-    }
+    silu_mul(first, n, item.row_begin, rows);
   });
+  if (any_bf16) detail::bf16_split(gate_out.data(), assignments, max_inter, max_inter, split_act, &pool);
   // Phase 2: down projections.
   run_items(pool, down_items, phase_work, [&](const work_item& item) {
     const expert_weights& w = p.experts[item.expert];
     const std::int64_t first = offsets[item.expert];
+    const std::int64_t n = offsets[item.expert + 1] - first;
+    if (detail::bf16_gemm_applies(w.down)) {
+      gemm_bf16(split_act, first, n, w.down, item.row_begin, item.row_end, expert_out.data() + first * p.hidden,
+                p.hidden);
+      return;
+    }
     linear_params lp;
     lp.x = gate_out.data() + first * max_inter;
     lp.tokens = offsets[item.expert + 1] - first;

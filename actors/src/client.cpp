@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <set>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -180,7 +181,8 @@ namespace {
 // The head in charge among `heads`: of those whose supervisor answers, the one with the newest
 // placement epoch (a head that woke up after its standby took over is older). Empty if none.
 std::string find_head(caf::actor_system& system, actors::remote_fabric& remote, const std::vector<head_endpoint>& heads,
-                      std::chrono::milliseconds timeout, std::optional<shoal::error>& last) {
+                      std::chrono::milliseconds timeout, std::optional<shoal::error>& last,
+                      std::set<std::string>* reached = nullptr) {
   std::string best;
   std::uint64_t newest = 0;
   for (const auto& h : heads) {
@@ -191,6 +193,7 @@ std::string find_head(caf::actor_system& system, actors::remote_fabric& remote, 
       last = e;
       continue;
     }
+    if (reached) reached->insert(node);
     if (heads.size() == 1) return node;  // nothing to choose from: its connection is enough
     const auto epoch = actors::supervisor_epoch(system, remote, node, timeout);
     if (!epoch) {
@@ -236,13 +239,33 @@ void client::impl::watch_heads() {
       std::lock_guard dl(dog->mutex);
       if (dog->stopping) return;
     }
-    const auto lost_since = std::chrono::steady_clock::now();
+    auto lost_since = std::chrono::steady_clock::now();
     while (!fail_over(lost)) {
+      // A head that answers pings but not yet as head in charge (a takeover or recovery
+      // under way, a loaded machine) is no reason to give up: only silence counts.
+      if (any_head_alive()) lost_since = std::chrono::steady_clock::now();
       end_stranded(lost_since);
       std::unique_lock lock(dog->mutex);
       if (dog->wake.wait_for(lock, std::chrono::milliseconds(250), [&] { return dog->stopping; })) return;
     }
   }
+}
+
+// Whether the node agent of any head this client reached answers a ping (from its transport's
+// thread, whatever its actors are doing) within a second.
+bool client::impl::any_head_alive() {
+  for (const auto& node : head_names) {
+    // Over a connection it has: dialing a frozen process would wait for the connect timeout.
+    if (!remote->connected(node)) continue;
+    caf::scoped_actor self{*system};
+    auto agent = caf::actor_cast<actors::node_agent_actor>(remote->resolve({node, actors::actor_ids::node_agent}));
+    if (!agent) continue;
+    bool answered = false;
+    self->request(agent, std::chrono::seconds(1), actors::heartbeat{})
+        .receive([&](actors::heartbeat&) { answered = true; }, [&](caf::error&) {});
+    if (answered) return true;
+  }
+  return false;
 }
 
 // While no head answers nothing runs: a request the caller cancelled ends at once, one whose
@@ -289,7 +312,7 @@ bool client::impl::fail_over(bool connection_lost) {
     return head_node;
   }();
   std::optional<shoal::error> ignored;
-  if (const auto node = find_head(*system, *remote, heads, std::chrono::seconds(3), ignored); !node.empty()) {
+  if (const auto node = find_head(*system, *remote, heads, std::chrono::seconds(3), ignored, &head_names); !node.empty()) {
     // The same head answering after a missed ping (a slow machine): its requests still run.
     if (node == old && !connection_lost) return true;
     ++failovers;
@@ -360,7 +383,7 @@ std::unique_ptr<client> client::connect(const std::vector<head_endpoint>& heads,
   state->remote = std::make_shared<actors::remote_fabric>(*state->system, o);
   state->remote->start();
   std::optional<shoal::error> last;
-  const auto head = find_head(*state->system, *state->remote, heads, timeout, last);
+  const auto head = find_head(*state->system, *state->remote, heads, timeout, last, &state->head_names);
   if (head.empty()) throw *last;
   state->head_node = head;
   state->sink = state->system->spawn(make_client_sink, state->box);

@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 
 namespace shoal {
 namespace actors {
@@ -70,6 +71,7 @@ class client::impl {
   // Failover (network clients of a cluster with a standby head).
   std::vector<head_endpoint> heads;     // where a head may listen
   std::string head_node;                // the head in charge
+  std::set<std::string> head_names;     // nodes this client reached at `heads`
   std::chrono::milliseconds failover_after{3000};
   std::chrono::milliseconds no_head_limit{60000};  // requests fail after this long with no head
   std::mutex route_mutex;               // router/supervisor/head_node, and sending under them
@@ -86,6 +88,7 @@ class client::impl {
   void watch_heads();
   bool fail_over(bool connection_lost);
   void end_stranded(std::chrono::steady_clock::time_point lost_since);
+  bool any_head_alive();
 };
 
 }  // namespace shoal

@@ -76,8 +76,8 @@ class client {
   /// where it was: no token missing or repeated, greedy output identical (sampled requests
   /// carry a seed fixed at submission). Throws like the other `connect` when no head answers.
   /// While no head answers, a cancelled request ends at once, a request whose deadline passes
-  /// ends with `deadline_exceeded`, and after `no_head_limit` every request ends with
-  /// `unavailable` (later ones too, until a head answers again).
+  /// ends with `deadline_exceeded`, and after `no_head_limit` without even a ping answer from
+  /// a head every request ends with `unavailable` (later ones too, until a head answers again).
   static std::unique_ptr<client> connect(const std::vector<head_endpoint>& heads,
                                          std::chrono::milliseconds timeout = std::chrono::seconds(10),
                                          const std::string& join_secret = {},

@@ -33,6 +33,18 @@ expert_set random_experts(dtype type, std::int64_t count, std::int64_t hidden, s
   return set;
 }
 
+// Each expert's output for rows [first, first + count), one expert per row (`ids`), weight 1.
+std::vector<float> outputs_of_rows(kernels::thread_pool& pool, const expert_set& set, const std::vector<float>& x,
+                                   const std::vector<std::int32_t>& ids, std::int64_t hidden, std::int64_t first,
+                                   std::int64_t count) {
+  const std::vector<float> ones(static_cast<std::size_t>(count), 1.0f);
+  std::vector<float> y(static_cast<std::size_t>(count * hidden), 0.0f);
+  kernels::moe_experts(pool, {.x = x.data() + first * hidden, .tokens = count, .hidden = hidden, .top_k = 1,
+                              .indices = ids.data() + first, .weights = ones.data(), .experts = set.experts,
+                              .y = y.data()});
+  return y;
+}
+
 }  // namespace
 
 TEST_CASE("fused routed experts match the per-token reference", "[moe]") {
@@ -140,14 +152,7 @@ TEST_CASE("an expert's output for a row does not depend on the other rows comput
   const auto x = test::random_vector(rows * hidden, rng);
   std::vector<std::int32_t> ids(rows);
   for (std::int64_t r = 0; r < rows; ++r) ids[r] = static_cast<std::int32_t>(rng() % experts);
-  const std::vector<float> ones(rows, 1.0f);
-  auto run = [&](std::int64_t first, std::int64_t count) {
-    std::vector<float> y(static_cast<std::size_t>(count * hidden), 0.0f);
-    kernels::moe_experts(pool, {.x = x.data() + first * hidden, .tokens = count, .hidden = hidden, .top_k = 1,
-                                .indices = ids.data() + first, .weights = ones.data(), .experts = set.experts,
-                                .y = y.data()});
-    return y;
-  };
+  auto run = [&](std::int64_t first, std::int64_t count) { return outputs_of_rows(pool, set, x, ids, hidden, first, count); };
   const auto together = run(0, rows);
   for (std::int64_t r = 0; r < rows; ++r) {
     CAPTURE(r);
@@ -170,14 +175,7 @@ TEST_CASE("an expert's output for a row does not depend on the other rows of its
   const auto x = test::random_vector(rows * hidden, rng);
   std::vector<std::int32_t> ids(rows);
   for (std::int64_t r = 0; r < rows; ++r) ids[r] = static_cast<std::int32_t>(r % experts);
-  const std::vector<float> ones(rows, 1.0f);
-  auto run = [&](std::int64_t first, std::int64_t count) {
-    std::vector<float> y(static_cast<std::size_t>(count * hidden), 0.0f);
-    kernels::moe_experts(pool, {.x = x.data() + first * hidden, .tokens = count, .hidden = hidden, .top_k = 1,
-                                .indices = ids.data() + first, .weights = ones.data(), .experts = set.experts,
-                                .y = y.data()});
-    return y;
-  };
+  auto run = [&](std::int64_t first, std::int64_t count) { return outputs_of_rows(pool, set, x, ids, hidden, first, count); };
   const auto together = run(0, rows);
   for (const std::int64_t count : {32, 33, 34, 35, 58, 59, 60, 61, 62, 63, 79}) {
     for (const std::int64_t first : {std::int64_t{0}, rows - count}) {

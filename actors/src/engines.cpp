@@ -4,23 +4,91 @@
 #include "shoal/kernels/moe.hpp"
 #include "shoal/kernels/thread_pool.hpp"
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
 #include <algorithm>
+#include <fstream>
+#include <span>
+#include <sstream>
 
 namespace shoal::actors {
 
-expert_engine::expert_engine(const std::filesystem::path& model, std::vector<std::uint32_t> experts, int threads,
-                             std::shared_ptr<const runtime::weights_key> key)
-    : experts_(std::move(experts)) {
-  std::sort(experts_.begin(), experts_.end());
+namespace {
+
+// Routed experts `experts` of every MoE layer, nothing else.
+runtime::weight_selection experts_only(const std::vector<std::uint32_t>& experts) {
   runtime::weight_selection selection;
   selection.embedding = false;
   selection.head = false;
   selection.attention = false;
   // The filter runs before the config is known, so it checks ids against the list directly.
-  selection.expert_filter = [list = experts_](std::int64_t, std::int64_t e) {
+  selection.expert_filter = [list = experts](std::int64_t, std::int64_t e) {
     return std::binary_search(list.begin(), list.end(), static_cast<std::uint32_t>(e));
   };
-  weights_ = runtime::model_weights::load(model, selection, runtime::weight_residency::copy, {}, key.get());
+  return selection;
+}
+
+std::string read_config_json(const std::filesystem::path& model) {
+  std::ifstream in(model / "config.json", std::ios::binary);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+std::size_t matrix_bytes(const kernels::matrix_view& m) { return static_cast<std::size_t>(m.bytes()); }
+
+std::int64_t scale_rows(const kernels::matrix_view& m) {
+  return (m.rows + kernels::matrix_view::kBlock - 1) / kernels::matrix_view::kBlock;
+}
+
+}  // namespace
+
+expert_engine::expert_engine(const std::filesystem::path& model, std::vector<std::uint32_t> experts, int threads,
+                             std::shared_ptr<const runtime::weights_key> key)
+    : experts_(std::move(experts)) {
+  std::sort(experts_.begin(), experts_.end());
+  weights_ = runtime::model_weights::load(model, experts_only(experts_), runtime::weight_residency::copy, {},
+                                          key.get());
+  // Read after the load checked the directory; kept for copies streamed from this actor.
+  config_json_ = read_config_json(model);
+  check_held();
+  pool_ = std::make_unique<kernels::thread_pool>(threads);
+}
+
+expert_engine::expert_engine(std::vector<weights_part> parts, std::vector<std::uint32_t> experts, int threads,
+                             const std::string& source)
+    : experts_(std::move(experts)) {
+  std::sort(experts_.begin(), experts_.end());
+  if (parts.empty()) shoal::fail(errc::invalid_argument, "{}: no weights received", source);
+  const auto total = parts.front().parts;
+  std::vector<bool> seen(total, false);
+  for (const auto& p : parts) {
+    if (p.parts != total || p.part >= total || seen[p.part])
+      shoal::fail(errc::invalid_argument, "{}: weights part {} of {} does not belong to a set of {} parts", source,
+                  p.part + 1, p.parts, total);
+    if (p.config_json != parts.front().config_json)
+      shoal::fail(errc::invalid_argument, "{}: weights part {} was checked against another config.json", source,
+                  p.part + 1);
+    seen[p.part] = true;
+  }
+  if (parts.size() != total)
+    shoal::fail(errc::invalid_argument, "{}: {} of {} weights parts received", source, parts.size(), total);
+  config_json_ = parts.front().config_json;
+  auto config = config::parse_model_config(config_json_, source + ": config.json");
+  std::vector<std::unique_ptr<runtime::safetensors_file>> files;
+  for (auto& p : parts) {
+    files.push_back(runtime::safetensors_file::from_memory(std::as_bytes(std::span(p.tensors)),
+                                                           fmt::format("{} part {}/{}", source, p.part + 1, total)));
+    std::vector<std::uint8_t>().swap(p.tensors);  // one copy at a time, not two of everything
+  }
+  weights_ = runtime::model_weights::load(std::move(config), runtime::checkpoint::from_files(source, std::move(files)),
+                                          experts_only(experts_), runtime::weight_residency::copy);
+  check_held();
+  pool_ = std::make_unique<kernels::thread_pool>(threads);
+}
+
+void expert_engine::check_held() {
   held_.assign(static_cast<std::size_t>(weights_->config().n_routed_experts), false);
   for (auto e : experts_) {
     if (e >= held_.size())
@@ -28,7 +96,64 @@ expert_engine::expert_engine(const std::filesystem::path& model, std::vector<std
                   held_.size());
     held_[e] = true;
   }
-  pool_ = std::make_unique<kernels::thread_pool>(threads);
+}
+
+std::size_t expert_engine::resident_bytes() const noexcept { return weights_->resident_bytes(); }
+
+weights_part expert_engine::weights_part_of(const std::vector<std::uint32_t>& requested, std::uint32_t part,
+                                            std::size_t part_bytes) const {
+  if (requested.empty()) shoal::fail(errc::invalid_argument, "a weights request must name at least one expert");
+  for (auto e : requested)
+    if (!holds(e))
+      shoal::fail(errc::not_found, "expert {} is not held by this actor (it holds {})", e, fmt::join(experts_, ","));
+  std::vector<std::uint32_t> ids = requested;
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  const auto& c = config();
+  const auto& layers = weights_->layers();
+  struct layer_expert {
+    std::int64_t layer;
+    std::uint32_t expert;
+    std::size_t bytes;
+  };
+  std::vector<layer_expert> pairs;
+  for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (!c.is_moe_layer(l)) continue;
+    for (auto e : ids) {
+      const auto& w = layers[static_cast<std::size_t>(l)].experts[e];
+      pairs.push_back({l, e, matrix_bytes(w.gate) + matrix_bytes(w.up) + matrix_bytes(w.down)});
+    }
+  }
+  if (pairs.empty()) shoal::fail(errc::failed_precondition, "the model has no MoE layer: no expert weights to send");
+  std::vector<std::size_t> starts{0};
+  std::size_t filled = 0;
+  for (std::size_t i = 0; i < pairs.size(); ++i) {
+    if (filled > 0 && filled + pairs[i].bytes > part_bytes) {
+      starts.push_back(i);
+      filled = 0;
+    }
+    filled += pairs[i].bytes;
+  }
+  const auto parts = static_cast<std::uint32_t>(starts.size());
+  if (part >= parts) shoal::fail(errc::invalid_argument, "weights part {} requested; there are {}", part, parts);
+  const std::size_t end = part + 1 < parts ? starts[part + 1] : pairs.size();
+  std::vector<runtime::tensor_bytes> tensors;
+  for (std::size_t i = starts[part]; i < end; ++i) {
+    const auto& w = layers[static_cast<std::size_t>(pairs[i].layer)].experts[pairs[i].expert];
+    const std::string prefix = fmt::format("model.layers.{}.mlp.experts.{}.", pairs[i].layer, pairs[i].expert);
+    for (const auto& [name, m] : {std::pair{"gate_proj", &w.gate}, std::pair{"up_proj", &w.up},
+                                  std::pair{"down_proj", &w.down}}) {
+      const auto* data = static_cast<const std::byte*>(m->data);
+      tensors.push_back({prefix + name + ".weight", m->type, {m->rows, m->cols},
+                         {data, static_cast<std::size_t>(m->rows * m->cols) * kernels::dtype_size(m->type)}});
+      if (m->type == kernels::dtype::f8_e4m3)
+        tensors.push_back({prefix + name + ".weight_scale_inv", kernels::dtype::f32, {scale_rows(*m), m->scale_cols()},
+                           std::as_bytes(std::span(m->scale_inv,
+                                                   static_cast<std::size_t>(scale_rows(*m) * m->scale_cols())))});
+    }
+  }
+  return weights_part{.part = part, .parts = parts, .config_json = config_json_,
+                      .tensors = runtime::encode_safetensors(tensors)};
 }
 
 expert_engine::~expert_engine() = default;

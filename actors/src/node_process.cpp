@@ -201,8 +201,13 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   s.book = std::make_shared<remote_fabric>(*s.system, ro);
   s.book->start();
 
+  // Loading a large checkpoint or streaming expert weights takes minutes: say how far it got
+  // (stderr, where `shoal launch` keeps each node's log).
+  auto progress = [node = s.options.node](const std::string& line) {
+    std::fprintf(stderr, "[node %s] %s\n", node.c_str(), line.c_str());
+  };
   node_agent_options ao{.node = s.options.node, .model_override = s.options.model_override, .threads = cluster.threads,
-                        .expert_timeout = t.expert_timeout, .progress = {}, .key = s.options.key};
+                        .expert_timeout = t.expert_timeout, .progress = progress, .key = s.options.key};
   s.agent = s.system->spawn<caf::detached>(make_node_agent, ao, s.book);
   s.book->register_actor({s.options.node, actor_ids::node_agent}, caf::actor_cast<caf::actor>(s.agent));
 

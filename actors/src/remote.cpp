@@ -251,6 +251,28 @@ void encode(transport::outgoing_message& m, const spawn_expert_cmd& c) {
   for (unsigned k = 0; k < c.experts.size(); ++k) ids.set(k, c.experts[k]);
   s.initDevice().setKind("cpu");
   s.setModelPath(c.model_path);
+  if (!c.source.node.empty()) {
+    s.getSource().setNode(c.source.node);
+    s.getSource().setActor(c.source.actor);
+  }
+}
+
+void encode(transport::outgoing_message& m, const weights_request& r) {
+  auto s = m.envelope().getBody().initWeightsRequest();
+  s.setActor(r.actor);
+  auto ids = s.initExperts(static_cast<unsigned>(r.experts.size()));
+  for (unsigned k = 0; k < r.experts.size(); ++k) ids.set(k, r.experts[k]);
+  s.setPart(r.part);
+}
+
+void encode(transport::outgoing_message& m, weights_part&& p) {
+  auto r = m.envelope().getBody().initWeightsReply();
+  r.initStatus().setCode(schema::ErrorCode::OK);
+  r.setPart(p.part);
+  r.setParts(p.parts);
+  r.setConfigJson(p.config_json);
+  const std::uint64_t size = p.tensors.size();
+  m.attach_tensor(r.initTensors(), bulk_of(std::move(p.tensors)), schema::DType::U8, {size});
 }
 
 void encode_spawn_reply(transport::outgoing_message& m, std::uint64_t actor, const std::optional<shoal::error>& e) {
@@ -452,6 +474,7 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
       [call](spawn_stage_cmd& c) { call([&](auto& m) { encode(m, c); }); },
       [call](spawn_expert_cmd& c) { call([&](auto& m) { encode(m, c); }); },
       [call](retire_actor_cmd& c) { call([&](auto& m) { encode(m, c); }); },
+      [call](weights_request& r) { call([&](auto& m) { encode(m, r); }); },
       [call, book](heartbeat& h) { call([&](auto& m) { encode(m, h, book->options().node); }); },
       [call](status_atom) { call([&](auto& m) { m.envelope().getBody().initStatusRequest(); }); },
       [call](admin_atom, admin_request& r) {
@@ -480,6 +503,7 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
       [answer](reply_atom, std::uint64_t correlation, std::uint64_t epoch) { answer(correlation, epoch); },
       [answer](reply_atom, std::uint64_t correlation, std::string& json) { answer(correlation, std::move(json)); },
       [answer](reply_atom, std::uint64_t correlation, heartbeat& h) { answer(correlation, std::move(h)); },
+      [answer](reply_atom, std::uint64_t correlation, weights_part& p) { answer(correlation, std::move(p)); },
       [answer](reply_atom, std::uint64_t correlation, caf::error& e) { answer(correlation, std::move(e)); },
       [self, book, target](lost_atom, std::string& reason) {
         for (auto& [correlation, rp] : self->state.pending) {
@@ -595,6 +619,18 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
       [=](inbound& in, spawn_stage_cmd& c) { to_agent(in, std::move(c)); },
       [=](inbound& in, spawn_expert_cmd& c) { to_agent(in, std::move(c)); },
       [=](inbound& in, retire_actor_cmd& c) { to_agent(in, std::move(c)); },
+      [=](inbound& in, weights_request& r) {
+        auto target = caf::actor_cast<node_agent_actor>(local(in));
+        if (!target) return missing(in);
+        self->request(target, timeout, std::move(r))
+            .then([reply, in](weights_part& p) { reply(in, [&](auto& m) { encode(m, std::move(p)); }); },
+                  [reply, in](caf::error& e) {
+                    reply(in, [&](auto& m) {
+                      const auto err = from_caf_error(e);
+                      set_status(m.envelope().getBody().initWeightsReply().initStatus(), err.code(), err.what());
+                    });
+                  });
+      },
       [=](inbound& in, join_request& j) {
         auto book = weak.lock();
         auto target = caf::actor_cast<supervisor_actor>(local(in));
@@ -927,7 +963,9 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
     const bool control = kind == schema::Envelope::Body::PLACEMENT_TABLE ||
                          kind == schema::Envelope::Body::SPAWN_STAGE || kind == schema::Envelope::Body::SPAWN_EXPERT ||
                          kind == schema::Envelope::Body::RETIRE_ACTOR;
-    if (!options_.head.empty() && (control || kind == schema::Envelope::Body::JOIN)) {
+    // Weights leave a node only for nodes of the cluster config (a client may reach any port).
+    const bool weights = kind == schema::Envelope::Body::WEIGHTS_REQUEST;
+    if (!options_.head.empty() && (control || weights || kind == schema::Envelope::Body::JOIN)) {
       std::string announced;
       {
         std::lock_guard lock(mutex_);
@@ -939,7 +977,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
       else if (control && in.sender.node != options_.head && in.sender.node != options_.standby)
         why = fmt::format("node '{}' is not the head ('{}'); only the head places and spawns actors", in.sender.node,
                           options_.head);
-      else if (kind == schema::Envelope::Body::JOIN && !options_.addresses.contains(in.sender.node))
+      else if ((kind == schema::Envelope::Body::JOIN || weights) && !options_.addresses.contains(in.sender.node))
         why = fmt::format("node '{}' is not in the cluster config", in.sender.node);
       if (!why.empty()) {
         count_refusal(refusal::not_permitted);
@@ -949,6 +987,8 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         if (kind == schema::Envelope::Body::JOIN) {
           auto r = m.envelope().getBody().initJoinReply();
           set_status(r.initStatus(), errc::failed_precondition, why);
+        } else if (weights) {
+          set_status(m.envelope().getBody().initWeightsReply().initStatus(), errc::failed_precondition, why);
         } else {
           encode_spawn_reply(m, in.receiver, shoal::error(errc::failed_precondition, why));
         }
@@ -1037,14 +1077,29 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
       }
       case schema::Envelope::Body::SPAWN_EXPERT: {
         const auto s = body.getSpawnExpert();
-        spawn_expert_cmd c{.actor = s.getActor(), .experts = {}, .model_path = s.getModelPath().cStr()};
+        spawn_expert_cmd c{.actor = s.getActor(), .experts = {}, .model_path = s.getModelPath().cStr(), .source = {}};
         for (auto id : s.getExperts()) c.experts.push_back(id);
+        if (s.hasSource()) c.source = get_address(s.getSource());
         caf::anon_send(bridge_, std::move(in), std::move(c));
         return;
       }
       case schema::Envelope::Body::RETIRE_ACTOR: {
         caf::anon_send(bridge_, std::move(in), retire_actor_cmd{.actor = body.getRetireActor().getActor()});
         return;
+      }
+      case schema::Envelope::Body::WEIGHTS_REQUEST: {
+        const auto r = body.getWeightsRequest();
+        weights_request w{.actor = r.getActor(), .experts = {}, .part = r.getPart()};
+        for (auto id : r.getExperts()) w.experts.push_back(id);
+        caf::anon_send(bridge_, std::move(in), std::move(w));
+        return;
+      }
+      case schema::Envelope::Body::WEIGHTS_REPLY: {
+        const auto r = body.getWeightsReply();
+        if (r.getStatus().getCode() != schema::ErrorCode::OK) return answer(to_caf_error(status_error(r.getStatus())));
+        return answer(weights_part{.part = r.getPart(), .parts = r.getParts(), .config_json = r.getConfigJson().cStr(),
+                                   .tensors = tensor_values<std::uint8_t>(message, r.getTensors(), schema::DType::U8,
+                                                                          "weights reply")});
       }
       case schema::Envelope::Body::SPAWN_REPLY: {
         const auto r = body.getSpawnReply();

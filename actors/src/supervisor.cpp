@@ -187,6 +187,26 @@ bool experts_covered(const supervisor_state& st) {
   return missing.empty();
 }
 
+// A running expert actor, on a node that is up and staying, that holds every expert of group
+// `j`: the new actor streams its weights from it. None (empty node) when the config says
+// checkpoint or no such copy runs, e.g. at the first start or when the only holder died.
+actor_address weights_source(const supervisor_state& st, std::size_t j) {
+  const auto& c = st.options.cluster;
+  if (c.copy_weights_from != "peer") return {};
+  const auto& wanted = c.expert_groups[j].experts;
+  for (std::size_t k = 0; k < st.experts.size() && k < c.expert_groups.size(); ++k) {
+    const auto& e = st.experts[k];
+    if (k == j || (e.phase != placement_phase::running && e.phase != placement_phase::serving) ||
+        !node_up(st, e.address.node) || std::count(st.retiring.begin(), st.retiring.end(), e.address))
+      continue;
+    const auto& held = c.expert_groups[k].experts;
+    if (std::all_of(wanted.begin(), wanted.end(),
+                    [&](std::int64_t id) { return std::find(held.begin(), held.end(), id) != held.end(); }))
+      return e.address;
+  }
+  return {};
+}
+
 // Spawns what is not running on nodes that are up (experts first, so that stages can be
 // wired to them), then wires the placement once every stage runs and every expert has a
 // running copy; again when a copy that the table lacks comes up (a node back after a
@@ -233,7 +253,8 @@ void place(self_ptr self) {
     e.phase = placement_phase::spawning;
     e.error.clear();
     spawning = true;
-    spawn_expert_cmd cmd{.actor = e.address.actor, .experts = {}, .model_path = c.model.string()};
+    spawn_expert_cmd cmd{.actor = e.address.actor, .experts = {}, .model_path = c.model.string(),
+                         .source = weights_source(st, j)};
     for (auto id : c.expert_groups[j].experts) cmd.experts.push_back(static_cast<std::uint32_t>(id));
     self->request(st.members[e.address.node].agent, st.options.ready_timeout, std::move(cmd))
         .then(spawned(&supervisor_state::experts, j, e.address.node), refused(&supervisor_state::experts, j));

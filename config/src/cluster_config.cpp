@@ -135,7 +135,7 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
                 "block_tokens", "prefix_cache", "ready_timeout_s", "heartbeat_ms", "heartbeat_misses", "restart_limit",
                 "restart_window_s", "replay_limit", "replace_after_s", "admin_token_file", "load_window_s", "admin_audit_log", "micro_batches",
                 "rebalance_every_s", "rebalance_max_copies", "actor_scheduler",
-                "join_secret_file"});
+                "copy_weights_from", "join_secret_file"});
 
   cluster_config c;
   c.source = source;
@@ -174,6 +174,13 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
       p.error(line_of(root["actor_scheduler"]),
               fmt::format("actor_scheduler must be sharing or stealing, got '{}'", text));
     c.actor_scheduler = text;
+  }
+  if (root["copy_weights_from"]) {
+    const auto text = p.string_at(root["copy_weights_from"], "copy_weights_from");
+    if (text != "peer" && text != "checkpoint")
+      p.error(line_of(root["copy_weights_from"]),
+              fmt::format("copy_weights_from must be peer or checkpoint, got '{}'", text));
+    c.copy_weights_from = text;
   }
   if (root["replay_limit"]) c.replay_limit = static_cast<int>(p.integer_at(root["replay_limit"], "replay_limit", 0, 1000));
   if (root["admin_token_file"]) {

@@ -202,8 +202,31 @@ std::unique_ptr<safetensors_file> safetensors_file::open(const std::filesystem::
   return file;
 }
 
+std::unique_ptr<safetensors_file> safetensors_file::from_memory(std::span<const std::byte> bytes,
+                                                                const std::string& label) {
+  if (bytes.size() < 8)
+    shoal::fail(errc::invalid_argument, "{}: corrupt safetensors file: only {} bytes", label, bytes.size());
+  std::unique_ptr<safetensors_file> file(new safetensors_file());
+  file->path_ = label;
+  void* memory = std::aligned_alloc(64, ((bytes.size() + 63) / 64) * 64);
+  if (!memory) shoal::fail(errc::resource_exhausted, "{}: out of memory for {} bytes", label, bytes.size());
+  file->owned_ = {static_cast<std::byte*>(memory), &std::free};
+  std::memcpy(memory, bytes.data(), bytes.size());
+  file->base_ = file->owned_.get();
+  file->size_ = bytes.size();
+  auto entries = parse_safetensors_header(file->base_, file->size_, label);
+  std::uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<std::uint8_t>(file->base_[i]);
+  file->data_ = file->base_ + 8 + header_len;
+  for (auto& e : entries) {
+    std::string name = e.name;
+    file->entries_.emplace(std::move(name), std::move(e));
+  }
+  return file;
+}
+
 safetensors_file::~safetensors_file() {
-  if (base_) ::munmap(const_cast<std::byte*>(base_), mapped_size_);
+  if (base_ && !owned_) ::munmap(const_cast<std::byte*>(base_), mapped_size_);
 }
 
 const std::byte* safetensors_file::data(const tensor_entry& entry) const {
@@ -297,6 +320,22 @@ checkpoint checkpoint::open(const std::filesystem::path& dir,
   return result;
 }
 
+checkpoint checkpoint::from_files(const std::filesystem::path& label,
+                                  std::vector<std::unique_ptr<safetensors_file>> files) {
+  checkpoint result;
+  result.dir_ = label;
+  for (auto& file : files) {
+    for (const auto& [name, entry] : file->entries()) {
+      const auto [it, added] = result.tensors_.emplace(name, tensor_ref{&entry, file.get()});
+      if (!added)
+        shoal::fail(errc::invalid_argument, "{}: tensor '{}' is in both {} and {}", label.string(), name,
+                    it->second.file->path().string(), file->path().string());
+    }
+    result.files_.push_back(std::move(file));
+  }
+  return result;
+}
+
 tensor_ref checkpoint::find(std::string_view name) const {
   auto it = tensors_.find(name);
   return it == tensors_.end() ? tensor_ref{} : it->second;
@@ -336,6 +375,39 @@ void write_safetensors(const std::filesystem::path& path, const std::vector<cons
     if (!out) shoal::fail(errc::unavailable, "{}: write failed (disk full?)", tmp);
   }
   std::filesystem::rename(tmp, path);
+}
+
+std::vector<std::uint8_t> encode_safetensors(std::span<const tensor_bytes> tensors) {
+  constexpr std::uint64_t kAlign = 64;
+  auto aligned = [](std::uint64_t n) { return (n + kAlign - 1) / kAlign * kAlign; };
+  json header = json::object();
+  std::vector<std::uint64_t> offsets;
+  std::uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    std::uint64_t elements = 1;
+    for (auto d : t.shape) elements *= static_cast<std::uint64_t>(d);
+    if (elements * kernels::dtype_size(t.type) != t.bytes.size())
+      shoal::fail(errc::invalid_argument, "tensor '{}': {} bytes for {} elements of {}", t.name, t.bytes.size(),
+                  elements, kernels::dtype_name(t.type));
+    offset = aligned(offset);
+    offsets.push_back(offset);
+    header[t.name] = {{"dtype", std::string(kernels::dtype_name(t.type))},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + t.bytes.size()}}};
+    offset += t.bytes.size();
+  }
+  header["__metadata__"] = {{"format", "pt"}};
+  std::string text = header.dump();
+  // The data area then starts at a 64-byte boundary of the file, as the offsets inside it do.
+  while ((text.size() + 8) % kAlign != 0) text.push_back(' ');
+  std::vector<std::uint8_t> out(8 + text.size() + offset);
+  const std::uint64_t len = text.size();
+  for (int i = 0; i < 8; ++i) out[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>((len >> (8 * i)) & 0xff);
+  std::memcpy(out.data() + 8, text.data(), text.size());
+  std::uint8_t* data = out.data() + 8 + text.size();
+  for (std::size_t i = 0; i < tensors.size(); ++i)
+    if (!tensors[i].bytes.empty()) std::memcpy(data + offsets[i], tensors[i].bytes.data(), tensors[i].bytes.size());
+  return out;
 }
 
 }  // namespace shoal::runtime

@@ -118,8 +118,9 @@ class loader {
   const void* hold(const tensor_ref& ref) {
     const std::size_t bytes = ref.entry->end - ref.entry->begin;
     if (residency_ == weight_residency::mapped) return ref.bytes();
-    // Decrypted weights already live in anonymous memory: copying them would hold them twice.
-    if (ref.file->encrypted()) {
+    // Decrypted or received weights already live in anonymous memory: copying them would
+    // hold them twice.
+    if (ref.file->anonymous()) {
       resident_bytes_ += bytes;
       return ref.bytes();
     }
@@ -173,8 +174,33 @@ std::unique_ptr<model_weights> model_weights::load(const std::filesystem::path& 
     return !name.ends_with(".safetensors");
   });
   report(manifest);
+  auto config = config::load_model_config(dir);
+  auto files = checkpoint::open(dir, [&](std::size_t done, std::size_t total, const std::filesystem::path& path) {
+    if (progress) progress(fmt::format("opened shard {}/{}: {}", done, total, path.filename().string()));
+  }, key);
+  std::set<std::string> used;
+  auto result = assemble(std::move(config), std::move(files), selection, residency, progress, used);
+  if (manifest) {
+    report(verify_manifest(dir, progress, [&used, &dir](const std::string& name) {
+      return used.contains((dir / name).lexically_normal().string());
+    }));
+  }
+  return result;
+}
+
+std::unique_ptr<model_weights> model_weights::load(config::model_config config, checkpoint files,
+                                                   const weight_selection& selection, weight_residency residency,
+                                                   const progress_fn& progress) {
+  std::set<std::string> used;
+  return assemble(std::move(config), std::move(files), selection, residency, progress, used);
+}
+
+std::unique_ptr<model_weights> model_weights::assemble(config::model_config config, checkpoint files,
+                                                       const weight_selection& selection,
+                                                       weight_residency residency, const progress_fn& progress,
+                                                       std::set<std::string>& used_files) {
   std::unique_ptr<model_weights> result(new model_weights());
-  result->config_ = config::load_model_config(dir);
+  result->config_ = std::move(config);
   const config::model_config& c = result->config_;
   result->selection_ = selection;
   if (result->selection_.layer_end < 0) result->selection_.layer_end = c.num_hidden_layers;
@@ -184,10 +210,7 @@ std::unique_ptr<model_weights> model_weights::load(const std::filesystem::path& 
                 sel.layer_begin, sel.layer_end, c.num_hidden_layers);
 
   result->storage_ = std::make_unique<storage>();
-  result->storage_->files = checkpoint::open(dir, [&](std::size_t done, std::size_t total,
-                                                      const std::filesystem::path& path) {
-    if (progress) progress(fmt::format("opened shard {}/{}: {}", done, total, path.filename().string()));
-  }, key);
+  result->storage_->files = std::move(files);
   loader l(result->storage_->files, *result->storage_, residency, c.quantization.has_value());
 
   const std::int64_t hidden = c.hidden_size;
@@ -268,12 +291,7 @@ std::unique_ptr<model_weights> model_weights::load(const std::filesystem::path& 
     report_layer(i);
   }
   l.check_no_unexpected(c);
-  if (manifest) {
-    const auto& used = l.used_files();
-    report(verify_manifest(dir, progress, [&used, &dir](const std::string& name) {
-      return used.contains((dir / name).lexically_normal().string());
-    }));
-  }
+  used_files = l.used_files();
   result->resident_bytes_ = l.resident_bytes();
   return result;
 }

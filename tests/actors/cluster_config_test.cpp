@@ -96,6 +96,13 @@ TEST_CASE("actor threads steal work as CAF does unless the config asks them to s
             .actor_scheduler == "sharing");
 }
 
+TEST_CASE("expert copies get their weights from a running copy unless the config says checkpoint") {
+  CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").copy_weights_from == "peer");
+  CHECK(parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\ncopy_weights_from: checkpoint"), "cluster.yaml",
+                             "/base")
+            .copy_weights_from == "checkpoint");
+}
+
 TEST_CASE("join_secret_file is resolved against the config's directory") {
   CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").join_secret_file.empty());
   CHECK(parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: secrets/join"), "cluster.yaml", "/base")
@@ -229,6 +236,8 @@ TEST_CASE("every refusal of a cluster config names the file and the line") {
   refused(replace(kGood, "model: ckpt", "model: ckpt\nadmin_audit_log: [a]"), "cluster.yaml:2: admin_audit_log must be a string");
   refused(replace(kGood, "model: ckpt", "model: ckpt\nactor_scheduler: fifo"),
           "cluster.yaml:2: actor_scheduler must be sharing or stealing, got 'fifo'");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\ncopy_weights_from: disk"),
+          "cluster.yaml:2: copy_weights_from must be peer or checkpoint, got 'disk'");
   refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: [a, b]"), "cluster.yaml:2: join_secret_file must be a string");
   refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: ''"), "cluster.yaml:2: join_secret_file must name a file");
   refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secrets: s"), "cluster.yaml:2: unknown key 'join_secrets' in the cluster config");

@@ -941,6 +941,83 @@ TEST_CASE("shoal admin moves, copies and drops experts and rebalances under load
   CHECK(launch.stop() == 0);
 }
 
+TEST_CASE("expert copies stream their weights from a running copy to a node without the checkpoint", "[admin]") {
+  // experts1 starts empty, with the model's config.json and none of its weights: every copy
+  // it serves must come over the transport from experts0.
+  temp_dir dir;
+  const auto config_only = dir.path / "config-only";
+  std::filesystem::create_directories(config_only);
+  std::filesystem::copy_file(shoal::testing::kClusterModelDir + "/ckpt/config.json", config_only / "config.json");
+  const auto token_file = dir.path / "admin.token";
+  std::ofstream(token_file) << "admin-test-token-0123456789\n";
+  std::vector<std::uint16_t> ports;
+  for (int i = 0; i < 4; ++i) ports.push_back(free_port());
+  auto text = four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports,
+                               "admin_token_file: " + token_file.string() + "\n");
+  for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{
+           {"experts: 0-15}", "experts: 0-31}"}, {"    - {node: experts1, experts: 16-31}\n", ""}}) {
+    const auto at = text.find(from);
+    REQUIRE(at != std::string::npos);
+    text.replace(at, from.size(), to);
+  }
+  const auto config = dir.path / "cluster.yaml";
+  std::ofstream(config) << text;
+  const auto log = dir.path / "experts1.log";
+  const char* names[] = {"stage0", "stage1", "experts0", "experts1"};
+  std::vector<std::unique_ptr<process>> nodes;
+  for (int i = 0; i < 4; ++i) {
+    std::string command = std::string("exec ") + SHOAL_BINARY + " node --config " + config.string() + " --name " +
+                          names[i] + " --transports tcp --ready-timeout 60";
+    if (i == 3) command += " --model " + config_only.string() + " 2> " + log.string();
+    nodes.push_back(std::make_unique<process>(std::vector<std::string>{"/bin/sh", "-c", command}, i == 0, names[i]));
+  }
+  const auto ready = nodes[0]->read_line(std::chrono::seconds(70));
+  INFO("head printed: " << ready);
+  REQUIRE(ready.find("\"ready\":true") != std::string::npos);
+  const auto head = "127.0.0.1:" + std::to_string(ports[0]);
+  const auto admin = [&](const std::string& args) {
+    return output_of(std::string(SHOAL_BINARY) + " admin " + args + " --cluster " + head + " --token-file " +
+                     token_file.string() + " 2>&1");
+  };
+  auto client = shoal::client::connect("127.0.0.1", ports[0], std::chrono::seconds(10));
+  const auto undisturbed = long_streams(*client);
+
+  // Under load: half of the experts move to experts1, one command each, and one gets a copy.
+  std::vector<std::pair<std::string, int>> changes;
+  const auto during = long_streams(*client, [&] {
+    for (int e = 16; e < 32; ++e) changes.push_back(admin("move-expert " + std::to_string(e) + " --to experts1"));
+    changes.push_back(admin("replicate-expert 3 --to experts1"));
+  });
+  for (const auto& [out, code] : changes) {
+    INFO(out);
+    CHECK(code == 0);
+  }
+  check_same_streams(undisturbed, during);
+  auto s = nlohmann::json::parse(client->status());
+  INFO(s.dump());
+  for (int e = 16; e < 32; ++e) CHECK(holders(s, e) == std::vector<std::string>{"experts1"});
+  CHECK(holders(s, 3) == std::vector<std::string>{"experts0", "experts1"});
+  // The streamed experts compute the single process's logits bit for bit.
+  check_cluster("127.0.0.1", ports[0]);
+  // The streamed copies did compute: nodes report their rows with the heartbeats.
+  double rows_on_experts1 = 0;
+  for (int i = 0; i < 50 && rows_on_experts1 == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    s = nlohmann::json::parse(client->status());
+    if (s["expert_load"]["per_node"].contains("experts1"))
+      rows_on_experts1 = s["expert_load"]["per_node"]["experts1"].get<double>();
+  }
+  CHECK(rows_on_experts1 > 0);
+
+  std::ifstream in(log);
+  const std::string logged((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  INFO(logged);
+  CHECK_THAT(logged, Catch::Contains("received the weights of experts 16 from node experts0"));
+  CHECK_THAT(logged, Catch::Contains("received the weights of experts 3 from node experts0"));
+  CHECK_THAT(logged, !Catch::Contains("loading them from the checkpoint"));
+  for (auto& n : nodes) CHECK(n->stop() == 0);
+}
+
 TEST_CASE("shoal launch on SIGTERM stops and reaps every node process it started", "[signals]") {
   launched_cluster c;
   std::vector<pid_t> nodes;
@@ -1013,6 +1090,7 @@ class raw_peer {
         case schema::Envelope::Body::ERROR: status(body.getError().getStatus()); break;
         case schema::Envelope::Body::SPAWN_REPLY: status(body.getSpawnReply().getStatus()); break;
         case schema::Envelope::Body::JOIN_REPLY: status(body.getJoinReply().getStatus()); break;
+        case schema::Envelope::Body::WEIGHTS_REPLY: status(body.getWeightsReply().getStatus()); break;
         default: break;
       }
       replies_.push_back(std::move(r));
@@ -1183,6 +1261,15 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
     want.push_back({call, schema::ErrorCode::FAILED_PRECONDITION,
                     std::string(claimed) == "intruder" ? "is not in the cluster config" : "on the connection of node"});
   }
+  // A request for expert weights from a process that is not a node of the cluster.
+  {
+    auto m = raw_peer::envelope("intruder", "stage0", shoal::actors::actor_ids::node_agent, ++call, epoch);
+    auto w = m.envelope().getBody().initWeightsRequest();
+    w.setActor(shoal::actors::actor_ids::first_expert);
+    w.initExperts(1).set(0, 0);
+    intruder.send(std::move(m));
+    want.push_back({call, schema::ErrorCode::FAILED_PRECONDITION, "node 'intruder' is not in the cluster config"});
+  }
   for (const auto& w : want) {
     CAPTURE(w.call, w.says);
     const auto r = intruder.answer(w.call);
@@ -1195,7 +1282,7 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
   CHECK(added("malformed") == 3);
   CHECK(added("stale_epoch") == 1);
   CHECK(added("unknown_receiver") == 1);
-  CHECK(added("not_permitted") == 4);
+  CHECK(added("not_permitted") == 5);
   // Nothing was placed or spawned: the same epoch and stages, and every node still joined.
   const auto [now_text, now_code] = output_of(std::string(SHOAL_BINARY) + " admin status --json --cluster " + head);
   REQUIRE(now_code == 0);

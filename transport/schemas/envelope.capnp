@@ -46,5 +46,7 @@ struct Envelope {
     statusRequest @24 :Client.StatusRequest;
     statusReply @25 :Client.StatusReply;
     retireActor @26 :Placement.RetireActor;
+    weightsRequest @27 :Placement.WeightsRequest;
+    weightsReply @28 :Placement.WeightsReply;
   }
 }

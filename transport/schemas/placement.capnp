@@ -28,6 +28,26 @@ struct SpawnExpert {
   endLayer @3 :UInt32;        # Exclusive.
   device @4 :Common.Device;
   modelPath @5 :Text;
+  source @6 :Common.ActorAddress;  # A running actor holding all of `experts` to stream their
+                                   # weights from; empty node: load from modelPath.
+}
+
+# Node agent -> node agent: part `part` of the weights of `experts` (every MoE layer) held by
+# the receiving node's expert actor `actor`.
+struct WeightsRequest {
+  actor @0 :UInt64;
+  experts @1 :List(UInt32);
+  part @2 :UInt32;
+}
+
+# The answer: some (layer, expert) pairs' tensors as one safetensors file (checkpoint names and
+# dtypes) in a U8 bulk buffer, and the config.json they were checked against.
+struct WeightsReply {
+  status @0 :Common.Status;
+  part @1 :UInt32;
+  parts @2 :UInt32;
+  configJson @3 :Text;
+  tensors @4 :Common.TensorRef;
 }
 
 # Node agent -> supervisor: the result of SpawnStage/SpawnExpert.

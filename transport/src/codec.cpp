@@ -120,7 +120,7 @@ incoming_message decode_envelope(byte_buffer bytes, const decode_limits& limits)
            root.getVersion(), schema_version);
     auto which = static_cast<std::uint16_t>(root.getBody().which());
     // The last kind of the union (envelope.capnp): a newer peer's kinds are refused here.
-    if (which > static_cast<std::uint16_t>(schema::Envelope::Body::Which::RETIRE_ACTOR))
+    if (which > static_cast<std::uint16_t>(schema::Envelope::Body::Which::WEIGHTS_REPLY))
       fail(errc::invalid_argument, "envelope has unknown body kind {}", which);
     auto bulk = root.getBulk();
     if (bulk.size() > limits.max_bulk)

@@ -30,6 +30,8 @@ std::string_view message_kind_name(message_kind kind) noexcept {
     case W::STATUS_REQUEST: return "statusRequest";
     case W::STATUS_REPLY: return "statusReply";
     case W::RETIRE_ACTOR: return "retireActor";
+    case W::WEIGHTS_REQUEST: return "weightsRequest";
+    case W::WEIGHTS_REPLY: return "weightsReply";
   }
   return "unknown";
 }

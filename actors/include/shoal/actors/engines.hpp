@@ -35,7 +35,25 @@ class expert_engine {
   /// Loads `experts` of every MoE layer from `model`; `threads` compute threads (0: cores).
   expert_engine(const std::filesystem::path& model, std::vector<std::uint32_t> experts, int threads,
                 std::shared_ptr<const runtime::weights_key> key = nullptr);
+  /// Builds from the parts another expert actor sent (`weights_parts`, all of them, in any
+  /// order), checked tensor by tensor against their config.json as a checkpoint would be;
+  /// `source` names where they came from in errors. The parts are consumed.
+  expert_engine(std::vector<weights_part> parts, std::vector<std::uint32_t> experts, int threads,
+                const std::string& source);
   ~expert_engine();
+
+  /// Part `part` of the weights of `experts` (each must be held): whole (layer, expert)
+  /// pairs, in layer then expert order, packed into parts of at most `part_bytes` (a pair
+  /// larger than that travels alone). Thread-safe: weights do not change.
+  weights_part weights_part_of(const std::vector<std::uint32_t>& experts, std::uint32_t part,
+                               std::size_t part_bytes = kWeightsPartBytes) const;
+  /// Bytes per weights part: large enough that a part's round trip is a small cost next to
+  /// its transfer, small enough to sit in memory twice while it is checked.
+  static constexpr std::size_t kWeightsPartBytes = 64u << 20;
+  /// The config.json text the weights were checked against.
+  const std::string& config_json() const noexcept { return config_json_; }
+  /// Bytes of weights held.
+  std::size_t resident_bytes() const noexcept;
 
   /// The model's architecture.
   const config::model_config& config() const noexcept { return weights_->config(); }
@@ -54,7 +72,10 @@ class expert_engine {
 
  private:
   std::atomic<std::uint64_t> rows_computed_{0};
+  void check_held();
+
   std::vector<std::uint32_t> experts_;
+  std::string config_json_;
   std::vector<bool> held_;
   std::unique_ptr<runtime::model_weights> weights_;
   std::unique_ptr<kernels::thread_pool> pool_;

@@ -19,7 +19,8 @@ namespace shoal::actors {
 /// 5: placement tables and heartbeats carry the fence; expert copies are retired one by one.
 /// 6: joins carry the epoch a node has seen; heartbeats to the standby carry the head's placement.
 /// 7: steps carry the call that began them; the last stage answers the router directly.
-inline constexpr std::uint16_t schema_version = 7;
+/// 8: an expert copy's weights stream from a running copy (WeightsRequest/WeightsReply).
+inline constexpr std::uint16_t schema_version = 8;
 
 /// Identifies a request for its whole life, including replays after a failure.
 using request_id = std::uint64_t;
@@ -169,6 +170,26 @@ struct spawn_expert_cmd {
   std::uint64_t actor = 0;             ///< Id it gets on the node.
   std::vector<std::uint32_t> experts;  ///< Routed expert ids.
   std::string model_path;              ///< Checkpoint directory on that node.
+  /// A running expert actor holding all of `experts`: their weights stream from it over the
+  /// transport (the checkpoint is the fallback). Empty node: load from the checkpoint.
+  actor_address source;
+};
+
+/// Node agent -> node agent: part `part` of the weights of `experts` (every MoE layer) that
+/// the expert actor `actor` of the receiving node holds.
+struct weights_request {
+  std::uint64_t actor = 0;             ///< The holding expert actor's id on that node.
+  std::vector<std::uint32_t> experts;  ///< Routed expert ids, each held by it.
+  std::uint32_t part = 0;              ///< From 0 to `weights_part::parts` - 1.
+};
+
+/// The answer: some (layer, expert) pairs' tensors as one safetensors file, in checkpoint
+/// names and dtypes, plus the checkpoint's config.json they were checked against.
+struct weights_part {
+  std::uint32_t part = 0;              ///< Which one.
+  std::uint32_t parts = 0;             ///< How many make up the whole set.
+  std::string config_json;             ///< The source's config.json text.
+  std::vector<std::uint8_t> tensors;   ///< A safetensors file.
 };
 
 /// Supervisor -> node agent: stop actor `actor` and free what it holds (an expert copy that
@@ -310,7 +331,15 @@ typename Inspector::result_type inspect(Inspector& f, spawn_stage_cmd& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, spawn_expert_cmd& x) {
-  return f(x.actor, x.experts, x.model_path);
+  return f(x.actor, x.experts, x.model_path, x.source);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, weights_request& x) {
+  return f(x.actor, x.experts, x.part);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, weights_part& x) {
+  return f(x.part, x.parts, x.config_json, x.tensors);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, retire_actor_cmd& x) {

@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -19,6 +20,7 @@
 namespace shoal::actors {
 
 class fabric;
+struct weights_fetch;
 
 /// Node agent settings.
 struct node_agent_options {
@@ -26,7 +28,8 @@ struct node_agent_options {
   std::string model_override;                      ///< Checkpoint path here, if it differs from the head's.
   int threads = 0;                                 ///< Compute threads per stage/expert actor (0: cores).
   std::chrono::milliseconds expert_timeout{30000}; ///< Deadline of a stage's expert round trip.
-  /// Receives weight-loading progress lines of the stages it starts; may be empty.
+  /// Receives weight-loading progress lines of the actors it starts (and of expert weights
+  /// streaming in from other nodes); may be empty.
   std::function<void(const std::string&)> progress = {};
   /// Key of a checkpoint encrypted at rest; null for plain files.
   std::shared_ptr<const runtime::weights_key> key = nullptr;
@@ -42,6 +45,8 @@ struct node_agent_state {
   /// What each was spawned as (the command's fields): a head that takes over asks again for
   /// what runs already, and gets it without a reload (latent caches and weights stay).
   std::vector<std::string> specs;
+  /// Expert actors whose weights are streaming in from a running copy, by actor id.
+  std::map<std::uint64_t, std::shared_ptr<weights_fetch>> fetching;
   bool stopped = false;                                 ///< Stop ran.
 };
 

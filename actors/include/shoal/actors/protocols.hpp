@@ -82,6 +82,10 @@ using node_agent_actor = caf::typed_actor<
     caf::replies_to<spawn_expert_cmd>::with<ok_atom>,
     /// Stops one actor and unregisters it (idempotent: an unknown id is fine).
     caf::replies_to<retire_actor_cmd>::with<ok_atom>,
+    /// One part of the weights an expert actor of this node holds, for a copy being started
+    /// on another node. Errors: not_found (no such actor, or it lacks an expert),
+    /// invalid_argument (a part out of range).
+    caf::replies_to<weights_request>::with<weights_part>,
     /// Stops every local actor (idempotent).
     caf::reacts_to<stop_atom>,
     /// Liveness and fencing (see `heartbeat`); the answer carries the node's routed-token

@@ -95,6 +95,11 @@ struct cluster_config {
   /// threads block at once and leave the cores to the kernels: for nodes that share cores
   /// with other nodes).
   std::string actor_scheduler = "stealing";
+  /// Where a node starting an expert actor whose experts already run elsewhere gets their
+  /// weights: "peer" (streamed over the cluster transport from a running copy, so the node
+  /// needs no checkpoint of its own; the checkpoint when no copy is up or the stream fails)
+  /// or "checkpoint" (always its own checkpoint directory).
+  std::string copy_weights_from = "peer";
   /// A dead node that has not joined again after this long has its stages and expert groups
   /// re-placed onto surviving nodes with the memory for them. 0: never; wait for it.
   int replace_after_s = 30;

@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -49,6 +50,9 @@ class safetensors_file {
   /// encrypted one); without, an encrypted file is refused, saying how to give the key. Only
   /// the chunks holding the header are decrypted here.
   static std::unique_ptr<safetensors_file> open(const std::filesystem::path& path, const weights_key* key = nullptr);
+  /// Validates `bytes` (a whole safetensors file, e.g. received from a peer) like `open` does
+  /// and keeps a copy in anonymous memory, 64-byte aligned; errors name `label`.
+  static std::unique_ptr<safetensors_file> from_memory(std::span<const std::byte> bytes, const std::string& label);
   ~safetensors_file();
   safetensors_file(const safetensors_file&) = delete;
   safetensors_file& operator=(const safetensors_file&) = delete;
@@ -63,6 +67,9 @@ class safetensors_file {
   const std::byte* data(const tensor_entry& entry) const;
   /// Whether the file is encrypted at rest (its tensors then live in anonymous memory).
   bool encrypted() const noexcept { return reader_ != nullptr; }
+  /// Whether the tensors live in anonymous memory this object owns (decrypted or received),
+  /// rather than in the page cache behind a file mapping: holding them needs no copy.
+  bool anonymous() const noexcept { return reader_ != nullptr || owned_ != nullptr; }
   /// Size of the mapping in bytes.
   std::size_t file_size() const noexcept { return size_; }
 
@@ -78,6 +85,7 @@ class safetensors_file {
   std::size_t mapped_size_ = 0;
   std::map<std::string, tensor_entry, std::less<>> entries_;
   std::unique_ptr<encrypted_weights_reader> reader_;  // Set for encrypted files.
+  std::unique_ptr<std::byte, void (*)(void*)> owned_{nullptr, nullptr};  // Set for files from memory.
   mutable std::vector<bool> decrypted_;               // By chunk.
   mutable std::mutex decrypt_mutex_;
 };
@@ -99,6 +107,11 @@ class checkpoint {
                          const std::function<void(std::size_t, std::size_t,
                                                   const std::filesystem::path&)>& progress = {},
                          const weights_key* key = nullptr);
+  /// A checkpoint made of files already open (e.g. received from a peer with
+  /// `safetensors_file::from_memory`); `label` stands for the directory in errors. A tensor
+  /// in two files is an `invalid_argument` error naming both.
+  static checkpoint from_files(const std::filesystem::path& label,
+                               std::vector<std::unique_ptr<safetensors_file>> files);
 
   /// The tensor called `name`, or an empty ref.
   tensor_ref find(std::string_view name) const;
@@ -125,5 +138,19 @@ struct tensor_blob {
 
 /// Writes tensors as one safetensors file (entries sorted by name, data 8-byte aligned).
 void write_safetensors(const std::filesystem::path& path, const std::vector<const tensor_blob*>& tensors);
+
+/// A tensor to encode straight from where it lives.
+struct tensor_bytes {
+  std::string name;
+  kernels::dtype type = kernels::dtype::f32;
+  std::vector<std::int64_t> shape;
+  std::span<const std::byte> bytes;
+};
+
+/// The bytes of one safetensors file holding `tensors` in the given order, each tensor's data
+/// at a 64-byte aligned offset of the file (so that `safetensors_file::from_memory` keeps SIMD
+/// loads within cache lines). Throws `invalid_argument` when a tensor's bytes do not match its
+/// dtype and shape.
+std::vector<std::uint8_t> encode_safetensors(std::span<const tensor_bytes> tensors);
 
 }  // namespace shoal::runtime

@@ -5,6 +5,7 @@
 #include "shoal/config/model_config.hpp"
 #include "shoal/kernels/matrix.hpp"
 #include "shoal/kernels/moe.hpp"
+#include "shoal/runtime/safetensors.hpp"
 #include "shoal/runtime/weights_crypto.hpp"
 
 #include <cstddef>
@@ -12,6 +13,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -76,6 +78,13 @@ class model_weights {
                                              const progress_fn& progress = {},
                                              const weights_key* key = nullptr);
 
+  /// Loads from tensors already open (e.g. received from a peer), checked against `config`
+  /// exactly as a directory's are; errors name the files' labels.
+  static std::unique_ptr<model_weights> load(config::model_config config, checkpoint files,
+                                             const weight_selection& selection = {},
+                                             weight_residency residency = weight_residency::copy,
+                                             const progress_fn& progress = {});
+
   ~model_weights();
 
   /// Owns the memory behind the views (the mapping, or the copies).
@@ -96,6 +105,10 @@ class model_weights {
 
  private:
   model_weights() = default;
+  // Checks and holds the selection's tensors; `used_files` gets the shards read.
+  static std::unique_ptr<model_weights> assemble(config::model_config config, checkpoint files,
+                                                 const weight_selection& selection, weight_residency residency,
+                                                 const progress_fn& progress, std::set<std::string>& used_files);
   config::model_config config_;
   weight_selection selection_;
   kernels::matrix_view embedding_;

@@ -187,13 +187,17 @@ bool experts_covered(const supervisor_state& st) {
   return missing.empty();
 }
 
-// A running expert actor, on a node that is up and staying, that holds every expert of group
-// `j`: the new actor streams its weights from it. None (empty node) when the config says
-// checkpoint or no such copy runs, e.g. at the first start or when the only holder died.
+// A running expert actor, on a node that is up, that holds every expert of group `j`: the new
+// actor streams its weights from it. None (empty node) when the config says checkpoint or no
+// such copy runs, e.g. at the first start or when the only holder died.
 actor_address weights_source(const supervisor_state& st, std::size_t j) {
   const auto& c = st.options.cluster;
   if (c.copy_weights_from != "peer") return {};
   const auto& wanted = c.expert_groups[j].experts;
+  // A drain moves the group itself: its old actor serves on until the move is wired.
+  const auto& target = st.experts[j].address;
+  for (const auto& old : st.retiring)
+    if (old.actor == target.actor && old.node != target.node && node_up(st, old.node)) return old;
   for (std::size_t k = 0; k < st.experts.size() && k < c.expert_groups.size(); ++k) {
     const auto& e = st.experts[k];
     if (k == j || (e.phase != placement_phase::running && e.phase != placement_phase::serving) ||

@@ -23,7 +23,10 @@ struct weights_fetch {
   std::string spec;
   /// Whoever asked for the actor (a head that takes over may ask again while it streams).
   std::vector<caf::typed_response_promise<ok_atom>> waiting;
-  std::vector<weights_part> parts;
+  std::vector<weights_part> parts;  ///< Received so far, in arrival order.
+  std::uint32_t total = 0;          ///< Parts in all (0: not known before the first answer).
+  std::uint32_t next = 0;           ///< The next part to ask for.
+  std::uint32_t in_flight = 0;      ///< Asked for, not answered.
   std::size_t bytes = 0;
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   std::chrono::steady_clock::time_point reported = start;
@@ -37,6 +40,9 @@ using agent_pointer = node_agent_actor::stateful_pointer<node_agent_state>;
 // dies fails the call at once.
 constexpr std::chrono::seconds kWeightsPartTimeout{300};
 constexpr std::chrono::seconds kWeightsProgressEvery{5};
+// Parts asked for at once: enough to keep encoding, wire and checking busy together, few
+// enough that a copy streaming in holds little beyond what it received.
+constexpr std::uint32_t kWeightsPartsInFlight = 3;
 
 void progress(agent_pointer self, const std::string& line) {
   if (self->state.options.progress) self->state.options.progress(line);
@@ -105,36 +111,55 @@ void finish_fetch(agent_pointer self, const std::shared_ptr<weights_fetch>& f, s
   }
 }
 
-// Asks the source's node for part `part`, then for the next one, one at a time: a copy
-// streaming in holds at most one part in flight on top of what it received.
+// Whether `f` is still what the agent waits for (not finished, superseded or stopped).
+bool current(agent_pointer self, const std::shared_ptr<weights_fetch>& f) {
+  const auto it = self->state.fetching.find(f->cmd.actor);
+  return it != self->state.fetching.end() && it->second == f;
+}
+
+void fetch_part(agent_pointer self, const std::shared_ptr<weights_fetch>& f, std::uint32_t part);
+
+// Keeps up to kWeightsPartsInFlight parts asked for, so that the source encoding one part, the
+// wire carrying another and this node checking a third overlap; the number of parts is known
+// from the first answer.
+void fetch_more(agent_pointer self, const std::shared_ptr<weights_fetch>& f) {
+  while (f->next < f->total && f->in_flight < kWeightsPartsInFlight) fetch_part(self, f, f->next++);
+}
+
 void fetch_part(agent_pointer self, const std::shared_ptr<weights_fetch>& f, std::uint32_t part) {
   auto& st = self->state;
   auto source = caf::actor_cast<node_agent_actor>(st.book->resolve({f->cmd.source.node, actor_ids::node_agent}));
   if (!source)
     return finish_fetch(self, f, shoal::error(errc::unavailable, fmt::format("node {} cannot be reached",
                                                                              f->cmd.source.node)));
+  ++f->in_flight;
   self->request(source, kWeightsPartTimeout, weights_request{.actor = f->cmd.source.actor, .experts = f->cmd.experts,
                                                              .part = part})
       .then(
           [self, f, part](weights_part& p) {
-            if (p.part != part || p.parts <= part)
+            --f->in_flight;
+            if (!current(self, f)) return;
+            if (p.part != part || p.parts == 0 || (f->total != 0 && p.parts != f->total))
               return finish_fetch(self, f, shoal::error(errc::invalid_argument,
                                                         fmt::format("asked for weights part {}, got part {} of {}",
                                                                     part + 1, p.part + 1, p.parts)));
+            f->total = p.parts;
             f->bytes += p.tensors.size();
-            const auto parts = p.parts;
             f->parts.push_back(std::move(p));
             const auto now = std::chrono::steady_clock::now();
-            if (part + 1 < parts && now - f->reported >= kWeightsProgressEvery) {
+            if (f->parts.size() < f->total && now - f->reported >= kWeightsProgressEvery) {
               f->reported = now;
-              progress(self, fmt::format("expert actor {}: receiving weights from node {}: part {}/{}, {:.3f} GB",
-                                         f->cmd.actor, f->cmd.source.node, part + 1, parts,
+              progress(self, fmt::format("expert actor {}: receiving weights from node {}: {}/{} parts, {:.3f} GB",
+                                         f->cmd.actor, f->cmd.source.node, f->parts.size(), f->total,
                                          static_cast<double>(f->bytes) / 1e9));
             }
-            if (part + 1 < parts) return fetch_part(self, f, part + 1);
-            finish_fetch(self, f, std::nullopt);
+            if (f->parts.size() == f->total) return finish_fetch(self, f, std::nullopt);
+            fetch_more(self, f);
           },
-          [self, f](caf::error& e) { finish_fetch(self, f, from_caf_error(e)); });
+          [self, f](caf::error& e) {
+            --f->in_flight;
+            if (current(self, f)) finish_fetch(self, f, from_caf_error(e));
+          });
 }
 
 }  // namespace
@@ -231,6 +256,7 @@ node_agent_actor::behavior_type make_node_agent(node_agent_actor::stateful_point
           st.fetching[cmd.actor] = f;
           progress(self, fmt::format("expert actor {}: streaming the weights of experts {} from node {}", cmd.actor,
                                      fmt::join(cmd.experts, ","), cmd.source.node));
+          f->next = 1;
           fetch_part(self, f, 0);
           return rp;
         }

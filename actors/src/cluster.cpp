@@ -41,6 +41,9 @@ local_cluster::impl::impl(config::cluster_config c, cluster_options o) : config(
   router_options ro{.scheduling = scheduling_for(config, model), .step_timeout = options.step_timeout,
                     .vocab_size = model.vocab_size, .max_positions = model.max_position_embeddings,
                     .replay_limit = config.replay_limit, .micro_batches = config.micro_batches};
+  ro.version = config.version;
+  ro.versions = config.versions;
+  ro.split = config.split;
   router = system->spawn(make_router, ro, book);
   book->register_actor({config.head, actor_ids::router}, caf::actor_cast<caf::actor>(router));
   supervisor_options so{.cluster = config, .model = model, .ready_timeout = options.ready_timeout};

@@ -118,6 +118,10 @@ void node_process::impl::become_head(const std::string& takeover_from) {
   router_options rop{.scheduling = scheduling_for(c, model), .step_timeout = t.step_timeout,
                      .vocab_size = model.vocab_size, .max_positions = model.max_position_embeddings,
                      .replay_limit = c.replay_limit, .micro_batches = c.micro_batches};
+  rop.version = c.version;
+  rop.versions = c.versions;
+  rop.split = c.split;
+  if (!c.join_secret_file.empty()) rop.join_secret = transport::read_join_secret(c.join_secret_file);
   router = system->spawn(make_router, rop, book);
   book->register_actor({options.node, actor_ids::router}, caf::actor_cast<caf::actor>(router));
   if (!c.admin_audit_log.empty() && !std::ofstream(c.admin_audit_log, std::ios::app))

@@ -1,15 +1,37 @@
 #include "shoal/actors/router.hpp"
 
+#include "shoal/actors/client.hpp"
 #include "shoal/actors/engines.hpp"
 #include "shoal/actors/fabric.hpp"
 
 #include <caf/actor_cast.hpp>
+#include <caf/send.hpp>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <mutex>
 
 namespace shoal::actors {
+
+/// The connection to another deployment's head and the requests forwarded there.
+struct version_link {
+  std::string name;
+  std::string host;
+  std::uint16_t port = 0;
+  std::string join_secret;
+  std::mutex mutex;
+  std::shared_ptr<shoal::client> client;   // Null until connected.
+  std::string error;                       // Why the last attempt failed.
+  bool connecting = false;
+  std::chrono::steady_clock::time_point last_attempt{};
+  // Requests forwarded and not finished, by (sink, the sink's request id): the id on `client`
+  // (0 while its submission is under way).
+  std::map<std::pair<caf::actor_addr, request_id>, std::uint64_t> forwarded;
+  std::uint64_t returned = 0;  // Forwarded, then back here before anything streamed.
+};
+
 namespace {
 
 using self_ptr = router_actor::stateful_pointer<router_state>;
@@ -210,68 +232,269 @@ runtime::scheduler_options scheduling_for(const config::cluster_config& cluster,
           .prefix_cache = cluster.prefix_cache};
 }
 
+namespace {
+
+// The version the next request goes to (smooth weighted round robin, as nginx spreads
+// weighted upstreams): exact shares over every run of sum-of-weights requests.
+router_state::version_share& pick_version(router_state& st) {
+  std::int64_t total = 0;
+  router_state::version_share* best = nullptr;
+  for (auto& v : st.versions) {
+    v.credit += v.weight;
+    total += v.weight;
+    if (v.weight > 0 && (!best || v.credit > best->credit)) best = &v;
+  }
+  if (!best) return st.versions.front();
+  best->credit -= total;
+  return *best;
+}
+
+// Connects to another version's head in the background (the router never blocks on it); at
+// most one attempt every few seconds.
+void connect_version(router_state& st, const std::shared_ptr<version_link>& link) {
+  static constexpr auto kRetryEvery = std::chrono::seconds(3);
+  {
+    std::lock_guard lock(link->mutex);
+    const auto now = std::chrono::steady_clock::now();
+    if (link->client || link->connecting || now - link->last_attempt < kRetryEvery) return;
+    link->connecting = true;
+    link->last_attempt = now;
+  }
+  std::erase_if(st.connectors, [](auto& c) {
+    if (!c.second->load()) return false;
+    c.first.join();
+    return true;
+  });
+  auto finished = std::make_shared<std::atomic<bool>>(false);
+  st.connectors.emplace_back(std::thread([link, finished] {
+    std::shared_ptr<shoal::client> client;
+    std::string error;
+    try {
+      // A short no-head limit: requests forwarded to a version whose head stays silent come
+      // back (unavailable, nothing streamed) and this cluster serves them.
+      client = shoal::client::connect(std::vector<head_endpoint>{{link->host, link->port}}, std::chrono::seconds(5),
+                                      link->join_secret, std::chrono::seconds(2), std::chrono::seconds(6));
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    std::lock_guard lock(link->mutex);
+    link->client = std::move(client);
+    link->error = std::move(error);
+    link->connecting = false;
+    finished->store(true);
+  }), finished);
+}
+
+// Sends a request to another version's cluster, its chunks back to `sink` under the sink's
+// own request id. False when that cluster is not connected (yet): the caller serves it here.
+bool forward(self_ptr self, router_state::version_share& v, const generate_request& spec,
+             const token_sink_actor& sink) {
+  auto link = v.link;
+  std::shared_ptr<shoal::client> client;
+  {
+    std::lock_guard lock(link->mutex);
+    client = link->client;
+  }
+  if (!client) {
+    connect_version(self->state, link);
+    return false;
+  }
+  generate_options o{.prompt = spec.prompt, .sampling = spec.sampling, .max_tokens = spec.max_tokens,
+                     .stop_tokens = spec.stop_tokens, .want_logits = spec.want_logits, .deadline = {}};
+  if (spec.deadline_unix_ms != 0) {
+    const auto now = now_unix_ms();
+    o.deadline = std::chrono::milliseconds(spec.deadline_unix_ms > now ? spec.deadline_unix_ms - now : 1);
+  }
+  const auto key = std::make_pair(sink.address(), spec.request);
+  {
+    std::lock_guard lock(link->mutex);
+    link->forwarded[key] = 0;
+  }
+  auto router = caf::actor_cast<router_actor>(self);
+  auto streamed = std::make_shared<std::atomic<bool>>(false);
+  auto original = std::make_shared<generate_request>(spec);
+  try {
+    // The client keeps this callback while the request runs: a weak link, or link -> client ->
+    // callback -> link would never be freed.
+    std::weak_ptr<version_link> weak = link;
+    auto forget = [weak, key](bool returned) {
+      if (auto l = weak.lock()) {
+        std::lock_guard lock(l->mutex);
+        l->forwarded.erase(key);
+        if (returned) ++l->returned;
+      }
+    };
+    const auto id = client->submit(o, [forget, sink, router, streamed, original](const token_event& e) {
+      if (e.finish == finish_reason::error && e.error_code == static_cast<std::uint8_t>(errc::unavailable) &&
+          !streamed->load()) {
+        forget(true);
+        caf::anon_send(router, fallback_atom::value, *original, sink);
+        return;
+      }
+      if (!e.tokens.empty()) streamed->store(true);
+      token_chunk chunk = e;
+      chunk.request = original->request;
+      if (e.finish != finish_reason::none) forget(false);
+      caf::anon_send(sink, std::move(chunk));
+    });
+    std::lock_guard lock(link->mutex);
+    if (const auto it = link->forwarded.find(key); it != link->forwarded.end()) it->second = id;
+  } catch (const std::exception&) {
+    std::lock_guard lock(link->mutex);
+    link->forwarded.erase(key);
+    return false;
+  }
+  ++v.requests;
+  return true;
+}
+
+// Each model version's share, requests and connection, for the status (and /metrics).
+nlohmann::json versions_json(router_state& st) {
+  auto out = nlohmann::json::array();
+  for (const auto& v : st.versions) {
+    nlohmann::json j{{"name", v.name}, {"weight", v.weight}, {"requests", v.requests}, {"fallbacks", v.fallbacks},
+                     {"local", v.link == nullptr}};
+    if (v.link) {
+      std::lock_guard lock(v.link->mutex);
+      j["requests"] = v.requests - v.link->returned;
+      j["fallbacks"] = v.fallbacks + v.link->returned;
+      j["head"] = fmt::format("{}:{}", v.link->host, v.link->port);
+      j["connected"] = v.link->client != nullptr;
+      j["error"] = v.link->error;
+      j["in_flight"] = v.link->forwarded.size();
+    }
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
+// Checks a request and queues it for this cluster's pipeline.
+void admit(self_ptr self, generate_request& spec, token_sink_actor& sink) {
+  auto& st = self->state;
+  const auto id = st.next_id++;
+  auto reject = [&](std::string message) {
+    self->send(sink, token_chunk{.request = spec.request, .tokens = {}, .logits = {}, .finish = finish_reason::error,
+                                 .error_code = static_cast<std::uint8_t>(errc::invalid_argument),
+                                 .error = std::move(message), .cached_prompt_tokens = 0});
+  };
+  if (spec.prompt.empty()) return reject("the prompt is empty");
+  if (spec.max_tokens == 0) return reject("max_tokens must be at least 1");
+  for (auto t : spec.prompt)
+    if (t < 0 || (st.options.vocab_size > 0 && t >= st.options.vocab_size))
+      return reject(fmt::format("prompt token {} is outside the vocabulary [0, {})", t, st.options.vocab_size));
+  for (auto t : spec.resume)
+    if (t < 0 || (st.options.vocab_size > 0 && t >= st.options.vocab_size))
+      return reject(fmt::format("resumed token {} is outside the vocabulary [0, {})", t, st.options.vocab_size));
+  if (spec.resume.size() >= spec.max_tokens)
+    return reject(fmt::format("{} tokens to resume from, but max_tokens is {}: the request is complete",
+                              spec.resume.size(), spec.max_tokens));
+  try {
+    runtime::validate(to_sampling_params(spec.sampling));
+  } catch (const shoal::error& e) {
+    return reject(e.what());
+  }
+  const auto total = static_cast<std::int64_t>(spec.prompt.size() + spec.max_tokens);
+  if (st.options.max_positions > 0 && total > st.options.max_positions)
+    return reject(fmt::format("prompt ({}) + max_tokens ({}) exceeds the model's context of {}",
+                              spec.prompt.size(), spec.max_tokens, st.options.max_positions));
+  if (total > st.plan->max_sequence_tokens())
+    return reject(fmt::format("prompt ({}) + max_tokens ({}) exceeds the {} tokens the latent cache can hold",
+                              spec.prompt.size(), spec.max_tokens, st.plan->max_sequence_tokens()));
+  if (spec.sampling.temperature != 0.0f && spec.sampling.top_k != 1 && !spec.sampling.has_seed) {
+    // Fixed here rather than drawn by the last stage, so that a recompute after a
+    // preemption or failure draws the same tokens again.
+    spec.sampling.has_seed = true;
+    spec.sampling.seed = st.seeds();
+  }
+  // A resumed request continues where its client is: the tokens it already has are
+  // recomputed like a prompt, but count as generated (max_tokens, sampler, penalties).
+  auto tokens = spec.prompt;
+  tokens.insert(tokens.end(), spec.resume.begin(), spec.resume.end());
+  st.plan->add(id, std::move(tokens), static_cast<std::int64_t>(spec.prompt.size()));
+  router_state::request r;
+  r.client_id = spec.request;
+  r.sink = std::move(sink);
+  r.generated = static_cast<std::uint32_t>(spec.resume.size());
+  if (!spec.resume.empty()) ++st.resumed;
+  r.spec = std::move(spec);
+  st.requests.emplace(id, std::move(r));
+  schedule(self);
+}
+
+}  // namespace
+
 router_state::router_state() = default;
-router_state::~router_state() = default;
+router_state::~router_state() {
+  for (auto& c : connectors) c.first.join();
+}
 
 router_actor::behavior_type make_router(router_actor::stateful_pointer<router_state> self, router_options options,
                                         std::shared_ptr<fabric> book) {
   self->state.options = options;
   self->state.book = std::move(book);
   self->state.plan = std::make_unique<runtime::scheduler>(options.scheduling);
+  if (!options.versions.empty()) {
+    auto& st = self->state;
+    st.versions.push_back({.name = options.version, .weight = options.split.empty() ? 1u : 0u, .credit = 0,
+                           .requests = 0, .fallbacks = 0, .link = nullptr});
+    for (const auto& v : options.versions) {
+      auto link = std::make_shared<version_link>();
+      link->name = v.name;
+      link->host = v.host;
+      link->port = v.port;
+      link->join_secret = options.join_secret;
+      st.versions.push_back({.name = v.name, .weight = 0, .credit = 0, .requests = 0, .fallbacks = 0, .link = link});
+    }
+    for (auto& v : st.versions)
+      for (const auto& [name, weight] : options.split)
+        if (name == v.name) v.weight = weight;
+    // Connected ahead of the first request it would take.
+    for (auto& v : st.versions)
+      if (v.link) connect_version(st, v.link);
+  }
   return {
       [self](generate_request& spec, token_sink_actor& sink) {
         auto& st = self->state;
-        const auto id = st.next_id++;
-        auto reject = [&](std::string message) {
-          self->send(sink, token_chunk{.request = spec.request, .tokens = {}, .logits = {}, .finish = finish_reason::error,
-                                       .error_code = static_cast<std::uint8_t>(errc::invalid_argument),
-                                       .error = std::move(message), .cached_prompt_tokens = 0});
-        };
-        if (spec.prompt.empty()) return reject("the prompt is empty");
-        if (spec.max_tokens == 0) return reject("max_tokens must be at least 1");
-        for (auto t : spec.prompt)
-          if (t < 0 || (st.options.vocab_size > 0 && t >= st.options.vocab_size))
-            return reject(fmt::format("prompt token {} is outside the vocabulary [0, {})", t, st.options.vocab_size));
-        for (auto t : spec.resume)
-          if (t < 0 || (st.options.vocab_size > 0 && t >= st.options.vocab_size))
-            return reject(fmt::format("resumed token {} is outside the vocabulary [0, {})", t, st.options.vocab_size));
-        if (spec.resume.size() >= spec.max_tokens)
-          return reject(fmt::format("{} tokens to resume from, but max_tokens is {}: the request is complete",
-                                    spec.resume.size(), spec.max_tokens));
-        try {
-          runtime::validate(to_sampling_params(spec.sampling));
-        } catch (const shoal::error& e) {
-          return reject(e.what());
+        if (st.versions.size() > 1 && spec.resume.empty()) {
+          auto& v = pick_version(st);
+          if (v.link) {
+            if (forward(self, v, spec, sink)) return;
+            ++v.fallbacks;
+          }
         }
-        const auto total = static_cast<std::int64_t>(spec.prompt.size() + spec.max_tokens);
-        if (st.options.max_positions > 0 && total > st.options.max_positions)
-          return reject(fmt::format("prompt ({}) + max_tokens ({}) exceeds the model's context of {}",
-                                    spec.prompt.size(), spec.max_tokens, st.options.max_positions));
-        if (total > st.plan->max_sequence_tokens())
-          return reject(fmt::format("prompt ({}) + max_tokens ({}) exceeds the {} tokens the latent cache can hold",
-                                    spec.prompt.size(), spec.max_tokens, st.plan->max_sequence_tokens()));
-        if (spec.sampling.temperature != 0.0f && spec.sampling.top_k != 1 && !spec.sampling.has_seed) {
-          // Fixed here rather than drawn by the last stage, so that a recompute after a
-          // preemption or failure draws the same tokens again.
-          spec.sampling.has_seed = true;
-          spec.sampling.seed = st.seeds();
+        if (!st.versions.empty()) ++st.versions.front().requests;
+        admit(self, spec, sink);
+      },
+      [self](fallback_atom, generate_request& spec, token_sink_actor& sink) {
+        auto& st = self->state;
+        if (!st.versions.empty()) ++st.versions.front().requests;
+        admit(self, spec, sink);
+      },
+      [self](split_atom, std::vector<std::string>& names, std::vector<std::uint32_t>& weights) {
+        auto& st = self->state;
+        for (auto& v : st.versions) {
+          v.weight = 0;
+          v.credit = 0;
+          for (std::size_t i = 0; i < names.size() && i < weights.size(); ++i)
+            if (names[i] == v.name) v.weight = weights[i];
         }
-        // A resumed request continues where its client is: the tokens it already has are
-        // recomputed like a prompt, but count as generated (max_tokens, sampler, penalties).
-        auto tokens = spec.prompt;
-        tokens.insert(tokens.end(), spec.resume.begin(), spec.resume.end());
-        st.plan->add(id, std::move(tokens), static_cast<std::int64_t>(spec.prompt.size()));
-        router_state::request r;
-        r.client_id = spec.request;
-        r.sink = std::move(sink);
-        r.generated = static_cast<std::uint32_t>(spec.resume.size());
-        if (!spec.resume.empty()) ++st.resumed;
-        r.spec = std::move(spec);
-        st.requests.emplace(id, std::move(r));
-        schedule(self);
       },
       [self](cancel_atom, request_id client_id, token_sink_actor& sink) {
         auto& st = self->state;
+        for (auto& v : st.versions) {
+          if (!v.link) continue;
+          std::shared_ptr<shoal::client> client;
+          std::uint64_t id = 0;
+          {
+            std::lock_guard lock(v.link->mutex);
+            const auto it = v.link->forwarded.find({sink.address(), client_id});
+            if (it == v.link->forwarded.end()) continue;
+            id = it->second;
+            client = v.link->client;
+          }
+          if (client && id != 0) client->cancel(id);
+          return;
+        }
         for (auto& [id, r] : st.requests) {
           if (r.client_id != client_id || r.sink != sink) continue;
           // Blocks of a request in the step being computed are still written by the stages;
@@ -301,7 +524,8 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
                               {"replayed_requests", self->state.replays},
                               {"resumed_requests", self->state.resumed},
                               {"requeued_sequences", s.requeued},
-                              {"epoch", self->state.epoch}}
+                              {"epoch", self->state.epoch},
+                              {"versions", versions_json(self->state)}}
             .dump();
       },
       [self](wire_atom, placement_table& table) -> caf::result<ok_atom> {

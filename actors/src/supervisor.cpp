@@ -314,6 +314,7 @@ std::string placement_state(const supervisor_state& st) {
     groups.push_back({{"node", g.node}, {"experts", g.experts}, {"copy", g.copy}});
   for (std::size_t k = 0; k < st.experts.size() && k < groups.size(); ++k) groups[k]["node"] = st.experts[k].address.node;
   j["drained"] = std::vector<std::string>(st.drained.begin(), st.drained.end());
+  for (const auto& [name, weight] : st.options.cluster.split) j["split"][name] = weight;
   return j.dump();
 }
 
@@ -349,6 +350,13 @@ void adopt_placement(supervisor_state& st, const std::string& text) {
   if (j.contains("drained") && j["drained"].is_array())
     for (const auto& n : j["drained"])
       if (known(n)) st.drained.insert(n.get<std::string>());
+  // An operator's split outlives the head it was given to.
+  if (j.contains("split") && j["split"].is_object()) {
+    std::vector<std::pair<std::string, std::uint32_t>> split;
+    for (const auto& [name, weight] : j["split"].items())
+      if (weight.is_number_unsigned()) split.emplace_back(name, weight.get<std::uint32_t>());
+    if (!split.empty()) st.options.cluster.split = std::move(split);
+  }
 }
 
 void send_heartbeats(self_ptr self) {
@@ -893,10 +901,54 @@ caf::result<std::string> admin_command(self_ptr self, admin_request& request) {
   const auto& command = request.command;
   const auto& args = request.args;
   static const std::set<std::string> known{"drain", "undrain", "move-expert", "replicate-expert", "drop-replica",
-                                           "rebalance"};
+                                           "rebalance", "split"};
   if (!known.contains(command))
     return refuse(errc::invalid_argument,
                   fmt::format("unknown admin command '{}' (known: {})", command, fmt::join(known, ", ")));
+  if (command == "split") {
+    // args: NAME=WEIGHT for some versions; the others get 0.
+    auto& c = st.options.cluster;
+    std::vector<std::string> names{c.version};
+    for (const auto& v : c.versions) names.push_back(v.name);
+    if (c.versions.empty())
+      return refuse(errc::failed_precondition,
+                    fmt::format("this cluster serves one model version ('{}'); list the deployments of the others "
+                                "under versions in the cluster config to split traffic",
+                                c.version));
+    if (args.empty()) return refuse(errc::invalid_argument, "split takes NAME=WEIGHT for at least one version");
+    std::vector<std::uint32_t> weights(names.size(), 0);
+    std::vector<bool> given(names.size(), false);
+    std::uint64_t total = 0;
+    for (const auto& arg : args) {
+      const auto eq = arg.find('=');
+      const auto name = arg.substr(0, eq);
+      const auto at = std::find(names.begin(), names.end(), name) - names.begin();
+      if (static_cast<std::size_t>(at) == names.size())
+        return refuse(errc::not_found, fmt::format("split: no version '{}' (versions: {})", name, fmt::join(names, ", ")));
+      std::uint32_t weight = 0;
+      const char* first = arg.data() + (eq == std::string::npos ? arg.size() : eq + 1);
+      const auto [end, ec] = std::from_chars(first, arg.data() + arg.size(), weight);
+      if (eq == std::string::npos || ec != std::errc() || end != arg.data() + arg.size() || first == end ||
+          weight > 1000000)
+        return refuse(errc::invalid_argument,
+                      fmt::format("split: '{}' must be NAME=WEIGHT with a whole number in [0, 1000000]", arg));
+      if (given[static_cast<std::size_t>(at)])
+        return refuse(errc::invalid_argument, fmt::format("split: version '{}' is given twice", name));
+      given[static_cast<std::size_t>(at)] = true;
+      weights[static_cast<std::size_t>(at)] = weight;
+      total += weight;
+    }
+    if (total == 0) return refuse(errc::invalid_argument, "split: at least one version needs a weight above 0");
+    c.split.clear();
+    nlohmann::json reply{{"command", command}, {"args", args}};
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      c.split.emplace_back(names[i], weights[i]);
+      reply["split"][names[i]] = weights[i];
+    }
+    self->send(st.router, split_atom::value, names, weights);
+    emit(self, {{"event", "admin"}, {"command", command}, {"args", args}, {"result", "ok"}});
+    return reply.dump();
+  }
   const bool changes_experts = command != "drain" && command != "undrain";
   if (changes_experts && st.options.cluster.expert_groups.empty())
     return refuse(errc::failed_precondition, "this cluster has no expert actors: the stages hold every expert");
@@ -1157,7 +1209,16 @@ supervisor_actor::behavior_type make_supervisor(supervisor_actor::stateful_point
     // actors are failed like a dead node's, and nothing of the old head's epochs counts.
     st.served = true;
     st.healing = true;
-    if (!st.options.adopt.empty()) adopt_placement(st, st.options.adopt);
+    if (!st.options.adopt.empty()) {
+      adopt_placement(st, st.options.adopt);
+      std::vector<std::string> names;
+      std::vector<std::uint32_t> weights;
+      for (const auto& [name, weight] : st.options.cluster.split) {
+        names.push_back(name);
+        weights.push_back(weight);
+      }
+      if (!names.empty() && st.router) self->send(st.router, split_atom::value, names, weights);
+    }
     st.epoch = next_term(st.options.epoch);
     st.fence = st.epoch;
     st.book->observe_epoch(st.epoch, st.fence);

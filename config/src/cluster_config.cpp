@@ -135,7 +135,7 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
                 "block_tokens", "prefix_cache", "ready_timeout_s", "heartbeat_ms", "heartbeat_misses", "restart_limit",
                 "restart_window_s", "replay_limit", "replace_after_s", "admin_token_file", "load_window_s", "admin_audit_log", "micro_batches",
                 "rebalance_every_s", "rebalance_max_copies", "actor_scheduler",
-                "copy_weights_from", "join_secret_file"});
+                "copy_weights_from", "join_secret_file", "version", "versions", "split"});
 
   cluster_config c;
   c.source = source;
@@ -205,6 +205,61 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   if (root["rebalance_max_copies"])
     c.rebalance_max_copies =
         static_cast<int>(p.integer_at(root["rebalance_max_copies"], "rebalance_max_copies", 1, 4096));
+
+  auto version_name = [&](const YAML::Node& n, std::string_view what) {
+    const auto name = p.string_at(n, what);
+    if (name.empty() || name.size() > 64 ||
+        name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") != std::string::npos)
+      p.error(line_of(n), fmt::format("{} '{}' must be 1-64 letters, digits, '.', '_' or '-'", what, name));
+    return name;
+  };
+  if (root["version"]) c.version = version_name(root["version"], "version");
+  if (root["versions"]) {
+    if (!root["versions"].IsSequence())
+      p.error(line_of(root["versions"]), "versions must be a list of {name, head: HOST:PORT}");
+    for (const auto& v : root["versions"]) {
+      p.require_map(v, "a version");
+      p.allow_keys(v, "a version", {"name", "head"});
+      model_version mv;
+      mv.line = line_of(v);
+      if (!v["name"]) p.error(mv.line, "version without a 'name'");
+      mv.name = version_name(v["name"], "version name");
+      if (mv.name == c.version)
+        p.error(mv.line, fmt::format("version '{}' is this cluster's own version", mv.name));
+      for (const auto& other : c.versions)
+        if (other.name == mv.name) p.error(mv.line, fmt::format("version '{}' is defined twice", mv.name));
+      if (!v["head"]) p.error(mv.line, fmt::format("version '{}' has no 'head' (HOST:PORT of its head node)", mv.name));
+      const auto head = p.string_at(v["head"], "head");
+      const auto colon = head.rfind(':');
+      std::int64_t port = 0;
+      const bool numeric = colon != std::string::npos && colon + 1 < head.size() &&
+                           head.find_first_not_of("0123456789", colon + 1) == std::string::npos &&
+                           head.size() - colon - 1 <= 5;
+      if (numeric) port = std::stoll(head.substr(colon + 1));
+      if (!numeric || colon == 0 || port < 1 || port > 65535)
+        p.error(line_of(v["head"]), fmt::format("version '{}': head '{}' must be HOST:PORT", mv.name, head));
+      mv.host = head.substr(0, colon);
+      mv.port = static_cast<std::uint16_t>(port);
+      c.versions.push_back(std::move(mv));
+    }
+  }
+  if (root["split"]) {
+    const auto& split = root["split"];
+    p.require_map(split, "split");
+    std::uint64_t total = 0;
+    for (const auto& item : split) {
+      const auto name = version_name(item.first, "split version");
+      const bool known = name == c.version || std::any_of(c.versions.begin(), c.versions.end(),
+                                                          [&](const model_version& v) { return v.name == name; });
+      if (!known)
+        p.error(line_of(item.first),
+                fmt::format("split: no version '{}' (this cluster is '{}'; others go under versions)", name, c.version));
+      const auto weight = static_cast<std::uint32_t>(p.integer_at(item.second, "split weight", 0, 1000000));
+      total += weight;
+      c.split.emplace_back(name, weight);
+    }
+    if (total == 0) p.error(line_of(split), "split: at least one version needs a weight above 0");
+  }
 
   const YAML::Node nodes = root["nodes"];
   if (!nodes || !nodes.IsSequence() || nodes.size() == 0)

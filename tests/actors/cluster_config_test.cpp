@@ -103,6 +103,23 @@ TEST_CASE("expert copies get their weights from a running copy unless the config
             .copy_weights_from == "checkpoint");
 }
 
+TEST_CASE("model versions served side by side: this cluster's name, the others' heads and the split") {
+  const auto plain = parse_cluster_config(kGood, "cluster.yaml", "/base");
+  CHECK(plain.version == "default");
+  CHECK(plain.versions.empty());
+  CHECK(plain.split.empty());
+  const auto c = parse_cluster_config(
+      replace(kGood, "model: ckpt",
+              "model: ckpt\nversion: v1\nversions:\n  - {name: v2-canary, head: 10.0.0.9:7610}\nsplit: {v1: 95, v2-canary: 5}"),
+      "cluster.yaml", "/base");
+  CHECK(c.version == "v1");
+  REQUIRE(c.versions.size() == 1);
+  CHECK(c.versions[0].name == "v2-canary");
+  CHECK(c.versions[0].host == "10.0.0.9");
+  CHECK(c.versions[0].port == 7610);
+  CHECK(c.split == std::vector<std::pair<std::string, std::uint32_t>>{{"v1", 95}, {"v2-canary", 5}});
+}
+
 TEST_CASE("join_secret_file is resolved against the config's directory") {
   CHECK(parse_cluster_config(kGood, "cluster.yaml", "/base").join_secret_file.empty());
   CHECK(parse_cluster_config(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: secrets/join"), "cluster.yaml", "/base")
@@ -238,6 +255,28 @@ TEST_CASE("every refusal of a cluster config names the file and the line") {
           "cluster.yaml:2: actor_scheduler must be sharing or stealing, got 'fifo'");
   refused(replace(kGood, "model: ckpt", "model: ckpt\ncopy_weights_from: disk"),
           "cluster.yaml:2: copy_weights_from must be peer or checkpoint, got 'disk'");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nversion: 'v 1'"),
+          "cluster.yaml:2: version 'v 1' must be 1-64 letters, digits, '.', '_' or '-'");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nversions: v2"),
+          "cluster.yaml:2: versions must be a list of {name, head: HOST:PORT}");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nversions:\n  - {name: v2}"),
+          "cluster.yaml:3: version 'v2' has no 'head' (HOST:PORT of its head node)");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nversions:\n  - {name: v2, head: somewhere}"),
+          "cluster.yaml:3: version 'v2': head 'somewhere' must be HOST:PORT");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nversions:\n  - {name: v2, head: h:70000}"),
+          "cluster.yaml:3: version 'v2': head 'h:70000' must be HOST:PORT");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nversions:\n  - {name: default, head: h:1}"),
+          "cluster.yaml:3: version 'default' is this cluster's own version");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nversions:\n  - {name: v2, head: h:1}\n  - {name: v2, head: h:2}"),
+          "cluster.yaml:4: version 'v2' is defined twice");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nversions:\n  - {name: v2, head: h:1, weight: 5}"),
+          "cluster.yaml:3: unknown key 'weight' in a version");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nsplit: {v9: 1}"),
+          "cluster.yaml:2: split: no version 'v9' (this cluster is 'default'; others go under versions)");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nsplit: {default: 0}"),
+          "cluster.yaml:2: split: at least one version needs a weight above 0");
+  refused(replace(kGood, "model: ckpt", "model: ckpt\nsplit: {default: -1}"),
+          "cluster.yaml:2: split weight = -1 is out of range [0, 1000000]");
   refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: [a, b]"), "cluster.yaml:2: join_secret_file must be a string");
   refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secret_file: ''"), "cluster.yaml:2: join_secret_file must name a file");
   refused(replace(kGood, "model: ckpt", "model: ckpt\njoin_secrets: s"), "cluster.yaml:2: unknown key 'join_secrets' in the cluster config");

@@ -1018,6 +1018,107 @@ TEST_CASE("expert copies stream their weights from a running copy to a node with
   for (auto& n : nodes) CHECK(n->stop() == 0);
 }
 
+TEST_CASE("shoal admin split shares requests between two model versions; an unreachable one falls back",
+          "[versions]") {
+  // v1: this cluster, the golden model on one node. v2: another deployment (another model,
+  // so that each answer tells which version computed it), its own one-node cluster.
+  temp_dir dir;
+  const auto token_file = dir.path / "admin.token";
+  std::ofstream(token_file) << "admin-test-token-0123456789\n";
+  const auto audit_file = dir.path / "audit.jsonl";
+  const std::uint16_t port_v1 = free_port();
+  const std::uint16_t port_v2 = free_port();
+  const auto golden = std::string(SHOAL_TEST_DATA_DIR) + "/golden/";
+  std::ofstream(dir.path / "v2.yaml") << "model: " << golden << "tiny-a-bf16/ckpt\nthreads: 1\nversion: v2\n"
+                                      << "nodes:\n  - {name: solo, host: 127.0.0.1, port: " << port_v2 << "}\n"
+                                      << "plan:\n  stages:\n    - {node: solo, layers: 0-3}\n";
+  std::ofstream(dir.path / "v1.yaml") << "model: " << golden << "tiny-b-bf16/ckpt\nthreads: 1\nversion: v1\n"
+                                      << "admin_token_file: " << token_file.string() << "\n"
+                                      << "admin_audit_log: " << audit_file.string() << "\n"
+                                      << "versions:\n  - {name: v2, head: 127.0.0.1:" << port_v2 << "}\n"
+                                      << "split: {v1: 1}\n"
+                                      << "nodes:\n  - {name: solo, host: 127.0.0.1, port: " << port_v1 << "}\n"
+                                      << "plan:\n  stages:\n    - {node: solo, layers: 0-5}\n";
+  auto node = [&](const char* config) {
+    return std::make_unique<process>(
+        std::vector<std::string>{SHOAL_BINARY, "node", "--config", (dir.path / config).string(), "--name", "solo",
+                                 "--transports", "tcp", "--ready-timeout", "60"},
+        true, config);
+  };
+  auto v2 = node("v2.yaml");
+  REQUIRE(v2->read_line(std::chrono::seconds(70)).find("\"ready\":true") != std::string::npos);
+  auto v1 = node("v1.yaml");
+  REQUIRE(v1->read_line(std::chrono::seconds(70)).find("\"ready\":true") != std::string::npos);
+  const auto head = "127.0.0.1:" + std::to_string(port_v1);
+  const auto admin = [&](const std::string& args) {
+    return output_of(std::string(SHOAL_BINARY) + " admin " + args + " --cluster " + head + " --token-file " +
+                     token_file.string() + " 2>&1");
+  };
+  const shoal::generate_options request{.prompt = {3, 5, 7, 11}, .sampling = {}, .max_tokens = 6, .stop_tokens = {},
+                                        .want_logits = false, .deadline = {}};
+  auto client = shoal::client::connect("127.0.0.1", port_v1, std::chrono::seconds(10));
+  const auto answer = [&] { return client->generate(request, std::chrono::seconds(30)).tokens; };
+  const auto from_v1 = answer();  // split {v1: 1}: everything stays here
+  const auto from_v2 = shoal::client::connect("127.0.0.1", port_v2, std::chrono::seconds(10))
+                           ->generate(request, std::chrono::seconds(30))
+                           .tokens;
+  REQUIRE(from_v1.size() == 6);
+  REQUIRE(from_v1 != from_v2);  // the two models answer differently
+
+  // A quarter to v2, spread evenly: exactly 2 of 8.
+  const auto set = admin("split v1=3 v2=1");
+  INFO(set.first);
+  REQUIRE(set.second == 0);
+  CHECK_THAT(set.first, Catch::Contains("75.0% of new requests"));
+  int v1_answers = 0, v2_answers = 0;
+  for (int i = 0; i < 8; ++i) {
+    const auto got = answer();
+    v1_answers += got == from_v1;
+    v2_answers += got == from_v2;
+  }
+  CHECK(v1_answers == 6);
+  CHECK(v2_answers == 2);
+  auto versions = nlohmann::json::parse(client->status())["scheduler"]["versions"];
+  INFO(versions.dump());
+  REQUIRE(versions.size() == 2);
+  CHECK(versions[0]["name"] == "v1");
+  CHECK(versions[0]["requests"] == 7);  // and the first one
+  CHECK(versions[1]["name"] == "v2");
+  CHECK(versions[1]["requests"] == 2);
+  CHECK(versions[1]["weight"] == 1);
+  CHECK(versions[1]["connected"] == true);
+
+  // All of it to the canary, then a rollback.
+  REQUIRE(admin("split v2=1").second == 0);
+  for (int i = 0; i < 3; ++i) CHECK(answer() == from_v2);
+  REQUIRE(admin("split v1=1").second == 0);
+  for (int i = 0; i < 3; ++i) CHECK(answer() == from_v1);
+
+  // Refusals name the problem and change nothing.
+  const auto unknown = admin("split v3=1");
+  CHECK(unknown.second == 2);
+  CHECK_THAT(unknown.first, Catch::Contains("no version 'v3' (versions: v1, v2)"));
+  CHECK_THAT(admin("split v1=0 v2=0").first, Catch::Contains("at least one version needs a weight above 0"));
+  CHECK_THAT(admin("split v1=lots").first, Catch::Contains("'v1=lots' must be NAME=WEIGHT"));
+  CHECK_THAT(admin("split v1=1 v1=2").first, Catch::Contains("version 'v1' is given twice"));
+  CHECK(answer() == from_v1);
+
+  // v2's deployment goes away: requests picked for it come back before anything streamed,
+  // and this cluster serves them; none fails.
+  REQUIRE(admin("split v1=1 v2=1").second == 0);
+  CHECK(v2->stop() == 0);
+  for (int i = 0; i < 4; ++i) CHECK(answer() == from_v1);
+  versions = nlohmann::json::parse(client->status())["scheduler"]["versions"];
+  CHECK(versions[1]["fallbacks"].get<int>() >= 1);
+
+  std::ifstream audit(audit_file);
+  std::string line;
+  int splits = 0;
+  while (std::getline(audit, line)) splits += nlohmann::json::parse(line)["command"] == "split";
+  CHECK(splits == 8);  // 4 applied, 4 refused
+  CHECK(v1->stop() == 0);
+}
+
 TEST_CASE("shoal launch on SIGTERM stops and reaps every node process it started", "[signals]") {
   launched_cluster c;
   std::vector<pid_t> nodes;

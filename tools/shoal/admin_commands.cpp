@@ -338,6 +338,37 @@ void add_admin_change(CLI::App& admin, const std::string& command, const std::st
   });
 }
 
+// Shares of the requests between model versions served side by side: takes effect with the
+// next request, nothing to wait for.
+void add_admin_split(CLI::App& admin) {
+  auto o = std::make_shared<change_options>();
+  auto shares = std::make_shared<std::vector<std::string>>();
+  auto* cmd = admin.add_subcommand(
+      "split", "Share the requests between this cluster's model version and the deployments of the others listed "
+               "under versions in its config (canary, rollback): NAME=WEIGHT for each, versions not named get 0");
+  cmd->add_option("shares", *shares, "NAME=WEIGHT, e.g. v1=95 v2=5 (v1=1 alone sends everything to v1)")->required();
+  cmd->add_option("--cluster", o->cluster, "HOST:PORT of the head node")->required();
+  add_join_secret_option(*cmd, o->join_secret_file);
+  cmd->add_option("--token-file", o->token_file, "The cluster's admin token file (default: $SHOAL_ADMIN_TOKEN_FILE)");
+  cmd->add_flag("--json", o->json, "Print the head's reply as JSON");
+  cmd->callback([o, shares] {
+    const auto [host, port] = parse_head(o->cluster);
+    const auto token = read_token(o->token_file);
+    auto client = shoal::client::connect(host, port, std::chrono::seconds(10), join_secret_from(o->join_secret_file));
+    const auto reply = nlohmann::json::parse(client->admin("split", *shares, token));
+    if (o->json) {
+      fmt::print("{}\n", reply.dump());
+    } else {
+      std::uint64_t total = 0;
+      for (const auto& [name, weight] : reply["split"].items()) total += weight.get<std::uint64_t>();
+      for (const auto& [name, weight] : reply["split"].items())
+        fmt::print("{:<24} weight {:>7}  {:5.1f}% of new requests\n", name, weight.get<std::uint64_t>(),
+                   100.0 * static_cast<double>(weight.get<std::uint64_t>()) / static_cast<double>(std::max<std::uint64_t>(total, 1)));
+    }
+    std::fflush(stdout);
+  });
+}
+
 }  // namespace
 
 void add_admin_commands(CLI::App& app) {
@@ -359,6 +390,7 @@ void add_admin_commands(CLI::App& app) {
   add_admin_change(*admin, "move-expert",
                    "Load a copy of a routed expert on a node, switch to it once loaded, then retire the old copies; "
                    "serving goes on throughout");
+  add_admin_split(*admin);
   add_admin_change(*admin, "rebalance",
                    "From the expert loads measured over the load window, add copies of hot experts on the least "
                    "loaded expert nodes (within their memory); --dry-run shows the plan and predicted imbalance");

@@ -226,6 +226,13 @@ class cluster_backend final : public backend {
       s.cluster.replayed_requests = sched.at("replayed_requests").get<std::uint64_t>();
       s.cluster.failed_steps = sched.at("failed_steps").get<std::uint64_t>();
       s.cluster.resumed_requests = sched.value("resumed_requests", std::uint64_t{0});
+      if (sched.contains("versions"))
+        for (const auto& v : sched.at("versions"))
+          s.cluster.versions.push_back({.name = v.at("name").get<std::string>(),
+                                        .weight = v.at("weight").get<std::uint32_t>(),
+                                        .requests = v.at("requests").get<std::uint64_t>(),
+                                        .fallbacks = v.at("fallbacks").get<std::uint64_t>(),
+                                        .up = v.value("local", false) || v.value("connected", false)});
       s.cluster.head_failovers = client_.failovers();
       s.cluster.epoch = status_.at("epoch").get<std::uint64_t>();
       if (status_.contains("routed_tokens")) s.expert_tokens = status_.at("routed_tokens").get<std::vector<std::uint64_t>>();

@@ -128,6 +128,24 @@ std::string metrics::render(const runtime::engine_stats& e, std::int64_t in_flig
     series("shoal_cluster_serving", "gauge", "1 while every stage and expert actor serves, 0 while the cluster heals.",
            e.unavailable.empty() ? 1 : 0);
   }
+  if (!e.cluster.versions.empty()) {
+    // One family per metric, a line per model version (split).
+    auto by_version = [&](const char* name, const char* type, const char* help, auto value) {
+      fmt::format_to(std::back_inserter(out), "# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+      for (const auto& v : e.cluster.versions)
+        fmt::format_to(std::back_inserter(out), "{}{{version=\"{}\"}} {}\n", name, v.name, value(v));
+    };
+    by_version("shoal_version_weight", "gauge", "Share of new requests each model version gets (relative weight).",
+               [](const auto& v) { return v.weight; });
+    by_version("shoal_version_requests_total", "counter", "Requests each model version served.",
+               [](const auto& v) { return v.requests; });
+    by_version("shoal_version_fallbacks_total", "counter",
+               "Requests a model version was picked for but could not take (its deployment unreachable); this "
+               "cluster served them.",
+               [](const auto& v) { return v.fallbacks; });
+    by_version("shoal_version_up", "gauge", "1: this cluster, or the version's head is connected.",
+               [](const auto& v) { return v.up ? 1 : 0; });
+  }
   out += "# HELP shoal_expert_routed_tokens_total Tokens routed to each expert.\n"
          "# TYPE shoal_expert_routed_tokens_total counter\n";
   for (std::size_t i = 0; i < e.expert_tokens.size(); ++i) {

@@ -31,6 +31,8 @@ using stop_atom = caf::atom_constant<caf::atom("stop")>;       ///< Orderly shut
 using tick_atom = caf::atom_constant<caf::atom("tick")>;       ///< Periodic timer.
 using fence_atom = caf::atom_constant<caf::atom("fence")>;     ///< The placement lost a node.
 using admin_atom = caf::atom_constant<caf::atom("admin")>;     ///< An operator's command.
+using split_atom = caf::atom_constant<caf::atom("split")>;     ///< New shares of the model versions.
+using fallback_atom = caf::atom_constant<caf::atom("fallback")>; ///< Another version could not take a request.
 
 /// Receives a request's tokens as they are generated (a client, or a proxy of a remote one).
 using token_sink_actor = caf::typed_actor<
@@ -62,6 +64,13 @@ using router_actor = caf::typed_actor<
     caf::reacts_to<generate_request, token_sink_actor>,
     /// Cancels a request of that sink; its stream ends with finish == cancelled.
     caf::reacts_to<cancel_atom, request_id, token_sink_actor>,
+    /// The shares of the requests each model version gets from now on (names and weights of
+    /// the same length; this cluster's version and the config's `versions`; checked by the
+    /// supervisor).
+    caf::reacts_to<split_atom, std::vector<std::string>, std::vector<std::uint32_t>>,
+    /// A request another version could not take before it streamed anything (its cluster
+    /// unreachable): this cluster serves it.
+    caf::reacts_to<fallback_atom, generate_request, token_sink_actor>,
     /// The placement of this epoch: the router looks up the stages. A new epoch after a
     /// failure: every request is recomputed from its prompt and the tokens it streamed.
     caf::replies_to<wire_atom, placement_table>::with<ok_atom>,

@@ -10,16 +10,21 @@
 #include <caf/stateful_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <map>
 #include <random>
 #include <memory>
+#include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 namespace shoal::actors {
 
 class fabric;
+struct version_link;
 
 /// Router settings.
 struct router_options {
@@ -38,6 +43,13 @@ struct router_options {
   /// Pause after a step failed without a fence from the supervisor (a node that may be
   /// dying), before the requests are stepped again.
   std::chrono::milliseconds retry_pause{1000};
+  /// The model version this cluster serves, other deployments serving other versions, and
+  /// the initial shares of the requests (see `config::cluster_config::split`).
+  std::string version = "default";
+  std::vector<config::model_version> versions;
+  std::vector<std::pair<std::string, std::uint32_t>> split;
+  /// The join secret the other versions' heads are connected with (this cluster's own).
+  std::string join_secret;
 };
 
 /// State of the router.
@@ -74,6 +86,19 @@ struct router_state {
   std::uint64_t replays = 0;               ///< Requests recomputed after a failure.
   std::uint64_t resumed = 0;               ///< Requests a client resubmitted with tokens it had (head failover).
   std::mt19937_64 seeds{std::random_device{}()}; ///< Seeds for sampled requests that bring none.
+  /// A model version's share of the requests (smooth weighted round robin: every version gets
+  /// its weight's share of each run of sum-of-weights requests, spread evenly).
+  struct version_share {
+    std::string name;                      ///< As in the config.
+    std::uint32_t weight = 0;              ///< Share (relative).
+    std::int64_t credit = 0;               ///< Round-robin state.
+    std::uint64_t requests = 0;            ///< Requests it served (this cluster: admitted here).
+    std::uint64_t fallbacks = 0;           ///< Requests it was picked for but could not take.
+    std::shared_ptr<version_link> link;    ///< Another deployment; null for this cluster.
+  };
+  std::vector<version_share> versions;     ///< This cluster's version first; empty without `versions`.
+  /// Threads connecting to other versions' heads, each with its "finished" flag.
+  std::vector<std::pair<std::thread, std::shared_ptr<std::atomic<bool>>>> connectors;
   router_state();
   ~router_state();
 };

@@ -44,6 +44,15 @@ struct expert_group_spec {
   int copy = 0;
 };
 
+/// Another deployment serving another version of the model, which this cluster's head may
+/// send a share of its requests to (canary, rollback).
+struct model_version {
+  std::string name;                  ///< How operators, `/metrics` and `split` call it.
+  std::string host;                  ///< Its head node's address.
+  std::uint16_t port = 0;            ///< Its head node's port.
+  int line = 0;                      ///< 1-based line of the entry.
+};
+
 /// A parsed cluster config. `expert_groups` empty means every stage computes the routed
 /// experts of its own layers itself (no expert actors).
 struct cluster_config {
@@ -100,6 +109,13 @@ struct cluster_config {
   /// needs no checkpoint of its own; the checkpoint when no copy is up or the stream fails)
   /// or "checkpoint" (always its own checkpoint directory).
   std::string copy_weights_from = "peer";
+  /// The name of the model version this cluster serves (`split` and `/metrics` use it).
+  std::string version = "default";
+  /// Other deployments the head may send requests to, by share (`split`).
+  std::vector<model_version> versions;
+  /// Initial shares of the requests, by version name (this one and `versions`); empty: all
+  /// to `version`. `shoal admin split` changes them while the cluster serves.
+  std::vector<std::pair<std::string, std::uint32_t>> split;
   /// A dead node that has not joined again after this long has its stages and expert groups
   /// re-placed onto surviving nodes with the memory for them. 0: never; wait for it.
   int replace_after_s = 30;

@@ -97,6 +97,15 @@ struct engine_stats {
     std::uint64_t refused_peers = 0;       ///< Connections the head refused: no or another join secret.
     std::uint64_t head_failovers = 0;      ///< Times the gateway moved its streams to another head.
     std::uint64_t resumed_requests = 0;    ///< Requests the head in charge took over with tokens a client had.
+    /// Model versions served side by side (the head's `split`): empty without other versions.
+    struct version {
+      std::string name;                    ///< As in the cluster config.
+      std::uint32_t weight = 0;            ///< Share of new requests (relative).
+      std::uint64_t requests = 0;          ///< Requests it served.
+      std::uint64_t fallbacks = 0;         ///< Requests it was picked for but could not take.
+      bool up = true;                      ///< This cluster, or connected to the other deployment's head.
+    };
+    std::vector<version> versions;
   } cluster;
 };
 

@@ -1088,6 +1088,31 @@ TEST_CASE("shoal admin split shares requests between two model versions; an unre
   CHECK(versions[1]["weight"] == 1);
   CHECK(versions[1]["connected"] == true);
 
+  // An HTTP gateway in front of the head shows the same per version in /metrics.
+  const auto tokenizer_dir = dir.path / "tokenizer-model";
+  REQUIRE(output_of(std::string(SHOAL_BINARY) + " make-model --preset tiny --out " + tokenizer_dir.string() + " 2>&1")
+              .second == 0);
+  const auto http_port = free_port();
+  {
+    process gateway({"/bin/sh", "-c",
+                     std::string("exec ") + SHOAL_BINARY + " serve --cluster " + head + " --model " +
+                         tokenizer_dir.string() + " --port " + std::to_string(http_port) + " > " +
+                         (dir.path / "gateway.log").string() + " 2>&1"},
+                    false, "gateway");
+    std::string metrics;
+    for (int i = 0; i < 300 && metrics.find("shoal_version_requests_total") == std::string::npos; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      metrics = output_of("curl -s -m 5 http://127.0.0.1:" + std::to_string(http_port) + "/metrics").first;
+    }
+    INFO(metrics);
+    CHECK_THAT(metrics, Catch::Contains("shoal_version_requests_total{version=\"v1\"} 7\n"));
+    CHECK_THAT(metrics, Catch::Contains("shoal_version_requests_total{version=\"v2\"} 2\n"));
+    CHECK_THAT(metrics, Catch::Contains("shoal_version_weight{version=\"v1\"} 3\n"));
+    CHECK_THAT(metrics, Catch::Contains("shoal_version_weight{version=\"v2\"} 1\n"));
+    CHECK_THAT(metrics, Catch::Contains("shoal_version_up{version=\"v2\"} 1\n"));
+    CHECK(gateway.stop() == 0);
+  }
+
   // All of it to the canary, then a rollback.
   REQUIRE(admin("split v2=1").second == 0);
   for (int i = 0; i < 3; ++i) CHECK(answer() == from_v2);

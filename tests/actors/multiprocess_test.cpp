@@ -1087,6 +1087,9 @@ TEST_CASE("shoal admin split shares requests between two model versions; an unre
   CHECK(versions[1]["requests"] == 2);
   CHECK(versions[1]["weight"] == 1);
   CHECK(versions[1]["connected"] == true);
+  const auto people = output_of(std::string(SHOAL_BINARY) + " admin status --cluster " + head).first;
+  CHECK_THAT(people, Catch::Contains("v2                             1          2          0  127.0.0.1:" +
+                                     std::to_string(port_v2) + " (connected)"));
 
   // An HTTP gateway in front of the head shows the same per version in /metrics.
   const auto tokenizer_dir = dir.path / "tokenizer-model";

@@ -144,6 +144,18 @@ void print_status(const nlohmann::json& s) {
                q.value("requests", 0), q.value("waiting", 0), q.value("running", 0), q.value("cache_blocks_used", 0),
                q.value("cache_blocks_total", 0), q.value("prefix_cache_blocks", 0), q.value("preemptions", 0),
                q.value("steps", 0), q.value("failed_steps", 0), q.value("replayed_requests", 0));
+    if (q.contains("versions") && !q["versions"].empty()) {
+      fmt::print("\n{:<24} {:>7} {:>10} {:>10}  {}\n", "model version", "weight", "requests", "fallbacks", "where");
+      for (const auto& v : q["versions"]) {
+        std::string where = "this cluster";
+        if (!v.value("local", false))
+          where = fmt::format("{} ({})", v.value("head", std::string()),
+                              v.value("connected", false) ? "connected"
+                                                          : "not connected: " + v.value("error", std::string()));
+        fmt::print("{:<24} {:>7} {:>10} {:>10}  {}\n", v.value("name", std::string()), v.value("weight", 0),
+                   v.value("requests", 0), v.value("fallbacks", 0), where);
+      }
+    }
   }
   if (s.contains("routed_tokens")) {
     std::uint64_t total = 0, hottest = 0;

@@ -44,6 +44,18 @@ struct parser {
     }
   }
 
+  // A string that must be one of `choices`.
+  std::string one_of(const YAML::Node& node, std::string_view what, std::initializer_list<std::string_view> choices) const {
+    const auto text = string_at(node, what);
+    if (std::find(choices.begin(), choices.end(), text) == choices.end()) {
+      std::vector<std::string_view> list(choices);
+      const auto last = list.back();
+      list.pop_back();
+      error(line_of(node), fmt::format("{} must be {} or {}, got '{}'", what, fmt::join(list, ", "), last, text));
+    }
+    return text;
+  }
+
   std::string string_at(const YAML::Node& node, std::string_view what) const {
     if (!node.IsScalar()) error(line_of(node), fmt::format("{} must be a string", what));
     return node.Scalar();
@@ -151,12 +163,7 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
   if (root["cache_mb"]) c.cache_mb = p.integer_at(root["cache_mb"], "cache_mb", 1, 1 << 24);
   if (root["cache_blocks"]) c.cache_blocks = p.integer_at(root["cache_blocks"], "cache_blocks", 2, 1 << 24);
   if (root["block_tokens"]) c.block_tokens = p.integer_at(root["block_tokens"], "block_tokens", 1, 4096);
-  if (root["prefix_cache"]) {
-    const auto text = p.string_at(root["prefix_cache"], "prefix_cache");
-    if (text != "true" && text != "false")
-      p.error(line_of(root["prefix_cache"]), fmt::format("prefix_cache must be true or false, got '{}'", text));
-    c.prefix_cache = text == "true";
-  }
+  if (root["prefix_cache"]) c.prefix_cache = p.one_of(root["prefix_cache"], "prefix_cache", {"true", "false"}) == "true";
   if (root["ready_timeout_s"])
     c.ready_timeout_s = static_cast<int>(p.integer_at(root["ready_timeout_s"], "ready_timeout_s", 1, 86400));
   if (root["heartbeat_ms"]) c.heartbeat_ms = static_cast<int>(p.integer_at(root["heartbeat_ms"], "heartbeat_ms", 0, 60000));
@@ -168,20 +175,9 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
     c.restart_window_s = static_cast<int>(p.integer_at(root["restart_window_s"], "restart_window_s", 1, 86400 * 30));
   if (root["micro_batches"])
     c.micro_batches = static_cast<int>(p.integer_at(root["micro_batches"], "micro_batches", 0, 64));
-  if (root["actor_scheduler"]) {
-    const auto text = p.string_at(root["actor_scheduler"], "actor_scheduler");
-    if (text != "sharing" && text != "stealing")
-      p.error(line_of(root["actor_scheduler"]),
-              fmt::format("actor_scheduler must be sharing or stealing, got '{}'", text));
-    c.actor_scheduler = text;
-  }
-  if (root["copy_weights_from"]) {
-    const auto text = p.string_at(root["copy_weights_from"], "copy_weights_from");
-    if (text != "peer" && text != "checkpoint")
-      p.error(line_of(root["copy_weights_from"]),
-              fmt::format("copy_weights_from must be peer or checkpoint, got '{}'", text));
-    c.copy_weights_from = text;
-  }
+  if (root["actor_scheduler"]) c.actor_scheduler = p.one_of(root["actor_scheduler"], "actor_scheduler", {"sharing", "stealing"});
+  if (root["copy_weights_from"])
+    c.copy_weights_from = p.one_of(root["copy_weights_from"], "copy_weights_from", {"peer", "checkpoint"});
   if (root["replay_limit"]) c.replay_limit = static_cast<int>(p.integer_at(root["replay_limit"], "replay_limit", 0, 1000));
   if (root["admin_token_file"]) {
     const std::filesystem::path token = p.string_at(root["admin_token_file"], "admin_token_file");

@@ -160,12 +160,7 @@ std::unique_ptr<safetensors_file> safetensors_file::open(const std::filesystem::
       shoal::fail(errc::invalid_argument, "{}: corrupt safetensors file: header length {} in a file of {} bytes",
                   path.string(), header_len, size);
     file->decrypt_range(0, 8 + header_len);
-    auto entries = parse_safetensors_header(file->base_, file->size_, path.string());
-    file->data_ = file->base_ + 8 + header_len;
-    for (auto& e : entries) {
-      std::string name = e.name;
-      file->entries_.emplace(std::move(name), std::move(e));
-    }
+    file->index_header(path.string());
     return file;
   }
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -191,14 +186,7 @@ std::unique_ptr<safetensors_file> safetensors_file::open(const std::filesystem::
   file->path_ = path;
   file->base_ = static_cast<const std::byte*>(mapping);
   file->size_ = file->mapped_size_ = size;
-  auto entries = parse_safetensors_header(file->base_, size, path.string());
-  std::uint64_t header_len = 0;
-  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<std::uint8_t>(file->base_[i]);
-  file->data_ = file->base_ + 8 + header_len;
-  for (auto& e : entries) {
-    std::string name = e.name;
-    file->entries_.emplace(std::move(name), std::move(e));
-  }
+  file->index_header(path.string());
   return file;
 }
 
@@ -214,15 +202,19 @@ std::unique_ptr<safetensors_file> safetensors_file::from_memory(std::span<const 
   std::memcpy(memory, bytes.data(), bytes.size());
   file->base_ = file->owned_.get();
   file->size_ = bytes.size();
-  auto entries = parse_safetensors_header(file->base_, file->size_, label);
+  file->index_header(label);
+  return file;
+}
+
+void safetensors_file::index_header(const std::string& source) {
+  auto entries = parse_safetensors_header(base_, size_, source);
   std::uint64_t header_len = 0;
-  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<std::uint8_t>(file->base_[i]);
-  file->data_ = file->base_ + 8 + header_len;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<std::uint8_t>(base_[i]);
+  data_ = base_ + 8 + header_len;
   for (auto& e : entries) {
     std::string name = e.name;
-    file->entries_.emplace(std::move(name), std::move(e));
+    entries_.emplace(std::move(name), std::move(e));
   }
-  return file;
 }
 
 safetensors_file::~safetensors_file() {

@@ -574,3 +574,38 @@ TEST_CASE("every weight refusal names the file and the tensor", "[weights]") {
                                          Catch::Contains("dtype I16, expected F32, BF16 or F16"));
   }
 }
+
+TEST_CASE("safetensors bytes made in memory are read back checked, each tensor 64-byte aligned", "[safetensors]") {
+  const std::vector<float> a{1.5f, -2.0f, 3.25f};
+  const std::vector<std::uint16_t> b(70, 0x3f80);  // BF16 ones
+  const std::vector<runtime::tensor_bytes> tensors{
+      {"a", kernels::dtype::f32, {3}, std::as_bytes(std::span(a))},
+      {"b", kernels::dtype::bf16, {7, 10}, std::as_bytes(std::span(b))}};
+  const auto bytes = runtime::encode_safetensors(tensors);
+  const auto file = runtime::safetensors_file::from_memory(std::as_bytes(std::span(bytes)), "peer part 1/1");
+  CHECK(file->anonymous());
+  REQUIRE(file->entries().size() == 2);
+  for (const auto& [name, entry] : file->entries())
+    CHECK(reinterpret_cast<std::uintptr_t>(file->data(entry)) % 64 == 0);
+  CHECK(std::memcmp(file->data(file->entries().at("a")), a.data(), sizeof(float) * a.size()) == 0);
+  CHECK(file->entries().at("b").shape == std::vector<std::int64_t>{7, 10});
+  CHECK(std::memcmp(file->data(file->entries().at("b")), b.data(), 2 * b.size()) == 0);
+
+  // A tensor whose bytes do not match its shape is not encoded.
+  CHECK_THROWS_WITH(runtime::encode_safetensors(std::vector<runtime::tensor_bytes>{
+                        {"c", kernels::dtype::f32, {4}, std::as_bytes(std::span(a))}}),
+                    Catch::Contains("tensor 'c': 12 bytes for 4 elements of F32"));
+  // Bytes that are not a safetensors file, and a file cut short, are refused by label.
+  const std::vector<std::byte> junk(5, std::byte{0x7f});
+  CHECK_THROWS_WITH(runtime::safetensors_file::from_memory(junk, "peer part 2/3"),
+                    Catch::Contains("peer part 2/3: corrupt safetensors file: only 5 bytes"));
+  CHECK_THROWS_WITH(runtime::safetensors_file::from_memory(std::as_bytes(std::span(bytes)).first(bytes.size() - 4),
+                                                           "peer part 3/3"),
+                    Catch::Contains("peer part 3/3"));
+  // Files put together into a checkpoint: a tensor in two of them is refused naming both.
+  std::vector<std::unique_ptr<runtime::safetensors_file>> files;
+  files.push_back(runtime::safetensors_file::from_memory(std::as_bytes(std::span(bytes)), "part 1"));
+  files.push_back(runtime::safetensors_file::from_memory(std::as_bytes(std::span(bytes)), "part 2"));
+  CHECK_THROWS_WITH(runtime::checkpoint::from_files("weights from node x", std::move(files)),
+                    Catch::Contains("weights from node x: tensor 'a' is in both part 1 and part 2"));
+}

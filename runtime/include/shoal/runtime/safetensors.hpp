@@ -75,6 +75,9 @@ class safetensors_file {
 
  private:
   safetensors_file() = default;
+  // Parses the header at base_ (size_ bytes, its first 8 + header length readable) and fills
+  // data_ and entries_; errors name `source`.
+  void index_header(const std::string& source);
   // Decrypts the chunks covering plaintext bytes [begin, end) that are not yet decrypted.
   void decrypt_range(std::uint64_t begin, std::uint64_t end) const;
 

@@ -29,6 +29,7 @@ node_agent_actor::behavior_type refusing_agent(node_agent_actor::pointer) {
       },
       [](spawn_expert_cmd&) -> caf::result<ok_atom> { return to_caf_error(shoal::errc::not_found, "unused"); },
       [](retire_actor_cmd&) -> caf::result<ok_atom> { return ok_atom::value; },
+      [](weights_request&) -> caf::result<weights_part> { return to_caf_error(shoal::errc::not_found, "unused"); },
       [](stop_atom) {},
       [](heartbeat& h) { return h; },
   };

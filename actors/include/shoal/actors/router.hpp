@@ -46,10 +46,10 @@ struct router_options {
   /// The model version this cluster serves, other deployments serving other versions, and
   /// the initial shares of the requests (see `config::cluster_config::split`).
   std::string version = "default";
-  std::vector<config::model_version> versions;
-  std::vector<std::pair<std::string, std::uint32_t>> split;
+  std::vector<config::model_version> versions{};
+  std::vector<std::pair<std::string, std::uint32_t>> split{};
   /// The join secret the other versions' heads are connected with (this cluster's own).
-  std::string join_secret;
+  std::string join_secret{};
 };
 
 /// State of the router.

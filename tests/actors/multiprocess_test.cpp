@@ -671,12 +671,14 @@ TEST_CASE("shoal launch refuses a bad config naming file and line") {
   temp_dir dir;
   const auto config = dir.path / "bad.yaml";
   auto text = four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, {7001, 7002, 7003, 7004});
-  text.replace(text.find("layers: 3-5"), 11, "layers: 4-5");
+  const auto at = text.find("layers: 3-5");
+  text.replace(at, 11, "layers: 4-5");
+  const auto line = 1 + std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(at), '\n');
   std::ofstream(config) << text;
-  process launch({SHOAL_BINARY, "launch", config.string()}, false, "launch");
-  const int status = launch.wait_exit(std::chrono::seconds(20));
-  CHECK(WIFEXITED(status));
-  CHECK(WEXITSTATUS(status) == 2);
+  const auto [out, code] = output_of("timeout 20 " + std::string(SHOAL_BINARY) + " launch " + config.string() + " 2>&1");
+  INFO(out);
+  CHECK(code == 2);
+  CHECK_THAT(out, Catch::Contains(config.string() + ":" + std::to_string(line) + ": layers 3-3 are held by no stage"));
 }
 
 TEST_CASE("4 nodes in separate network namespaces joined by veth match the single process", "[netns]") {

@@ -960,19 +960,43 @@ TEST_CASE("shoal launch on SIGTERM stops and reaps every node process it started
   }
 }
 
-TEST_CASE("shoal node stops cleanly, exit 0, on SIGTERM and on SIGINT", "[signals]") {
+TEST_CASE("without a standby, shoal launch stops every node and exits 2 when the head dies", "[signals]") {
+  launched_cluster c;
+  std::vector<pid_t> nodes;
+  for (const char* name : {"stage0", "stage1", "experts0", "experts1"}) {
+    nodes.push_back(node_pid(c.launch->pid, name));
+    CAPTURE(name);
+    REQUIRE(nodes.back() > 0);
+  }
+  REQUIRE(::kill(nodes[0], SIGKILL) == 0);  // stage0 is the head
+  const int status = c.launch->wait_exit(std::chrono::seconds(40));
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 2);
+  // The other nodes were stopped and reaped, not restarted or left behind.
+  for (std::size_t i = 1; i < nodes.size(); ++i) {
+    CAPTURE(nodes[i]);
+    CHECK(::kill(nodes[i], 0) != 0);
+    CHECK(errno == ESRCH);
+  }
+}
+
+TEST_CASE("shoal nodes started head last form the cluster, and stop cleanly, exit 0, on SIGTERM and on SIGINT", "[signals]") {
   temp_dir dir;
   std::vector<std::uint16_t> ports;
   for (int i = 0; i < 4; ++i) ports.push_back(free_port());
   const auto config = dir.path / "cluster.yaml";
   std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports);
   const char* names[] = {"stage0", "stage1", "experts0", "experts1"};
-  std::vector<std::unique_ptr<process>> nodes;
-  for (int i = 0; i < 4; ++i)
-    nodes.push_back(std::make_unique<process>(
+  std::vector<std::unique_ptr<process>> nodes(4);
+  // Nodes may start in any order: the others first, the head (stage0) last, after they have
+  // begun trying to join it.
+  for (const int i : {3, 2, 1, 0}) {
+    if (i == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    nodes[static_cast<std::size_t>(i)] = std::make_unique<process>(
         std::vector<std::string>{SHOAL_BINARY, "node", "--config", config.string(), "--name", names[i], "--transports",
                                  "tcp", "--ready-timeout", "60"},
-        i == 0, names[i]));
+        i == 0, names[i]);
+  }
   const auto ready = nodes[0]->read_line(std::chrono::seconds(70));
   INFO("head printed: " << ready);
   REQUIRE(ready.find("\"ready\":true") != std::string::npos);
@@ -1155,6 +1179,15 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
     intruder.send(std::move(m));
     want.push_back({call, schema::ErrorCode::NOT_FOUND, "no actor 4242"});
   }
+  // A generate request with a text prompt: the router takes token ids only.
+  {
+    auto m = raw_peer::envelope("intruder", "stage0", shoal::actors::actor_ids::router, ++call, epoch);
+    auto g = m.envelope().getBody().initGenerateRequest();
+    g.setRequestId(9);
+    g.initPrompt().setText("Hello");
+    intruder.send(std::move(m));
+    want.push_back({call, schema::ErrorCode::INVALID_ARGUMENT, "generate request 9: only token prompts are supported here"});
+  }
   // A spawn command from a peer that is not the head.
   {
     auto m = raw_peer::envelope("intruder", "stage0", shoal::actors::actor_ids::node_agent, ++call, epoch);
@@ -1194,7 +1227,7 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
   }
   const auto after = refused_counts(head);
   auto added = [&](const std::string& reason) { return after.at(reason) - (before.count(reason) ? before.at(reason) : 0); };
-  CHECK(added("malformed") == 3);
+  CHECK(added("malformed") == 4);
   CHECK(added("stale_epoch") == 1);
   CHECK(added("unknown_receiver") == 1);
   CHECK(added("not_permitted") == 4);

@@ -749,6 +749,33 @@ TEST_CASE("4 nodes in separate network namespaces joined by veth match the singl
   for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) CHECK((*it)->stop() == 0);
 }
 
+TEST_CASE("a frozen expert node, heartbeats off, ends the request at the expert deadline", "[healing]") {
+  // Without heartbeats nothing declares the frozen node dead; only the deadlines end the wait.
+  launched_cluster c("heartbeat_ms: 0\nreplay_limit: 1\n", "plan:\n", {}, {}, "", {"--expert-timeout", "1"});
+  auto client = shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10));
+  const pid_t experts1 = node_pid(c.launch->pid, "experts1");
+  REQUIRE(experts1 > 0);
+  REQUIRE(::kill(experts1, SIGSTOP) == 0);
+  const auto started = clock_type::now();
+  std::string error;
+  try {
+    client->generate({.prompt = {3, 5, 7}, .sampling = {}, .max_tokens = 2, .stop_tokens = {}, .want_logits = false,
+                      .deadline = {}},
+                     std::chrono::seconds(60));
+  } catch (const shoal::error& e) {
+    error = e.what();
+  }
+  const auto waited = std::chrono::duration<double>(clock_type::now() - started).count();
+  REQUIRE(::kill(experts1, SIGCONT) == 0);
+  INFO("after " << waited << " s: " << error);
+  CHECK_THAT(error, Catch::Contains("expert actor experts1/") && Catch::Contains("no answer before the deadline"));
+  CHECK(waited >= 1.0);  // not before the expert deadline
+  CHECK(waited < 30.0);  // nor at the step deadline (60 s)
+  // Thawed, the node answers again and the cluster computes the reference tokens.
+  check_cluster("127.0.0.1", c.ports[0]);
+  CHECK(c.launch->stop() == 0);
+}
+
 TEST_CASE("chaos: four node deaths in a row under load lose no request and change no token", "[healing]") {
   // Bounded: four kills, 1.2 s apart, of the non-head nodes in a fixed order (one of them
   // while it may still be loading after the previous kill); replay_limit above that count.

@@ -671,12 +671,14 @@ TEST_CASE("shoal launch refuses a bad config naming file and line") {
   temp_dir dir;
   const auto config = dir.path / "bad.yaml";
   auto text = four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, {7001, 7002, 7003, 7004});
-  text.replace(text.find("layers: 3-5"), 11, "layers: 4-5");
+  const auto at = text.find("layers: 3-5");
+  text.replace(at, 11, "layers: 4-5");
+  const auto line = 1 + std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(at), '\n');
   std::ofstream(config) << text;
-  process launch({SHOAL_BINARY, "launch", config.string()}, false, "launch");
-  const int status = launch.wait_exit(std::chrono::seconds(20));
-  CHECK(WIFEXITED(status));
-  CHECK(WEXITSTATUS(status) == 2);
+  const auto [out, code] = output_of("timeout 20 " + std::string(SHOAL_BINARY) + " launch " + config.string() + " 2>&1");
+  INFO(out);
+  CHECK(code == 2);
+  CHECK_THAT(out, Catch::Contains(config.string() + ":" + std::to_string(line) + ": layers 3-3 are held by no stage"));
 }
 
 TEST_CASE("4 nodes in separate network namespaces joined by veth match the single process", "[netns]") {
@@ -745,6 +747,33 @@ TEST_CASE("4 nodes in separate network namespaces joined by veth match the singl
   REQUIRE(ready.find("\"ready\":true") != std::string::npos);
   check_cluster(hosts[0], ports[0]);
   for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) CHECK((*it)->stop() == 0);
+}
+
+TEST_CASE("a frozen expert node, heartbeats off, ends the request at the expert deadline", "[healing]") {
+  // Without heartbeats nothing declares the frozen node dead; only the deadlines end the wait.
+  launched_cluster c("heartbeat_ms: 0\nreplay_limit: 1\n", "plan:\n", {}, {}, "", {"--expert-timeout", "1"});
+  auto client = shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10));
+  const pid_t experts1 = node_pid(c.launch->pid, "experts1");
+  REQUIRE(experts1 > 0);
+  REQUIRE(::kill(experts1, SIGSTOP) == 0);
+  const auto started = clock_type::now();
+  std::string error;
+  try {
+    client->generate({.prompt = {3, 5, 7}, .sampling = {}, .max_tokens = 2, .stop_tokens = {}, .want_logits = false,
+                      .deadline = {}},
+                     std::chrono::seconds(60));
+  } catch (const shoal::error& e) {
+    error = e.what();
+  }
+  const auto waited = std::chrono::duration<double>(clock_type::now() - started).count();
+  REQUIRE(::kill(experts1, SIGCONT) == 0);
+  INFO("after " << waited << " s: " << error);
+  CHECK_THAT(error, Catch::Contains("expert actor experts1/") && Catch::Contains("no answer before the deadline"));
+  CHECK(waited >= 1.0);  // not before the expert deadline
+  CHECK(waited < 30.0);  // nor at the step deadline (60 s)
+  // Thawed, the node answers again and the cluster computes the reference tokens.
+  check_cluster("127.0.0.1", c.ports[0]);
+  CHECK(c.launch->stop() == 0);
 }
 
 TEST_CASE("chaos: four node deaths in a row under load lose no request and change no token", "[healing]") {
@@ -1167,19 +1196,43 @@ TEST_CASE("shoal launch on SIGTERM stops and reaps every node process it started
   }
 }
 
-TEST_CASE("shoal node stops cleanly, exit 0, on SIGTERM and on SIGINT", "[signals]") {
+TEST_CASE("without a standby, shoal launch stops every node and exits 2 when the head dies", "[signals]") {
+  launched_cluster c;
+  std::vector<pid_t> nodes;
+  for (const char* name : {"stage0", "stage1", "experts0", "experts1"}) {
+    nodes.push_back(node_pid(c.launch->pid, name));
+    CAPTURE(name);
+    REQUIRE(nodes.back() > 0);
+  }
+  REQUIRE(::kill(nodes[0], SIGKILL) == 0);  // stage0 is the head
+  const int status = c.launch->wait_exit(std::chrono::seconds(40));
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 2);
+  // The other nodes were stopped and reaped, not restarted or left behind.
+  for (std::size_t i = 1; i < nodes.size(); ++i) {
+    CAPTURE(nodes[i]);
+    CHECK(::kill(nodes[i], 0) != 0);
+    CHECK(errno == ESRCH);
+  }
+}
+
+TEST_CASE("shoal nodes started head last form the cluster, and stop cleanly, exit 0, on SIGTERM and on SIGINT", "[signals]") {
   temp_dir dir;
   std::vector<std::uint16_t> ports;
   for (int i = 0; i < 4; ++i) ports.push_back(free_port());
   const auto config = dir.path / "cluster.yaml";
   std::ofstream(config) << four_node_config({"127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"}, ports);
   const char* names[] = {"stage0", "stage1", "experts0", "experts1"};
-  std::vector<std::unique_ptr<process>> nodes;
-  for (int i = 0; i < 4; ++i)
-    nodes.push_back(std::make_unique<process>(
+  std::vector<std::unique_ptr<process>> nodes(4);
+  // Nodes may start in any order: the others first, the head (stage0) last, after they have
+  // begun trying to join it.
+  for (const int i : {3, 2, 1, 0}) {
+    if (i == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    nodes[static_cast<std::size_t>(i)] = std::make_unique<process>(
         std::vector<std::string>{SHOAL_BINARY, "node", "--config", config.string(), "--name", names[i], "--transports",
                                  "tcp", "--ready-timeout", "60"},
-        i == 0, names[i]));
+        i == 0, names[i]);
+  }
   const auto ready = nodes[0]->read_line(std::chrono::seconds(70));
   INFO("head printed: " << ready);
   REQUIRE(ready.find("\"ready\":true") != std::string::npos);
@@ -1363,6 +1416,15 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
     intruder.send(std::move(m));
     want.push_back({call, schema::ErrorCode::NOT_FOUND, "no actor 4242"});
   }
+  // A generate request with a text prompt: the router takes token ids only.
+  {
+    auto m = raw_peer::envelope("intruder", "stage0", shoal::actors::actor_ids::router, ++call, epoch);
+    auto g = m.envelope().getBody().initGenerateRequest();
+    g.setRequestId(9);
+    g.initPrompt().setText("Hello");
+    intruder.send(std::move(m));
+    want.push_back({call, schema::ErrorCode::INVALID_ARGUMENT, "generate request 9: only token prompts are supported here"});
+  }
   // A spawn command from a peer that is not the head.
   {
     auto m = raw_peer::envelope("intruder", "stage0", shoal::actors::actor_ids::node_agent, ++call, epoch);
@@ -1411,7 +1473,7 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
   }
   const auto after = refused_counts(head);
   auto added = [&](const std::string& reason) { return after.at(reason) - (before.count(reason) ? before.at(reason) : 0); };
-  CHECK(added("malformed") == 3);
+  CHECK(added("malformed") == 4);
   CHECK(added("stale_epoch") == 1);
   CHECK(added("unknown_receiver") == 1);
   CHECK(added("not_permitted") == 5);

@@ -69,6 +69,7 @@ inline std::vector<std::vector<std::int32_t>> golden_prompts() {
   std::vector<std::vector<std::int32_t>> prompts;
   for (const auto& p : golden["prompts"])
     if (p["tokens"].size() <= 64) prompts.push_back(p["tokens"].get<std::vector<std::int32_t>>());
+  REQUIRE(!prompts.empty());  // the loops over them check nothing otherwise
   return prompts;
 }
 

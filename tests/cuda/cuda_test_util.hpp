@@ -8,6 +8,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -66,6 +67,28 @@ inline double relative_error(const std::vector<float>& got, const std::vector<fl
     norm += static_cast<double>(want[i]) * want[i];
   }
   return norm == 0.0 ? std::sqrt(diff) : std::sqrt(diff / norm);
+}
+
+// The worst row's ||got - want|| / ||want||, over rows of `cols` (0 for rows where both are zero).
+inline double max_row_relative_error(const std::vector<float>& got, const std::vector<float>& want,
+                                     std::size_t cols) {
+  REQUIRE(got.size() == want.size());
+  REQUIRE(cols > 0);
+  double worst = 0.0;
+  for (std::size_t row = 0; row * cols < got.size(); ++row) {
+    const std::vector<float> g(got.begin() + row * cols, got.begin() + (row + 1) * cols);
+    const std::vector<float> w(want.begin() + row * cols, want.begin() + (row + 1) * cols);
+    worst = std::max(worst, relative_error(g, w));
+  }
+  return worst;
+}
+
+// What an op that adds into `base` contributed: out - base, element by element.
+inline std::vector<float> minus(const std::vector<float>& out, const std::vector<float>& base) {
+  REQUIRE(out.size() == base.size());
+  std::vector<float> d(out.size());
+  for (std::size_t i = 0; i < out.size(); ++i) d[i] = out[i] - base[i];
+  return d;
 }
 
 }  // namespace shoal::test

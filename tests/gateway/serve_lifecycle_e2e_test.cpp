@@ -1,8 +1,8 @@
 // Stopping `shoal serve` the way operators and supervisors do: SIGTERM and SIGINT drain (new
 // requests get 503 while the stream in flight finishes), a second signal stops at once, and a
 // drain that runs out cancels what is left and says so; and a client that stops reading its
-// stream is cut off at the write-queue bound. Each case starts its own real server on the tiny
-// model and talks HTTP to it over loopback.
+// stream is cut off at the write-queue bound; requests beyond the admission limit get 429.
+// Each case starts its own real server on the tiny model and talks HTTP to it over loopback.
 
 #include "e2e_helpers.hpp"
 #include "node_pid.hpp"
@@ -300,5 +300,31 @@ TEST_CASE("a client that never reads its stream is cut off at the write-queue bo
   // Everyone else is still served.
   const auto r = request(s.port(), chat(4, false), 60s);
   CHECK(r.status == 200);
+  CHECK(s.terminate(30s) == 0);
+}
+
+TEST_CASE("requests beyond --max-running plus --max-waiting get 429 with Retry-After; the server carries on",
+          "[gateway][e2e][refusals]") {
+  auto args = serve_model("5");
+  args.insert(args.end(), {"--max-running", "1", "--max-waiting", "1"});
+  serve_process s("serve-429", args);
+  raw_connection decoding(s.port()), waiting(s.port());
+  start_stream(decoding, 3000);
+  waiting.send(chat(3000, true));
+  REQUIRE(eventually([&] { return metric(s.port(), "shoal_requests_in_flight") == 2; }, 10s));
+  const auto refused = request(s.port(), chat(4, false), 10s);
+  INFO(refused.status << " " << refused.body);
+  CHECK(refused.status == 429);
+  CHECK(refused.headers.count("retry-after") == 1);
+  const auto j = json::parse(refused.body, nullptr, false);
+  REQUIRE(j.is_object());
+  CHECK(j["error"]["type"] == "rate_limit_error");
+  CHECK(j["error"]["code"] == "rate_limit_exceeded");
+  CHECK_THAT(j["error"]["message"].get<std::string>(), Catch::Contains("serving 2 requests"));
+  // Once the two leave, the next request is served.
+  decoding.close();
+  waiting.close();
+  REQUIRE(eventually([&] { return metric(s.port(), "shoal_requests_in_flight") == 0; }, 10s));
+  CHECK(request(s.port(), chat(4, false), 60s).status == 200);
   CHECK(s.terminate(30s) == 0);
 }

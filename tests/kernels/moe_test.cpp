@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <random>
 #include <set>
@@ -115,27 +116,123 @@ TEST_CASE("router selects within the best groups by biased score and weights by 
   CHECK(std::find(indices.begin(), indices.end(), 7) == indices.end());
 }
 
-TEST_CASE("router never picks outside the kept groups (random)", "[moe]") {
-  std::mt19937 rng(21);
-  const std::int64_t tokens = 200, experts = 64, groups = 8, top_groups = 3, top_k = 6;
-  const auto logits = test::random_vector(tokens * experts, rng, 2.0f);
-  const auto bias = test::random_vector(experts, rng, 0.1f);
-  std::vector<std::int32_t> indices(tokens * top_k);
-  std::vector<float> weights(tokens * top_k);
-  kernels::moe_route({.logits = logits.data(), .bias = bias.data(), .tokens = tokens, .experts = experts,
-                      .groups = groups, .top_groups = top_groups, .top_k = top_k, .normalize = true,
-                      .scaling_factor = 1.0f, .indices = indices.data(), .weights = weights.data()});
-  for (std::int64_t t = 0; t < tokens; ++t) {
-    std::set<int> chosen_groups, chosen;
-    float sum = 0.0f;
-    for (std::int64_t k = 0; k < top_k; ++k) {
-      chosen.insert(indices[t * top_k + k]);
-      chosen_groups.insert(indices[t * top_k + k] / (experts / groups));
-      sum += weights[t * top_k + k];
+namespace {
+
+// The routing rule checked from its definition: the chosen experts lie in the `top_groups`
+// groups with the largest sums of their two best biased scores, no unchosen expert of those
+// groups has a larger biased score than a chosen one, and the weights are the chosen unbiased
+// scores normalised and scaled.
+void check_routing(const kernels::moe_route_params& p) {
+  const std::int64_t per_group = p.experts / p.groups;
+  const auto sigmoid = [](float x) { return 1.0 / (1.0 + std::exp(-static_cast<double>(x))); };
+  std::int64_t groups_checked = 0;
+  for (std::int64_t t = 0; t < p.tokens; ++t) {
+    CAPTURE(t);
+    std::vector<double> score(p.experts), biased(p.experts);
+    for (std::int64_t e = 0; e < p.experts; ++e) {
+      score[e] = sigmoid(p.logits[t * p.experts + e]);
+      biased[e] = score[e] + (p.bias ? p.bias[e] : 0.0f);
     }
-    REQUIRE(chosen.size() == static_cast<std::size_t>(top_k));
-    REQUIRE(chosen_groups.size() <= static_cast<std::size_t>(top_groups));
-    REQUIRE(sum == Approx(1.0f));
+    std::vector<std::pair<double, std::int64_t>> groups;
+    for (std::int64_t g = 0; g < p.groups; ++g) {
+      std::vector<double> b(biased.begin() + g * per_group, biased.begin() + (g + 1) * per_group);
+      std::sort(b.rbegin(), b.rend());
+      groups.emplace_back(per_group > 1 ? b[0] + b[1] : b[0], g);
+    }
+    std::sort(groups.rbegin(), groups.rend());
+    // Group sums closer than float rounding may be ordered either way; such tokens check the
+    // weights only.
+    const bool clear_groups = p.top_groups == p.groups ||
+                              groups[p.top_groups - 1].first - groups[p.top_groups].first > 1e-5;
+    std::set<std::int64_t> best_groups;
+    for (std::int64_t i = 0; i < p.top_groups; ++i) best_groups.insert(groups[i].second);
+    std::set<std::int32_t> chosen;
+    double worst_chosen = 1e30, sum = 0.0;
+    for (std::int64_t k = 0; k < p.top_k; ++k) {
+      const std::int32_t e = p.indices[t * p.top_k + k];
+      REQUIRE(e >= 0);
+      REQUIRE(e < p.experts);
+      chosen.insert(e);
+      worst_chosen = std::min(worst_chosen, biased[e]);
+      sum += score[e];
+      if (k > 0) REQUIRE(biased[e] <= biased[p.indices[t * p.top_k + k - 1]] + 1e-6);  // descending
+    }
+    REQUIRE(chosen.size() == static_cast<std::size_t>(p.top_k));
+    for (std::int64_t k = 0; k < p.top_k; ++k) {
+      const std::int32_t e = p.indices[t * p.top_k + k];
+      const double want = (p.normalize ? score[e] / sum : score[e]) * p.scaling_factor;
+      REQUIRE(p.weights[t * p.top_k + k] == Approx(want).epsilon(1e-5));
+    }
+    if (!clear_groups) continue;
+    ++groups_checked;
+    for (const auto e : chosen) REQUIRE(best_groups.count(e / per_group) == 1);
+    for (const auto g : best_groups)
+      for (std::int64_t e = g * per_group; e < (g + 1) * per_group; ++e)
+        if (!chosen.count(static_cast<std::int32_t>(e))) REQUIRE(biased[e] <= worst_chosen + 1e-6);
+  }
+  CHECK(groups_checked * 10 >= p.tokens * 9);  // random scores: near ties are rare
+}
+
+struct route_shape {
+  std::int64_t experts, groups, top_groups, top_k;
+  bool normalize, bias;
+  float scale;
+};
+
+// DeepSeek-V3's shape, the golden models' (tiny-a, tiny-b), unnormalised weights, one expert per
+// group, one group, no bias.
+const std::vector<route_shape> kRouteShapes = {
+    {256, 8, 4, 8, true, true, 2.5f}, {16, 4, 2, 4, true, true, 2.5f}, {32, 8, 3, 6, true, true, 1.5f},
+    {64, 8, 3, 6, false, true, 1.5f}, {16, 16, 5, 3, true, true, 1.0f}, {24, 1, 1, 6, true, true, 1.0f},
+    {48, 4, 2, 5, true, false, 2.0f}};
+
+}  // namespace
+
+TEST_CASE("router chooses from the best groups and the best experts in them (random)", "[moe]") {
+  const auto shape = GENERATE(from_range(kRouteShapes));
+  CAPTURE(shape.experts, shape.groups, shape.top_groups, shape.top_k, shape.normalize, shape.bias);
+  std::mt19937 rng(21);
+  const std::int64_t tokens = 300;
+  const auto logits = test::random_vector(tokens * shape.experts, rng, 2.0f);
+  const auto bias = test::random_vector(shape.experts, rng, 0.3f);
+  std::vector<std::int32_t> indices(tokens * shape.top_k);
+  std::vector<float> weights(indices.size());
+  kernels::moe_route_params p{.logits = logits.data(), .bias = shape.bias ? bias.data() : nullptr, .tokens = tokens,
+                              .experts = shape.experts, .groups = shape.groups, .top_groups = shape.top_groups,
+                              .top_k = shape.top_k, .normalize = shape.normalize, .scaling_factor = shape.scale,
+                              .indices = indices.data(), .weights = weights.data()};
+  SECTION("optimized") { kernels::moe_route(p); }
+  SECTION("reference") { kernels::reference::moe_route(p); }
+  check_routing(p);
+}
+
+TEST_CASE("optimized router chooses exactly as the plain reference, ties included", "[moe]") {
+  const auto shape = GENERATE(from_range(kRouteShapes));
+  CAPTURE(shape.experts, shape.groups, shape.top_groups, shape.top_k, shape.normalize, shape.bias);
+  std::mt19937 rng(22);
+  const std::int64_t tokens = 300;
+  auto logits = test::random_vector(tokens * shape.experts, rng, 2.0f);
+  // The second half of the tokens draws logits from five values, so that scores, group sums
+  // and whole groups tie and the tie rule decides.
+  for (std::size_t i = logits.size() / 2; i < logits.size(); ++i) logits[i] = static_cast<float>(rng() % 5) * 0.5f;
+  auto bias = test::random_vector(shape.experts, rng, 0.3f);
+  if (shape.experts > 8) std::fill(bias.begin(), bias.begin() + 8, 0.25f);
+  std::vector<std::int32_t> got_i(tokens * shape.top_k), want_i(got_i.size());
+  std::vector<float> got_w(got_i.size()), want_w(got_i.size());
+  kernels::moe_route_params p{.logits = logits.data(), .bias = shape.bias ? bias.data() : nullptr, .tokens = tokens,
+                              .experts = shape.experts, .groups = shape.groups, .top_groups = shape.top_groups,
+                              .top_k = shape.top_k, .normalize = shape.normalize, .scaling_factor = shape.scale,
+                              .indices = got_i.data(), .weights = got_w.data()};
+  kernels::moe_route(p);
+  p.indices = want_i.data();
+  p.weights = want_w.data();
+  kernels::reference::moe_route(p);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    CAPTURE(t);
+    for (std::int64_t k = 0; k < shape.top_k; ++k) {
+      REQUIRE(got_i[t * shape.top_k + k] == want_i[t * shape.top_k + k]);
+      REQUIRE(got_w[t * shape.top_k + k] == Approx(want_w[t * shape.top_k + k]).epsilon(1e-6));
+    }
   }
 }
 

@@ -124,18 +124,28 @@ TEST_CASE("reasoning: R1 output splits into reasoning and content", "[reasoning]
 }
 
 TEST_CASE("reasoning: streaming in any split gives the same result as at once", "[reasoning]") {
-  const std::vector<std::pair<std::string, bool>> texts = {
-      {"<think>\nLet me think.\n</think>\n\nThe answer is 4.", false},
-      {"  <think>x < y and </thin k></think>ok", false},
-      {"reasoning \n</think> answer </think>", true},
-      {"<thi", false},
-      {"</think>", true},
-      {"plain text, 中文 😀", false},
-      {"<think>中文推理</think>答案", false},
+  struct example {
+    std::string text;
+    bool opened;  // the prompt ended inside the reasoning
+    std::string reasoning, content;
+  };
+  // Expected splits by the rules in reasoning.hpp: <think> only at the start (after
+  // whitespace), the first </think> ends the reasoning, whitespace around it is dropped.
+  const std::vector<example> examples = {
+      {"<think>\nLet me think.\n</think>\n\nThe answer is 4.", false, "Let me think.", "The answer is 4."},
+      {"  <think>x < y and </thin k></think>ok", false, "x < y and </thin k>", "ok"},
+      {"reasoning \n</think> answer </think>", true, "reasoning", "answer </think>"},
+      {"<thi", false, "", "<thi"},
+      {"</think>", true, "", ""},
+      {"plain text, 中文 😀", false, "", "plain text, 中文 😀"},
+      {"<think>中文推理</think>答案", false, "中文推理", "答案"},
   };
   std::mt19937 rng(3);
-  for (const auto& [text, opened] : texts) {
+  for (const auto& [text, opened, reasoning, content] : examples) {
+    INFO(text);
     const auto whole = split_reasoning(text, opened);
+    CHECK(whole.reasoning == reasoning);
+    CHECK(whole.content == content);
     for (int round = 0; round < 200; ++round) {
       reasoning_parser parser(opened);
       reasoning_split streamed;
@@ -150,9 +160,8 @@ TEST_CASE("reasoning: streaming in any split gives the same result as at once", 
       const auto rest = parser.finish();
       streamed.reasoning += rest.reasoning;
       streamed.content += rest.content;
-      INFO(text);
-      REQUIRE(streamed.reasoning == whole.reasoning);
-      REQUIRE(streamed.content == whole.content);
+      REQUIRE(streamed.reasoning == reasoning);
+      REQUIRE(streamed.content == content);
     }
   }
 }

@@ -15,6 +15,8 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <thread>
 
 using namespace shoal;
 using namespace std::chrono_literals;
@@ -209,6 +211,114 @@ TEST_CASE("cancellation and deadlines end requests and free their blocks", "[eng
   const auto stats = engine.stats();
   CHECK(stats.cache_blocks_used == 0);
   CHECK(stats.running == 0);
+}
+
+TEST_CASE("a request cancelled or out of time while decoding ends there and frees its blocks", "[engine]") {
+  fixture f("tiny-a-bf16");
+  runtime::engine_options options;
+  options.cache_blocks = 64;
+  options.block_tokens = 8;
+  options.prefix_cache = false;
+  runtime::engine engine(f.net, f.tok, options);
+  collector c;
+  // The sink runs on the engine thread between steps: acting there at the third token puts
+  // the cancel or the passed deadline exactly between the third and the fourth token.
+  const auto sink = c.sink();
+  std::size_t seen = 0;
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  runtime::generation_request r;
+  r.prompt = {5, 6, 7};
+  r.limits.max_tokens = 400;
+  r.sampling.temperature = 1.0f;
+  r.sampling.seed = 3;
+  std::uint64_t id = 0;
+  r.on_event = [&](const runtime::generation_event& e) {
+    sink(e);
+    if (e.tokens.empty() || ++seen != 3) return;
+    if (deadline)
+      std::this_thread::sleep_until(*deadline + 10ms);
+    else
+      engine.cancel(e.request_id);
+  };
+  id = engine.submit(r);
+  REQUIRE(c.wait(1));
+  REQUIRE(c.last(id).error.has_value());
+  CHECK(*c.last(id).error == errc::cancelled);
+  CHECK(c.tokens(id).size() == 3);
+  CHECK(engine.stats().cache_blocks_used == 0);
+
+  seen = 0;
+  deadline = std::chrono::steady_clock::now() + 3s;
+  r.deadline = deadline;
+  id = engine.submit(r);
+  REQUIRE(c.wait(2, 30s));
+  REQUIRE(c.last(id).error.has_value());
+  CHECK(*c.last(id).error == errc::deadline_exceeded);
+  CHECK(c.tokens(id).size() == 3);
+  const auto stats = engine.stats();
+  CHECK(stats.cache_blocks_used == 0);
+  CHECK(stats.running == 0);
+}
+
+TEST_CASE("shutdown without draining cancels the requests decoding and waiting, then refuses new ones", "[engine]") {
+  fixture f("tiny-a-bf16");
+  runtime::engine_options options;
+  options.cache_blocks = 64;
+  options.block_tokens = 8;
+  options.max_running = 1;  // the second request waits behind the first
+  options.prefix_cache = false;
+  runtime::engine engine(f.net, f.tok, options);
+  collector c;
+  const auto sink = c.sink();
+  std::mutex m;
+  std::condition_variable cv;
+  bool third_token = false, shutting_down = false;
+  runtime::generation_request r;
+  r.prompt = {5, 6, 7};
+  r.limits.max_tokens = 400;
+  std::size_t seen = 0;
+  r.on_event = [&](const runtime::generation_event& e) {
+    sink(e);
+    if (e.tokens.empty() || ++seen != 3) return;
+    std::unique_lock lock(m);
+    third_token = true;
+    cv.notify_all();
+    // Hold the engine thread until shutdown has been asked for, then give it time to take the
+    // engine's lock and set its flag: the next iteration must see it.
+    cv.wait(lock, [&] { return shutting_down; });
+    lock.unlock();
+    std::this_thread::sleep_for(200ms);
+  };
+  const auto running = engine.submit(r);
+  r.on_event = sink;
+  const auto waiting = engine.submit(r);
+  {
+    std::unique_lock lock(m);
+    REQUIRE(cv.wait_for(lock, 60s, [&] { return third_token; }));
+    shutting_down = true;
+    cv.notify_all();
+  }
+  engine.shutdown(false);
+  REQUIRE(c.wait(2, 1s));  // both have ended when shutdown returns
+  for (const auto id : {running, waiting}) {
+    CAPTURE(id);
+    REQUIRE(c.last(id).error.has_value());
+    CHECK(*c.last(id).error == errc::cancelled);
+    CHECK_THAT(c.last(id).error_message, Catch::Contains("shutting down"));
+  }
+  CHECK(c.tokens(running).size() == 3);
+  CHECK(c.tokens(waiting).empty());
+  const auto stats = engine.stats();
+  CHECK(stats.running == 0);
+  CHECK(stats.waiting == 0);
+  CHECK(stats.cache_blocks_used == 0);
+  try {
+    engine.submit(r);
+    FAIL("a request was accepted after shutdown");
+  } catch (const shoal::error& e) {
+    CHECK(e.code() == errc::unavailable);
+  }
+  engine.shutdown(false);  // idempotent
 }
 
 TEST_CASE("bad requests are refused at submission with a reason", "[engine]") {

@@ -122,8 +122,22 @@ TEST_CASE("sampling: min-p drops tokens below min_p times the best", "[sampling]
   const auto p = softmax(logits, 1.0);
   const double p_max = *std::max_element(p.begin(), p.end());
   const auto counts = draw_counts({.temperature = 1.0f, .min_p = 0.05f, .seed = 2}, logits, 20000);
-  for (std::size_t i = 0; i < counts.size(); ++i)
+  double kept_mass = 0, p_min_kept = 1;
+  std::size_t kept = 0;
+  for (std::size_t i = 0; i < counts.size(); ++i) {
     if (counts[i] > 0) REQUIRE(p[i] >= 0.05 * p_max * (1 - 1e-5));
+    if (p[i] >= 0.05 * p_max * (1 + 1e-5)) {
+      ++kept;
+      kept_mass += p[i];
+      p_min_kept = std::min(p_min_kept, p[i]);
+    }
+  }
+  // Every token above the threshold stays drawable (an argmax sampler would pass the check
+  // above): the least likely one expects enough draws that never seeing it means it was dropped.
+  REQUIRE(kept > 10);
+  REQUIRE(20000 * p_min_kept / kept_mass > 30);
+  for (std::size_t i = 0; i < counts.size(); ++i)
+    if (p[i] >= 0.05 * p_max * (1 + 1e-5)) CHECK(counts[i] > 0);
 }
 
 TEST_CASE("sampling: the same seed gives the same tokens, another seed others", "[sampling]") {

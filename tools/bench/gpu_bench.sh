@@ -26,7 +26,7 @@ generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 if cmake -S "$root" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DSHOAL_CUDA=ON \
      -DCMAKE_CUDA_COMPILER="$nvcc" -DCMAKE_CUDA_ARCHITECTURES=90a; then
-  cmake --build "$build" -j "$jobs" --target shoal_kernels_cuda cuda_kernels_test cuda_golden_test shoal_cuda_bench
+  cmake --build "$build" -j "$jobs" --target shoal_kernels_cuda cuda_kernels_test cuda_checkpoint_test shoal_cuda_bench
   echo "== GPU tests"
   # A failing test is reported, and the benchmark still runs: its figures are then suspect.
   (cd "$build" && ctest -L cuda --output-on-failure) 2>&1 | tee "$out/tests.txt" ||

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -240,7 +241,46 @@ void moe_experts(thread_pool& pool, const moe_experts_params& p) {
 
 namespace reference {
 
-void moe_route(const moe_route_params& params) { route_tokens(params); }
+// DeepSeek's Gate.forward (noaux_tc) token by token with whole sorts, written apart from
+// route_tokens so that comparing the two checks the optimized selection.
+void moe_route(const moe_route_params& p) {
+  const std::int64_t per_group = p.experts / p.groups;
+  for (std::int64_t t = 0; t < p.tokens; ++t) {
+    const float* logits = p.logits + t * p.experts;
+    std::vector<float> score(p.experts), choice(p.experts);
+    for (std::int64_t e = 0; e < p.experts; ++e) {
+      score[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+      choice[e] = score[e] + (p.bias ? p.bias[e] : 0.0f);
+    }
+    std::vector<float> group_score(p.groups);
+    for (std::int64_t g = 0; g < p.groups; ++g) {
+      std::vector<float> members(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group);
+      std::sort(members.begin(), members.end(), std::greater<>());
+      group_score[g] = per_group > 1 ? members[0] + members[1] : members[0];
+    }
+    // Ties go to the lower index, for groups and experts alike.
+    std::vector<std::int64_t> groups(p.groups);
+    std::iota(groups.begin(), groups.end(), 0);
+    std::sort(groups.begin(), groups.end(), [&](std::int64_t a, std::int64_t b) {
+      return group_score[a] != group_score[b] ? group_score[a] > group_score[b] : a < b;
+    });
+    std::vector<std::int32_t> candidates;
+    for (std::int64_t i = 0; i < p.top_groups; ++i)
+      for (std::int64_t e = groups[i] * per_group; e < (groups[i] + 1) * per_group; ++e)
+        candidates.push_back(static_cast<std::int32_t>(e));
+    std::sort(candidates.begin(), candidates.end(), [&](std::int32_t a, std::int32_t b) {
+      return choice[a] != choice[b] ? choice[a] > choice[b] : a < b;
+    });
+    double sum = 0.0;
+    for (std::int64_t k = 0; k < p.top_k; ++k) sum += score[candidates[k]];
+    for (std::int64_t k = 0; k < p.top_k; ++k) {
+      const std::int32_t e = candidates[k];
+      const double weight = p.normalize ? score[e] / sum : score[e];
+      p.indices[t * p.top_k + k] = e;
+      p.weights[t * p.top_k + k] = static_cast<float>(weight * p.scaling_factor);
+    }
+  }
+}
 
 void moe_experts(const moe_experts_params& p) {
   std::vector<std::int32_t> order(p.top_k);

@@ -13,8 +13,11 @@ function check(condition, message) {
   }
 }
 
+// A system prompt of several cache blocks, so that the second request with it is served
+// partly from the prefix cache.
+const system = ['You are terse.', ...Array.from({ length: 30 }, (_, i) => `Rule ${i + 1}: keep answers short.`)].join(' ');
 const messages = [
-  { role: 'system', content: 'You are terse.' },
+  { role: 'system', content: system },
   { role: 'user', content: 'Say hello from Node.' },
 ];
 
@@ -30,6 +33,8 @@ check(full.usage.completion_tokens >= 1 && full.usage.completion_tokens <= 8, `c
 check(full.usage.prompt_tokens > 5, `prompt_tokens ${full.usage.prompt_tokens}`);
 check(full.usage.total_tokens === full.usage.prompt_tokens + full.usage.completion_tokens, 'total_tokens adds up');
 check(full.usage.completion_tokens !== 8 || full.choices[0].finish_reason === 'length', 'eight tokens end by length');
+// The server is fresh: nothing of the first prompt can come from the cache.
+check(full.usage.prompt_tokens_details?.cached_tokens === 0, `first request cached_tokens ${full.usage.prompt_tokens_details?.cached_tokens}`);
 
 const stream = await client.chat.completions.create({
   model, messages, max_tokens: 8, temperature: 0, stream: true, stream_options: { include_usage: true },
@@ -55,12 +60,15 @@ check(finish === 'stop' || finish === 'length', `stream finish_reason ${finish}`
 check(usage !== null, 'the stream ends with usage when include_usage is set');
 check(usage.completion_tokens >= 1 && usage.completion_tokens <= 8, `stream completion_tokens ${usage.completion_tokens}`);
 check(usage.prompt_tokens === full.usage.prompt_tokens, 'same prompt, same prompt_tokens');
-check(usage.prompt_tokens_details.cached_tokens >= 0, 'cached_tokens present');
+// The same prompt again: its leading blocks come from the prefix cache, its last token never does.
+const cached = usage.prompt_tokens_details?.cached_tokens;
+check(cached > 0 && cached < usage.prompt_tokens, `second request cached_tokens ${cached} of ${usage.prompt_tokens}`);
 
 const completion = await client.completions.create({ model, prompt: 'Once upon a time', max_tokens: 4, temperature: 0 });
 check(completion.object === 'text_completion', `completion object ${completion.object}`);
 check(typeof completion.choices[0].text === 'string', 'completion text');
 check(completion.usage.completion_tokens >= 1 && completion.usage.completion_tokens <= 4, 'completion usage');
+check(completion.usage.prompt_tokens_details?.cached_tokens === 0, 'a new short prompt has nothing cached');
 
 try {
   await client.chat.completions.create({ model: 'no-such-model', messages });

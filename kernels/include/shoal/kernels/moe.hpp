@@ -28,7 +28,7 @@ struct moe_route_params {
 
 /// Group-limited top-k routing: s = sigmoid(logits), b = s + bias; a group scores the sum of
 /// its top two b; the best `top_groups` groups stay; the `top_k` best b among their experts
-/// are chosen and weighted by their s.
+/// are chosen and weighted by their s. Ties go to the lower group and expert index.
 void moe_route(const moe_route_params& params);
 
 /// Weights of one SwiGLU expert: down(silu(gate(x)) * up(x)).
@@ -60,7 +60,8 @@ void moe_experts(thread_pool& pool, const moe_experts_params& params);
 namespace reference {
 /// Plain per-token, per-choice loop: the specification.
 void moe_experts(const moe_experts_params& params);
-/// Plain router (identical contract to the optimized one).
+/// Plain router, same contract: each token's scores sorted whole, ties to the lower group
+/// and expert index. Written apart from `moe_route`, which tests compare with it.
 void moe_route(const moe_route_params& params);
 }  // namespace reference
 

@@ -69,10 +69,10 @@ struct node_options {
   std::chrono::milliseconds connect_timeout{10000};
   /// How long the progress thread keeps polling UCX after the last activity before it sleeps
   /// on the worker's event fd: a reply that comes within this window is seen without a
-  /// wakeup (about 10 us more per message on this machine's loopback). It spins only after
+  /// wakeup (which costs 10-30 us on a 2-vCPU VM). It spins only after
   /// activity, so an idle node costs no CPU. 0: sleep as soon as there is nothing to do. The
   /// environment variable SHOAL_TRANSPORT_SPIN_US, when set, overrides it.
-  std::chrono::microseconds spin{200};
+  std::chrono::microseconds spin{50};
   /// Bulk buffers up to this many bytes go eagerly to peers whose active-message lane is
   /// shared memory: through UCX's shared-memory FIFO, assembled in UCX memory on the receiver
   /// and handed over without a further copy. Larger buffers, and all buffers to other peers,

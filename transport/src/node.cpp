@@ -610,13 +610,21 @@ struct node::impl {
         for (auto& cmd : batch) execute(std::move(cmd));
         batch.clear();
       }
-      while (ucp_worker_progress(worker()) != 0) busy = true;
-      ucx->give_back();
+      // Each message is delivered, and the UCX memory of eager data the application dropped
+      // given back, as soon as UCX has handed it over: batching a burst would hold every
+      // buffer of it at once, and malloc would trim and page-fault that memory each time.
+      while (ucp_worker_progress(worker()) != 0) {
+        busy = true;
+        flush_closes();
+        dispatch_events();
+        ucx->give_back();
+      }
       flush_closes();
       if (!events.empty()) {
         busy = true;
         dispatch_events();
       }
+      ucx->give_back();
       auto now = clock::now();
       if (busy) {
         last_activity = now;

@@ -190,6 +190,7 @@ struct peer_state {
   bool route_known = false;
   std::chrono::steady_clock::time_point connected_at{};
   std::chrono::steady_clock::time_point route_checked{};
+  std::chrono::microseconds route_backoff{1000};  // Until the next look at the lanes.
   std::map<std::uint64_t, assembly> pending;
 };
 
@@ -771,8 +772,10 @@ struct node::impl {
   bool bulk_eager(peer_state& peer) {
     if (peer.route_known) return peer.bulk_eager;
     const auto now = clock::now();
-    if (now - peer.route_checked < std::chrono::milliseconds(1)) return peer.bulk_eager;
+    // Printing the endpoint costs tens of microseconds: look again after 1, 2, 4... ms.
+    if (now - peer.route_checked < peer.route_backoff) return peer.bulk_eager;
     peer.route_checked = now;
+    peer.route_backoff *= 2;
     peer.bulk_eager = am_lane_is_shared_memory(endpoint_info(peer.ep));
     // A shared-memory lane is only ever the outcome of wireup; anything else is final once
     // wireup had ample time.

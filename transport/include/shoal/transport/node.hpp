@@ -69,7 +69,7 @@ struct node_options {
   std::chrono::milliseconds connect_timeout{10000};
   /// How long the progress thread keeps polling UCX after the last activity before it sleeps
   /// on the worker's event fd: a reply that comes within this window is seen without a
-  /// wakeup (which costs 10-30 us on a 2-vCPU VM). It spins only after
+  /// wakeup (which costs 8-40 us more per message on a 2-vCPU VM). It spins only after
   /// activity, so an idle node costs no CPU. 0: sleep as soon as there is nothing to do. The
   /// environment variable SHOAL_TRANSPORT_SPIN_US, when set, overrides it.
   std::chrono::microseconds spin{50};

@@ -3,7 +3,10 @@
 
 #include "shoal/transport/codec.hpp"
 
+#include "schema_check.hpp"
+
 #include <catch2/catch.hpp>
+#include <capnp/dynamic.h>
 #include <capnp/serialize.h>
 #include <kj/string.h>
 
@@ -12,6 +15,7 @@
 #include <fstream>
 #include <iterator>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -299,4 +303,89 @@ TEST_CASE("a list of 2^26 zero-sized elements is refused quickly, not walked", "
     CHECK_THAT(e.what(), Catch::Contains("malformed envelope") && Catch::Contains("traversal limit"));
   }
   CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(2));
+}
+
+TEST_CASE("the planned field check accepts and refuses exactly what the dynamic walk does", "[transport][codec][fuzz]") {
+  // Whether a check throws, for the same bytes under the same limits; nullopt when the message
+  // does not get that far (its segment table or bounds are already wrong).
+  const auto outcome = [](const std::vector<std::byte>& bytes, bool planned) -> std::optional<bool> {
+    if (bytes.size() < 8 || bytes.size() % 8 != 0) return std::nullopt;
+    std::vector<capnp::word> words(bytes.size() / 8);
+    std::memcpy(words.data(), bytes.data(), bytes.size());
+    capnp::ReaderOptions options;
+    options.traversalLimitInWords = tp::decode_limits{}.traversal_words;
+    options.nestingLimit = tp::decode_limits{}.nesting;
+    try {
+      capnp::FlatArrayMessageReader probe(kj::arrayPtr(words.data(), words.size()), options);
+      probe.getRoot<capnp::AnyPointer>().targetSize();
+    } catch (const kj::Exception&) {
+      return std::nullopt;
+    }
+    try {
+      capnp::FlatArrayMessageReader walk(kj::arrayPtr(words.data(), words.size()), options);
+      if (planned) {
+        tp::detail::check_fields(walk.getRoot<capnp::AnyStruct>(), capnp::Schema::from<schema::Envelope>());
+      } else {
+        tp::detail::check_fields_reference(capnp::toDynamic(walk.getRoot<schema::Envelope>()));
+      }
+      return true;
+    } catch (const kj::Exception&) {
+      return false;
+    }
+  };
+  std::vector<std::vector<std::byte>> seeds;
+  seeds.push_back(to_vector(tp::encode_envelope(make_dispatch())));
+  {
+    tp::outgoing_message msg;
+    auto table = msg.envelope().getBody().initPlacementTable();
+    table.initStages(3)[2].getAddress().setNode("node-with-a-name");
+    table.initExperts(2)[1].initExperts(16).set(15, 255);
+    seeds.push_back(to_vector(tp::encode_envelope(msg)));
+  }
+  {
+    tp::outgoing_message msg;
+    auto request = msg.envelope().getBody().initGenerateRequest();
+    auto chat = request.getPrompt().initChat(2);
+    chat[0].setRole("user");
+    chat[1].setContent("tell me about mixture of experts");
+    request.getSampling().initStop(2).set(1, "</s>");
+    seeds.push_back(to_vector(tp::encode_envelope(msg)));
+  }
+  {
+    tp::outgoing_message msg;
+    auto beat = msg.envelope().getBody().initHeartbeat();
+    beat.setNode("node-a");
+    beat.initEvicted(2).set(0, "node-b");
+    beat.initRoutedIndex(3).set(2, 7);
+    seeds.push_back(to_vector(tp::encode_envelope(msg)));
+  }
+  std::mt19937_64 rng(20261128);
+  int accepted = 0, refused = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  for (int i = 0; i < 40000 && std::chrono::steady_clock::now() < deadline; ++i) {
+    auto bytes = seeds[i % seeds.size()];
+    if (i >= static_cast<int>(seeds.size())) {
+      const int edits = 1 + static_cast<int>(rng() % 4);
+      for (int e = 0; e < edits; ++e) {
+        std::size_t at = rng() % bytes.size();
+        switch (rng() % 3) {
+          case 0: bytes[at] ^= static_cast<std::byte>(1u << (rng() % 8)); break;
+          case 1: bytes[at] = static_cast<std::byte>(rng()); break;
+          case 2: bytes[at] = std::byte{0xff}; break;
+        }
+      }
+    }
+    const auto reference = outcome(bytes, false);
+    if (!reference) continue;
+    const auto planned = outcome(bytes, true);
+    REQUIRE(planned.has_value());
+    if (*planned != *reference) {
+      CAPTURE(i, *reference);
+      FAIL("the planned check and the dynamic walk disagree");
+    }
+    if (*reference) ++accepted; else ++refused;
+  }
+  // Both outcomes must occur, or the mutations are not reaching the field checks.
+  CHECK(accepted > 100);
+  CHECK(refused > 100);
 }

@@ -17,7 +17,9 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -65,13 +67,15 @@ struct harness {
   std::vector<tp::peer_id> closed;
   std::unique_ptr<tp::node> node;
 
-  harness(std::string name, std::string transports, bool listen = true, std::string join_secret = {}) {
+  harness(std::string name, std::string transports, bool listen = true, std::string join_secret = {},
+          const std::function<void(tp::node_options&)>& adjust = {}) {
     tp::node_options options;
     options.name = std::move(name);
     options.transports = std::move(transports);
     options.connect_timeout = 5s;
     options.join_secret = std::move(join_secret);
     if (!listen) options.listen_host.clear();
+    if (adjust) adjust(options);
     tp::node_callbacks callbacks;
     callbacks.on_message = [this](tp::peer_id peer, tp::incoming_message message) {
       std::lock_guard lock(mutex);
@@ -214,6 +218,86 @@ TEST_CASE("large tensors keep their bytes in both directions", "[transport][node
   }
   CHECK(a.node->stats().bulk_bytes_received == b.node->stats().bulk_bytes_received);
   CHECK(a.node->in_flight() == 0);
+}
+
+TEST_CASE("bulk buffers to a shared-memory peer arrive intact under and over the eager bound, spinning or not",
+          "[transport][node]") {
+  // Buffers up to the bound go eagerly and arrive in the memory UCX assembled them in (from
+  // 64 KiB on); larger ones go by rendezvous. The bound is lowered to keep the test quick.
+  const auto spin = GENERATE(0us, tp::node_options{}.spin);
+  INFO("spin " << spin.count() << " us");
+  constexpr std::size_t kBound = 1u << 20;
+  const auto adjust = [&](tp::node_options& o) {
+    o.spin = spin;
+    o.eager_bulk_max = kBound;
+  };
+  harness a("a", "sm,self,tcp", true, {}, adjust);
+  harness b("b", "sm,self,tcp", true, {}, adjust);
+  const tp::peer_id to_b = a.node->connect("127.0.0.1", b.node->port());
+  REQUIRE(b.wait([&] { return b.connected.size() == 1; }));
+  const tp::peer_id to_a = b.connected[0].first;
+  // Eager only once UCX's wireup has put the connection on shared memory.
+  tp::outgoing_message hello;
+  hello.envelope().setRequestId(0);
+  a.node->send(to_b, std::move(hello));
+  REQUIRE(b.wait([&] { return b.messages.size() == 1; }));
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (std::chrono::steady_clock::now() < deadline &&
+         (a.node->peer_lanes(to_b).find("/memory") == std::string::npos ||
+          b.node->peer_lanes(to_a).find("/memory") == std::string::npos))
+    std::this_thread::sleep_for(20ms);
+
+  std::mt19937_64 rng(23);
+  // Copied (small), handed over (64 KiB and more, odd sizes included), exactly the bound.
+  const std::vector<std::size_t> under = {5000, 65536, (1u << 19) + 3, kBound};
+  const std::vector<std::size_t> over = {kBound + 1, (4u << 20) + 13};
+  struct sent {
+    harness* to;
+    std::vector<std::size_t> sizes;
+    std::vector<std::uint64_t> sums;
+  };
+  std::vector<sent> all;
+  for (int round = 0; round < 3; ++round) {
+    for (const auto* sizes : {&under, &over}) {
+      all.push_back({&b, *sizes, send_tensors(*a.node, to_b, *sizes, rng, all.size() + 1)});
+      all.push_back({&a, *sizes, send_tensors(*b.node, to_a, *sizes, rng, all.size() + 1)});
+    }
+  }
+  REQUIRE(b.wait([&] { return b.messages.size() == 1 + all.size() / 2; }, 60s));
+  REQUIRE(a.wait([&] { return a.messages.size() == all.size() / 2; }, 60s));
+  std::size_t next_b = 1, next_a = 0;
+  for (const auto& s : all) {
+    auto& in = s.to == &b ? b.messages[next_b++].second : a.messages[next_a++].second;
+    REQUIRE(in.bulk_count() == s.sizes.size());
+    for (std::size_t i = 0; i < s.sizes.size(); ++i) {
+      CAPTURE(s.sizes[i]);
+      CHECK(in.bulk(i).size() == s.sizes[i]);
+      CHECK(fnv1a(in.bulk(i)) == s.sums[i]);
+      CHECK(reinterpret_cast<std::uintptr_t>(in.bulk(i).data()) % 64 == 0);
+    }
+  }
+  // Every buffer under the bound went eagerly, none over it.
+  const auto eager_per_node = 3 * under.size();
+  CHECK(a.node->stats().bulk_sent_eager == eager_per_node);
+  CHECK(b.node->stats().bulk_sent_eager == eager_per_node);
+  // Received buffers that point into UCX memory may outlive the node.
+  auto kept = std::move(b.messages[1].second);  // all[0], from a: under the bound
+  b.node->stop();
+  a.node->stop();
+  CHECK(fnv1a(kept.bulk(1)) == all[0].sums[1]);
+  CHECK(fnv1a(kept.bulk(3)) == all[0].sums[3]);
+}
+
+TEST_CASE("tcp peers get no eager bulk buffers", "[transport][node]") {
+  harness a("a", "tcp");
+  harness b("b", "tcp");
+  const tp::peer_id to_b = a.node->connect("127.0.0.1", b.node->port());
+  REQUIRE(b.wait([&] { return b.connected.size() == 1; }));
+  std::mt19937_64 rng(29);
+  const auto sums = send_tensors(*a.node, to_b, {65536, 1u << 20}, rng, 1);
+  REQUIRE(b.wait([&] { return b.messages.size() == 1; }, 60s));
+  CHECK(fnv1a(b.messages[0].second.bulk(1)) == sums[1]);
+  CHECK(a.node->stats().bulk_sent_eager == 0);
 }
 
 TEST_CASE("tensors cross a process boundary intact in both directions", "[transport][node]") {

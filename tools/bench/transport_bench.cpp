@@ -4,7 +4,8 @@
 // (itself, re-executed with --reflect) for Shoal; ucx_perftest server and client for UCX.
 //
 //   transport_bench [--transports LIST]... [--size BYTES] [--bw-iters N] [--lat-iters N]
-//                   [--window N]
+//                   [--window N] [--repeat N] [--spin-us US] [--yield|--no-yield]
+//                   [--eager-max BYTES]
 
 #include "shoal/transport/node.hpp"
 
@@ -50,12 +51,13 @@ struct settings {
   // The node's defaults, i.e. what the actors get; --spin-us / --no-yield to explore.
   std::chrono::microseconds spin = tp::node_options{}.spin;
   bool spin_yield = tp::node_options{}.spin_yield;
+  std::size_t eager_max = tp::node_options{}.eager_bulk_max;
 };
 
 // The child: connects back and answers every message with a small envelope (an echo for pings,
 // an acknowledgement for tensors), until the parent disconnects.
 int reflect(std::uint16_t port, const std::string& transports,
-            std::chrono::microseconds spin, bool spin_yield) {
+            std::chrono::microseconds spin, bool spin_yield, std::size_t eager_max) {
   std::atomic<bool> done{false};
   tp::node* self = nullptr;
   tp::node_callbacks callbacks;
@@ -71,6 +73,7 @@ int reflect(std::uint16_t port, const std::string& transports,
   options.name = "reflector";
   options.spin = spin;
   options.spin_yield = spin_yield;
+  options.eager_bulk_max = eager_max;
   options.listen_host.clear();
   options.transports = transports;
   tp::node node(options, callbacks);
@@ -183,11 +186,12 @@ result run_shoal(const settings& s, const std::string& transports, const std::st
   options.transports = transports;
   options.spin = s.spin;
   options.spin_yield = s.spin_yield;
+  options.eager_bulk_max = s.eager_max;
   tp::node node(options, callbacks);
   self = &node;
   pid_t child = spawn({self_exe, "--reflect", std::to_string(node.port()), "--transports",
                        transports, "--spin-us", std::to_string(s.spin.count()),
-                       s.spin_yield ? "--yield" : "--no-yield"});
+                       s.spin_yield ? "--yield" : "--no-yield", "--eager-max", std::to_string(s.eager_max)});
   {
     std::unique_lock lock(mutex);
     if (!cv.wait_for(lock, 20s, [&] { return peer.has_value(); }))
@@ -303,18 +307,20 @@ int main(int argc, char** argv) {
     else if (arg == "--yield") s.spin_yield = true;
     else if (arg == "--no-yield") s.spin_yield = false;
     else if (arg == "--spin-us") s.spin = std::chrono::microseconds(std::stoll(next()));
+    else if (arg == "--eager-max") s.eager_max = std::stoull(next());
     else if (arg == "--reflect") reflect_port = static_cast<std::uint16_t>(std::stoi(next()));
     else {
       fmt::print(stderr,
                  "usage: transport_bench [--transports UCX_TLS]... [--size BYTES] [--bw-iters N]"
-                 " [--lat-iters N] [--window N] [--repeat N] [--spin-us US] [--yield|--no-yield]\n");
+                 " [--lat-iters N] [--window N] [--repeat N] [--spin-us US] [--yield|--no-yield]"
+                 " [--eager-max BYTES]\n");
       return 2;
     }
   }
   try {
     if (reflect_port)
       return reflect(*reflect_port, s.transports.empty() ? "" : s.transports[0], s.spin,
-                     s.spin_yield);
+                     s.spin_yield, s.eager_max);
     if (s.transports.empty()) s.transports = {"tcp", "sm,self,tcp"};
     std::string exe = self_path();
     // Small messages: ucx_perftest moves this many bytes, about the size of a Shoal control

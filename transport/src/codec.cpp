@@ -1,6 +1,7 @@
 #include "shoal/transport/codec.hpp"
 
 #include "message_impl.hpp"
+#include "schema_check.hpp"
 #include "shoal/base/error.hpp"
 
 #include <capnp/any.h>
@@ -11,44 +12,6 @@
 #include <limits>
 
 namespace shoal::transport {
-
-namespace {
-
-void check_value(const capnp::DynamicValue::Reader& value);
-
-// Reads every field the schema knows, so that per-field checks Cap'n Proto performs lazily
-// (text must end in NUL, pointers must have the declared kind) fail here, in the decoder,
-// rather than later in an actor. Bounds were checked by targetSize(); nesting is bounded by
-// the reader's nesting limit.
-void check_struct(capnp::DynamicStruct::Reader value) {
-  for (auto field : value.getSchema().getNonUnionFields()) check_value(value.get(field));
-  KJ_IF_MAYBE(field, value.which()) { check_value(value.get(*field)); }
-}
-
-void check_value(const capnp::DynamicValue::Reader& value) {
-  switch (value.getType()) {
-    case capnp::DynamicValue::TEXT:
-      (void)value.as<capnp::Text>();
-      break;
-    case capnp::DynamicValue::STRUCT:
-      check_struct(value.as<capnp::DynamicStruct>());
-      break;
-    case capnp::DynamicValue::LIST: {
-      auto list = value.as<capnp::DynamicList>();
-      auto element = list.getSchema().whichElementType();
-      // Primitive elements need no check beyond the bounds already verified.
-      if (element == capnp::schema::Type::TEXT || element == capnp::schema::Type::STRUCT ||
-          element == capnp::schema::Type::LIST) {
-        for (auto item : list) check_value(item);
-      }
-      break;
-    }
-    default:
-      break;
-  }
-}
-
-}  // namespace
 
 byte_buffer encode_envelope(const outgoing_message& message) {
   // Building a reader of the output segments does not modify the message; Cap'n Proto just
@@ -139,7 +102,7 @@ incoming_message decode_envelope(byte_buffer bytes, const decode_limits& limits)
       walked.traversalLimitInWords = limits.traversal_words;
       walked.nestingLimit = limits.nesting;
       capnp::FlatArrayMessageReader walk(words, walked);
-      check_struct(capnp::toDynamic(walk.getRoot<schema::Envelope>()));
+      detail::check_fields(walk.getRoot<capnp::AnyStruct>(), capnp::Schema::from<schema::Envelope>());
     }
   } catch (const kj::Exception& e) {
     fail(errc::invalid_argument, "malformed envelope: {}", e.getDescription().cStr());

@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <condition_variable>
@@ -31,8 +32,10 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -181,6 +184,13 @@ struct peer_state {
   nonce remote_nonce{};                    // The peer's.
   std::uint64_t next_send_seq = 0;
   std::uint64_t next_deliver_seq = 0;
+  // Whether bulk buffers may go eagerly (the active-message lane is shared memory); final
+  // once `route_known`. UCX settles the lanes during wireup, shortly after connecting.
+  bool bulk_eager = false;
+  bool route_known = false;
+  std::chrono::steady_clock::time_point connected_at{};
+  std::chrono::steady_clock::time_point route_checked{};
+  std::chrono::microseconds route_backoff{1000};  // Until the next look at the lanes.
   std::map<std::uint64_t, assembly> pending;
 };
 
@@ -203,6 +213,126 @@ sockaddr_storage resolve(std::string_view host, std::uint16_t port, socklen_t& l
   freeaddrinfo(result);
   return storage;
 }
+
+// UCX's description of an endpoint (ucp_ep_print_info), empty when it cannot be had.
+std::string endpoint_info(ucp_ep_h ep) {
+  char* text = nullptr;
+  std::size_t size = 0;
+  FILE* stream = ::open_memstream(&text, &size);
+  if (stream == nullptr) return {};
+  ucp_ep_print_info(ep, stream);
+  std::fclose(stream);
+  std::string out(text, size);
+  std::free(text);
+  return out;
+}
+
+// Whether the endpoint's active-message lane is a shared-memory transport (sysv/memory,
+// posix/memory, self/memory...), from a line such as
+// "lane[1]:  3:sysv/memory.0 md[2] -> md[2]/sysv/sysdev[255] am am_bw#0 keepalive".
+// UCX 1.13 has no query for an endpoint's transports, so its printout is parsed.
+bool am_lane_is_shared_memory(std::string_view info) {
+  std::size_t start = 0;
+  while (start < info.size()) {
+    std::size_t end = info.find('\n', start);
+    if (end == std::string_view::npos) end = info.size();
+    std::string_view line = info.substr(start, end - start);
+    start = end + 1;
+    if (line.find("lane[") == std::string_view::npos) continue;
+    std::string_view roles = line.substr(std::min(line.size(), line.find("->")));
+    const bool am_lane = roles.find(" am ") != std::string_view::npos ||
+                         (roles.size() >= 3 && roles.substr(roles.size() - 3) == " am");
+    if (!am_lane) continue;
+    const auto colon = line.find(':', line.find("lane["));
+    std::string_view transport = line.substr(colon == std::string_view::npos ? 0 : colon);
+    transport = transport.substr(0, transport.find(" md["));
+    return transport.find("/memory") != std::string_view::npos;
+  }
+  return false;
+}
+
+// Eager bulk messages at least this large are handed to the application in the memory UCX
+// assembled them in. Smaller ones are copied: the copy is cheap, and it gives UCX's receive
+// descriptor back at once.
+constexpr std::size_t kAdoptMinBytes = 64 * 1024;
+// byte_buffer promises this alignment; UCX is asked to assemble messages aligned so.
+constexpr std::size_t kBufferAlignment = 64;
+
+// The UCX context and worker. Received buffers may point into UCX memory (eager bulk data
+// handed over without a copy), so these live until the node and the last such buffer are
+// gone. While the node runs, a buffer's descriptor is given back on the progress thread (the
+// worker is single-threaded); afterwards, by whichever thread drops it, one at a time.
+class ucx_handles {
+ public:
+  detail::ucp_context_ptr context;
+  detail::ucp_worker_ptr worker;
+
+  // A buffer over `data` (from an active-message callback that returns UCS_INPROGRESS).
+  byte_buffer adopt(void* data, std::size_t length) {
+    {
+      std::lock_guard lock(mutex_);
+      ++refs_;
+    }
+    return byte_buffer(static_cast<std::byte*>(data), length, length, &ucx_handles::release, this);
+  }
+
+  // Progress thread: gives UCX back the descriptors of buffers dropped since the last call.
+  void give_back() {
+    std::vector<void*> batch;
+    {
+      std::lock_guard lock(mutex_);
+      if (returned_.empty()) return;
+      batch.swap(returned_);
+      returned_.reserve(batch.capacity());
+      refs_ -= batch.size();  // The node holds one, so this never reaches zero here.
+    }
+    for (void* data : batch) ucp_am_data_release(worker.get(), data);
+  }
+
+  // The node is done with UCX (its progress thread has stopped); frees everything once no
+  // buffer points into UCX memory. `this` may be gone when it returns.
+  void release_node() noexcept {
+    std::unique_lock lock(mutex_);
+    running_ = false;
+    for (void* data : returned_) ucp_am_data_release(worker.get(), data);
+    refs_ -= returned_.size();
+    returned_.clear();
+    if (--refs_ != 0) return;
+    lock.unlock();
+    delete this;
+  }
+
+ private:
+  ~ucx_handles() {
+    worker.reset();
+    context.reset();
+  }
+
+  static void release(void* context, std::byte* data, std::size_t) noexcept {
+    auto* self = static_cast<ucx_handles*>(context);
+    std::unique_lock lock(self->mutex_);
+    if (self->running_) {
+      try {
+        self->returned_.push_back(data);
+        return;
+      } catch (...) {
+        // Out of memory for the list: releasing from this thread would race the progress
+        // thread, so the descriptor leaks.
+        --self->refs_;
+        return;
+      }
+    }
+    ucp_am_data_release(self->worker.get(), data);
+    if (--self->refs_ != 0) return;
+    lock.unlock();
+    delete self;
+  }
+
+  std::mutex mutex_;
+  std::vector<void*> returned_;  // Descriptors of dropped buffers, for the progress thread.
+  bool running_ = true;          // Whether the node's progress thread may still run.
+  std::size_t refs_ = 1;         // The node's reference plus one per adopted buffer.
+};
 
 struct fd_closer {
   int fd = -1;
@@ -266,6 +396,7 @@ struct node::impl {
     std::vector<bulk_view> bulk;
     std::vector<wire_header> bulk_headers;
     std::uint64_t bulk_bytes = 0;
+    std::uint32_t bulk_eager = 0;  // Bulk buffers sent eagerly.
     std::uint32_t remaining = 0;  // UCX operations not yet complete.
     bool failed = false;
   };
@@ -287,8 +418,7 @@ struct node::impl {
 
   node_options options;
   node_callbacks callbacks;
-  detail::ucp_context_ptr context;
-  detail::ucp_worker_ptr worker;
+  ucx_handles* ucx = new ucx_handles;
   detail::ucp_listener_ptr listener;
   std::uint16_t port = 0;
   int worker_fd = -1;
@@ -304,7 +434,7 @@ struct node::impl {
   std::atomic<bool> stopping{false};
   std::atomic<std::size_t> in_flight{0};
   std::atomic<std::uint64_t> stat_sent{0}, stat_received{0}, stat_bulk_sent{0},
-      stat_bulk_received{0}, stat_rejected{0}, stat_refused{0};
+      stat_bulk_received{0}, stat_rejected{0}, stat_refused{0}, stat_bulk_eager{0};
 
   // Progress thread only.
   std::thread thread;
@@ -316,6 +446,7 @@ struct node::impl {
   std::vector<void*> closing;           // Close requests in progress.
   std::deque<event> events;
   bool stopped = false;
+  bool holding_data = false;  // The active message being handled keeps UCX's data descriptor.
 
   impl(node_options opts, node_callbacks cbs)
       : options(std::move(opts)), callbacks(std::move(cbs)) {}
@@ -323,6 +454,13 @@ struct node::impl {
   // ---- Setup ---------------------------------------------------------------------------------
 
   void start() {
+    if (const char* spin_us = std::getenv("SHOAL_TRANSPORT_SPIN_US")) {
+      char* end = nullptr;
+      const long long value = std::strtoll(spin_us, &end, 10);
+      if (end == spin_us || *end != '\0' || value < 0)
+        fail(errc::invalid_argument, "SHOAL_TRANSPORT_SPIN_US='{}' is not a number of microseconds", spin_us);
+      options.spin = std::chrono::microseconds(value);
+    }
     ucp_config_t* raw_config = nullptr;
     SHOAL_UCS_CHECK(ucp_config_read(nullptr, nullptr, &raw_config), "reading UCX configuration");
     detail::ucp_config_ptr config(raw_config);
@@ -353,16 +491,18 @@ struct node::impl {
     params.name = "shoal";
     ucp_context_h raw_context = nullptr;
     SHOAL_UCS_CHECK(ucp_init(&params, config.get(), &raw_context), "initializing UCX");
-    context.reset(raw_context);
+    ucx->context.reset(raw_context);
 
     ucp_worker_params_t worker_params{};
-    worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE | UCP_WORKER_PARAM_FIELD_AM_ALIGNMENT;
+    // Eager bulk data is handed over in the memory UCX assembles it in.
+    worker_params.am_alignment = kBufferAlignment;
     // Only the progress thread touches the worker.
     worker_params.thread_mode = UCS_THREAD_MODE_SINGLE;
     ucp_worker_h raw_worker = nullptr;
-    SHOAL_UCS_CHECK(ucp_worker_create(context.get(), &worker_params, &raw_worker),
+    SHOAL_UCS_CHECK(ucp_worker_create(ucx->context.get(), &worker_params, &raw_worker),
                     "creating the UCX worker");
-    worker.reset(raw_worker);
+    ucx->worker.reset(raw_worker);
 
     ucp_am_handler_param_t handler{};
     handler.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
@@ -371,10 +511,10 @@ struct node::impl {
     handler.flags = UCP_AM_FLAG_WHOLE_MSG;
     handler.cb = &impl::on_am;
     handler.arg = this;
-    SHOAL_UCS_CHECK(ucp_worker_set_am_recv_handler(worker.get(), &handler),
+    SHOAL_UCS_CHECK(ucp_worker_set_am_recv_handler(worker(), &handler),
                     "registering the active message handler");
 
-    if (ucp_worker_get_efd(worker.get(), &worker_fd) != UCS_OK) worker_fd = -1;
+    if (ucp_worker_get_efd(worker(), &worker_fd) != UCS_OK) worker_fd = -1;
     wake_fd.fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     epoll_fd.fd = ::epoll_create1(EPOLL_CLOEXEC);
     if (wake_fd.fd < 0 || epoll_fd.fd < 0)
@@ -400,7 +540,7 @@ struct node::impl {
       listener_params.conn_handler.cb = &impl::on_connection_request;
       listener_params.conn_handler.arg = this;
       ucp_listener_h raw_listener = nullptr;
-      const ucs_status_t listen_status = ucp_listener_create(worker.get(), &listener_params, &raw_listener);
+      const ucs_status_t listen_status = ucp_listener_create(worker(), &listener_params, &raw_listener);
       // UCX reports EADDRINUSE as "Device is busy", which sends operators looking at hardware.
       if (listen_status == UCS_ERR_BUSY)
         fail(errc::unavailable,
@@ -424,6 +564,15 @@ struct node::impl {
 
   ~impl() {
     if (pool != nullptr) pool->release_owner();
+    release_ucx();
+  }
+
+  ucp_worker_h worker() const { return ucx->worker.get(); }
+
+  // The listener goes first: it belongs to the worker.
+  void release_ucx() noexcept {
+    listener.reset();
+    if (ucx != nullptr) std::exchange(ucx, nullptr)->release_node();
   }
 
   // ---- Caller side ---------------------------------------------------------------------------
@@ -462,12 +611,21 @@ struct node::impl {
         for (auto& cmd : batch) execute(std::move(cmd));
         batch.clear();
       }
-      while (ucp_worker_progress(worker.get()) != 0) busy = true;
+      // Each message is delivered, and the UCX memory of eager data the application dropped
+      // given back, as soon as UCX has handed it over: batching a burst would hold every
+      // buffer of it at once, and malloc would trim and page-fault that memory each time.
+      while (ucp_worker_progress(worker()) != 0) {
+        busy = true;
+        flush_closes();
+        dispatch_events();
+        ucx->give_back();
+      }
       flush_closes();
       if (!events.empty()) {
         busy = true;
         dispatch_events();
       }
+      ucx->give_back();
       auto now = clock::now();
       if (busy) {
         last_activity = now;
@@ -496,7 +654,7 @@ struct node::impl {
       return;
     }
     if (worker_fd >= 0) {
-      ucs_status_t status = ucp_worker_arm(worker.get());
+      ucs_status_t status = ucp_worker_arm(worker());
       if (status == UCS_ERR_BUSY) {
         sleeping.store(false);
         return;
@@ -530,7 +688,7 @@ struct node::impl {
     params.err_handler.cb = &impl::on_ep_error;
     params.err_handler.arg = this;
     ucp_ep_h ep = nullptr;
-    ucs_status_t status = ucp_ep_create(worker.get(), &params, &ep);
+    ucs_status_t status = ucp_ep_create(worker(), &params, &ep);
     if (status != UCS_OK) {
       cmd.waiter->finish(0, error(detail::to_errc(status),
                                   fmt::format("connecting to {}: {}", cmd.target,
@@ -563,18 +721,7 @@ struct node::impl {
       cmd.done->set_value({});
       return;
     }
-    char* text = nullptr;
-    std::size_t size = 0;
-    FILE* stream = ::open_memstream(&text, &size);
-    if (stream == nullptr) {
-      cmd.done->set_value({});
-      return;
-    }
-    ucp_ep_print_info(it->second.ep, stream);
-    std::fclose(stream);
-    std::string out(text, size);
-    std::free(text);
-    cmd.done->set_value(std::move(out));
+    cmd.done->set_value(endpoint_info(it->second.ep));
   }
 
   void handle(disconnect_command&& cmd) {
@@ -593,7 +740,7 @@ struct node::impl {
     }
     peer_state& peer = it->second;
     auto* record = new send_record{this, {}, std::move(cmd.envelope), std::move(cmd.bulk), {}, 0,
-                                   0, false};
+                                   0, 0, false};
     std::uint64_t seq = peer.next_send_seq++;
     auto count = static_cast<std::uint32_t>(record->bulk.size());
     record->envelope_header = {kMagic, schema_version, wire_kind::envelope, seq, count, 0};
@@ -602,24 +749,48 @@ struct node::impl {
       record->bulk_headers[i] = {kMagic, schema_version, wire_kind::bulk, seq, count, i};
       record->bulk_bytes += record->bulk[i].size;
     }
+    const bool eager = count != 0 && options.eager_bulk_max != 0 && bulk_eager(peer);
     // One extra reference while posting so that immediate completions cannot free the record.
     record->remaining = 1 + count + 1;
     post(peer.ep, record, &record->envelope_header, record->envelope.data(),
-         record->envelope.size());
-    for (std::uint32_t i = 0; i < count; ++i)
+         record->envelope.size(), 0);
+    for (std::uint32_t i = 0; i < count; ++i) {
+      // Without CMA, a rendezvous to a shared-memory peer runs over UCX's TCP rma lanes with a
+      // handshake per buffer (about 4 GB/s here); the shared-memory FIFO moves the same bytes
+      // at about twice that. Above the bound the receiver's pacing matters more: an eager
+      // message is assembled in freshly allocated memory whatever the receiver has ready.
+      const unsigned flags =
+          eager && record->bulk[i].size <= options.eager_bulk_max ? UCP_AM_SEND_FLAG_EAGER : 0;
+      if (flags != 0) ++record->bulk_eager;
       post(peer.ep, record, &record->bulk_headers[i], record->bulk[i].data,
-           record->bulk[i].size);
+           record->bulk[i].size, flags);
+    }
     part_done(record, UCS_OK);
   }
 
+  // Whether bulk buffers to `peer` may go eagerly; asks UCX about the lanes until they settle.
+  bool bulk_eager(peer_state& peer) {
+    if (peer.route_known) return peer.bulk_eager;
+    const auto now = clock::now();
+    // Printing the endpoint costs tens of microseconds: look again after 1, 2, 4... ms.
+    if (now - peer.route_checked < peer.route_backoff) return peer.bulk_eager;
+    peer.route_checked = now;
+    peer.route_backoff *= 2;
+    peer.bulk_eager = am_lane_is_shared_memory(endpoint_info(peer.ep));
+    // A shared-memory lane is only ever the outcome of wireup; anything else is final once
+    // wireup had ample time.
+    peer.route_known = peer.bulk_eager || now - peer.connected_at > std::chrono::seconds(2);
+    return peer.bulk_eager;
+  }
+
   void post(ucp_ep_h ep, send_record* record, const wire_header* header, const void* data,
-            std::size_t size) {
+            std::size_t size, unsigned extra_flags) {
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
                          UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_DATATYPE;
     param.cb.send = &impl::on_send_done;
     param.user_data = record;
-    param.flags = UCP_AM_SEND_FLAG_REPLY;
+    param.flags = UCP_AM_SEND_FLAG_REPLY | extra_flags;
     param.datatype = ucp_dt_make_contig(1);
     ucs_status_ptr_t request =
         ucp_am_send_nbx(ep, kAmId, header, sizeof(wire_header), data, size, &param);
@@ -644,6 +815,7 @@ struct node::impl {
     if (!record->failed) {
       stat_sent.fetch_add(1, std::memory_order_relaxed);
       stat_bulk_sent.fetch_add(record->bulk_bytes, std::memory_order_relaxed);
+      stat_bulk_eager.fetch_add(record->bulk_eager, std::memory_order_relaxed);
     }
     in_flight.fetch_sub(1);
     delete record;  // Releases the bulk owners.
@@ -783,7 +955,7 @@ struct node::impl {
     params.err_handler.cb = &impl::on_ep_error;
     params.err_handler.arg = self;
     ucp_ep_h ep = nullptr;
-    ucs_status_t status = ucp_ep_create(self->worker.get(), &params, &ep);
+    ucs_status_t status = ucp_ep_create(self->worker(), &params, &ep);
     if (status != UCS_OK) {
       spdlog::warn("transport: node '{}' could not accept a connection: {}", self->options.name,
                    ucs_status_string(status));
@@ -807,23 +979,27 @@ struct node::impl {
                             std::size_t length, const ucp_am_recv_param_t* param) {
     auto* self = static_cast<impl*>(arg);
     bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    self->holding_data = false;
     if (!(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) return UCS_OK;
     auto it = self->by_ep.find(param->reply_ep);
     if (it == self->by_ep.end()) return UCS_OK;  // A peer we dropped; ignore its stragglers.
     peer_id id = it->second;
     try {
-      return self->receive(self->peers.at(id), header, header_length, data, length, rndv);
+      return self->receive(self->peers.at(id), header, header_length, data, length, param->recv_attr);
     } catch (const error& e) {
       self->fail_peer(id, e);
     } catch (const std::exception& e) {
       self->fail_peer(id, error(errc::internal, e.what()));
     }
-    // The data descriptor (if any) is dropped by UCX when we return an error status.
+    // The data descriptor (if any) is dropped by UCX when we return an error status, unless a
+    // buffer already points into it (it is given back when that buffer goes).
+    if (self->holding_data) return UCS_INPROGRESS;
     return rndv ? UCS_ERR_REJECTED : UCS_OK;
   }
 
   ucs_status_t receive(peer_state& peer, const void* header, std::size_t header_length,
-                       void* data, std::size_t length, bool rndv) {
+                       void* data, std::size_t length, std::uint64_t recv_attr) {
+    const bool rndv = (recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
     if (header_length != sizeof(wire_header))
       fail(errc::invalid_argument, "peer '{}' sent a {}-byte header, expected {}", peer.name,
            header_length, sizeof(wire_header));
@@ -846,7 +1022,7 @@ struct node::impl {
         return UCS_OK;
       }
       case wire_kind::envelope: return receive_envelope(peer, h, data, length);
-      case wire_kind::bulk: return receive_bulk(peer, h, data, length, rndv);
+      case wire_kind::bulk: return receive_bulk(peer, h, data, length, recv_attr);
       case wire_kind::proof: return receive_proof(peer, data, length);
       case wire_kind::welcome: return receive_welcome(peer, data, length);
       case wire_kind::refused: return receive_refused(peer, data, length);
@@ -1013,6 +1189,7 @@ struct node::impl {
 
   void mark_connected(peer_state& peer) {
     peer.phase = peer_phase::connected;
+    peer.connected_at = clock::now();
     {
       std::lock_guard lock(mutex);
       live[peer.id] = peer.name;
@@ -1073,7 +1250,8 @@ struct node::impl {
   }
 
   ucs_status_t receive_bulk(peer_state& peer, const wire_header& h, void* data,
-                            std::size_t length, bool rndv) {
+                            std::size_t length, std::uint64_t recv_attr) {
+    const bool rndv = (recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
     assembly& a = assembly_for(peer, h.seq);
     if (a.bulk.empty()) {
       if (h.count == 0 || h.count > options.limits.max_bulk)
@@ -1099,6 +1277,15 @@ struct node::impl {
              peer.name, h.index, length, expected);
     }
     a.bulk_started[h.index] = true;
+    // Eager data UCX assembled in memory we may keep: hand it over as it is (sent eagerly
+    // because the peer is on shared memory; the copy would cost as much as the transfer).
+    if ((recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA) != 0 && length >= kAdoptMinBytes &&
+        reinterpret_cast<std::uintptr_t>(data) % kBufferAlignment == 0) {
+      a.bulk[h.index] = ucx->adopt(data, length);
+      holding_data = true;
+      bulk_arrived(peer, a, h.index);
+      return UCS_INPROGRESS;
+    }
     byte_buffer buffer = pool->acquire(length);
     if (!rndv) {
       if (length != 0) std::memcpy(buffer.data(), data, length);
@@ -1115,7 +1302,7 @@ struct node::impl {
     param.cb.recv_am = &impl::on_recv_done;
     param.user_data = record;
     param.datatype = ucp_dt_make_contig(1);
-    ucs_status_ptr_t request = ucp_am_recv_data_nbx(worker.get(), data, target, length, &param);
+    ucs_status_ptr_t request = ucp_am_recv_data_nbx(worker(), data, target, length, &param);
     if (request == nullptr) {
       a.bulk[h.index] = std::move(record->buffer);
       delete record;
@@ -1200,7 +1387,7 @@ struct node::impl {
     }
     auto deadline = clock::now() + std::chrono::seconds(2);
     while ((!closing.empty() || !to_close.empty()) && clock::now() < deadline) {
-      ucp_worker_progress(worker.get());
+      ucp_worker_progress(worker());
       flush_closes();
     }
     for (void* request : closing) ucp_request_free(request);
@@ -1318,7 +1505,8 @@ std::size_t node::in_flight() const noexcept { return impl_->in_flight.load(); }
 
 node_stats node::stats() const noexcept {
   return {impl_->stat_sent.load(), impl_->stat_received.load(), impl_->stat_bulk_sent.load(),
-          impl_->stat_bulk_received.load(), impl_->stat_rejected.load(), impl_->stat_refused.load()};
+          impl_->stat_bulk_received.load(), impl_->stat_bulk_eager.load(), impl_->stat_rejected.load(),
+          impl_->stat_refused.load()};
 }
 
 void node::stop() {
@@ -1328,9 +1516,7 @@ void node::stop() {
   impl_->wake();
   if (impl_->thread.joinable()) impl_->thread.join();
   impl_->stopped = true;
-  impl_->listener.reset();
-  impl_->worker.reset();
-  impl_->context.reset();
+  impl_->release_ucx();
 }
 
 }  // namespace shoal::transport

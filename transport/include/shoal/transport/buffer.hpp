@@ -14,7 +14,9 @@ namespace shoal::transport {
 
 /// Owned, 64-byte aligned, uninitialized bytes. Move-only. Buffers received by a `node` come
 /// from a per-node pool and return to it when destroyed (from any thread), so large receives do
-/// not page-fault fresh memory every time.
+/// not page-fault fresh memory every time; large bulk buffers sent eagerly are the memory UCX
+/// assembled them in, and go back to UCX when destroyed (from any thread, even after the node
+/// stopped).
 class byte_buffer {
  public:
   /// How a buffer gives its memory back; `context` is the pool or null for plain heap memory.

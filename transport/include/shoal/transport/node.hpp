@@ -10,10 +10,11 @@
 /// back: each sends HMAC-SHA256(secret, direction, the other's nonce, its own nonce, both
 /// names). No message of a peer is delivered before both proofs passed; a peer that fails is
 /// refused, logged and counted (`node_stats::peers_refused`). Each message is one UCX active
-/// message carrying the Cap'n Proto envelope, followed by one active message per bulk buffer;
-/// UCX moves large bulk messages by rendezvous (zero-copy over RDMA and shared memory where the
-/// transport supports it). The receiver assembles each envelope with its buffers and delivers
-/// messages of one peer in the order that peer sent them.
+/// message carrying the Cap'n Proto envelope, followed by one active message per bulk buffer.
+/// Bulk buffers up to `node_options::eager_bulk_max` go eagerly to peers whose active-message
+/// lane is shared memory; other large ones go by rendezvous (zero-copy over RDMA and shared
+/// memory where the transport supports it). The receiver assembles each envelope with its
+/// buffers and delivers messages of one peer in the order that peer sent them.
 ///
 /// Threading:
 ///  - All UCX calls happen on the node's progress thread; the worker runs in single-thread mode.
@@ -66,8 +67,18 @@ struct node_options {
   std::string transports;
   /// How long `connect` waits for the peer's hello.
   std::chrono::milliseconds connect_timeout{10000};
-  /// How long the progress thread busy-polls after the last activity before sleeping.
-  std::chrono::microseconds spin{200};
+  /// How long the progress thread keeps polling UCX after the last activity before it sleeps
+  /// on the worker's event fd: a reply that comes within this window is seen without a
+  /// wakeup (which costs 8-40 us more per message on a 2-vCPU VM). It spins only after
+  /// activity, so an idle node costs no CPU. 0: sleep as soon as there is nothing to do. The
+  /// environment variable SHOAL_TRANSPORT_SPIN_US, when set, overrides it.
+  std::chrono::microseconds spin{50};
+  /// Bulk buffers up to this many bytes go eagerly to peers whose active-message lane is
+  /// shared memory: through UCX's shared-memory FIFO, assembled in UCX memory on the receiver
+  /// and handed over without a further copy. Larger buffers, and all buffers to other peers,
+  /// go by rendezvous, which the receiver paces and which is zero-copy where the transport
+  /// supports it. 0: always rendezvous.
+  std::size_t eager_bulk_max = std::size_t{8} << 20;
   /// Whether the progress thread yields its core while spinning (kinder to other threads on
   /// an oversubscribed machine; costs throughput when cores are free).
   bool spin_yield = true;
@@ -99,6 +110,8 @@ struct node_stats {
   std::uint64_t messages_received = 0;  ///< Envelopes delivered to `on_message`.
   std::uint64_t bulk_bytes_sent = 0;    ///< Bulk payload bytes whose sends completed.
   std::uint64_t bulk_bytes_received = 0;///< Bulk payload bytes delivered.
+  /// Bulk buffers whose sends completed that went eagerly (see `node_options::eager_bulk_max`).
+  std::uint64_t bulk_sent_eager = 0;
   std::uint64_t messages_rejected = 0;  ///< Malformed messages that failed their peer.
   /// Connections refused because the other end did not prove it holds the join secret
   /// (a peer dialing in without it or with another one, or a listener dialed out to).

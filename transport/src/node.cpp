@@ -938,8 +938,9 @@ struct node::impl {
 
   static void on_connection_request(ucp_conn_request_h request, void* arg) {
     auto* self = static_cast<impl*>(arg);
-    if (self->stopping.load()) {
-      ucp_listener_reject(self->listener.get(), request);
+    if (self->stopping.load() || !self->listener) {
+      // Without the listener (closed at shutdown) there is nothing to reject with.
+      if (self->listener) ucp_listener_reject(self->listener.get(), request);
       return;
     }
     // Queried before the endpoint takes over the request.
@@ -1366,6 +1367,11 @@ struct node::impl {
   // ---- Shutdown ------------------------------------------------------------------------------
 
   void shutdown() {
+    // No new connections first: peers that hear bye below may dial again at once (clients
+    // follow a restarted head), and UCX 1.13 can crash in its connection-request callback
+    // when a request arrives while the listener is being destroyed (openucx/ucx#11087).
+    // Closed now, such a dial is refused by the kernel instead.
+    listener.reset();
     // Pending connects fail; connected peers hear bye, then every endpoint closes with a flush.
     std::vector<peer_id> ids;
     for (auto& [id, peer] : peers) ids.push_back(id);

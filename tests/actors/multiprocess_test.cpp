@@ -815,6 +815,19 @@ double measured_imbalance(shoal::client& client) {
   return s["expert_load"]["imbalance"].get<double>();
 }
 
+// Every admin command under load succeeded and left the streams as an undisturbed run had
+// them; returns the cluster's status afterwards.
+nlohmann::json check_changes_kept_streams(const std::vector<std::pair<std::string, int>>& commands,
+                                          const streams_result& undisturbed, const streams_result& during,
+                                          shoal::client& client) {
+  for (const auto& [out, code] : commands) {
+    INFO(out);
+    CHECK(code == 0);
+  }
+  check_same_streams(undisturbed, during);
+  return nlohmann::json::parse(client.status());
+}
+
 // The nodes whose expert groups route `expert` now.
 std::vector<std::string> holders(const nlohmann::json& status, std::int64_t expert) {
   std::vector<std::string> nodes;
@@ -909,12 +922,7 @@ TEST_CASE("shoal admin moves, copies and drops experts and rebalances under load
                                "move-expert 3 --to experts0", "move-expert 7 --to experts0"})
         moves.push_back(admin(step));
     });
-    for (const auto& [out, code] : moves) {
-      INFO(out);
-      CHECK(code == 0);
-    }
-    check_same_streams(undisturbed, during);
-    auto s = nlohmann::json::parse(client->status());
+    auto s = check_changes_kept_streams(moves, undisturbed, during, *client);
     INFO(s.dump());
     // No step was abandoned and no request recomputed: the moves lost no node, so the steps
     // in flight finished on the old placement. (A machine loaded enough to make a node miss
@@ -1017,12 +1025,7 @@ TEST_CASE("expert copies stream their weights from a running copy to a node with
     for (int e = 16; e < 32; ++e) changes.push_back(admin("move-expert " + std::to_string(e) + " --to experts1"));
     changes.push_back(admin("replicate-expert 3 --to experts1"));
   });
-  for (const auto& [out, code] : changes) {
-    INFO(out);
-    CHECK(code == 0);
-  }
-  check_same_streams(undisturbed, during);
-  auto s = nlohmann::json::parse(client->status());
+  auto s = check_changes_kept_streams(changes, undisturbed, during, *client);
   INFO(s.dump());
   for (int e = 16; e < 32; ++e) CHECK(holders(s, e) == std::vector<std::string>{"experts1"});
   CHECK(holders(s, 3) == std::vector<std::string>{"experts0", "experts1"});

@@ -113,6 +113,16 @@ void check_all_prompts(fixture& f, runtime::engine_options options, int copies, 
   if (stats_out) *stats_out = stats;
 }
 
+// Request `id` ended with `code`, and nothing of it (or of any other request) is left running
+// or holding cache blocks.
+void check_ended_and_freed(collector& c, runtime::engine& engine, std::uint64_t id, errc code) {
+  REQUIRE(c.last(id).error.has_value());
+  CHECK(*c.last(id).error == code);
+  const auto stats = engine.stats();
+  CHECK(stats.cache_blocks_used == 0);
+  CHECK(stats.running == 0);
+}
+
 }  // namespace
 
 TEST_CASE("batched greedy generation reproduces the reference tokens", "[engine][golden]") {
@@ -206,11 +216,7 @@ TEST_CASE("cancellation and deadlines end requests and free their blocks", "[eng
   r.deadline = std::chrono::steady_clock::now() - 1s;
   const auto late = engine.submit(r);
   REQUIRE(c.wait(2));
-  REQUIRE(c.last(late).error.has_value());
-  CHECK(*c.last(late).error == errc::deadline_exceeded);
-  const auto stats = engine.stats();
-  CHECK(stats.cache_blocks_used == 0);
-  CHECK(stats.running == 0);
+  check_ended_and_freed(c, engine, late, errc::deadline_exceeded);
 }
 
 TEST_CASE("a request cancelled or out of time while decoding ends there and frees its blocks", "[engine]") {
@@ -242,22 +248,16 @@ TEST_CASE("a request cancelled or out of time while decoding ends there and free
   };
   id = engine.submit(r);
   REQUIRE(c.wait(1));
-  REQUIRE(c.last(id).error.has_value());
-  CHECK(*c.last(id).error == errc::cancelled);
+  check_ended_and_freed(c, engine, id, errc::cancelled);
   CHECK(c.tokens(id).size() == 3);
-  CHECK(engine.stats().cache_blocks_used == 0);
 
   seen = 0;
   deadline = std::chrono::steady_clock::now() + 3s;
   r.deadline = deadline;
   id = engine.submit(r);
   REQUIRE(c.wait(2, 30s));
-  REQUIRE(c.last(id).error.has_value());
-  CHECK(*c.last(id).error == errc::deadline_exceeded);
+  check_ended_and_freed(c, engine, id, errc::deadline_exceeded);
   CHECK(c.tokens(id).size() == 3);
-  const auto stats = engine.stats();
-  CHECK(stats.cache_blocks_used == 0);
-  CHECK(stats.running == 0);
 }
 
 TEST_CASE("shutdown without draining cancels the requests decoding and waiting, then refuses new ones", "[engine]") {

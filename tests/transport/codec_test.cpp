@@ -54,6 +54,30 @@ tp::outgoing_message make_dispatch() {
   return msg;
 }
 
+// Valid envelopes of several kinds (expert dispatch with bulk, placement table, chat request)
+// as the bytes a peer sends: seeds for the mutation tests.
+std::vector<std::vector<std::byte>> seed_envelopes() {
+  std::vector<std::vector<std::byte>> seeds;
+  seeds.push_back(to_vector(tp::encode_envelope(make_dispatch())));
+  {
+    tp::outgoing_message msg;
+    auto table = msg.envelope().getBody().initPlacementTable();
+    table.initStages(3)[2].getAddress().setNode("node-with-a-name");
+    table.initExperts(2)[1].initExperts(16).set(15, 255);
+    seeds.push_back(to_vector(tp::encode_envelope(msg)));
+  }
+  {
+    tp::outgoing_message msg;
+    auto request = msg.envelope().getBody().initGenerateRequest();
+    auto chat = request.getPrompt().initChat(2);
+    chat[0].setRole("user");
+    chat[1].setContent("tell me about mixture of experts");
+    request.getSampling().initStop(2).set(1, "</s>");
+    seeds.push_back(to_vector(tp::encode_envelope(msg)));
+  }
+  return seeds;
+}
+
 // Decodes or throws shoal::error; anything else (a crash, another exception) fails the test.
 // A decoded message must be fully readable without throwing.
 bool decodes(std::span<const std::byte> bytes) {
@@ -241,24 +265,7 @@ TEST_CASE("garbage bytes are rejected without a crash", "[transport][codec][fuzz
   CHECK(random_rejected > 0);
 
   // Mutations of valid envelopes of several kinds: flipped bits, overwritten bytes, truncation.
-  std::vector<std::vector<std::byte>> seeds;
-  seeds.push_back(to_vector(tp::encode_envelope(make_dispatch())));
-  {
-    tp::outgoing_message msg;
-    auto table = msg.envelope().getBody().initPlacementTable();
-    table.initStages(3)[2].getAddress().setNode("node-with-a-name");
-    table.initExperts(2)[1].initExperts(16).set(15, 255);
-    seeds.push_back(to_vector(tp::encode_envelope(msg)));
-  }
-  {
-    tp::outgoing_message msg;
-    auto request = msg.envelope().getBody().initGenerateRequest();
-    auto chat = request.getPrompt().initChat(2);
-    chat[0].setRole("user");
-    chat[1].setContent("tell me about mixture of experts");
-    request.getSampling().initStop(2).set(1, "</s>");
-    seeds.push_back(to_vector(tp::encode_envelope(msg)));
-  }
+  auto seeds = seed_envelopes();
   int mutated_ok = 0, mutated_rejected = 0;
   deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   for (int i = 0; i < 60000 && std::chrono::steady_clock::now() < deadline; ++i) {
@@ -333,24 +340,7 @@ TEST_CASE("the planned field check accepts and refuses exactly what the dynamic 
       return false;
     }
   };
-  std::vector<std::vector<std::byte>> seeds;
-  seeds.push_back(to_vector(tp::encode_envelope(make_dispatch())));
-  {
-    tp::outgoing_message msg;
-    auto table = msg.envelope().getBody().initPlacementTable();
-    table.initStages(3)[2].getAddress().setNode("node-with-a-name");
-    table.initExperts(2)[1].initExperts(16).set(15, 255);
-    seeds.push_back(to_vector(tp::encode_envelope(msg)));
-  }
-  {
-    tp::outgoing_message msg;
-    auto request = msg.envelope().getBody().initGenerateRequest();
-    auto chat = request.getPrompt().initChat(2);
-    chat[0].setRole("user");
-    chat[1].setContent("tell me about mixture of experts");
-    request.getSampling().initStop(2).set(1, "</s>");
-    seeds.push_back(to_vector(tp::encode_envelope(msg)));
-  }
+  auto seeds = seed_envelopes();
   {
     tp::outgoing_message msg;
     auto beat = msg.envelope().getBody().initHeartbeat();

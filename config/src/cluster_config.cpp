@@ -7,6 +7,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <tuple>
 #include <charconv>
 #include <cmath>
 #include <fstream>
@@ -117,6 +118,15 @@ struct parser {
 
 }  // namespace
 
+std::optional<std::pair<std::string, std::uint16_t>> parse_host_port(std::string_view text) {
+  const auto colon = text.rfind(':');
+  if (colon == std::string_view::npos || colon == 0 || colon + 1 == text.size()) return std::nullopt;
+  int port = 0;
+  const auto r = std::from_chars(text.data() + colon + 1, text.data() + text.size(), port);
+  if (r.ec != std::errc() || r.ptr != text.data() + text.size() || port <= 0 || port > 65535) return std::nullopt;
+  return std::pair{std::string(text.substr(0, colon)), static_cast<std::uint16_t>(port)};
+}
+
 const node_spec* cluster_config::find_node(std::string_view name) const noexcept {
   for (const auto& n : nodes)
     if (n.name == name) return &n;
@@ -226,16 +236,10 @@ cluster_config parse_cluster_config(std::string_view yaml_text, const std::files
         if (other.name == mv.name) p.error(mv.line, fmt::format("version '{}' is defined twice", mv.name));
       if (!v["head"]) p.error(mv.line, fmt::format("version '{}' has no 'head' (HOST:PORT of its head node)", mv.name));
       const auto head = p.string_at(v["head"], "head");
-      const auto colon = head.rfind(':');
-      std::int64_t port = 0;
-      const bool numeric = colon != std::string::npos && colon + 1 < head.size() &&
-                           head.find_first_not_of("0123456789", colon + 1) == std::string::npos &&
-                           head.size() - colon - 1 <= 5;
-      if (numeric) port = std::stoll(head.substr(colon + 1));
-      if (!numeric || colon == 0 || port < 1 || port > 65535)
+      const auto address = parse_host_port(head);
+      if (!address)
         p.error(line_of(v["head"]), fmt::format("version '{}': head '{}' must be HOST:PORT", mv.name, head));
-      mv.host = head.substr(0, colon);
-      mv.port = static_cast<std::uint16_t>(port);
+      std::tie(mv.host, mv.port) = *address;
       c.versions.push_back(std::move(mv));
     }
   }

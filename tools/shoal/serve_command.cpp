@@ -545,12 +545,8 @@ std::optional<std::vector<head_endpoint>> head_addresses(const std::string& spec
 
 // HOST:PORT of a running cluster's head node, or nothing when `spec` is not one.
 std::optional<std::pair<std::string, std::uint16_t>> head_address(const std::string& spec) {
-  const auto colon = spec.rfind(':');
-  if (colon == std::string::npos || colon == 0 || colon + 1 == spec.size() || std::filesystem::exists(spec)) return std::nullopt;
-  int port = 0;
-  const auto r = std::from_chars(spec.data() + colon + 1, spec.data() + spec.size(), port);
-  if (r.ec != std::errc() || r.ptr != spec.data() + spec.size() || port <= 0 || port > 65535) return std::nullopt;
-  return std::pair{spec.substr(0, colon), static_cast<std::uint16_t>(port)};
+  if (std::filesystem::exists(spec)) return std::nullopt;
+  return config::parse_host_port(spec);
 }
 
 }  // namespace shoal::tools

@@ -8,8 +8,10 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace shoal::config {
@@ -43,6 +45,10 @@ struct expert_group_spec {
   /// expert node (same experts, same weights).
   int copy = 0;
 };
+
+/// HOST:PORT split at its last colon, the port a whole number in [1, 65535]; nothing when
+/// `text` is not that.
+std::optional<std::pair<std::string, std::uint16_t>> parse_host_port(std::string_view text);
 
 /// Another deployment serving another version of the model, which this cluster's head may
 /// send a share of its requests to (canary, rollback).

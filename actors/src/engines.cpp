@@ -36,12 +36,6 @@ std::string read_config_json(const std::filesystem::path& model) {
   return text.str();
 }
 
-std::size_t matrix_bytes(const kernels::matrix_view& m) { return static_cast<std::size_t>(m.bytes()); }
-
-std::int64_t scale_rows(const kernels::matrix_view& m) {
-  return (m.rows + kernels::matrix_view::kBlock - 1) / kernels::matrix_view::kBlock;
-}
-
 }  // namespace
 
 expert_engine::expert_engine(const std::filesystem::path& model, std::vector<std::uint32_t> experts, int threads,
@@ -121,7 +115,7 @@ weights_part expert_engine::weights_part_of(const std::vector<std::uint32_t>& re
     if (!c.is_moe_layer(l)) continue;
     for (auto e : ids) {
       const auto& w = layers[static_cast<std::size_t>(l)].experts[e];
-      pairs.push_back({l, e, matrix_bytes(w.gate) + matrix_bytes(w.up) + matrix_bytes(w.down)});
+      pairs.push_back({l, e, static_cast<std::size_t>(w.gate.bytes() + w.up.bytes() + w.down.bytes())});
     }
   }
   if (pairs.empty()) shoal::fail(errc::failed_precondition, "the model has no MoE layer: no expert weights to send");
@@ -147,9 +141,9 @@ weights_part expert_engine::weights_part_of(const std::vector<std::uint32_t>& re
       tensors.push_back({prefix + name + ".weight", m->type, {m->rows, m->cols},
                          {data, static_cast<std::size_t>(m->rows * m->cols) * kernels::dtype_size(m->type)}});
       if (m->type == kernels::dtype::f8_e4m3)
-        tensors.push_back({prefix + name + ".weight_scale_inv", kernels::dtype::f32, {scale_rows(*m), m->scale_cols()},
+        tensors.push_back({prefix + name + ".weight_scale_inv", kernels::dtype::f32, {m->scale_rows(), m->scale_cols()},
                            std::as_bytes(std::span(m->scale_inv,
-                                                   static_cast<std::size_t>(scale_rows(*m) * m->scale_cols())))});
+                                                   static_cast<std::size_t>(m->scale_rows() * m->scale_cols())))});
     }
   }
   return weights_part{.part = part, .parts = parts, .config_json = config_json_,

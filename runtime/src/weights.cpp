@@ -53,7 +53,7 @@ class loader {
       const tensor_ref scale = require(scale_name);
       if (scale.entry->type != dtype::f32)
         fail_tensor(scale, fmt::format("dtype {}, expected F32", scale.entry->dtype_name));
-      check_shape(scale, {(rows + 127) / 128, (cols + 127) / 128});
+      check_shape(scale, {view.scale_rows(), view.scale_cols()});
       view.scale_inv = static_cast<const float*>(hold(scale));
     } else if (files_.find(scale_name).entry) {
       fail_tensor(files_.find(scale_name), "a block scale for a tensor that is not F8_E4M3");

@@ -20,12 +20,14 @@ struct matrix_view {
   const float* scale_inv = nullptr;
   static constexpr std::int64_t kBlock = 128;  ///< FP8 block edge (rows and columns).
 
+  /// Number of scale blocks along the rows.
+  std::int64_t scale_rows() const noexcept { return (rows + kBlock - 1) / kBlock; }
   /// Number of scale blocks along the columns.
   std::int64_t scale_cols() const noexcept { return (cols + kBlock - 1) / kBlock; }
   /// Bytes a full read of the matrix touches (elements plus scales).
   std::int64_t bytes() const noexcept {
     std::int64_t total = rows * cols * static_cast<std::int64_t>(dtype_size(type));
-    if (scale_inv) total += ((rows + kBlock - 1) / kBlock) * scale_cols() * 4;
+    if (scale_inv) total += scale_rows() * scale_cols() * 4;
     return total;
   }
   /// The exact fp32 value of element (row, col).

@@ -17,7 +17,6 @@ namespace shoal::actors {
 
 /// The connection to another deployment's head and the requests forwarded there.
 struct version_link {
-  std::string name;
   std::string host;
   std::uint16_t port = 0;
   std::string join_secret;
@@ -439,7 +438,6 @@ router_actor::behavior_type make_router(router_actor::stateful_pointer<router_st
                            .requests = 0, .fallbacks = 0, .link = nullptr});
     for (const auto& v : options.versions) {
       auto link = std::make_shared<version_link>();
-      link->name = v.name;
       link->host = v.host;
       link->port = v.port;
       link->join_secret = options.join_secret;

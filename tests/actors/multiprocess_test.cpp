@@ -1182,14 +1182,24 @@ TEST_CASE("shoal admin split shares requests between two model versions; an unre
   CHECK(v1->stop() == 0);
 }
 
-TEST_CASE("shoal launch on SIGTERM stops and reaps every node process it started", "[signals]") {
-  launched_cluster c;
+namespace {
+
+// The process ids of the 4 nodes `shoal launch` started, head (stage0) first.
+std::vector<pid_t> node_pids(const launched_cluster& c) {
   std::vector<pid_t> nodes;
   for (const char* name : {"stage0", "stage1", "experts0", "experts1"}) {
     nodes.push_back(node_pid(c.launch->pid, name));
     CAPTURE(name);
     REQUIRE(nodes.back() > 0);
   }
+  return nodes;
+}
+
+}  // namespace
+
+TEST_CASE("shoal launch on SIGTERM stops and reaps every node process it started", "[signals]") {
+  launched_cluster c;
+  const auto nodes = node_pids(c);
   CHECK(c.launch->stop() == 0);
   // Reaped by launch before it exited: not even zombies are left.
   for (const auto pid : nodes) {
@@ -1201,12 +1211,7 @@ TEST_CASE("shoal launch on SIGTERM stops and reaps every node process it started
 
 TEST_CASE("without a standby, shoal launch stops every node and exits 2 when the head dies", "[signals]") {
   launched_cluster c;
-  std::vector<pid_t> nodes;
-  for (const char* name : {"stage0", "stage1", "experts0", "experts1"}) {
-    nodes.push_back(node_pid(c.launch->pid, name));
-    CAPTURE(name);
-    REQUIRE(nodes.back() > 0);
-  }
+  const auto nodes = node_pids(c);
   REQUIRE(::kill(nodes[0], SIGKILL) == 0);  // stage0 is the head
   const int status = c.launch->wait_exit(std::chrono::seconds(40));
   CHECK(WIFEXITED(status));

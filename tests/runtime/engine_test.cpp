@@ -113,6 +113,25 @@ void check_all_prompts(fixture& f, runtime::engine_options options, int copies, 
   if (stats_out) *stats_out = stats;
 }
 
+// 64 blocks of 8 positions, no prefix reuse: every block a request holds is its own.
+runtime::engine_options small_cache_options() {
+  runtime::engine_options options;
+  options.cache_blocks = 64;
+  options.block_tokens = 8;
+  options.prefix_cache = false;
+  return options;
+}
+
+// A seeded sampled request that would run for 400 tokens unless something ends it.
+runtime::generation_request long_sampled_request() {
+  runtime::generation_request r;
+  r.prompt = {5, 6, 7};
+  r.limits.max_tokens = 400;
+  r.sampling.temperature = 1.0f;
+  r.sampling.seed = 3;
+  return r;
+}
+
 // Request `id` ended with `code`, and nothing of it (or of any other request) is left running
 // or holding cache blocks.
 void check_ended_and_freed(collector& c, runtime::engine& engine, std::uint64_t id, errc code) {
@@ -195,17 +214,9 @@ TEST_CASE("requests arriving together with a shared prefix compute it once", "[e
 
 TEST_CASE("cancellation and deadlines end requests and free their blocks", "[engine]") {
   fixture f("tiny-a-bf16");
-  runtime::engine_options options;
-  options.cache_blocks = 64;
-  options.block_tokens = 8;
-  options.prefix_cache = false;
-  runtime::engine engine(f.net, f.tok, options);
+  runtime::engine engine(f.net, f.tok, small_cache_options());
   collector c;
-  runtime::generation_request r;
-  r.prompt = {5, 6, 7};
-  r.limits.max_tokens = 400;
-  r.sampling.temperature = 1.0f;
-  r.sampling.seed = 3;
+  auto r = long_sampled_request();
   r.on_event = c.sink();
   const auto id = engine.submit(r);
   engine.cancel(id);
@@ -221,22 +232,14 @@ TEST_CASE("cancellation and deadlines end requests and free their blocks", "[eng
 
 TEST_CASE("a request cancelled or out of time while decoding ends there and frees its blocks", "[engine]") {
   fixture f("tiny-a-bf16");
-  runtime::engine_options options;
-  options.cache_blocks = 64;
-  options.block_tokens = 8;
-  options.prefix_cache = false;
-  runtime::engine engine(f.net, f.tok, options);
+  runtime::engine engine(f.net, f.tok, small_cache_options());
   collector c;
   // The sink runs on the engine thread between steps: acting there at the third token puts
   // the cancel or the passed deadline exactly between the third and the fourth token.
   const auto sink = c.sink();
   std::size_t seen = 0;
   std::optional<std::chrono::steady_clock::time_point> deadline;
-  runtime::generation_request r;
-  r.prompt = {5, 6, 7};
-  r.limits.max_tokens = 400;
-  r.sampling.temperature = 1.0f;
-  r.sampling.seed = 3;
+  auto r = long_sampled_request();
   std::uint64_t id = 0;
   r.on_event = [&](const runtime::generation_event& e) {
     sink(e);

@@ -8,6 +8,7 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
+#include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <arpa/inet.h>
@@ -42,6 +43,16 @@
 namespace shoal::transport {
 
 namespace {
+
+// Logs go to stderr: a node's stdout carries the JSON lines (ready, events) that `shoal
+// launch` and scripts read, and a warning there would be taken for one.
+spdlog::logger& transport_log() {
+  static const std::shared_ptr<spdlog::logger> logger = [] {
+    if (auto existing = spdlog::get("shoal.transport")) return existing;
+    return spdlog::stderr_logger_mt("shoal.transport");
+  }();
+  return *logger;
+}
 
 using clock = std::chrono::steady_clock;
 
@@ -903,7 +914,7 @@ struct node::impl {
     if (dialing(peer)) {
       if (peer.waiter) peer.waiter->finish(0, std::move(reason));
     } else if (peer.phase == peer_phase::connected) {
-      spdlog::warn("transport: peer '{}' ({}) failed: {}", peer.name, id, reason.what());
+      transport_log().warn("transport: peer '{}' ({}) failed: {}", peer.name, id, reason.what());
       events.push_back(failed_event{id, std::move(reason)});
     }
     drop_peer(id, /*force=*/true);
@@ -916,7 +927,7 @@ struct node::impl {
       try {
         std::visit([this](auto& e) { deliver(e); }, ev);
       } catch (const std::exception& e) {
-        spdlog::error("transport: a callback of node '{}' threw: {}", options.name, e.what());
+        transport_log().error("transport: a callback of node '{}' threw: {}", options.name, e.what());
       }
     }
   }
@@ -958,7 +969,7 @@ struct node::impl {
     ucp_ep_h ep = nullptr;
     ucs_status_t status = ucp_ep_create(self->worker(), &params, &ep);
     if (status != UCS_OK) {
-      spdlog::warn("transport: node '{}' could not accept a connection: {}", self->options.name,
+      transport_log().warn("transport: node '{}' could not accept a connection: {}", self->options.name,
                    ucs_status_string(status));
       return;
     }
@@ -1062,7 +1073,7 @@ struct node::impl {
     if (h.version != schema_version) {
       // It learns our version from the ack and gives up; we just forget it.
       send_control(peer, wire_kind::hello_ack, options.name);
-      spdlog::warn("transport: refused node '{}': it speaks schema version {}, this node {}",
+      transport_log().warn("transport: refused node '{}': it speaks schema version {}, this node {}",
                    peer.name, h.version, schema_version);
       drop_peer(peer.id, /*force=*/false);
       return UCS_OK;
@@ -1134,7 +1145,7 @@ struct node::impl {
     if (!proof_matches(expected, data, length)) {
       const std::string why = length == 0 ? "it has no join secret" : "its join secret differs from this node's";
       stat_refused.fetch_add(1, std::memory_order_relaxed);
-      spdlog::warn("transport: node '{}' refused a connection from {} calling itself '{}': {} (refused so far: {})",
+      transport_log().warn("transport: node '{}' refused a connection from {} calling itself '{}': {} (refused so far: {})",
                    options.name, peer.address, peer.name, why, stat_refused.load());
       send_control(peer, wire_kind::refused,
                    fmt::format("{} requires the cluster's join secret: {}", options.name, why));

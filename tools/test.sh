@@ -21,14 +21,29 @@ report_skips() {
   fi
 }
 
+# Each failed assertion of the failed tests, with its expansion and messages, again at the
+# very end: a failing test's own output can be thousands of node log lines long.
+report_failures() {
+  if [ -f "$1/Testing/Temporary/LastTest.log" ]; then
+    awk '/^[0-9]+\/[0-9]+ Testing: / { test = $3 }
+         after_rule && !/^-+$/ && !/:[0-9]+$/ { test_case = $0 }
+         { after_rule = length($0) >= 70 && /^-+$/ }
+         /: FAILED:$/ { left = 24; print "--- " test ", test case \"" test_case "\":" }
+         left > 0 { if ($0 ~ /^(-----|=====)/) left = 0; else { print; left-- } }' \
+      "$1/Testing/Temporary/LastTest.log" | head -n 400
+  fi
+}
+
 cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHOAL_WERROR=$werror -DSHOAL_BUILD_TESTS=ON
 cmake --build "$build_dir" -j "$(nproc)"
 status=0
 (cd "$build_dir" && ctest --output-on-failure --timeout 900 -j "$(nproc)" "$@") || status=$?
 report_skips "$build_dir"
+main_status=$status
 
 if [ "${SHOAL_SKIP_SANITIZE:-}" = "1" ] && [ "${CI:-}" != "true" ]; then
   echo "test.sh: SHOAL_SKIP_SANITIZE=1: the sanitizer and fuzzing stage did not run"
+  [ "$status" -eq 0 ] || report_failures "$build_dir"
   exit $status
 fi
 
@@ -62,6 +77,10 @@ cmake --build "$san_dir" -j "$(nproc)" --target "${targets[@]}"
 pattern="^($(IFS='|'; echo "${san_tests[*]}")|fuzz_.*)\$"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
-(cd "$san_dir" && ctest --output-on-failure --timeout 900 -j "$(nproc)" -R "$pattern") || status=$?
+san_status=0
+(cd "$san_dir" && ctest --output-on-failure --timeout 900 -j "$(nproc)" -R "$pattern") || san_status=$?
 report_skips "$san_dir"
+[ "$main_status" -eq 0 ] || report_failures "$build_dir"
+[ "$san_status" -eq 0 ] || report_failures "$san_dir"
+[ "$san_status" -eq 0 ] || status=$san_status
 exit $status

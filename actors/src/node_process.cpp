@@ -199,6 +199,7 @@ node_process::node_process(node_process_options options) : impl_(std::make_uniqu
   ro.head = cluster.head;
   ro.standby = cluster.standby;
   ro.call_timeout = t.step_timeout;
+  ro.control_timeout = t.ready_timeout;
   ro.connect_timeout = std::chrono::milliseconds(std::min<std::int64_t>(t.ready_timeout.count(), 5000));
   ro.stages_hold_experts = cluster.expert_groups.empty();
   if (!cluster.join_secret_file.empty()) ro.join_secret = transport::read_join_secret(cluster.join_secret_file);

@@ -520,6 +520,7 @@ caf::behavior make_proxy(caf::stateful_actor<proxy_state>* self, std::shared_ptr
 
 caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fabric> weak) {
   const auto timeout = weak.lock()->options().call_timeout;
+  const auto control_timeout = weak.lock()->options().control_timeout;
   // Replies go back on the connection the call came in on, from the actor it was sent to.
   auto reply = [weak](const inbound& in, auto&& fill) {
     auto book = weak.lock();
@@ -557,7 +558,7 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
     auto target = caf::actor_cast<node_agent_actor>(local(in));
     if (!target) return missing(in);
     const auto actor = command.actor;
-    self->request(target, timeout, std::move(command))
+    self->request(target, control_timeout, std::move(command))
         .then([reply, in, actor](ok_atom) { reply(in, [&](auto& m) { encode_spawn_reply(m, actor, std::nullopt); }); },
               [reply, in, actor](caf::error& e) {
                 reply(in, [&](auto& m) { encode_spawn_reply(m, actor, from_caf_error(e)); });
@@ -577,7 +578,7 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
         r.setJson(json);
       });
     };
-    self->request(target, timeout, std::move(message)...)
+    self->request(target, control_timeout, std::move(message)...)
         .then([answer](std::string& json) { answer(json, std::nullopt); },
               [answer](caf::error& e) { answer({}, from_caf_error(e)); });
   };
@@ -610,10 +611,10 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
         };
         auto on_error = [spawn_reply](caf::error& e) { spawn_reply(from_caf_error(e)); };
         if (in.receiver == actor_ids::router)
-          self->request(caf::actor_cast<router_actor>(target), timeout, wire_atom::value, std::move(t))
+          self->request(caf::actor_cast<router_actor>(target), control_timeout, wire_atom::value, std::move(t))
               .then([spawn_reply](ok_atom) { spawn_reply(std::nullopt); }, on_error);
         else
-          self->request(caf::actor_cast<stage_actor>(target), timeout, wire_atom::value, std::move(t))
+          self->request(caf::actor_cast<stage_actor>(target), control_timeout, wire_atom::value, std::move(t))
               .then([spawn_reply](ok_atom) { spawn_reply(std::nullopt); }, on_error);
       },
       [=](inbound& in, spawn_stage_cmd& c) { to_agent(in, std::move(c)); },
@@ -622,7 +623,7 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
       [=](inbound& in, weights_request& r) {
         auto target = caf::actor_cast<node_agent_actor>(local(in));
         if (!target) return missing(in);
-        self->request(target, timeout, std::move(r))
+        self->request(target, control_timeout, std::move(r))
             .then([reply, in](weights_part& p) { reply(in, [&](auto& m) { encode(m, std::move(p)); }); },
                   [reply, in](caf::error& e) {
                     reply(in, [&](auto& m) {
@@ -646,7 +647,7 @@ caf::behavior make_bridge(caf::event_based_actor* self, std::weak_ptr<remote_fab
             r.setEpoch(epoch);
           });
         };
-        self->request(target, timeout, join_atom::value, std::move(j), agent)
+        self->request(target, control_timeout, join_atom::value, std::move(j), agent)
             .then([join_reply](std::uint64_t epoch) { join_reply(epoch, std::nullopt); },
                   [join_reply](caf::error& e) { join_reply(0, from_caf_error(e)); });
       },
@@ -1165,13 +1166,11 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         return;
       }
       case schema::Envelope::Body::HEARTBEAT: {
-        bool is_reply = false;
-        {
-          std::lock_guard lock(mutex_);
-          is_reply = in.correlation != 0 && pending_.count(in.correlation) > 0;
-        }
         const auto h = body.getHeartbeat();
-        if (is_reply) {
+        // An answer says so: a peer's ping numbers its call with the peer's own counter, which
+        // can equal the id of a call this node is waiting on (a ping taken for that call's
+        // answer went unanswered, and the call got a heartbeat for its reply).
+        if (h.getAnswer()) {
           heartbeat answered;
           answered.epoch = env.getEpoch();
           answered.sequence = h.getSequence();
@@ -1213,13 +1212,29 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
             return;
           }
         }
-        observe_epoch(env.getEpoch(), h.getFence());
-        if (h.getHeadState().size() > 0) {
+        // Epochs, fences, evictions and the head's state count only from the head or the
+        // standby, as announced on this connection: clients and other nodes ping too, and a
+        // client's ping must not make this node drop its connections.
+        bool from_supervisor = options_.head.empty();
+        if (!from_supervisor && (in.sender.node == options_.head || in.sender.node == options_.standby)) {
           std::lock_guard lock(mutex_);
-          head_state_ = h.getHeadState().cStr();
+          const auto it = names_.find(peer);
+          from_supervisor = it != names_.end() && it->second == in.sender.node;
         }
-        for (auto name : h.getEvicted())
-          if (std::string(name.cStr()) != options_.node) evict(name.cStr(), env.getEpoch());
+        if (from_supervisor) {
+          observe_epoch(env.getEpoch(), h.getFence());
+          if (h.getHeadState().size() > 0) {
+            std::lock_guard lock(mutex_);
+            head_state_ = h.getHeadState().cStr();
+          }
+          for (auto name : h.getEvicted())
+            if (std::string(name.cStr()) != options_.node) evict(name.cStr(), env.getEpoch());
+        } else if (h.getEvicted().size() > 0 || h.getHeadState().size() > 0) {
+          count_refusal(refusal::not_permitted);
+          wire_log().warn("[{}] ignored the evictions and head state in a ping from '{}' (peer {}): only the head "
+                          "and the standby send them",
+                          options_.node, in.sender.node, peer);
+        }
         heartbeat answer_beat;
         answer_beat.epoch = epoch();
         answer_beat.sequence = h.getSequence();
@@ -1235,6 +1250,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
           }
         auto m = envelope({options_.node, in.receiver}, in.sender, in.correlation, epoch());
         encode(m, answer_beat, options_.node);
+        m.envelope().getBody().getHeartbeat().setAnswer(true);
         send_to_peer(peer, std::move(m));
         return;
       }

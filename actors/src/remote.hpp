@@ -40,7 +40,10 @@ struct remote_options {
   std::string standby;
   /// Called (on the transport's thread) when the last connection to a node is lost.
   std::function<void(const std::string& node)> on_node_lost;
-  std::chrono::milliseconds call_timeout{60000};     ///< Local calls made for remote callers.
+  std::chrono::milliseconds call_timeout{60000};     ///< Local steps and expert calls made for remote callers.
+  /// Local spawns, retirements, wiring, joins, weight parts and status calls made for remote
+  /// callers: loading a checkpoint takes minutes, whatever one step may take.
+  std::chrono::milliseconds control_timeout{120000};
   std::chrono::milliseconds connect_timeout{10000};  ///< One connection attempt.
   bool stages_hold_experts = true;                   ///< Stages spawned here compute their experts.
   std::string join_secret;                           ///< The cluster's join secret; empty: none.

@@ -207,7 +207,11 @@ void send_step(self_ptr self, std::vector<runtime::scheduled_chunk> chunks) {
                 err.code() == errc::deadline_exceeded) {
               // A node is gone or going: keep the requests, and step again after a pause or
               // on the placement the supervisor wires next, whichever comes first.
-              abandon_step(self, shoal::error(err.code(), fmt::format("pipeline step failed: {}", err.what())));
+              const auto why = e.category() == caf::atom("system") && static_cast<caf::sec>(e.code()) == caf::sec::request_timeout
+                                   ? fmt::format("pipeline step got no answer within the step deadline ({} ms)",
+                                                 st.options.step_timeout.count())
+                                   : fmt::format("pipeline step failed: {}", err.what());
+              abandon_step(self, shoal::error(err.code(), why));
               st.paused = true;
               self->delayed_send(self, st.options.retry_pause, tick_atom::value);
               return;

@@ -1274,7 +1274,7 @@ class raw_peer {
       std::lock_guard lock(mutex_);
       const auto env = m.envelope();
       const auto body = env.getBody();
-      reply r{.kind = body.which(), .correlation = env.getBatchId(), .code = schema::ErrorCode::OK, .message = {}};
+      reply r{.kind = body.which(), .correlation = env.getBatchId(), .code = schema::ErrorCode::OK, .message = {}, .heartbeat_answer = false};
       auto status = [&](schema::Status::Reader s) {
         r.code = s.getCode();
         r.message = s.getMessage().cStr();
@@ -1284,6 +1284,7 @@ class raw_peer {
         case schema::Envelope::Body::SPAWN_REPLY: status(body.getSpawnReply().getStatus()); break;
         case schema::Envelope::Body::JOIN_REPLY: status(body.getJoinReply().getStatus()); break;
         case schema::Envelope::Body::WEIGHTS_REPLY: status(body.getWeightsReply().getStatus()); break;
+        case schema::Envelope::Body::HEARTBEAT: r.heartbeat_answer = body.getHeartbeat().getAnswer(); break;
         default: break;
       }
       replies_.push_back(std::move(r));
@@ -1301,6 +1302,7 @@ class raw_peer {
     std::uint64_t correlation;
     schema::ErrorCode code;
     std::string message;
+    bool heartbeat_answer = false;
   };
 
   // An envelope from `from_node` to actor `to` of `node`, call `correlation`, placement `epoch`.
@@ -1472,6 +1474,22 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
     intruder.send(std::move(m));
     want.push_back({call, schema::ErrorCode::FAILED_PRECONDITION, "node 'intruder' is not in the cluster config"});
   }
+  // A ping naming a node as evicted, from a peer that is neither the head nor the standby: it
+  // is answered (clients ping the head), its eviction ignored and counted.
+  const auto ping = ++call;
+  {
+    auto m = raw_peer::envelope("intruder", "stage0", shoal::actors::actor_ids::node_agent, ping, epoch + 1);
+    auto h = m.envelope().getBody().initHeartbeat();
+    h.setNode("intruder");
+    h.setSequence(1);
+    h.initEvicted(1).set(0, "stage1");
+    h.setFence(epoch + 1);
+    intruder.send(std::move(m));
+  }
+  const auto pong = intruder.answer(ping);
+  REQUIRE(pong);
+  CHECK(pong->kind == schema::Envelope::Body::HEARTBEAT);
+  CHECK(pong->heartbeat_answer);
   for (const auto& w : want) {
     CAPTURE(w.call, w.says);
     const auto r = intruder.answer(w.call);
@@ -1484,7 +1502,7 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
   CHECK(added("malformed") == 4);
   CHECK(added("stale_epoch") == 1);
   CHECK(added("unknown_receiver") == 1);
-  CHECK(added("not_permitted") == 5);
+  CHECK(added("not_permitted") == 6);
   // Nothing was placed or spawned: the same epoch and stages, and every node still joined.
   const auto [now_text, now_code] = output_of(std::string(SHOAL_BINARY) + " admin status --json --cluster " + head);
   REQUIRE(now_code == 0);
@@ -1494,6 +1512,64 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
   CHECK(now["stages"] == status["stages"]);
   for (const auto& n : now["nodes"]) CHECK(n["down"] == false);
   // ...and the cluster still computes the reference tokens.
+  check_cluster("127.0.0.1", c.ports[0]);
+  CHECK(c.launch->stop() == 0);
+}
+
+TEST_CASE("a frozen expert node, heartbeats off, ends the request at the step deadline; pings are still answered",
+          "[healing]") {
+  // A step deadline (3 s) shorter than the expert deadline (30 s): the router gives up on each
+  // step, replays it up to replay_limit times, then ends the request with the step deadline.
+  // A step deadline shorter than loading the weights must not keep the cluster from starting.
+  launched_cluster c("heartbeat_ms: 0\nreplay_limit: 5\n", "plan:\n", {}, {}, "", {"--step-timeout", "3"});
+  auto client = shoal::client::connect("127.0.0.1", c.ports[0], std::chrono::seconds(10));
+  const pid_t experts1 = node_pid(c.launch->pid, "experts1");
+  REQUIRE(experts1 > 0);
+  REQUIRE(::kill(experts1, SIGSTOP) == 0);
+  const auto started = clock_type::now();
+  const auto id = client->submit({.prompt = {3, 5, 7}, .sampling = {}, .max_tokens = 2, .stop_tokens = {},
+                                  .want_logits = false, .deadline = {}});
+  // While the head's call to the frozen expert waits, pings numbered by another process (as
+  // clients ping the head) take every call id up to 3000, the waiting call's among them: each
+  // must be answered as a ping and none taken for the expert's answer.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  raw_peer pinger(c.ports[0], "pinger");
+  constexpr std::uint64_t kPings = 3000;
+  for (std::uint64_t call = 1; call <= kPings; ++call) {
+    auto m = raw_peer::envelope("pinger", "stage0", shoal::actors::actor_ids::node_agent, call, 0);
+    auto h = m.envelope().getBody().initHeartbeat();
+    h.setNode("pinger");
+    h.setSequence(call);
+    pinger.send(std::move(m));
+  }
+  std::uint64_t answered = 0;
+  for (std::uint64_t call = 1; call <= kPings; ++call) {
+    const auto r = pinger.answer(call, std::chrono::seconds(call == 1 ? 10 : 1));
+    if (r && r->kind == schema::Envelope::Body::HEARTBEAT && r->heartbeat_answer) ++answered;
+  }
+  CHECK(answered == kPings);
+  std::string error;
+  for (;;) {
+    const auto chunk = client->next(id, std::chrono::seconds(90));
+    REQUIRE(chunk);
+    if (chunk->finish == shoal::actors::finish_reason::none) continue;
+    CHECK(chunk->finish == shoal::actors::finish_reason::error);
+    error = chunk->error;
+    break;
+  }
+  const auto waited = std::chrono::duration<double>(clock_type::now() - started).count();
+  REQUIRE(::kill(experts1, SIGCONT) == 0);
+  INFO("after " << waited << " s: " << error);
+  CHECK_THAT(error, Catch::Contains("the request's step failed 6 times") &&
+                        Catch::Contains("pipeline step got no answer within the step deadline (3000 ms)"));
+  CHECK(waited >= 6 * 3.0);  // six steps, each given its full deadline
+  CHECK(waited < 60.0);
+  // Nobody was declared dead, and the head is still in charge.
+  const auto s = nlohmann::json::parse(client->status());
+  INFO(s.dump());
+  CHECK(s["head"] == "stage0");
+  for (const auto& n : s["nodes"]) CHECK(n["down"] == false);
+  // Thawed, the node answers again and the cluster computes the reference tokens.
   check_cluster("127.0.0.1", c.ports[0]);
   CHECK(c.launch->stop() == 0);
 }

@@ -5,7 +5,7 @@ using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("shoal::transport::schema");
 
 # Bumped on every incompatible change; a peer that speaks another version is refused.
-const schemaVersion :UInt16 = 8;  # 2: steps carry block tables; stages keep no per-request caches. 4: join-secret nonces. 5: fences, RetireActor. 6: epochs in joins, head state in heartbeats. 7: the last stage answers the router directly. 8: expert weights stream between nodes.
+const schemaVersion :UInt16 = 9;  # 2: steps carry block tables; stages keep no per-request caches. 4: join-secret nonces. 5: fences, RetireActor. 6: epochs in joins, head state in heartbeats. 7: the last stage answers the router directly. 8: expert weights stream between nodes. 9: heartbeat answers say so.
                                   # 6: joins carry the epoch the node has seen (standby head takeover); requests resume.
                                   # 3: the supervisor sends heartbeats (with evictions), nodes answer.
                                   # 4: the transport's hello carries nonces for the join-secret proof.

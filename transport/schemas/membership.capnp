@@ -40,6 +40,7 @@ struct Heartbeat {
   servedActor @8 :List(UInt64);         # Answer: this node's expert actors ...
   servedRows @9 :List(UInt64);          # ... and the rows each computed so far.
   headState @10 :Text;                  # To the standby only: the head's placement (JSON), to take over with.
+  answer @11 :Bool;                     # Set in an answer: a ping and an answer can carry the same call id (each side numbers its own calls).
 }
 
 # Node -> supervisor, before an orderly shutdown (drain finished).

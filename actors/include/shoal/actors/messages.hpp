@@ -20,7 +20,7 @@ namespace shoal::actors {
 /// 6: joins carry the epoch a node has seen; heartbeats to the standby carry the head's placement.
 /// 7: steps carry the call that began them; the last stage answers the router directly.
 /// 8: an expert copy's weights stream from a running copy (WeightsRequest/WeightsReply).
-inline constexpr std::uint16_t schema_version = 8;
+inline constexpr std::uint16_t schema_version = 9;
 
 /// Identifies a request for its whole life, including replays after a failure.
 using request_id = std::uint64_t;

@@ -12,12 +12,13 @@
 #   2. write the bench-small checkpoint with `shoal make-model` (BF16, and FP8 unless --no-fp8);
 #   3. convert that same BF16 directory with llama.cpp's convert_hf_to_gguf.py (through the
 #      harness's convert.sh and its transformers shim) to BF16 and Q8_0 GGUFs;
-#   4. ROUNDS times, alternating which side goes first: the harness's triad.c and
-#      `shoal bench --bandwidth-only` back to back, then `shoal bench` (BF16 and FP8 models) and
-#      llama-bench (BF16 and Q8_0 GGUFs, weights in anonymous memory);
+#   4. ROUNDS times, alternating which side goes first: the harness's triad.c (built with
+#      -march=native as its recipe says, and for the baseline x86-64 ISA as Shoal's triad is)
+#      and `shoal bench --bandwidth-only` back to back, then `shoal bench` (BF16 and FP8 models)
+#      and llama-bench (BF16 and Q8_0 GGUFs, weights in anonymous memory);
 #   5. one table: best of the rounds per side, the same-run ratio, decode as a percentage of the
-#      roofline (triad.c bandwidth of the same round / bytes a decode token reads), and the two
-#      triads side by side.
+#      roofline (the faster triad.c build's bandwidth in the same round / bytes a decode token
+#      reads), and the triads side by side.
 #
 # Options:
 #   --work DIR        where everything goes (default $LLAMACPP_WORK, else /tmp/shoal-vs-llamacpp);
@@ -164,9 +165,17 @@ bf16_bytes=$(gguf_bytes "$bf16_gguf")
 q8_bytes=$(gguf_bytes "$q8_gguf")
 
 # --- 4. interleaved rounds -----------------------------------------------------------------------------
+# triad.c twice: as the harness's recipe builds it (-march=native), and for the baseline x86-64
+# ISA that Shoal's own triad is compiled for. On AVX-512 CPUs the two can differ by 15% (the
+# native build measured 15% lower on the EPYC these figures come from), so the roofline is the
+# faster of the two in each round: the bandwidth the memory was seen to deliver.
 triad="$work/triad"
+triad_baseline="$work/triad-baseline"
 if [[ ! -x "$triad" || "$harness/triad.c" -nt "$triad" ]]; then
   gcc -O3 -march=native -fopenmp "$harness/triad.c" -o "$triad" || die "cannot build $harness/triad.c"
+fi
+if [[ ! -x "$triad_baseline" || "$harness/triad.c" -nt "$triad_baseline" ]]; then
+  gcc -O3 -fopenmp "$harness/triad.c" -o "$triad_baseline" || die "cannot build $harness/triad.c"
 fi
 results="$work/results/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$results"
@@ -187,9 +196,11 @@ run_triads() {  # run_triads ROUND: the two yardsticks back to back, order alter
   local r=$1
   if (( r % 2 )); then
     "$triad" 0 "$thread_list" >"$results/triad-$r.txt"
+    "$triad_baseline" 0 "$thread_list" >"$results/triad-baseline-$r.txt"
     "$shoal" bench --bandwidth-only --threads "$threads" --json >"$results/shoal-triad-$r.json"
   else
     "$shoal" bench --bandwidth-only --threads "$threads" --json >"$results/shoal-triad-$r.json"
+    "$triad_baseline" 0 "$thread_list" >"$results/triad-baseline-$r.txt"
     "$triad" 0 "$thread_list" >"$results/triad-$r.txt"
   fi
 }
@@ -240,11 +251,11 @@ res, rounds, fp8, bf16_bytes, q8_bytes, prompt, decode, threads = sys.argv[1:9]
 rounds, fp8, prompt, decode, threads = int(rounds), fp8 == "1", int(prompt), int(decode), int(threads)
 gguf_bytes = {"bf16": int(bf16_bytes), "q8": int(q8_bytes)}
 
-def triad_c(r):
+def triad_c(r, build="triad"):  # threads -> (triad GB/s, read-only GB/s)
     out = {}
-    for line in open(f"{res}/triad-{r}.txt"):
+    for line in open(f"{res}/{build}-{r}.txt"):
         m = re.match(r"\s*(\d+)\s+([\d.]+)\s+([\d.]+)", line)
-        if m: out[int(m.group(1))] = float(m.group(2))
+        if m: out[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
     return out
 
 def shoal_triad(r):
@@ -264,8 +275,8 @@ per_round = {}
 shoal_bytes = {}
 triads = []
 for r in range(1, rounds + 1):
-    tc, ts = triad_c(r), shoal_triad(r)
-    triads.append((r, tc, ts))
+    tc, tb, ts = triad_c(r), triad_c(r, "triad-baseline"), shoal_triad(r)
+    triads.append((r, tc, tb, ts))
     srows = json.load(open(f"{res}/shoal-{r}.json"))["rows"]
     pp, tg = llama(r, "pp"), llama(r, "tg")
     for key, _, _ in pairs:
@@ -274,7 +285,8 @@ for r in range(1, rounds + 1):
             row = next(x for x in srows if x["threads"] == t and fp8_row(x) == (key == "q8"))
             shoal_bytes[key] = row["decode_bytes"]
             vals = {"s_pp": row["prefill_tokens_per_s"], "s_tg": row["decode_tokens_per_s"],
-                    "l_pp": pp[(key, t)], "l_tg": tg[(key, t)], "bw": tc.get(t, 0.0)}
+                    "l_pp": pp[(key, t)], "l_tg": tg[(key, t)],
+                    "bw": max(tc.get(t, (0.0, 0.0))[0], tb.get(t, (0.0, 0.0))[0])}
             per_round.setdefault((key, t), []).append(vals)
             b = best.setdefault((key, t), {k: 0.0 for k in vals})
             for k, v in vals.items(): b[k] = max(b[k], v)
@@ -287,7 +299,8 @@ print(f"- prefill {prompt} tokens from an empty context; decode {decode} tokens 
 print(f"- decode bytes per token: Shoal BF16 {shoal_bytes['bf16']/1e6:.1f} MB"
       + (f", Shoal FP8 {shoal_bytes['q8']/1e6:.1f} MB" if fp8 else "")
       + f"; llama.cpp BF16 {gguf_bytes['bf16']/1e6:.1f} MB" + (f", Q8_0 {gguf_bytes['q8']/1e6:.1f} MB" if fp8 else "")
-      + " (roofline = triad.c GB/s of the same round / these bytes; the best decode is set against its round's triad)")
+      + " (roofline = the faster triad.c build's triad GB/s of the same round / these bytes; the best decode is set"
+      " against its round's triad)")
 print()
 print("| weights (Shoal / llama.cpp) | threads | prefill Shoal | prefill llama.cpp | ratio (range over rounds) "
       "| decode Shoal | decode llama.cpp | ratio (range over rounds) | decode % of roofline, Shoal / llama.cpp |")
@@ -304,15 +317,19 @@ for key, sname, lname in pairs:
               f"({min(pr):.2f}-{max(pr):.2f}) | {b['s_tg']:.2f} | {b['l_tg']:.2f} | {b['s_tg']/b['l_tg']:.2f}x "
               f"({min(dr):.2f}-{max(dr):.2f}) | {roof('s_tg', shoal_bytes[key]):.0f}% / {roof('l_tg', gguf_bytes[key]):.0f}% |")
 print()
-print("Bandwidth yardsticks, back to back in each round (STREAM triad, GB/s):")
+print("Bandwidth yardsticks, back to back in each round (GB/s): STREAM triad of triad.c built with -march=native"
+      " (the harness's recipe) and for the baseline x86-64 ISA (as Shoal's triad is), triad.c's read-only sum"
+      " (decode reads its weights only), and `shoal bench --bandwidth-only`:")
 print()
-print("| round | load average at its start | threads | triad.c | shoal bench --bandwidth-only | shoal / triad.c |")
-print("|---|---|---|---|---|---|")
-for r, tc, ts in triads:
+print("| round | load average at its start | threads | triad.c native | triad.c baseline | read-only native / baseline"
+      " | shoal triad | shoal / triad.c native | shoal / triad.c baseline |")
+print("|---|---|---|---|---|---|---|---|---|")
+for r, tc, tb, ts in triads:
     load = open(f"{res}/load-{r}.txt").read().strip()
     for t in tcounts:
-        if t in tc and t in ts:
-            print(f"| {r} | {load} | {t} | {tc[t]:.1f} | {ts[t]:.1f} | {ts[t]/tc[t]:.2f} |")
+        if t in tc and t in tb and t in ts:
+            print(f"| {r} | {load} | {t} | {tc[t][0]:.1f} | {tb[t][0]:.1f} | {tc[t][1]:.1f} / {tb[t][1]:.1f} | {ts[t]:.1f}"
+                  f" | {ts[t]/tc[t][0]:.2f} | {ts[t]/tb[t][0]:.2f} |")
 print()
 print("On a machine with other work running (load average above its core count), the 2-thread rows and the"
       " percentages of the roofline say little: read the ranges over rounds.")

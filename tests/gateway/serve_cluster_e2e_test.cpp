@@ -457,3 +457,84 @@ TEST_CASE("SIGTERM stops the cluster gateway and every node it started", "[gatew
   for (auto pid : nodes) CHECK(::kill(pid, 0) != 0);
   CHECK(many.log().find("[serve] stopped") != std::string::npos);
 }
+
+namespace {
+
+// The JSON line `shoal generate --json` printed (node or transport warnings may share the
+// output).
+json generate_json(const command_result& r) {
+  std::istringstream lines(r.out);
+  std::string line, last;
+  while (std::getline(lines, line))
+    if (!line.empty() && line.front() == '{') last = line;
+  INFO(r.out);
+  REQUIRE(!last.empty());
+  return json::parse(last);
+}
+
+}  // namespace
+
+TEST_CASE("shoal generate --cluster HOST:PORT answers as shoal generate --model does: chat, text, stop strings, "
+          "sampled token ids",
+          "[gateway][e2e][cluster]") {
+  clustered();  // starts the cluster's nodes
+  const std::string shoal = SHOAL_BINARY;
+  const std::string model = tiny_model().string();
+  const std::string head = head_address();
+  auto both = [&](const std::string& args, bool text) {
+    const auto local = run(shoal + " generate --model " + model + " " + args + " --json --quiet");
+    const auto remote =
+        run(shoal + " generate --cluster " + head + (text ? " --model " + model : std::string()) + " " + args +
+            " --json --quiet");
+    INFO(args << "\nlocal: " << local.out << "\ncluster: " << remote.out);
+    REQUIRE(local.exit_code == 0);
+    REQUIRE(remote.exit_code == 0);
+    return std::pair{generate_json(local), generate_json(remote)};
+  };
+  // A chat, sampled with a seed: the cluster's last stage makes the same choices.
+  {
+    const auto [a, b] = both("--chat 'Tell me about the sea.' --temperature 0.8 --top-p 0.95 --seed 7 "
+                             "--max-new-tokens 24",
+                             true);
+    CHECK(b["tokens"] == a["tokens"]);
+    CHECK(b["content"] == a["content"]);
+    CHECK(b["finish_reason"] == a["finish_reason"]);
+    CHECK(b["usage"] == a["usage"]);
+    CHECK(b["seed"] == 7);
+    REQUIRE(a["tokens"].size() == 24);
+  }
+  // Plain text, greedy; then a stop string from the middle of that answer ends both early.
+  std::string greedy_text;
+  {
+    const auto [a, b] = both("--prompt 'Once upon a time' --max-new-tokens 16", true);
+    CHECK(b["tokens"] == a["tokens"]);
+    CHECK(b["text"] == a["text"]);
+    greedy_text = a["text"].get<std::string>();
+  }
+  REQUIRE(greedy_text.size() > 8);
+  auto at = greedy_text.size() / 2;
+  while (at > 0 && (static_cast<unsigned char>(greedy_text[at]) & 0xC0) == 0x80) --at;
+  auto end = at + 1;
+  while (end < greedy_text.size() && (static_cast<unsigned char>(greedy_text[end]) & 0xC0) == 0x80) ++end;
+  const auto stop = greedy_text.substr(at, end - at);
+  if (stop.find('\'') == std::string::npos) {
+    const auto [a, b] = both("--prompt 'Once upon a time' --max-new-tokens 16 --stop '" + stop + "'", true);
+    CHECK(a["finish_reason"] == "stop");
+    CHECK(b["finish_reason"] == "stop");
+    CHECK(b["text"] == a["text"]);
+    CHECK(a["text"].get<std::string>().size() < greedy_text.size());
+  }
+  // Token ids in and out, sampled with a seed.
+  {
+    const auto [a, b] = both("--tokens 3,5,7 --temperature 0.9 --seed 5", false);
+    CHECK(b["tokens"] == a["tokens"]);
+    REQUIRE(a["tokens"].size() == 16);
+  }
+  // What it refuses, and says why.
+  const auto no_model = run(shoal + " generate --cluster " + head + " --prompt hi");
+  CHECK(no_model.exit_code != 0);
+  CHECK_THAT(no_model.out, Catch::Contains("--cluster with a text prompt needs --model DIR"));
+  const auto bad_address = run(shoal + " generate --cluster " + head + "x --tokens 1");
+  CHECK(bad_address.exit_code != 0);
+  CHECK_THAT(bad_address.out, Catch::Contains("expected HOST:PORT"));
+}

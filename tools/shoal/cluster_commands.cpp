@@ -325,16 +325,10 @@ std::string join_secret_from(const std::string& file) {
 }
 
 void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
-                         double temperature, bool json, const std::string& join_secret) {
-  if (temperature != 0.0)
-    shoal::fail(errc::invalid_argument, "--cluster: generation on a cluster is greedy only so far; use --temperature 0");
-  const auto colon = address.rfind(':');
-  int port = 0;
-  if (colon == std::string::npos || colon == 0 ||
-      std::from_chars(address.data() + colon + 1, address.data() + address.size(), port).ec != std::errc() ||
-      port <= 0 || port > 65535)
-    shoal::fail(errc::invalid_argument, "--cluster '{}': expected HOST:PORT, e.g. 127.0.0.1:7610", address);
-  if (tokens.empty()) shoal::fail(errc::invalid_argument, "--cluster needs --tokens IDS (text prompts are not routed yet)");
+                         const runtime::sampling_params& sampling, bool json, const std::string& join_secret) {
+  const auto head = config::parse_host_port(address);
+  if (!head) shoal::fail(errc::invalid_argument, "--cluster '{}': expected HOST:PORT, e.g. 127.0.0.1:7610", address);
+  if (tokens.empty()) shoal::fail(errc::invalid_argument, "--cluster with token ids needs --tokens IDS");
   generate_options request;
   for (std::size_t pos = 0; pos <= tokens.size();) {
     const auto comma = std::min(tokens.find(',', pos), tokens.size());
@@ -347,8 +341,18 @@ void generate_on_cluster(const std::string& address, const std::string& tokens, 
     pos = comma + 1;
   }
   request.max_tokens = static_cast<std::uint32_t>(max_new_tokens > 0 ? max_new_tokens : 16);
-  auto client = client::connect(address.substr(0, colon), static_cast<std::uint16_t>(port), std::chrono::seconds(10),
-                                join_secret);
+  runtime::validate(sampling);
+  request.sampling = {.temperature = sampling.temperature,
+                      .top_k = static_cast<std::uint32_t>(std::max(0, sampling.top_k)),
+                      .top_p = sampling.top_p,
+                      .min_p = sampling.min_p,
+                      .repetition_penalty = sampling.repetition_penalty,
+                      .frequency_penalty = sampling.frequency_penalty,
+                      .presence_penalty = sampling.presence_penalty,
+                      .has_seed = sampling.seed.has_value(),
+                      .seed = sampling.seed.value_or(0),
+                      .id_limit = 0};
+  auto client = client::connect(head->first, head->second, std::chrono::seconds(10), join_secret);
   const auto start = clock_type::now();
   const auto id = client->submit(request);
   std::vector<std::int32_t> generated;

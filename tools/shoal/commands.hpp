@@ -2,6 +2,7 @@
 // Each group of subcommands registers itself on the top-level CLI.
 
 #include "shoal/actors/client.hpp"
+#include "shoal/runtime/sampling.hpp"
 
 #include <cstdint>
 #include <memory>
@@ -82,8 +83,9 @@ struct bench_cluster_options {
 };
 void bench_cluster(const bench_cluster_options& options);
 
-/// `generate --cluster HOST:PORT --tokens IDS`: greedy generation on a running cluster.
+/// `generate --cluster HOST:PORT --tokens IDS`: generation on a running cluster, greedy or
+/// sampled as `sampling` says (the same choices as in one process for the same seed).
 void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
-                         double temperature, bool json, const std::string& join_secret);
+                         const runtime::sampling_params& sampling, bool json, const std::string& join_secret);
 
 }  // namespace shoal::tools

@@ -3,6 +3,9 @@
 #include "commands.hpp"
 
 #include "shoal/base/error.hpp"
+#include "shoal/config/cluster_config.hpp"
+#include "shoal/config/model_config.hpp"
+#include "shoal/gateway/backend.hpp"
 #include "shoal/kernels/thread_pool.hpp"
 #include "shoal/runtime/chat_template.hpp"
 #include "shoal/runtime/completion.hpp"
@@ -23,11 +26,16 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <deque>
 #include <fstream>
 #include <iostream>
 #include <sstream>
 #include <memory>
+#include <mutex>
+#include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -228,12 +236,14 @@ void generate_tokens(const generate_options& o) {
     fmt::print("{}\n", fmt::join(generated, ","));
 }
 
-// Text in, text out, streamed as it is produced. With --chat, R1-style reasoning goes to
-// stderr (dimmed on a terminal) so that stdout carries only the answer.
-void generate_text(const generate_options& o, bool chat) {
-  const auto tok = runtime::tokenizer::load(o.model.dir);  // before the weights: fail fast
-  std::vector<runtime::token_id> prompt;
-  std::string prompt_text;
+// The prompt of --prompt, --chat or --messages as token ids, and the text they encode.
+struct text_prompt {
+  std::vector<runtime::token_id> ids;
+  std::string text;
+};
+
+text_prompt build_text_prompt(const generate_options& o, bool chat, const runtime::tokenizer& tok) {
+  text_prompt p;
   if (chat) {
     std::vector<runtime::chat_message> messages;
     if (!o.messages_file.empty()) {
@@ -250,16 +260,20 @@ void generate_text(const generate_options& o, bool chat) {
       if (!o.system.empty()) messages.push_back({"system", o.system, {}});
       messages.push_back({"user", o.chat, {}});
     }
-    prompt_text = runtime::chat_template::for_tokenizer(tok).render(messages, /*add_generation_prompt=*/true);
+    p.text = runtime::chat_template::for_tokenizer(tok).render(messages, /*add_generation_prompt=*/true);
   } else {
-    prompt_text = o.prompt;
-    if (tok.add_bos_token() && tok.bos_id()) prompt.push_back(*tok.bos_id());
+    p.text = o.prompt;
+    if (tok.add_bos_token() && tok.bos_id()) p.ids.push_back(*tok.bos_id());
   }
-  tok.encode_into(prompt_text, prompt);
-  if (prompt.empty()) shoal::fail(errc::invalid_argument, "the prompt is empty");
+  tok.encode_into(p.text, p.ids);
+  if (p.ids.empty()) shoal::fail(errc::invalid_argument, "the prompt is empty");
+  return p;
+}
 
-  auto m = load(o.model);
-  const auto& config = m.net->config();
+// How many tokens to generate after `prompt_tokens`: --max-new-tokens (256 by default) within
+// the model's context, after checking that the tokenizer's ids fit the model's vocabulary.
+std::int64_t completion_budget(const generate_options& o, const config::model_config& config,
+                               std::span<const runtime::token_id> prompt) {
   for (const auto id : prompt)
     if (id >= config.vocab_size)
       shoal::fail(errc::failed_precondition, "the tokenizer's id {} is outside the model's vocabulary ({} ids); "
@@ -275,80 +289,195 @@ void generate_text(const generate_options& o, bool chat) {
       fmt::print(stderr, "[generate] generating at most {} tokens: the model's context is {}\n", max_new_tokens,
                  config.max_position_embeddings);
   }
+  return max_new_tokens;
+}
 
-  runtime::sampling_params params = o.sampling;
-  if (o.seeded) params.seed = o.seed;
-  runtime::sampler sampler(params, prompt, std::min<std::int64_t>(tok.id_limit(), config.vocab_size));
-  runtime::completion_limits limits;
-  limits.max_tokens = max_new_tokens;
-  limits.stop = o.stop;
-  if (!o.ignore_eos && tok.eos_id()) limits.stop_token_ids.push_back(*tok.eos_id());
-  runtime::completion_stream stream(tok, limits);
-  const bool opened_think = runtime::prompt_opens_reasoning(prompt_text);
-  runtime::reasoning_parser reasoning(opened_think);
-  std::string content, reasoning_text;
-  const bool dim = isatty(fileno(stderr)) != 0;
-  bool reasoning_shown = false;
-  auto show = [&](const runtime::reasoning_split& part) {
-    content += part.content;
-    reasoning_text += part.reasoning;
-    if (o.json) return;
-    if (!part.reasoning.empty() && !o.hide_reasoning) {
-      fmt::print(stderr, "{}{}{}", dim ? "\x1b[2m" : "", part.reasoning, dim ? "\x1b[0m" : "");
+// Generated text as it comes: the answer on stdout; with --chat, R1-style reasoning on stderr
+// (dimmed on a terminal) so that stdout carries only the answer. With --json nothing is
+// printed until the end.
+class text_printer {
+ public:
+  text_printer(const generate_options& o, bool chat, const std::string& prompt_text)
+      : o_(o), chat_(chat), reasoning_parser_(runtime::prompt_opens_reasoning(prompt_text)),
+        dim_(isatty(fileno(stderr)) != 0) {}
+
+  void push(const std::string& text) {
+    if (text.empty()) return;
+    show(chat_ ? reasoning_parser_.push(text) : runtime::reasoning_split{{}, text});
+  }
+  void finish() {
+    if (chat_) show(reasoning_parser_.finish());
+  }
+  const std::string& content() const { return content_; }
+  const std::string& reasoning() const { return reasoning_; }
+
+ private:
+  void show(const runtime::reasoning_split& part) {
+    content_ += part.content;
+    reasoning_ += part.reasoning;
+    if (o_.json) return;
+    if (!part.reasoning.empty() && !o_.hide_reasoning) {
+      fmt::print(stderr, "{}{}{}", dim_ ? "\x1b[2m" : "", part.reasoning, dim_ ? "\x1b[0m" : "");
       std::fflush(stderr);
-      reasoning_shown = true;
+      reasoning_shown_ = true;
     }
     if (!part.content.empty()) {
-      if (reasoning_shown && !o.hide_reasoning) {
+      if (reasoning_shown_ && !o_.hide_reasoning) {
         fmt::print(stderr, "\n");  // the answer starts below the reasoning
-        reasoning_shown = false;
+        reasoning_shown_ = false;
       }
       fmt::print("{}", part.content);
       std::fflush(stdout);
     }
-  };
-  auto emit = [&](const std::string& text) {
-    if (text.empty()) return;
-    show(chat ? reasoning.push(text) : runtime::reasoning_split{{}, text});
-  };
-
-  runtime::latent_cache cache(config, prompt_tokens + max_new_tokens);
-  auto start = clock_type::now();
-  runtime::sequence_step step{&cache, prompt};
-  auto logits = m.net->forward(std::span(&step, 1));
-  const double prefill_seconds = seconds_since(start);
-  start = clock_type::now();
-  for (;;) {
-    const runtime::token_id next = sampler.sample(logits);
-    emit(stream.push(next));
-    if (stream.finished()) break;
-    step.tokens = std::span(&next, 1);
-    logits = m.net->forward(std::span(&step, 1));
   }
-  if (chat) show(reasoning.finish());
-  const double decode_seconds = seconds_since(start);
-  const auto completion_tokens = stream.tokens().size();
 
+  const generate_options& o_;
+  bool chat_;
+  runtime::reasoning_parser reasoning_parser_;
+  bool dim_;
+  bool reasoning_shown_ = false;
+  std::string content_, reasoning_;
+};
+
+// What a text generation ended with, printed the same way wherever it ran.
+struct text_result {
+  std::string text;
+  std::vector<runtime::token_id> tokens;
+  runtime::finish_reason reason = runtime::finish_reason::none;
+  std::string matched_stop;
+  std::int64_t prompt_tokens = 0;
+  std::uint64_t seed = 0;
+  double prefill_seconds = 0;  // on a cluster: until the first token arrived
+  double decode_seconds = 0;
+};
+
+void print_text_result(const generate_options& o, bool chat, const text_printer& out, const text_result& r) {
   if (o.json) {
-    nlohmann::json out{{"text", stream.text()},
-                       {"finish_reason", runtime::finish_reason_name(stream.reason())},
-                       {"tokens", stream.tokens()},
-                       {"usage", {{"prompt_tokens", prompt_tokens}, {"completion_tokens", completion_tokens}}},
-                       {"seed", sampler.seed()}};
+    nlohmann::json j{{"text", r.text},
+                     {"finish_reason", runtime::finish_reason_name(r.reason)},
+                     {"tokens", r.tokens},
+                     {"usage", {{"prompt_tokens", r.prompt_tokens}, {"completion_tokens", r.tokens.size()}}},
+                     {"seed", r.seed}};
     if (chat) {
-      out["content"] = content;
-      out["reasoning_content"] = reasoning_text.empty() ? nlohmann::json(nullptr) : nlohmann::json(reasoning_text);
+      j["content"] = out.content();
+      j["reasoning_content"] = out.reasoning().empty() ? nlohmann::json(nullptr) : nlohmann::json(out.reasoning());
     }
-    if (!stream.matched_stop().empty()) out["stop"] = stream.matched_stop();
-    fmt::print("{}\n", out.dump());
+    if (!r.matched_stop.empty()) j["stop"] = r.matched_stop;
+    fmt::print("{}\n", j.dump());
   } else {
     fmt::print("\n");
   }
   if (!o.model.quiet)
     fmt::print(stderr, "[generate] prompt {} tokens in {:.3f} s; {} tokens in {:.3f} s ({:.1f} tokens/s); finish: {}; seed {}\n",
-               prompt_tokens, prefill_seconds, completion_tokens, decode_seconds,
-               static_cast<double>(completion_tokens) / decode_seconds, runtime::finish_reason_name(stream.reason()),
-               sampler.seed());
+               r.prompt_tokens, r.prefill_seconds, r.tokens.size(), r.decode_seconds,
+               static_cast<double>(r.tokens.size()) / r.decode_seconds, runtime::finish_reason_name(r.reason), r.seed);
+}
+
+// Text in, text out, streamed as it is produced, by the model in this process.
+void generate_text(const generate_options& o, bool chat) {
+  const auto tok = runtime::tokenizer::load(o.model.dir);  // before the weights: fail fast
+  const auto prompt = build_text_prompt(o, chat, tok);
+  auto m = load(o.model);
+  const auto& config = m.net->config();
+  const auto max_new_tokens = completion_budget(o, config, prompt.ids);
+  const auto prompt_tokens = static_cast<std::int64_t>(prompt.ids.size());
+
+  runtime::sampling_params params = o.sampling;
+  if (o.seeded) params.seed = o.seed;
+  runtime::sampler sampler(params, prompt.ids, std::min<std::int64_t>(tok.id_limit(), config.vocab_size));
+  runtime::completion_limits limits;
+  limits.max_tokens = max_new_tokens;
+  limits.stop = o.stop;
+  if (!o.ignore_eos && tok.eos_id()) limits.stop_token_ids.push_back(*tok.eos_id());
+  runtime::completion_stream stream(tok, limits);
+  text_printer out(o, chat, prompt.text);
+
+  runtime::latent_cache cache(config, prompt_tokens + max_new_tokens);
+  auto start = clock_type::now();
+  runtime::sequence_step step{&cache, prompt.ids};
+  auto logits = m.net->forward(std::span(&step, 1));
+  const double prefill_seconds = seconds_since(start);
+  start = clock_type::now();
+  for (;;) {
+    const runtime::token_id next = sampler.sample(logits);
+    out.push(stream.push(next));
+    if (stream.finished()) break;
+    step.tokens = std::span(&next, 1);
+    logits = m.net->forward(std::span(&step, 1));
+  }
+  out.finish();
+  print_text_result(o, chat, out,
+                    {.text = stream.text(), .tokens = {stream.tokens().begin(), stream.tokens().end()},
+                     .reason = stream.reason(), .matched_stop = stream.matched_stop(), .prompt_tokens = prompt_tokens,
+                     .seed = sampler.seed(), .prefill_seconds = prefill_seconds, .decode_seconds = seconds_since(start)});
+}
+
+// Text in, text out, computed by a running cluster (its head at `address`): the prompt is
+// built and the tokens turned into text here, from the checkpoint's tokenizer and config in
+// --model, as `shoal serve --cluster` does; sampling runs on the cluster's last stage with
+// the same seed-determined choices as in one process.
+void generate_text_on_cluster(const generate_options& o, bool chat, const std::string& address,
+                              const std::string& join_secret) {
+  const auto head = config::parse_host_port(address);
+  if (!head) shoal::fail(errc::invalid_argument, "--cluster '{}': expected HOST:PORT, e.g. 127.0.0.1:7610", address);
+  const auto tok = runtime::tokenizer::load(o.model.dir);
+  const auto prompt = build_text_prompt(o, chat, tok);
+  const auto config = config::load_model_config(o.model.dir);
+  const auto max_new_tokens = completion_budget(o, config, prompt.ids);
+
+  runtime::generation_request request;
+  request.prompt = prompt.ids;
+  request.sampling = o.sampling;
+  // A seed chosen here when none is given, so that the answer can be reproduced with it.
+  request.sampling.seed = o.seeded ? o.seed : std::random_device{}();
+  request.limits.max_tokens = max_new_tokens;
+  request.limits.stop = o.stop;
+  if (!o.ignore_eos && tok.eos_id()) request.limits.stop_token_ids.push_back(*tok.eos_id());
+  std::mutex mutex;
+  std::condition_variable arrived;
+  std::deque<runtime::generation_event> events;
+  request.on_event = [&](const runtime::generation_event& e) {
+    {
+      std::lock_guard lock(mutex);
+      events.push_back(e);
+    }
+    arrived.notify_one();
+  };
+
+  auto client = client::connect(head->first, head->second, std::chrono::seconds(10), join_secret);
+  auto backend = gateway::make_cluster_backend(*client, tok, config.max_position_embeddings, 1);
+  text_printer out(o, chat, prompt.text);
+  text_result result;
+  result.prompt_tokens = static_cast<std::int64_t>(prompt.ids.size());
+  result.seed = *request.sampling.seed;
+  const auto start = clock_type::now();
+  std::optional<clock_type::time_point> first_token;
+  backend->submit(std::move(request));
+  for (bool finished = false; !finished;) {
+    runtime::generation_event e;
+    {
+      std::unique_lock lock(mutex);
+      if (!arrived.wait_for(lock, std::chrono::seconds(120), [&] { return !events.empty(); }))
+        shoal::fail(errc::deadline_exceeded, "no tokens from the cluster at {} for 120 s ({} tokens so far)", address,
+                    result.tokens.size());
+      e = std::move(events.front());
+      events.pop_front();
+    }
+    if (e.error) throw shoal::error(*e.error, e.error_message);
+    if (!e.tokens.empty() && !first_token) first_token = clock_type::now();
+    result.tokens.insert(result.tokens.end(), e.tokens.begin(), e.tokens.end());
+    result.text += e.text;
+    out.push(e.text);
+    if (e.finished) {
+      result.reason = e.reason;
+      finished = true;
+    }
+  }
+  out.finish();
+  const auto end = clock_type::now();
+  result.prefill_seconds = std::chrono::duration<double>(first_token.value_or(end) - start).count();
+  result.decode_seconds = std::chrono::duration<double>(end - first_token.value_or(start)).count();
+  print_text_result(o, chat, out, result);
 }
 
 void add_generate(CLI::App& app) {
@@ -381,18 +510,32 @@ void add_generate(CLI::App& app) {
                 "Print the result at the end as JSON ({\"tokens\": [...]} with --tokens; text, content, "
                 "reasoning_content, finish_reason, tokens, usage with text)");
   auto cluster = std::make_shared<std::string>();
-  cmd->add_option("--cluster", *cluster, "HOST:PORT of a running cluster's head (shoal launch prints it); with --tokens");
+  cmd->add_option("--cluster", *cluster,
+                  "HOST:PORT of a running cluster's head (shoal launch prints it): generate there; text prompts "
+                  "also need --model DIR for the checkpoint's tokenizer and config.json");
   auto join_secret_file = std::make_shared<std::string>();
   add_join_secret_option(*cmd, *join_secret_file);
   cmd->get_option("--model")->required(false);  // not needed with --cluster; checked below
   cmd->callback([o, tokens, prompt, chat, messages, seed, cluster, join_secret_file] {
-    if (!cluster->empty())
-      return generate_on_cluster(*cluster, o->tokens, o->max_new_tokens, o->sampling.temperature, o->json,
-                                 join_secret_from(*join_secret_file));
-    if (o->model.dir.empty()) shoal::fail(errc::invalid_argument, "--model is required (or --cluster HOST:PORT)");
     o->seeded = seed->count() > 0;
     if (o->seeded) o->sampling.seed = o->seed;
     runtime::validate(o->sampling);
+    if (!cluster->empty()) {
+      if (tokens->count() > 0) {
+        if (!o->stop.empty())
+          shoal::fail(errc::invalid_argument, "--stop needs text: use --prompt or --chat instead of --tokens");
+        return generate_on_cluster(*cluster, o->tokens, o->max_new_tokens, o->sampling, o->json,
+                                   join_secret_from(*join_secret_file));
+      }
+      if (prompt->count() == 0 && chat->count() == 0 && messages->count() == 0)
+        shoal::fail(errc::invalid_argument,
+                    "generate needs a prompt: --tokens IDS, --prompt TEXT, --chat MESSAGE or --messages FILE");
+      if (o->model.dir.empty())
+        shoal::fail(errc::invalid_argument,
+                    "--cluster with a text prompt needs --model DIR (the checkpoint's tokenizer and config.json)");
+      return generate_text_on_cluster(*o, /*chat=*/prompt->count() == 0, *cluster, join_secret_from(*join_secret_file));
+    }
+    if (o->model.dir.empty()) shoal::fail(errc::invalid_argument, "--model is required (or --cluster HOST:PORT)");
     if (tokens->count() > 0) return generate_tokens(*o);
     if (prompt->count() > 0) return generate_text(*o, /*chat=*/false);
     if (chat->count() > 0 || messages->count() > 0) return generate_text(*o, /*chat=*/true);

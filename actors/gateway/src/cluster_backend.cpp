@@ -58,8 +58,6 @@ class cluster_backend final : public backend {
     if (total > max_sequence_tokens_)
       shoal::fail(errc::invalid_argument, "prompt ({} tokens) + max_tokens ({}) exceeds the {} tokens a sequence may hold",
                   spec.prompt.size(), spec.limits.max_tokens, max_sequence_tokens_);
-    const auto eos = tok_.eos_id();
-    if (eos) spec.limits.stop_token_ids.push_back(*eos);
 
     generate_options options;
     options.prompt.assign(spec.prompt.begin(), spec.prompt.end());

@@ -33,8 +33,9 @@ class backend {
 };
 
 /// A backend over a cluster's router, reached through `client` (which must outlive it).
-/// Prompts go to the cluster as token ids with the request's sampling parameters; the text
-/// side (detokenization, stop strings, EOS from `tok`) runs here. `max_sequence_tokens` is
+/// Prompts go to the cluster as token ids with the request's sampling parameters and stop
+/// token ids (the caller puts EOS there unless the request ignores it); the text side
+/// (detokenization, stop strings) runs here. `max_sequence_tokens` is
 /// the model's context; at most `max_waiting` requests are in progress at once (more get
 /// `resource_exhausted`). Stats add what the cluster itself counts, from its status (the
 /// scheduler's queue and cache gauges, health, routed tokens per expert).

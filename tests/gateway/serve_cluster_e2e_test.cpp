@@ -530,6 +530,36 @@ TEST_CASE("shoal generate --cluster HOST:PORT answers as shoal generate --model 
     CHECK(b["tokens"] == a["tokens"]);
     REQUIRE(a["tokens"].size() == 16);
   }
+  // EOS ends an answer unless --ignore-eos, on the cluster as in one process: a copy of the
+  // checkpoint whose tokenizer calls the first greedy token of the prompt its EOS.
+  {
+    const auto first = generate_json(run(shoal + " generate --model " + model +
+                                         " --prompt 'Once upon a time' --max-new-tokens 1 --json --quiet"));
+    const auto eos_text = first["text"].get<std::string>();
+    REQUIRE(!eos_text.empty());  // one whole token of text
+    const auto copy = kWork / "tiny-eos";
+    fs::remove_all(copy);
+    fs::create_directories(copy);
+    for (const auto& entry : fs::directory_iterator(tiny_model())) {
+      const auto name = entry.path().filename().string();
+      if (name == "tokenizer_config.json") continue;
+      fs::copy_file(entry.path(), copy / name);  // a checkpoint refuses links that leave its directory
+    }
+    auto config = json::parse(slurp(tiny_model() / "tokenizer_config.json"));
+    config["eos_token"] = eos_text;
+    std::ofstream(copy / "tokenizer_config.json") << config.dump();
+    for (const bool ignore : {false, true}) {
+      const std::string args = "--prompt 'Once upon a time' --max-new-tokens 6" + std::string(ignore ? " --ignore-eos" : "");
+      const auto local = generate_json(run(shoal + " generate --model " + copy.string() + " " + args + " --json --quiet"));
+      const auto remote = generate_json(
+          run(shoal + " generate --cluster " + head + " --model " + copy.string() + " " + args + " --json --quiet"));
+      CAPTURE(ignore, local.dump(), remote.dump());
+      CHECK(local["finish_reason"] == (ignore ? "length" : "stop"));
+      CHECK(remote["finish_reason"] == local["finish_reason"]);
+      CHECK(remote["tokens"] == local["tokens"]);
+      CHECK(remote["text"] == local["text"]);
+    }
+  }
   // What it refuses, and says why.
   const auto no_model = run(shoal + " generate --cluster " + head + " --prompt hi");
   CHECK(no_model.exit_code != 0);

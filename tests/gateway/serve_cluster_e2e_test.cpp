@@ -444,20 +444,6 @@ TEST_CASE("a cluster with a join secret serving encrypted weights answers as the
   CHECK(secure.terminate(60s) == 0);
 }
 
-TEST_CASE("SIGTERM stops the cluster gateway and every node it started", "[gateway][e2e][cluster]") {
-  auto& many = clustered();
-  // The nodes are the gateway's children.
-  std::vector<pid_t> nodes;
-  for (const auto& task : fs::directory_iterator("/proc/" + std::to_string(many.pid()) + "/task")) {
-    std::ifstream in(task.path() / "children");
-    for (pid_t pid; in >> pid;) nodes.push_back(pid);
-  }
-  CHECK(nodes.size() == 4);
-  CHECK(many.terminate(60s) == 0);
-  for (auto pid : nodes) CHECK(::kill(pid, 0) != 0);
-  CHECK(many.log().find("[serve] stopped") != std::string::npos);
-}
-
 namespace {
 
 // The JSON line `shoal generate --json` printed (node or transport warnings may share the
@@ -567,4 +553,19 @@ TEST_CASE("shoal generate --cluster HOST:PORT answers as shoal generate --model 
   const auto bad_address = run(shoal + " generate --cluster " + head + "x --tokens 1");
   CHECK(bad_address.exit_code != 0);
   CHECK_THAT(bad_address.out, Catch::Contains("expected HOST:PORT"));
+}
+
+// Last: it stops the cluster the cases above share.
+TEST_CASE("SIGTERM stops the cluster gateway and every node it started", "[gateway][e2e][cluster]") {
+  auto& many = clustered();
+  // The nodes are the gateway's children.
+  std::vector<pid_t> nodes;
+  for (const auto& task : fs::directory_iterator("/proc/" + std::to_string(many.pid()) + "/task")) {
+    std::ifstream in(task.path() / "children");
+    for (pid_t pid; in >> pid;) nodes.push_back(pid);
+  }
+  CHECK(nodes.size() == 4);
+  CHECK(many.terminate(60s) == 0);
+  for (auto pid : nodes) CHECK(::kill(pid, 0) != 0);
+  CHECK(many.log().find("[serve] stopped") != std::string::npos);
 }

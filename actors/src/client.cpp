@@ -4,10 +4,13 @@
 #include "cluster_impl.hpp"
 #include "remote.hpp"
 
+#include "shoal/runtime/sampling.hpp"
+
 #include <caf/exit_reason.hpp>
 #include <caf/scoped_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
 
+#include <algorithm>
 #include <condition_variable>
 #include <deque>
 #include <map>
@@ -19,6 +22,19 @@
 #include <nlohmann/json.hpp>
 
 namespace shoal {
+
+sampling_options to_sampling_options(const runtime::sampling_params& p, std::uint32_t id_limit) {
+  return {.temperature = p.temperature,
+          .top_k = static_cast<std::uint32_t>(std::max(0, p.top_k)),
+          .top_p = p.top_p,
+          .min_p = p.min_p,
+          .repetition_penalty = p.repetition_penalty,
+          .frequency_penalty = p.frequency_penalty,
+          .presence_penalty = p.presence_penalty,
+          .has_seed = p.seed.has_value(),
+          .seed = p.seed.value_or(0),
+          .id_limit = id_limit};
+}
 
 actors::token_sink_actor::behavior_type make_client_sink(actors::token_sink_actor::pointer self,
                                                          std::shared_ptr<client_inbox> box) {

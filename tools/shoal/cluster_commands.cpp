@@ -342,16 +342,7 @@ void generate_on_cluster(const std::string& address, const std::string& tokens, 
   }
   request.max_tokens = static_cast<std::uint32_t>(max_new_tokens > 0 ? max_new_tokens : 16);
   runtime::validate(sampling);
-  request.sampling = {.temperature = sampling.temperature,
-                      .top_k = static_cast<std::uint32_t>(std::max(0, sampling.top_k)),
-                      .top_p = sampling.top_p,
-                      .min_p = sampling.min_p,
-                      .repetition_penalty = sampling.repetition_penalty,
-                      .frequency_penalty = sampling.frequency_penalty,
-                      .presence_penalty = sampling.presence_penalty,
-                      .has_seed = sampling.seed.has_value(),
-                      .seed = sampling.seed.value_or(0),
-                      .id_limit = 0};
+  request.sampling = to_sampling_options(sampling);
   auto client = client::connect(head->first, head->second, std::chrono::seconds(10), join_secret);
   const auto start = clock_type::now();
   const auto id = client->submit(request);

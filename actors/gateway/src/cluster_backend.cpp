@@ -63,17 +63,7 @@ class cluster_backend final : public backend {
     options.prompt.assign(spec.prompt.begin(), spec.prompt.end());
     options.max_tokens = static_cast<std::uint32_t>(spec.limits.max_tokens);
     options.stop_tokens.assign(spec.limits.stop_token_ids.begin(), spec.limits.stop_token_ids.end());
-    const auto& s = spec.sampling;
-    options.sampling = {.temperature = s.temperature,
-                        .top_k = static_cast<std::uint32_t>(std::max(0, s.top_k)),
-                        .top_p = s.top_p,
-                        .min_p = s.min_p,
-                        .repetition_penalty = s.repetition_penalty,
-                        .frequency_penalty = s.frequency_penalty,
-                        .presence_penalty = s.presence_penalty,
-                        .has_seed = s.seed.has_value(),
-                        .seed = s.seed.value_or(0),
-                        .id_limit = static_cast<std::uint32_t>(tok_.id_limit())};
+    options.sampling = to_sampling_options(spec.sampling, static_cast<std::uint32_t>(tok_.id_limit()));
     if (spec.deadline) {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(*spec.deadline - clock_type::now());
       options.deadline = std::max(left, std::chrono::milliseconds(1));

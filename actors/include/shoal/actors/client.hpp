@@ -19,11 +19,19 @@ namespace shoal {
 namespace actors {
 class local_cluster;
 }
+namespace runtime {
+struct sampling_params;
+}
 
 /// How tokens are chosen: temperature, top-k, top-p, min-p, repetition/frequency/presence
 /// penalties and a seed, with the meaning of `runtime::sampling_params` (and of the HTTP API's
 /// fields of the same names). The defaults decode greedily.
 using sampling_options = actors::sampling_spec;
+
+/// `p` as a cluster takes it: the same fields, the seed (if any) with `has_seed`; ids at or
+/// above `id_limit` (the tokenizer's, when the vocabulary is padded beyond it) are never
+/// chosen, 0: no limit.
+sampling_options to_sampling_options(const runtime::sampling_params& p, std::uint32_t id_limit = 0);
 
 /// What to generate.
 struct generate_options {

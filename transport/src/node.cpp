@@ -10,6 +10,7 @@
 #include <openssl/rand.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
+#include <ucs/debug/log_def.h>
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -24,6 +25,7 @@
 #include <array>
 #include <atomic>
 #include <condition_variable>
+#include <cstdarg>
 #include <cstdio>
 #include <cstring>
 #include <cstdlib>
@@ -52,6 +54,29 @@ spdlog::logger& transport_log() {
     return spdlog::stderr_logger_mt("shoal.transport");
   }();
   return *logger;
+}
+
+// UCX prints its own warnings and errors on stdout by default (a failed connect to a peer
+// that just died, for instance), where they would be read as one of the node's JSON lines.
+// They go to the transport's log on stderr instead, with UCX's file and line.
+ucs_log_func_rc_t ucx_log_to_stderr(const char* file, unsigned line, const char* /*function*/, ucs_log_level_t level,
+                                    const ucs_log_component_config_t* /*component*/, const char* format,
+                                    va_list ap) {
+  char message[1024];
+  std::vsnprintf(message, sizeof(message), format, ap);
+  const char* base = std::strrchr(file, '/');
+  base = base ? base + 1 : file;
+  const auto spd_level = level <= UCS_LOG_LEVEL_ERROR  ? spdlog::level::err
+                         : level == UCS_LOG_LEVEL_WARN ? spdlog::level::warn
+                         : level <= UCS_LOG_LEVEL_INFO ? spdlog::level::info
+                                                       : spdlog::level::debug;
+  transport_log().log(spd_level, "UCX: {} ({}:{})", message, base, line);
+  return UCS_LOG_FUNC_RC_STOP;
+}
+
+void route_ucx_logs() {
+  static std::once_flag once;
+  std::call_once(once, [] { ucs_log_push_handler(ucx_log_to_stderr); });
 }
 
 using clock = std::chrono::steady_clock;
@@ -472,6 +497,7 @@ struct node::impl {
         fail(errc::invalid_argument, "SHOAL_TRANSPORT_SPIN_US='{}' is not a number of microseconds", spin_us);
       options.spin = std::chrono::microseconds(value);
     }
+    route_ucx_logs();
     ucp_config_t* raw_config = nullptr;
     SHOAL_UCS_CHECK(ucp_config_read(nullptr, nullptr, &raw_config), "reading UCX configuration");
     detail::ucp_config_ptr config(raw_config);

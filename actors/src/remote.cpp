@@ -875,6 +875,12 @@ void remote_fabric::evict(const std::string& node, std::uint64_t epoch) {
   }
 }
 
+std::string remote_fabric::announced_name(transport::peer_id peer) {
+  std::lock_guard lock(mutex_);
+  const auto it = names_.find(peer);
+  return it == names_.end() ? std::string() : it->second;
+}
+
 void remote_fabric::observe_epoch(std::uint64_t epoch, std::uint64_t fence) noexcept {
   auto raise = [](std::atomic<std::uint64_t>& value, std::uint64_t to) {
     auto current = value.load();
@@ -967,11 +973,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
     // Weights leave a node only for nodes of the cluster config (a client may reach any port).
     const bool weights = kind == schema::Envelope::Body::WEIGHTS_REQUEST;
     if (!options_.head.empty() && (control || weights || kind == schema::Envelope::Body::JOIN)) {
-      std::string announced;
-      {
-        std::lock_guard lock(mutex_);
-        if (const auto it = names_.find(peer); it != names_.end()) announced = it->second;
-      }
+      const auto announced = announced_name(peer);
       std::string why;
       if (announced != in.sender.node)
         why = fmt::format("sent as node '{}' on the connection of node '{}'", in.sender.node, announced);
@@ -1215,12 +1217,9 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         // Epochs, fences, evictions and the head's state count only from the head or the
         // standby, as announced on this connection: clients and other nodes ping too, and a
         // client's ping must not make this node drop its connections.
-        bool from_supervisor = options_.head.empty();
-        if (!from_supervisor && (in.sender.node == options_.head || in.sender.node == options_.standby)) {
-          std::lock_guard lock(mutex_);
-          const auto it = names_.find(peer);
-          from_supervisor = it != names_.end() && it->second == in.sender.node;
-        }
+        const bool from_supervisor =
+            options_.head.empty() || ((in.sender.node == options_.head || in.sender.node == options_.standby) &&
+                                      announced_name(peer) == in.sender.node);
         if (from_supervisor) {
           observe_epoch(env.getEpoch(), h.getFence());
           if (h.getHeadState().size() > 0) {

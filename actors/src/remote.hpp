@@ -109,6 +109,8 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   void on_message(transport::peer_id peer, transport::incoming_message message);
   void on_peer_lost(transport::peer_id peer, const shoal::error& reason, bool orderly);
   transport::peer_id peer_for(const std::string& node);
+  /// The node name `peer` announced when it connected; empty if none.
+  std::string announced_name(transport::peer_id peer);
 
   caf::actor_system& system_;
   remote_options options_;

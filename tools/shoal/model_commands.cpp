@@ -382,9 +382,7 @@ void generate_text(const generate_options& o, bool chat) {
   const auto max_new_tokens = completion_budget(o, config, prompt.ids);
   const auto prompt_tokens = static_cast<std::int64_t>(prompt.ids.size());
 
-  runtime::sampling_params params = o.sampling;
-  if (o.seeded) params.seed = o.seed;
-  runtime::sampler sampler(params, prompt.ids, std::min<std::int64_t>(tok.id_limit(), config.vocab_size));
+  runtime::sampler sampler(o.sampling, prompt.ids, std::min<std::int64_t>(tok.id_limit(), config.vocab_size));
   runtime::completion_limits limits;
   limits.max_tokens = max_new_tokens;
   limits.stop = o.stop;
@@ -429,7 +427,7 @@ void generate_text_on_cluster(const generate_options& o, bool chat, const std::s
   request.prompt = prompt.ids;
   request.sampling = o.sampling;
   // A seed chosen here when none is given, so that the answer can be reproduced with it.
-  request.sampling.seed = o.seeded ? o.seed : std::random_device{}();
+  if (!request.sampling.seed) request.sampling.seed = std::random_device{}();
   request.limits.max_tokens = max_new_tokens;
   request.limits.stop = o.stop;
   if (!o.ignore_eos && tok.eos_id()) request.limits.stop_token_ids.push_back(*tok.eos_id());

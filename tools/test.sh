@@ -34,8 +34,22 @@ report_failures() {
   fi
 }
 
+# A compiler that runs out of disk or memory can fail without a word of its own (ninja then
+# shows only the command): say what the machine had, before and after a failed build.
+resources() {
+  echo "test.sh: $1: disk free where the build lives: $(df -Ph . | awk 'NR == 2 { print $4 " of " $2 }');" \
+       "memory available: $(awk '/^MemAvailable:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+}
+build() {
+  cmake --build "$@" || { status=$?; resources "the build failed (exit $status)"; exit $status; }
+}
+resources "before the build"
+if [ "$(df -Pk . | awk 'NR == 2 { print $4 }')" -lt $((8 * 1024 * 1024)) ]; then
+  echo "test.sh: warning: less than 8 GiB free; the two builds with the tests' model copies take about 4 GiB, and ccache keeps up to 5 GiB"
+fi
+
 cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHOAL_WERROR=$werror -DSHOAL_BUILD_TESTS=ON
-cmake --build "$build_dir" -j "$(nproc)"
+build "$build_dir" -j "$(nproc)"
 status=0
 (cd "$build_dir" && ctest --output-on-failure --timeout 900 -j "$(nproc)" "$@") || status=$?
 report_skips "$build_dir"
@@ -73,7 +87,7 @@ for name in "${fuzz_names[@]}"; do
   targets+=("fuzz_replay_$name")
   grep -q "^build fuzz_$name:" "$san_dir/build.ninja" 2>/dev/null && targets+=("fuzz_$name")
 done
-cmake --build "$san_dir" -j "$(nproc)" --target "${targets[@]}"
+build "$san_dir" -j "$(nproc)" --target "${targets[@]}"
 pattern="^($(IFS='|'; echo "${san_tests[*]}")|fuzz_.*)\$"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}

@@ -497,6 +497,14 @@ class session : public session_base, public std::enable_shared_from_this<session
       throw api_error(429, "rate_limit_error",
                       fmt::format("the server is serving {} requests, its limit; retry later", srv_.opt.max_in_flight), {},
                       "rate_limit_exceeded");
+    // Counted in flight before it reaches the backend, and the drain looked at after: a
+    // shutdown starting now either sees this request and waits for it, or this request sees
+    // the shutdown and is answered 503; never submitted and then cut off with the server.
+    if (srv_.in_flight.fetch_add(1) == 0) srv_.busy_since_ns.store(to_ns(clock_type::now()));
+    if (srv_.stopping) {
+      srv_.in_flight.fetch_sub(1);
+      throw api_error(503, "server_error", "the server is shutting down", {}, "unavailable");
+    }
 
     auto job = std::make_unique<job_state>();
     job->meta = response_meta{kind, srv_.next_id(kind),
@@ -528,6 +536,7 @@ class session : public session_base, public std::enable_shared_from_this<session
         auto err = error_from(e.code(), e.what());
         if (i == 0) {
           job_.reset();
+          srv_.in_flight.fetch_sub(1);
           throw err;
         }
         // Earlier choices are running: cancel them and answer once they have ended.
@@ -538,7 +547,6 @@ class session : public session_base, public std::enable_shared_from_this<session
       }
       ++j.remaining;
     }
-    if (srv_.in_flight.fetch_add(1) == 0) srv_.busy_since_ns.store(to_ns(clock_type::now()));
     if (j.body.stream && !j.failure)
       send("HTTP/1.1 200 OK\r\nServer: shoal\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
            "Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n");

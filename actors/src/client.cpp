@@ -386,6 +386,7 @@ std::unique_ptr<client> client::connect(const std::vector<head_endpoint>& heads,
   o.node = fmt::format("client-{}-{}", ::getpid(), reinterpret_cast<std::uintptr_t>(state.get()) & 0xffffff);
   o.connect_timeout = timeout;
   o.join_secret = join_secret;
+  for (const auto& head : heads) o.dial_hosts.push_back(head.host);
   o.on_node_lost = [dog = std::weak_ptr(state->dog)](const std::string& node) {
     if (auto d = dog.lock()) {
       {

@@ -690,6 +690,8 @@ void remote_fabric::start() {
   o.name = options_.node;
   o.listen_host = options_.listen_host;
   o.listen_port = options_.listen_port;
+  o.peer_hosts = options_.dial_hosts;
+  for (const auto& [node, address] : options_.addresses) o.peer_hosts.push_back(address.first);
   o.transports = options_.transports;
   o.connect_timeout = options_.connect_timeout;
   o.join_secret = options_.join_secret;

@@ -21,6 +21,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <vector>
 
 namespace shoal::actors {
 
@@ -31,6 +32,7 @@ struct remote_options {
   std::uint16_t listen_port = 0;                     ///< Port to listen on.
   std::string transports;                            ///< UCX_TLS value; empty: UCX default.
   std::map<std::string, std::pair<std::string, std::uint16_t>> addresses; ///< Node -> host:port.
+  std::vector<std::string> dial_hosts;               ///< Other hosts it dials (a client's heads).
   /// The head node (supervisor): the only peer whose placement tables and spawn commands are
   /// obeyed, and which accepts joins only from the nodes in `addresses`. Empty: no such
   /// checks (a client).

@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <net/if.h>
 #include <netinet/in.h>
 
 #include <chrono>
@@ -188,6 +190,62 @@ TEST_CASE("with sm in UCX_TLS, nodes on one machine talk over shared memory, not
   }
   harness lone("lone", "tcp", false);
   CHECK_THROWS_AS(lone.node->peer_lanes(12345), shoal::error);
+}
+
+TEST_CASE("nodes whose peers are all on loopback use only the loopback interface", "[transport][node]") {
+  // UCX opens a lane on every network device by default; an interface that comes and goes
+  // (a container's veth) would then carry lanes that fail. UCX_NET_DEVICES, which would
+  // decide instead, is put aside for the test.
+  struct environment_guard {
+    const char* saved = std::getenv("UCX_NET_DEVICES");
+    std::string value = saved ? saved : "";
+    environment_guard() { ::unsetenv("UCX_NET_DEVICES"); }
+    ~environment_guard() {
+      if (saved) ::setenv("UCX_NET_DEVICES", value.c_str(), 1);
+    }
+  } guard;
+  auto lanes_between = [](harness& a, harness& b) {
+    const auto peer = b.node->connect("127.0.0.1", a.node->port());
+    REQUIRE(a.wait([&] { return !a.connected.empty(); }));
+    tp::outgoing_message hello;
+    hello.envelope().setRequestId(1);
+    b.node->send(peer, std::move(hello));
+    REQUIRE(a.wait([&] { return !a.messages.empty(); }));
+    return b.node->peer_lanes(peer);
+  };
+  {
+    harness a("a", "tcp"), b("b", "tcp");  // both listen on 127.0.0.1
+    const auto lanes = lanes_between(a, b);
+    CAPTURE(lanes);
+    CHECK(lanes.find("tcp/lo") != std::string::npos);
+    // Every lane is on lo: UCX writes each lane's local resource as "INDEX:tcp/DEVICE".
+    for (auto at = lanes.find(":tcp/"); at != std::string::npos; at = lanes.find(":tcp/", at + 5))
+      CHECK(lanes.compare(at + 5, 3, "lo.") == 0);
+  }
+  {
+    // Nodes told of a peer elsewhere keep UCX's choice of devices.
+    auto elsewhere = [](tp::node_options& o) { o.peer_hosts = {"192.0.2.1"}; };
+    harness a("a", "tcp", true, {}, elsewhere), b("b", "tcp", false, {}, elsewhere);
+    const auto lanes = lanes_between(a, b);
+    CAPTURE(lanes);
+    CHECK(lanes.find(":tcp/") != std::string::npos);
+    // UCX 1.13 adds a bandwidth lane on a second device when there is one: what the first
+    // case shows is the loopback rule at work, not UCX's own preference.
+    bool other_interface = false;
+    ifaddrs* list = nullptr;
+    REQUIRE(::getifaddrs(&list) == 0);
+    for (const ifaddrs* i = list; i != nullptr; i = i->ifa_next)
+      other_interface = other_interface || (i->ifa_addr != nullptr && i->ifa_addr->sa_family == AF_INET &&
+                                            (i->ifa_flags & IFF_LOOPBACK) == 0 && (i->ifa_flags & IFF_UP) != 0 &&
+                                            (i->ifa_flags & IFF_RUNNING) != 0);
+    ::freeifaddrs(list);
+    if (other_interface) {
+      bool off_loopback = false;
+      for (auto at = lanes.find(":tcp/"); at != std::string::npos; at = lanes.find(":tcp/", at + 5))
+        off_loopback = off_loopback || lanes.compare(at + 5, 3, "lo.") != 0;
+      CHECK(off_loopback);
+    }
+  }
 }
 
 TEST_CASE("large tensors keep their bytes in both directions", "[transport][node]") {

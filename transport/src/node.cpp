@@ -14,6 +14,8 @@
 
 #include <arpa/inet.h>
 #include <netdb.h>
+#include <ifaddrs.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -54,6 +56,38 @@ spdlog::logger& transport_log() {
     return spdlog::stderr_logger_mt("shoal.transport");
   }();
   return *logger;
+}
+
+// Whether every address `host` resolves to is a loopback address (false when it does not
+// resolve).
+bool resolves_to_loopback_only(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(host.c_str(), nullptr, &hints, &found) != 0) return false;
+  bool loopback = found != nullptr;
+  for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    if (a->ai_family == AF_INET)
+      loopback = loopback && (ntohl(reinterpret_cast<const sockaddr_in*>(a->ai_addr)->sin_addr.s_addr) >> 24) == 127;
+    else if (a->ai_family == AF_INET6)
+      loopback = loopback && IN6_IS_ADDR_LOOPBACK(&reinterpret_cast<const sockaddr_in6*>(a->ai_addr)->sin6_addr);
+    else
+      loopback = false;
+  }
+  ::freeaddrinfo(found);
+  return loopback;
+}
+
+// The name of this machine's loopback interface ("lo" on Linux), if it is up.
+std::optional<std::string> loopback_interface() {
+  ifaddrs* list = nullptr;
+  if (::getifaddrs(&list) != 0) return std::nullopt;
+  std::optional<std::string> name;
+  for (const ifaddrs* i = list; i != nullptr && !name; i = i->ifa_next)
+    if ((i->ifa_flags & IFF_LOOPBACK) != 0 && (i->ifa_flags & IFF_UP) != 0) name = i->ifa_name;
+  ::freeifaddrs(list);
+  return name;
 }
 
 // UCX prints its own warnings and errors on stdout by default (a failed connect to a peer
@@ -325,6 +359,12 @@ class ucx_handles {
     for (void* data : batch) ucp_am_data_release(worker.get(), data);
   }
 
+  // Endpoints that never finished closing (a peer that stopped answering mid-flush): UCX 1.13
+  // aborts the process if the worker is destroyed under such an endpoint ("pending request
+  // ... should have been flushed"), so the worker and context are left for the process's
+  // exit to reclaim instead.
+  void abandon() noexcept { abandoned_ = true; }
+
   // The node is done with UCX (its progress thread has stopped); frees everything once no
   // buffer points into UCX memory. `this` may be gone when it returns.
   void release_node() noexcept {
@@ -340,6 +380,11 @@ class ucx_handles {
 
  private:
   ~ucx_handles() {
+    if (abandoned_) {
+      (void)worker.release();
+      (void)context.release();
+      return;
+    }
     worker.reset();
     context.reset();
   }
@@ -368,6 +413,7 @@ class ucx_handles {
   std::vector<void*> returned_;  // Descriptors of dropped buffers, for the progress thread.
   bool running_ = true;          // Whether the node's progress thread may still run.
   std::size_t refs_ = 1;         // The node's reference plus one per adopted buffer.
+  bool abandoned_ = false;       // See abandon().
 };
 
 struct fd_closer {
@@ -516,6 +562,18 @@ struct node::impl {
     if (shared_memory && !std::getenv("UCX_MM_ERROR_HANDLING") && !std::getenv("UCX_POSIX_ERROR_HANDLING") &&
         !std::getenv("UCX_SYSV_ERROR_HANDLING"))
       (void)ucp_config_modify(config.get(), "MM_ERROR_HANDLING", "y");
+    // Every peer on this machine: lanes over the loopback interface only (see
+    // node_options::peer_hosts).
+    std::vector<std::string> hosts = options.peer_hosts;
+    if (!options.listen_host.empty()) hosts.push_back(options.listen_host);
+    if (!std::getenv("UCX_NET_DEVICES") && !hosts.empty() &&
+        std::all_of(hosts.begin(), hosts.end(), resolves_to_loopback_only)) {
+      if (const auto lo = loopback_interface()) {
+        (void)ucp_config_modify(config.get(), "NET_DEVICES", lo->c_str());
+        transport_log().debug("node '{}': every peer is on this machine: UCX network devices limited to {}",
+                              options.name, *lo);
+      }
+    }
     if (!options.transports.empty())
       SHOAL_UCS_CHECK(ucp_config_modify(config.get(), "TLS", options.transports.c_str()),
                       fmt::format("setting UCX transports to '{}'", options.transports));
@@ -1433,8 +1491,14 @@ struct node::impl {
       ucp_worker_progress(worker());
       flush_closes();
     }
-    for (void* request : closing) ucp_request_free(request);
+    if (!closing.empty() || !to_close.empty()) {
+      transport_log().warn("node '{}': {} connection(s) did not finish closing within 2 s of stopping; "
+                              "leaving their UCX worker to the process's exit",
+                              options.name, closing.size() + to_close.size());
+      ucx->abandon();
+    }
     closing.clear();
+    to_close.clear();
     events.clear();
   }
 };

@@ -42,6 +42,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace shoal::transport {
 
@@ -62,6 +63,13 @@ struct node_options {
   std::string listen_host = "127.0.0.1";
   /// Port to listen on; 0 picks a free one (see `node::port()`).
   std::uint16_t listen_port = 0;
+  /// Hosts of the peers this node will dial (the cluster config's nodes, a client's heads).
+  /// When they and `listen_host` are all loopback addresses, every peer is on this machine and
+  /// UCX's network transports are kept to the loopback interface (unless UCX_NET_DEVICES is
+  /// set): by default UCX opens a lane on every network device and tells peers to reach it at
+  /// each device's address, so an interface that comes and goes meanwhile (a container's veth,
+  /// a VPN's tunnel) would carry lanes that then fail.
+  std::vector<std::string> peer_hosts;
   /// UCX transports (the value of UCX_TLS, e.g. "tcp" or "sm,self,tcp"); empty keeps UCX's
   /// default or the UCX_TLS environment variable.
   std::string transports;

@@ -126,6 +126,7 @@ struct engine::impl {
     e.tokens = std::move(new_tokens);
     e.finished = finished;
     e.reason = error ? finish_reason::none : seq.stream->reason();
+    if (finished && !error) e.matched_stop = seq.stream->matched_stop();
     e.error = error;
     e.error_message = std::move(message);
     e.prompt_tokens = seq.prompt_length;

@@ -508,6 +508,8 @@ TEST_CASE("shoal generate --cluster HOST:PORT answers as shoal generate --model 
     CHECK(a["finish_reason"] == "stop");
     CHECK(b["finish_reason"] == "stop");
     CHECK(b["text"] == a["text"]);
+    CHECK(a["stop"] == stop);  // which stop string ended it, on both paths
+    CHECK(b["stop"] == stop);
     CHECK(a["text"].get<std::string>().size() < greedy_text.size());
   }
   // Token ids in and out, sampled with a seed.

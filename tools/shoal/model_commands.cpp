@@ -468,6 +468,7 @@ void generate_text_on_cluster(const generate_options& o, bool chat, const std::s
     out.push(e.text);
     if (e.finished) {
       result.reason = e.reason;
+      result.matched_stop = e.matched_stop;
       finished = true;
     }
   }

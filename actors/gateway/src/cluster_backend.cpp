@@ -108,6 +108,7 @@ class cluster_backend final : public backend {
       } else if (r->stream->finished()) {
         e.finished = true;
         e.reason = r->stream->reason();
+        e.matched_stop = r->stream->matched_stop();
         cancel_cluster = chunk.finish == actors::finish_reason::none;  // a stop string, found here
       } else if (chunk.finish == actors::finish_reason::cancelled) {
         e.finished = true;

@@ -43,6 +43,7 @@ struct generation_event {
   std::vector<token_id> tokens;          ///< Ids generated since the last event.
   bool finished = false;                 ///< Last event of the request.
   finish_reason reason = finish_reason::none;  ///< When finished: stop or length (none on error).
+  std::string matched_stop;              ///< When a stop string ended it: that string.
   std::optional<errc> error;             ///< When finished by an error: cancelled, deadline_exceeded, ...
   std::string error_message;             ///< Human-readable reason for `error`.
   std::int64_t prompt_tokens = 0;        ///< Prompt length.

@@ -466,6 +466,33 @@ TEST_CASE("a peer process killed with SIGKILL is reported as failed", "[transpor
   CHECK_THROWS_AS(a.node->peer_name(peer), shoal::error);
 }
 
+TEST_CASE("a node stops within seconds while its peer is frozen with data in flight", "[transport][node]") {
+  // Its connections cannot finish closing (the peer takes nothing); stopping must neither hang
+  // nor abort inside UCX, which it did when the worker was destroyed under such a connection.
+  harness a("a", "tcp");
+  pid_t pid = spawn_peer(a.node->port(), "tcp");
+  struct peer_reaper {  // a frozen peer left behind would hold the test's output open
+    pid_t pid;
+    ~peer_reaper() {
+      kill(pid, SIGKILL);
+      kill(pid, SIGCONT);
+      reap(pid, 5s);
+    }
+  } reaper{pid};
+  REQUIRE(a.wait([&] { return a.connected.size() == 1; }));
+  const tp::peer_id peer = a.connected[0].first;
+  std::mt19937_64 rng(41);
+  send_tensors(*a.node, peer, {1u << 20}, rng, 1);
+  REQUIRE(a.wait([&] { return a.messages.size() == 1; }));
+  REQUIRE(kill(pid, SIGSTOP) == 0);
+  for (std::uint64_t i = 0; i < 4; ++i) send_tensors(*a.node, peer, {32u << 20}, rng, 2 + i);
+  std::this_thread::sleep_for(200ms);
+  const auto started = std::chrono::steady_clock::now();
+  a.node->stop();
+  const auto took = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  CHECK(took < 10.0);
+}
+
 TEST_CASE("connecting to nobody fails within the timeout", "[transport][node]") {
   harness a("a", "tcp", /*listen=*/false);
   // A port that was free a moment ago: bind and close a socket to find one.

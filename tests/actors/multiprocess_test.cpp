@@ -681,7 +681,9 @@ TEST_CASE("shoal launch refuses a bad config naming file and line") {
   CHECK_THAT(out, Catch::Contains(config.string() + ":" + std::to_string(line) + ": layers 3-3 are held by no stage"));
 }
 
-TEST_CASE("4 nodes in separate network namespaces joined by veth match the single process", "[netns]") {
+TEST_CASE("4 nodes in separate network namespaces joined by veth, each with a docker0 bridge, match the single "
+          "process",
+          "[netns]") {
   // Namespaces need CAP_NET_ADMIN, and in a chroot or some containers `ip netns add` works
   // while `ip netns exec` cannot mount /sys: probe both, and report Skipped where either fails.
   const std::string tag = "shl" + std::to_string(::getpid() % 100000);
@@ -723,6 +725,10 @@ TEST_CASE("4 nodes in separate network namespaces joined by veth match the singl
     REQUIRE(run("ip -n " + ns + " addr add " + ip + "/24 dev " + a + " && ip -n " + ns + " link set " + a +
                 " up && ip -n " + ns + " link set lo up"));
     REQUIRE(run("ip -n " + hub + " link set " + b + " master br0 && ip -n " + hub + " link set " + b + " up"));
+    // Docker's bridge, as on most GPU hosts: the same address on every machine, reaching no
+    // peer. UCX left to itself opens lanes on it and sends peers to their own docker0.
+    REQUIRE(run("ip -n " + ns + " link add docker0 type bridge && ip -n " + ns +
+                " addr add 172.17.0.1/16 dev docker0 && ip -n " + ns + " link set docker0 up"));
     hosts.push_back(ip);
   }
   REQUIRE(run("ip link add " + tag + "r0 type veth peer name " + tag + "r1"));

@@ -35,6 +35,7 @@
 #include <deque>
 #include <fstream>
 #include <map>
+#include <set>
 #include <mutex>
 #include <optional>
 #include <string_view>
@@ -58,36 +59,69 @@ spdlog::logger& transport_log() {
   return *logger;
 }
 
-// Whether every address `host` resolves to is a loopback address (false when it does not
-// resolve).
-bool resolves_to_loopback_only(const std::string& host) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* found = nullptr;
-  if (::getaddrinfo(host.c_str(), nullptr, &hints, &found) != 0) return false;
-  bool loopback = found != nullptr;
-  for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
-    if (a->ai_family == AF_INET)
-      loopback = loopback && (ntohl(reinterpret_cast<const sockaddr_in*>(a->ai_addr)->sin_addr.s_addr) >> 24) == 127;
-    else if (a->ai_family == AF_INET6)
-      loopback = loopback && IN6_IS_ADDR_LOOPBACK(&reinterpret_cast<const sockaddr_in6*>(a->ai_addr)->sin6_addr);
-    else
-      loopback = false;
+// The name of the interface that holds the address `address`, if one does.
+std::optional<std::string> interface_holding(const ifaddrs* list, const sockaddr* address) {
+  for (const ifaddrs* i = list; i != nullptr; i = i->ifa_next) {
+    if (i->ifa_addr == nullptr || i->ifa_addr->sa_family != address->sa_family) continue;
+    if (address->sa_family == AF_INET &&
+        reinterpret_cast<const sockaddr_in*>(i->ifa_addr)->sin_addr.s_addr ==
+            reinterpret_cast<const sockaddr_in*>(address)->sin_addr.s_addr)
+      return i->ifa_name;
+    if (address->sa_family == AF_INET6 &&
+        std::memcmp(&reinterpret_cast<const sockaddr_in6*>(i->ifa_addr)->sin6_addr,
+                    &reinterpret_cast<const sockaddr_in6*>(address)->sin6_addr, sizeof(in6_addr)) == 0)
+      return i->ifa_name;
   }
-  ::freeaddrinfo(found);
-  return loopback;
+  return std::nullopt;
 }
 
-// The name of this machine's loopback interface ("lo" on Linux), if it is up.
-std::optional<std::string> loopback_interface() {
+// The network interfaces this machine's routing table uses toward `peer_hosts`, plus the one
+// that holds `listen_host` (peers come in there), by name; empty where none can be told. A
+// connected UDP socket asks the kernel for the route without sending anything.
+std::set<std::string> interfaces_toward(const std::vector<std::string>& peer_hosts, const std::string& listen_host) {
+  std::set<std::string> names;
   ifaddrs* list = nullptr;
-  if (::getifaddrs(&list) != 0) return std::nullopt;
-  std::optional<std::string> name;
-  for (const ifaddrs* i = list; i != nullptr && !name; i = i->ifa_next)
-    if ((i->ifa_flags & IFF_LOOPBACK) != 0 && (i->ifa_flags & IFF_UP) != 0) name = i->ifa_name;
+  if (::getifaddrs(&list) != 0) return names;
+  auto each_address = [](const std::string& host, auto&& use) {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_DGRAM;
+    addrinfo* found = nullptr;
+    if (::getaddrinfo(host.c_str(), "9", &hints, &found) != 0) return;
+    for (const addrinfo* a = found; a != nullptr; a = a->ai_next)
+      if (a->ai_family == AF_INET || a->ai_family == AF_INET6) use(*a);
+    ::freeaddrinfo(found);
+  };
+  for (const auto& host : peer_hosts) {
+    each_address(host, [&](const addrinfo& a) {
+      const int fd = ::socket(a.ai_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+      if (fd < 0) return;
+      sockaddr_storage local{};
+      socklen_t length = sizeof(local);
+      if (::connect(fd, a.ai_addr, a.ai_addrlen) == 0 &&
+          ::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &length) == 0)
+        if (auto name = interface_holding(list, reinterpret_cast<const sockaddr*>(&local))) names.insert(*name);
+      ::close(fd);
+    });
+  }
+  if (!listen_host.empty())
+    each_address(listen_host, [&](const addrinfo& a) {
+      if (auto name = interface_holding(list, a.ai_addr)) names.insert(*name);
+    });
   ::freeifaddrs(list);
-  return name;
+  return names;
+}
+
+// RDMA ports (InfiniBand, RoCE) as UCX names them ("mlx5_0:1"): UCX_NET_DEVICES covers them too,
+// and choosing the TCP interfaces must not take RDMA away.
+std::vector<std::string> rdma_ports() {
+  std::vector<std::string> ports;
+  std::error_code ec;
+  for (const auto& device : std::filesystem::directory_iterator("/sys/class/infiniband", ec))
+    for (const auto& port : std::filesystem::directory_iterator(device.path() / "ports", ec))
+      ports.push_back(device.path().filename().string() + ":" + port.path().filename().string());
+  std::sort(ports.begin(), ports.end());
+  return ports;
 }
 
 // UCX prints its own warnings and errors on stdout by default (a failed connect to a peer
@@ -562,16 +596,17 @@ struct node::impl {
     if (shared_memory && !std::getenv("UCX_MM_ERROR_HANDLING") && !std::getenv("UCX_POSIX_ERROR_HANDLING") &&
         !std::getenv("UCX_SYSV_ERROR_HANDLING"))
       (void)ucp_config_modify(config.get(), "MM_ERROR_HANDLING", "y");
-    // Every peer on this machine: lanes over the loopback interface only (see
-    // node_options::peer_hosts).
-    std::vector<std::string> hosts = options.peer_hosts;
-    if (!options.listen_host.empty()) hosts.push_back(options.listen_host);
-    if (!std::getenv("UCX_NET_DEVICES") && !hosts.empty() &&
-        std::all_of(hosts.begin(), hosts.end(), resolves_to_loopback_only)) {
-      if (const auto lo = loopback_interface()) {
-        (void)ucp_config_modify(config.get(), "NET_DEVICES", lo->c_str());
-        transport_log().debug("node '{}': every peer is on this machine: UCX network devices limited to {}",
-                              options.name, *lo);
+    // Lanes only over the interfaces toward the peers (see node_options::peer_hosts).
+    if (!std::getenv("UCX_NET_DEVICES")) {
+      const auto interfaces = interfaces_toward(options.peer_hosts, options.listen_host);
+      if (!interfaces.empty()) {
+        std::vector<std::string> devices(interfaces.begin(), interfaces.end());
+        const auto rdma = rdma_ports();
+        devices.insert(devices.end(), rdma.begin(), rdma.end());
+        std::string list;
+        for (const auto& device : devices) list += (list.empty() ? "" : ",") + device;
+        (void)ucp_config_modify(config.get(), "NET_DEVICES", list.c_str());
+        transport_log().debug("node '{}': UCX network devices {} (toward its peers)", options.name, list);
       }
     }
     if (!options.transports.empty())
@@ -822,6 +857,12 @@ struct node::impl {
   void handle(disconnect_command&& cmd) {
     auto it = peers.find(cmd.peer);
     if (it == peers.end()) return;
+    {
+      // Gone for callers before the peer can hear the bye: a caller that learns of the close
+      // from the peer must not still be able to send on it.
+      std::lock_guard lock(mutex);
+      live.erase(cmd.peer);
+    }
     if (it->second.phase == peer_phase::connected) send_control(it->second, wire_kind::bye, {});
     drop_peer(cmd.peer, /*force=*/false);
   }

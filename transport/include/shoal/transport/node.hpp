@@ -64,11 +64,12 @@ struct node_options {
   /// Port to listen on; 0 picks a free one (see `node::port()`).
   std::uint16_t listen_port = 0;
   /// Hosts of the peers this node will dial (the cluster config's nodes, a client's heads).
-  /// When they and `listen_host` are all loopback addresses, every peer is on this machine and
-  /// UCX's network transports are kept to the loopback interface (unless UCX_NET_DEVICES is
-  /// set): by default UCX opens a lane on every network device and tells peers to reach it at
-  /// each device's address, so an interface that comes and goes meanwhile (a container's veth,
-  /// a VPN's tunnel) would carry lanes that then fail.
+  /// UCX's network transports then use only the interfaces this machine's routing table takes
+  /// toward them, plus the one holding `listen_host` (and every RDMA port), unless
+  /// UCX_NET_DEVICES is set. By default UCX opens a lane on every interface and tells peers to
+  /// reach it at each interface's address: a `docker0` bridge with the same address on every
+  /// host then sends lanes to the wrong machine, and an interface that comes and goes (a
+  /// container's veth) carries lanes that fail. Peers on loopback keep it all on `lo`.
   std::vector<std::string> peer_hosts;
   /// UCX transports (the value of UCX_TLS, e.g. "tcp" or "sm,self,tcp"); empty keeps UCX's
   /// default or the UCX_TLS environment variable.

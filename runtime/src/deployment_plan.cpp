@@ -505,7 +505,10 @@ std::string deployment_cluster_yaml(const deployment_request& r, const deploymen
                      naming.port + (same_host && r.nodes > 1 ? n : 0), devices,
                      static_cast<double>(r.gpu_memory_bytes) * r.gpus_per_node / 1e9);
   }
-  y += fmt::format("head: {}\nplan:\n  stages:\n", names.front());
+  y += fmt::format("head: {}\n", names.front());
+  if (naming.standby && r.nodes > 1)
+    y += fmt::format("standby: {}            # takes over supervisor and router if the head dies\n", names[1]);
+  y += "plan:\n  stages:\n";
   for (int n = 0; n < r.nodes; ++n) {
     const auto [begin, end] = layers_of_node(plan, n);
     y += fmt::format("    - {{node: {}, layers: {}}}\n", names[static_cast<std::size_t>(n)], range_text(begin, end));

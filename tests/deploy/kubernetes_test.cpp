@@ -210,12 +210,17 @@ TEST_CASE("the Kubernetes manifests parse and refer to each other correctly", "[
   CHECK(volume_at(node_pod, node, cluster.admin_token_file.string(), m) == "admin-token");
   CHECK(volume_at(node_pod, node, cluster.model.string() + "/config.json", m) == "models");
 
-  // The gateway fronts the head node and reads the same checkpoint and the API keys Secret.
+  // The gateway fronts the head and its standby, and reads the same checkpoint and the API
+  // keys Secret.
   const auto gw_args = args_of(gw);
   CHECK(gw_args.front() == "serve");
   const auto* head = cluster.find_node(cluster.head);
+  const auto* standby = cluster.find_node(cluster.standby);
   REQUIRE(head);
-  CHECK(arg_after(gw_args, "--cluster") == head->host + ":" + std::to_string(head->port));
+  REQUIRE(standby);
+  CHECK(standby != head);
+  CHECK(arg_after(gw_args, "--cluster") == head->host + ":" + std::to_string(head->port) + "," + standby->host + ":" +
+                                               std::to_string(standby->port));
   CHECK(arg_after(gw_args, "--model") == cluster.model.string());
   CHECK(volume_at(gateway_pod, gw, cluster.model.string() + "/tokenizer.json", m) == "models");
   CHECK(volume_at(gateway_pod, gw, arg_after(gw_args, "--api-keys"), m) == "api-keys");

@@ -255,6 +255,7 @@ TEST_CASE("the written cluster config parses with Shoal's parser and carries the
   CHECK(cluster.nodes[0].devices[7] == "cuda:7");
   CHECK(cluster.nodes[0].memory_gb == Approx(8 * 80 * static_cast<double>(kGiB) / 1e9).epsilon(1e-3));
   CHECK(cluster.head == "shoal-node-0");
+  CHECK(cluster.standby == "shoal-node-1");
   CHECK(cluster.model == "/models/DeepSeek-V3");
   CHECK(cluster.admin_token_file == "/etc/shoal/admin/token");
   REQUIRE(cluster.stages.size() == 2);
@@ -271,6 +272,9 @@ TEST_CASE("the written cluster config parses with Shoal's parser and carries the
   naming.host_template = "127.0.0.1";
   const auto local = config::parse_cluster_config(runtime::deployment_cluster_yaml(request, plan, naming), "l.yaml", "/tmp");
   CHECK(local.nodes[1].port == 7611);
+  naming.standby = false;
+  CHECK(config::parse_cluster_config(runtime::deployment_cluster_yaml(request, plan, naming), "l.yaml", "/tmp")
+            .standby.empty());
 
   const auto too_small = runtime::plan_deployment(v3(false, 1, 8, 80 * kGiB));
   CHECK_THROWS_WITH(runtime::deployment_cluster_yaml(request, too_small, naming), Catch::Contains("does not fit"));

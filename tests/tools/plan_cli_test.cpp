@@ -103,6 +103,8 @@ TEST_CASE("plan --model reads a checkpoint and writes a config Shoal's parser ac
   CHECK(cluster.nodes[0].port == 7700);
   CHECK(cluster.nodes[1].port == 7701);
   CHECK(cluster.nodes[1].devices == std::vector<std::string>{"cuda:0", "cuda:1"});
+  CHECK(cluster.head == cluster.nodes[0].name);
+  CHECK(cluster.standby == cluster.nodes[1].name);  // the launch test below runs it so
   REQUIRE(cluster.stages.size() == 2);
   CHECK(cluster.stages[0].layer_end == j["stages"][0]["layer_end"].get<std::int64_t>());
   CHECK(cluster.expert_groups.size() == 4);

@@ -36,6 +36,7 @@ struct plan_options {
   std::string node_host = "{name}";
   int port = 7610;
   std::string admin_token_file;
+  bool no_standby = false;
 };
 
 void run_plan(const plan_options& o) {
@@ -65,7 +66,7 @@ void run_plan(const plan_options& o) {
   if (!o.write_config.empty()) {
     runtime::cluster_config_naming naming{.model_path = model_path, .name_template = o.node_name,
                                           .host_template = o.node_host, .port = o.port,
-                                          .admin_token_file = o.admin_token_file};
+                                          .admin_token_file = o.admin_token_file, .standby = !o.no_standby};
     const auto yaml = runtime::deployment_cluster_yaml(request, plan, naming);
     std::ofstream out(o.write_config);
     out << yaml;
@@ -114,6 +115,8 @@ void add_plan_command(CLI::App& app) {
   cmd->add_option("--port", o->port, "Port of every node (one each, counting up, when the hosts are the same)")
       ->capture_default_str()->check(CLI::Range(1, 65535));
   cmd->add_option("--admin-token-file", o->admin_token_file, "admin_token_file of the written config");
+  cmd->add_flag("--no-standby", o->no_standby,
+                "Leave the written config without a standby head (by default the second node is the standby)");
   cmd->callback([o, model, preset] {
     if (model->count() == 0 && preset->count() == 0)
       fail(errc::invalid_argument, "give --model DIR or --preset deepseek-v3");

@@ -119,6 +119,9 @@ struct cluster_config_naming {
   int port = 7610;                           ///< Port of every node (incremented per node when
                                              ///< the hosts do not differ).
   std::string admin_token_file;              ///< `admin_token_file:` when not empty.
+  /// With two nodes or more, the second is the `standby:` head, so that the head's death
+  /// costs a takeover of seconds instead of the cluster.
+  bool standby = true;
 };
 
 /// A cluster config (YAML, `shoal node --config` / `shoal launch`) for the plan: one node per

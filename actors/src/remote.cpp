@@ -877,6 +877,11 @@ void remote_fabric::evict(const std::string& node, std::uint64_t epoch) {
   }
 }
 
+bool remote_fabric::is_head_or_standby(const std::string& node) const {
+  // A peer that announced no name is neither, also where the config names no standby.
+  return !node.empty() && (node == options_.head || node == options_.standby);
+}
+
 std::string remote_fabric::announced_name(transport::peer_id peer) {
   std::lock_guard lock(mutex_);
   const auto it = names_.find(peer);
@@ -979,7 +984,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
       std::string why;
       if (announced != in.sender.node)
         why = fmt::format("sent as node '{}' on the connection of node '{}'", in.sender.node, announced);
-      else if (control && in.sender.node != options_.head && in.sender.node != options_.standby)
+      else if (control && !is_head_or_standby(in.sender.node))
         why = fmt::format("node '{}' is not the head ('{}'); only the head places and spawns actors", in.sender.node,
                           options_.head);
       else if ((kind == schema::Envelope::Body::JOIN || weights) && !options_.addresses.contains(in.sender.node))
@@ -1198,7 +1203,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         }
         // A ping from the supervisor, answered here rather than by an actor: it proves this
         // process and its transport make progress, whatever its actors are busy with.
-        if (!options_.standby.empty() && (in.sender.node == options_.head || in.sender.node == options_.standby)) {
+        if (!options_.standby.empty() && is_head_or_standby(in.sender.node)) {
           std::string now;
           {
             std::lock_guard lock(mutex_);
@@ -1220,8 +1225,7 @@ void remote_fabric::on_message(transport::peer_id peer, transport::incoming_mess
         // standby, as announced on this connection: clients and other nodes ping too, and a
         // client's ping must not make this node drop its connections.
         const bool from_supervisor =
-            options_.head.empty() || ((in.sender.node == options_.head || in.sender.node == options_.standby) &&
-                                      announced_name(peer) == in.sender.node);
+            options_.head.empty() || (is_head_or_standby(in.sender.node) && announced_name(peer) == in.sender.node);
         if (from_supervisor) {
           observe_epoch(env.getEpoch(), h.getFence());
           if (h.getHeadState().size() > 0) {

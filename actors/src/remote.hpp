@@ -113,6 +113,9 @@ class remote_fabric final : public fabric, public std::enable_shared_from_this<r
   transport::peer_id peer_for(const std::string& node);
   /// The node name `peer` announced when it connected; empty if none.
   std::string announced_name(transport::peer_id peer);
+  /// Whether `node` names the config's head or standby: the nodes whose placements, spawns,
+  /// fences and evictions this node obeys.
+  bool is_head_or_standby(const std::string& node) const;
 
   caf::actor_system& system_;
   remote_options options_;

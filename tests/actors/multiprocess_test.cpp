@@ -1496,6 +1496,35 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
   REQUIRE(pong);
   CHECK(pong->kind == schema::Envelope::Body::HEARTBEAT);
   CHECK(pong->heartbeat_answer);
+  // A peer that announced no name, in a cluster without a standby, is not the standby either:
+  // its spawn is refused and its eviction ignored, as the intruder's are.
+  raw_peer nameless(c.ports[0], "");
+  {
+    auto m = raw_peer::envelope("", "stage0", shoal::actors::actor_ids::node_agent, ++call, epoch);
+    auto s = m.envelope().getBody().initSpawnStage();
+    s.setActor(556);
+    s.setStageCount(1);
+    s.setEndLayer(1);
+    s.setModelPath("/nonexistent");
+    nameless.send(std::move(m));
+  }
+  const auto nameless_spawn = call;
+  const auto nameless_ping = ++call;
+  {
+    auto m = raw_peer::envelope("", "stage0", shoal::actors::actor_ids::node_agent, nameless_ping, epoch + 1);
+    auto h = m.envelope().getBody().initHeartbeat();
+    h.setSequence(1);
+    h.initEvicted(1).set(0, "stage1");
+    h.setFence(epoch + 1);
+    nameless.send(std::move(m));
+  }
+  const auto refused_spawn = nameless.answer(nameless_spawn);
+  REQUIRE(refused_spawn);
+  CHECK(refused_spawn->code == schema::ErrorCode::FAILED_PRECONDITION);
+  CHECK_THAT(refused_spawn->message, Catch::Contains("only the head places and spawns actors"));
+  const auto nameless_pong = nameless.answer(nameless_ping);
+  REQUIRE(nameless_pong);
+  CHECK(nameless_pong->heartbeat_answer);
   for (const auto& w : want) {
     CAPTURE(w.call, w.says);
     const auto r = intruder.answer(w.call);
@@ -1508,7 +1537,7 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
   CHECK(added("malformed") == 4);
   CHECK(added("stale_epoch") == 1);
   CHECK(added("unknown_receiver") == 1);
-  CHECK(added("not_permitted") == 6);
+  CHECK(added("not_permitted") == 8);
   // Nothing was placed or spawned: the same epoch and stages, and every node still joined.
   const auto [now_text, now_code] = output_of(std::string(SHOAL_BINARY) + " admin status --json --cluster " + head);
   REQUIRE(now_code == 0);

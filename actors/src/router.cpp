@@ -207,7 +207,7 @@ void send_step(self_ptr self, std::vector<runtime::scheduled_chunk> chunks) {
                 err.code() == errc::deadline_exceeded) {
               // A node is gone or going: keep the requests, and step again after a pause or
               // on the placement the supervisor wires next, whichever comes first.
-              const auto why = e.category() == caf::atom("system") && static_cast<caf::sec>(e.code()) == caf::sec::request_timeout
+              const auto why = e == caf::sec::request_timeout
                                    ? fmt::format("pipeline step got no answer within the step deadline ({} ms)",
                                                  st.options.step_timeout.count())
                                    : fmt::format("pipeline step failed: {}", err.what());

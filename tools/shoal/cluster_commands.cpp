@@ -341,7 +341,6 @@ void generate_on_cluster(const std::string& address, const std::string& tokens, 
     pos = comma + 1;
   }
   request.max_tokens = static_cast<std::uint32_t>(max_new_tokens > 0 ? max_new_tokens : 16);
-  runtime::validate(sampling);
   request.sampling = to_sampling_options(sampling);
   auto client = client::connect(head->first, head->second, std::chrono::seconds(10), join_secret);
   const auto start = clock_type::now();

@@ -84,7 +84,8 @@ struct bench_cluster_options {
 void bench_cluster(const bench_cluster_options& options);
 
 /// `generate --cluster HOST:PORT --tokens IDS`: generation on a running cluster, greedy or
-/// sampled as `sampling` says (the same choices as in one process for the same seed).
+/// sampled as `sampling` says (already validated; the same choices as in one process for the
+/// same seed).
 void generate_on_cluster(const std::string& address, const std::string& tokens, int max_new_tokens,
                          const runtime::sampling_params& sampling, bool json, const std::string& join_secret);
 

@@ -190,7 +190,6 @@ struct generate_options {
   int max_new_tokens = 0;  // 0: the mode's default
   runtime::sampling_params sampling;
   std::uint64_t seed = 0;
-  bool seeded = false;
   std::vector<std::string> stop;
   bool ignore_eos = false;
   bool hide_reasoning = false;
@@ -516,8 +515,7 @@ void add_generate(CLI::App& app) {
   add_join_secret_option(*cmd, *join_secret_file);
   cmd->get_option("--model")->required(false);  // not needed with --cluster; checked below
   cmd->callback([o, tokens, prompt, chat, messages, seed, cluster, join_secret_file] {
-    o->seeded = seed->count() > 0;
-    if (o->seeded) o->sampling.seed = o->seed;
+    if (seed->count() > 0) o->sampling.seed = o->seed;
     runtime::validate(o->sampling);
     if (!cluster->empty()) {
       if (tokens->count() > 0) {

@@ -76,38 +76,34 @@ std::optional<std::string> interface_holding(const ifaddrs* list, const sockaddr
 }
 
 // The network interfaces this machine's routing table uses toward `peer_hosts`, plus the one
-// that holds `listen_host` (peers come in there), by name; empty where none can be told. A
-// connected UDP socket asks the kernel for the route without sending anything.
-std::set<std::string> interfaces_toward(const std::vector<std::string>& peer_hosts, const std::string& listen_host) {
+// that holds `listen_address` (peers come in there; null: not listening), by name; empty
+// where none can be told. A connected UDP socket asks the kernel for the route without
+// sending anything.
+std::set<std::string> interfaces_toward(const std::vector<std::string>& peer_hosts, const sockaddr* listen_address) {
   std::set<std::string> names;
   ifaddrs* list = nullptr;
   if (::getifaddrs(&list) != 0) return names;
-  auto each_address = [](const std::string& host, auto&& use) {
+  for (const auto& host : peer_hosts) {
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_DGRAM;
     addrinfo* found = nullptr;
-    if (::getaddrinfo(host.c_str(), "9", &hints, &found) != 0) return;
-    for (const addrinfo* a = found; a != nullptr; a = a->ai_next)
-      if (a->ai_family == AF_INET || a->ai_family == AF_INET6) use(*a);
-    ::freeaddrinfo(found);
-  };
-  for (const auto& host : peer_hosts) {
-    each_address(host, [&](const addrinfo& a) {
-      const int fd = ::socket(a.ai_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-      if (fd < 0) return;
+    if (::getaddrinfo(host.c_str(), "9", &hints, &found) != 0) continue;
+    for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
+      if (a->ai_family != AF_INET && a->ai_family != AF_INET6) continue;
+      const int fd = ::socket(a->ai_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+      if (fd < 0) continue;
       sockaddr_storage local{};
       socklen_t length = sizeof(local);
-      if (::connect(fd, a.ai_addr, a.ai_addrlen) == 0 &&
+      if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0 &&
           ::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &length) == 0)
         if (auto name = interface_holding(list, reinterpret_cast<const sockaddr*>(&local))) names.insert(*name);
       ::close(fd);
-    });
+    }
+    ::freeaddrinfo(found);
   }
-  if (!listen_host.empty())
-    each_address(listen_host, [&](const addrinfo& a) {
-      if (auto name = interface_holding(list, a.ai_addr)) names.insert(*name);
-    });
+  if (listen_address != nullptr)
+    if (auto name = interface_holding(list, listen_address)) names.insert(*name);
   ::freeifaddrs(list);
   return names;
 }
@@ -596,9 +592,15 @@ struct node::impl {
     if (shared_memory && !std::getenv("UCX_MM_ERROR_HANDLING") && !std::getenv("UCX_POSIX_ERROR_HANDLING") &&
         !std::getenv("UCX_SYSV_ERROR_HANDLING"))
       (void)ucp_config_modify(config.get(), "MM_ERROR_HANDLING", "y");
+    // The address the listener will bind (resolved once, for it and for the devices below).
+    socklen_t listen_length = 0;
+    std::optional<sockaddr_storage> listen_address;
+    if (!options.listen_host.empty())
+      listen_address = resolve(options.listen_host, options.listen_port, listen_length);
     // Lanes only over the interfaces toward the peers (see node_options::peer_hosts).
     if (!std::getenv("UCX_NET_DEVICES")) {
-      const auto interfaces = interfaces_toward(options.peer_hosts, options.listen_host);
+      const auto interfaces = interfaces_toward(
+          options.peer_hosts, listen_address ? reinterpret_cast<const sockaddr*>(&*listen_address) : nullptr);
       if (!interfaces.empty()) {
         std::vector<std::string> devices(interfaces.begin(), interfaces.end());
         const auto rdma = rdma_ports();
@@ -659,14 +661,12 @@ struct node::impl {
         fail(errc::unavailable, "epoll_ctl: {}", std::strerror(errno));
     }
 
-    if (!options.listen_host.empty()) {
-      socklen_t length = 0;
-      sockaddr_storage address = resolve(options.listen_host, options.listen_port, length);
+    if (listen_address) {
       ucp_listener_params_t listener_params{};
       listener_params.field_mask =
           UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
-      listener_params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&address);
-      listener_params.sockaddr.addrlen = length;
+      listener_params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&*listen_address);
+      listener_params.sockaddr.addrlen = listen_length;
       listener_params.conn_handler.cb = &impl::on_connection_request;
       listener_params.conn_handler.arg = this;
       ucp_listener_h raw_listener = nullptr;

@@ -1392,6 +1392,27 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
     const char* says;
   };
   std::vector<expected> want;
+  // A stage spawn, and a ping evicting stage1, as `sender` sends them; each returns its call id.
+  auto spawn_stage_from = [&](raw_peer& peer, const std::string& sender, std::uint64_t actor) {
+    auto m = raw_peer::envelope(sender, "stage0", shoal::actors::actor_ids::node_agent, ++call, epoch);
+    auto s = m.envelope().getBody().initSpawnStage();
+    s.setActor(actor);
+    s.setStageCount(1);
+    s.setEndLayer(1);
+    s.setModelPath("/nonexistent");
+    peer.send(std::move(m));
+    return call;
+  };
+  auto evicting_ping_from = [&](raw_peer& peer, const std::string& sender) {
+    auto m = raw_peer::envelope(sender, "stage0", shoal::actors::actor_ids::node_agent, ++call, epoch + 1);
+    auto h = m.envelope().getBody().initHeartbeat();
+    h.setNode(sender);
+    h.setSequence(1);
+    h.initEvicted(1).set(0, "stage1");
+    h.setFence(epoch + 1);
+    peer.send(std::move(m));
+    return call;
+  };
 
   // Activations whose hidden tensor has the wrong dtype (i32, not f32).
   {
@@ -1442,16 +1463,8 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
     want.push_back({call, schema::ErrorCode::INVALID_ARGUMENT, "generate request 9: only token prompts are supported here"});
   }
   // A spawn command from a peer that is not the head.
-  {
-    auto m = raw_peer::envelope("intruder", "stage0", shoal::actors::actor_ids::node_agent, ++call, epoch);
-    auto s = m.envelope().getBody().initSpawnStage();
-    s.setActor(555);
-    s.setStageCount(1);
-    s.setEndLayer(1);
-    s.setModelPath("/nonexistent");
-    intruder.send(std::move(m));
-    want.push_back({call, schema::ErrorCode::FAILED_PRECONDITION, "only the head places and spawns actors"});
-  }
+  want.push_back({spawn_stage_from(intruder, "intruder", 555), schema::ErrorCode::FAILED_PRECONDITION,
+                  "only the head places and spawns actors"});
   // A placement table from a peer that is not the head.
   {
     auto m = raw_peer::envelope("intruder", "stage0", shoal::actors::actor_ids::router, ++call, epoch + 5);
@@ -1482,16 +1495,7 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
   }
   // A ping naming a node as evicted, from a peer that is neither the head nor the standby: it
   // is answered (clients ping the head), its eviction ignored and counted.
-  const auto ping = ++call;
-  {
-    auto m = raw_peer::envelope("intruder", "stage0", shoal::actors::actor_ids::node_agent, ping, epoch + 1);
-    auto h = m.envelope().getBody().initHeartbeat();
-    h.setNode("intruder");
-    h.setSequence(1);
-    h.initEvicted(1).set(0, "stage1");
-    h.setFence(epoch + 1);
-    intruder.send(std::move(m));
-  }
+  const auto ping = evicting_ping_from(intruder, "intruder");
   const auto pong = intruder.answer(ping);
   REQUIRE(pong);
   CHECK(pong->kind == schema::Envelope::Body::HEARTBEAT);
@@ -1499,25 +1503,8 @@ TEST_CASE("envelopes well framed but wrong in content are refused, answered, cou
   // A peer that announced no name, in a cluster without a standby, is not the standby either:
   // its spawn is refused and its eviction ignored, as the intruder's are.
   raw_peer nameless(c.ports[0], "");
-  {
-    auto m = raw_peer::envelope("", "stage0", shoal::actors::actor_ids::node_agent, ++call, epoch);
-    auto s = m.envelope().getBody().initSpawnStage();
-    s.setActor(556);
-    s.setStageCount(1);
-    s.setEndLayer(1);
-    s.setModelPath("/nonexistent");
-    nameless.send(std::move(m));
-  }
-  const auto nameless_spawn = call;
-  const auto nameless_ping = ++call;
-  {
-    auto m = raw_peer::envelope("", "stage0", shoal::actors::actor_ids::node_agent, nameless_ping, epoch + 1);
-    auto h = m.envelope().getBody().initHeartbeat();
-    h.setSequence(1);
-    h.initEvicted(1).set(0, "stage1");
-    h.setFence(epoch + 1);
-    nameless.send(std::move(m));
-  }
+  const auto nameless_spawn = spawn_stage_from(nameless, "", 556);
+  const auto nameless_ping = evicting_ping_from(nameless, "");
   const auto refused_spawn = nameless.answer(nameless_spawn);
   REQUIRE(refused_spawn);
   CHECK(refused_spawn->code == schema::ErrorCode::FAILED_PRECONDITION);

@@ -1,6 +1,7 @@
 #pragma once
-// What the end-to-end tests of the gateway share beyond raw HTTP: bounded polling, reading a
-// connection until its bytes say enough, and the events of a streamed answer.
+// What the end-to-end tests of the gateway share beyond raw HTTP: bounded polling, a stop
+// string taken from an answer, reading a connection until its bytes say enough, and the
+// events of a streamed answer.
 
 #include "raw_http.hpp"
 
@@ -25,6 +26,16 @@ inline bool eventually(const std::function<bool()>& done, std::chrono::milliseco
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return done();
+}
+
+// One whole UTF-8 character from the middle of `text` (a tiny model's text may be any script):
+// a stop string that is certain to occur in it.
+inline std::string middle_character(const std::string& text) {
+  auto begin = text.size() / 2;
+  while (begin > 0 && (static_cast<unsigned char>(text[begin]) & 0xC0) == 0x80) --begin;
+  auto end = begin + 1;
+  while (end < text.size() && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) ++end;
+  return text.substr(begin, end - begin);
 }
 
 // Reads from `c` until `pred(received)` holds or `limit` passes.

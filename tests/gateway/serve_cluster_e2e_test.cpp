@@ -4,6 +4,7 @@
 // C++ client example streams from it. Answers must be those of the single-process server
 // (`shoal serve --model`) on the same checkpoint: greedy, seeded sampling and stop strings.
 
+#include "e2e_helpers.hpp"
 #include "node_pid.hpp"
 #include "serve_process.hpp"
 #include "tiny_cluster.hpp"
@@ -94,12 +95,7 @@ TEST_CASE("serve --cluster CONFIG answers as the single process does: greedy, se
 
   // A stop string is found in the text here, the request is cancelled on the cluster.
   const auto text = content(b);
-  // One whole character from the middle of the answer (its text may be any script).
-  auto start_of_char = text.size() / 2;
-  while (start_of_char > 0 && (static_cast<unsigned char>(text[start_of_char]) & 0xC0) == 0x80) --start_of_char;
-  auto end_of_char = start_of_char + 1;
-  while (end_of_char < text.size() && (static_cast<unsigned char>(text[end_of_char]) & 0xC0) == 0x80) ++end_of_char;
-  const auto stop = text.substr(start_of_char, end_of_char - start_of_char);
+  const auto stop = middle_character(text);
   const auto cut = chat(many, {{"temperature", 0}, {"max_tokens", 24}, {"stop", {stop}}});
   CHECK(content(cut) == text.substr(0, text.find(stop)));
   CHECK(cut["choices"][0]["finish_reason"] == "stop");
@@ -498,11 +494,7 @@ TEST_CASE("shoal generate --cluster HOST:PORT answers as shoal generate --model 
     greedy_text = a["text"].get<std::string>();
   }
   REQUIRE(greedy_text.size() > 8);
-  auto at = greedy_text.size() / 2;
-  while (at > 0 && (static_cast<unsigned char>(greedy_text[at]) & 0xC0) == 0x80) --at;
-  auto end = at + 1;
-  while (end < greedy_text.size() && (static_cast<unsigned char>(greedy_text[end]) & 0xC0) == 0x80) ++end;
-  const auto stop = greedy_text.substr(at, end - at);
+  const auto stop = middle_character(greedy_text);
   if (stop.find('\'') == std::string::npos) {
     const auto [a, b] = both("--prompt 'Once upon a time' --max-new-tokens 16 --stop '" + stop + "'", true);
     CHECK(a["finish_reason"] == "stop");

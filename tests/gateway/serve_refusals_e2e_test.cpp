@@ -289,12 +289,7 @@ void check_stop_strings(const serve_process& s) {
   const auto full = body_json(post_json(s, "/v1/chat/completions", chat_body({{"max_tokens", 24}})));
   const auto text = full["choices"][0]["message"]["content"].get<std::string>();
   REQUIRE(text.size() > 8);
-  // One whole character from the middle of the answer (the tiny model's text may be any script).
-  auto begin = text.size() / 2;
-  while (begin > 0 && (static_cast<unsigned char>(text[begin]) & 0xC0) == 0x80) --begin;
-  auto end = begin + 1;
-  while (end < text.size() && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) ++end;
-  const auto stop = text.substr(begin, end - begin);
+  const auto stop = middle_character(text);
   const auto expected = text.substr(0, text.find(stop));
   CAPTURE(text, stop);
 
